@@ -1,0 +1,1 @@
+"""Training data: dataset preparation, DALI pipeline, fallback loader, synthetic data."""

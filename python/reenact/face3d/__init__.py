@@ -1,0 +1,1 @@
+"""3D face reconstruction and identity-matched PNCC reconstruction."""

@@ -1,0 +1,1 @@
+"""Encoders, correspondence, generator, discriminator and losses."""

@@ -1,0 +1,53 @@
+"""Shared fixtures: devices, the real face meshes of ../shared/data, thread-count control."""
+import os
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FACE_MODELS = pathlib.Path(
+    os.environ.get("PNCC_SHARED_DATA", REPO.parent / "shared" / "data")
+) / "face-models"
+
+
+def cuda_available():
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    # Queried lazily here, never at import time of a test module.
+    if cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none is visible")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def devices():
+    """Parametrisation over devices: CUDA entries carry the `cuda` mark and skip without a GPU."""
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def load_face_model(name):
+    """Load an .npz of ../shared/data/face-models, or skip with the reason it is unavailable."""
+    path = FACE_MODELS / name
+    if not path.exists():
+        pytest.skip(f"real face meshes not available: {path} is absent (set PNCC_SHARED_DATA)")
+    return dict(np.load(path, allow_pickle=False))
+
+
+@pytest.fixture
+def num_threads():
+    """Run a block with a given intra-op thread count, restoring the previous count afterwards."""
+    previous = torch.get_num_threads()
+
+    class _Threads:
+        def __call__(self, n):
+            torch.set_num_threads(n)
+            return self
+
+    yield _Threads()
+    torch.set_num_threads(previous)
