@@ -2,11 +2,18 @@
 import os
 import pathlib
 
+import sys
+
 import numpy as np
 import pytest
-import torch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Test the checkout itself when its extension has been built in place (`setup.py build_ext
+# --inplace` or an editable install), rather than whatever copy happens to be installed.
+if any((REPO / "pncc_cuda").glob("_C*.so")):
+    sys.path[:0] = [str(REPO), str(REPO / "python")]
+
+import torch  # noqa: E402
 FACE_MODELS = pathlib.Path(
     os.environ.get("PNCC_SHARED_DATA", REPO.parent / "shared" / "data")
 ) / "face-models"
