@@ -1,0 +1,435 @@
+"""Batched Levenberg-Marquardt fit of a morphable model to 2D 68-point landmarks.
+
+Unknowns, for B frames grouped into C clips:
+  - per frame: rotation (axis-angle increments on a rotation matrix, so no gimbal lock), log
+    scale, 2D translation, expression ``beta`` (Ke);
+  - per clip: one identity ``alpha`` (Ki) shared by all its frames.
+
+Cost (halved sum of squares, every term dimensionless):
+
+    sum_f sum_k c_fk |project_f(v_fk) - l_fk|^2 / sigma_f^2 + id_prior |alpha|^2 + exp_prior |beta|^2
+
+with ``c`` the landmark confidences and ``sigma_f = landmark_sigma * (landmark box diagonal)``, so
+the priors mean the same thing at every image resolution. Each iteration solves the damped normal
+equations with a Schur complement: the per-frame (6 + Ke) blocks are eliminated in one batched
+Cholesky solve, leaving one Ki x Ki system per clip. Contour landmarks slide: where the model has
+contour candidates, each outline landmark is re-assigned every iteration to the candidate vertex
+whose projection is nearest to it.
+
+The z translation is unobservable from 2D landmarks; it is set to 0.
+"""
+import dataclasses
+
+import numpy as np
+import torch
+
+from .morphable import NUM_LANDMARKS
+from .pose import axis_angle_to_matrix, compose_pose
+
+# iBUG-68 index groups used for sizes and quality.
+RIGHT_EYE = slice(36, 42)
+LEFT_EYE = slice(42, 48)
+_FRAME_POSE_PARAMS = 6  # rotation (3), log scale (1), translation x, y (2)
+
+
+@dataclasses.dataclass
+class FitResult:
+    """Output of :func:`fit_landmarks`. Tensors are on the fitting device, float32 unless noted.
+
+    alpha: (B, Ki) identity of each frame (its clip's shared identity).
+    clip_alpha: (C, Ki) one identity per clip.
+    beta: (B, Ke) expression per frame.
+    pose: (B, 3, 4) image-space poses ``[s*F@R | t]`` (z translation 0).
+    rotation: (B, 3, 3); scale: (B,) pixels per model unit; translation: (B, 3) pixels.
+    projected: (B, 68, 2) fitted landmark positions in pixels.
+    residuals: (B, 68, 2) projected - observed, pixels; 0 where a landmark has no weight.
+    rms_px: (B,) confidence-weighted RMS reprojection error in pixels.
+    rms_iod: (B,) rms_px divided by the observed inter-ocular distance.
+    ok: (B,) bool quality flag: finite and rms_iod below the threshold.
+    landmark_vertices: (B, 68) int64 model vertex nearest each fitted landmark (after sliding),
+        -1 for landmarks the model does not define (their residuals are 0).
+    iterations: int, LM iterations run.
+    """
+
+    alpha: torch.Tensor
+    clip_alpha: torch.Tensor
+    beta: torch.Tensor
+    pose: torch.Tensor
+    rotation: torch.Tensor
+    scale: torch.Tensor
+    translation: torch.Tensor
+    projected: torch.Tensor
+    residuals: torch.Tensor
+    rms_px: torch.Tensor
+    rms_iod: torch.Tensor
+    ok: torch.Tensor
+    landmark_vertices: torch.Tensor
+    iterations: int
+
+    def numpy(self):
+        """A dict of numpy arrays (for ``np.savez``)."""
+        return {f.name: (getattr(self, f.name).detach().cpu().numpy()
+                         if torch.is_tensor(getattr(self, f.name)) else np.asarray(getattr(self, f.name)))
+                for f in dataclasses.fields(self)}
+
+
+# -- input checks --------------------------------------------------------------------------------
+
+def check_landmarks(landmarks, confidence=None):
+    """Validate landmarks (B, 68, 2) or (68, 2) and confidences (B, 68), (68,) or None.
+
+    Returns float64 CPU-or-same-device tensors (B, 68, 2) and (B, 68). NaN or infinite landmark
+    coordinates are rejected with a ValueError naming the frames; a landmark that is absent must
+    be given a finite placeholder and confidence 0.
+    """
+    if not torch.is_tensor(landmarks):
+        try:
+            landmarks = torch.as_tensor(np.asarray(landmarks, dtype=np.float64))
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"landmarks must be a numeric array of shape (B, 68, 2): {err}") from None
+    if landmarks.ndim == 2:
+        landmarks = landmarks[None]
+    if landmarks.ndim != 3 or landmarks.shape[1:] != (NUM_LANDMARKS, 2):
+        raise ValueError(f"landmarks must have shape (B, 68, 2) or (68, 2), got {tuple(landmarks.shape)}")
+    landmarks = landmarks.to(torch.float64)
+    bad = ~torch.isfinite(landmarks).all(dim=(1, 2))
+    if bad.any():
+        frames = bad.nonzero().flatten().tolist()
+        raise ValueError(f"landmarks contain NaN or infinite values in frames {frames[:10]}")
+    batch = landmarks.shape[0]
+    if confidence is None:
+        confidence = torch.ones(batch, NUM_LANDMARKS, dtype=torch.float64, device=landmarks.device)
+    else:
+        if not torch.is_tensor(confidence):
+            confidence = torch.as_tensor(np.asarray(confidence, dtype=np.float64))
+        confidence = confidence.to(device=landmarks.device, dtype=torch.float64)
+        if confidence.ndim == 1:
+            confidence = confidence[None].expand(batch, -1)
+        if confidence.shape != (batch, NUM_LANDMARKS):
+            raise ValueError(f"confidence must have shape ({batch}, 68) or (68,), got {tuple(confidence.shape)}")
+        if not torch.isfinite(confidence).all() or (confidence < 0).any():
+            raise ValueError("confidence must be finite and non-negative")
+    return landmarks, confidence.contiguous()
+
+
+def _check_clip_index(clip_index, batch, device):
+    if clip_index is None:
+        return torch.zeros(batch, dtype=torch.int64, device=device), 1
+    clip_index = torch.as_tensor(clip_index, device=device)
+    if clip_index.shape != (batch,) or clip_index.is_floating_point():
+        raise ValueError(f"clip_index must be an integer tensor of shape ({batch},), got {tuple(clip_index.shape)}")
+    if batch and clip_index.min() < 0:
+        raise ValueError("clip_index must be non-negative")
+    unique, dense = torch.unique(clip_index, return_inverse=True)
+    return dense.to(torch.int64), int(unique.numel())
+
+
+# -- geometry helpers ----------------------------------------------------------------------------
+
+def inter_ocular_distance(landmarks):
+    """Distance between the eye centres of iBUG-68 landmarks (..., 68, 2) -> (...,)."""
+    return (landmarks[..., RIGHT_EYE, :].mean(-2) - landmarks[..., LEFT_EYE, :].mean(-2)).norm(dim=-1)
+
+
+def _box_diagonal(landmarks, confidence):
+    """Diagonal of the box around the confident landmarks, (B,)."""
+    present = (confidence > 0)[..., None]
+    big = torch.finfo(landmarks.dtype).max
+    low = torch.where(present, landmarks, big).amin(1)
+    high = torch.where(present, landmarks, -big).amax(1)
+    diagonal = (high - low).norm(dim=-1)
+    return torch.where(present.any(1).squeeze(-1), diagonal, torch.ones_like(diagonal))
+
+
+class _LandmarkBases:
+    """The model restricted to the vertices landmarks can use, in the fitting dtype and device."""
+
+    def __init__(self, model, dtype, device):
+        fixed = model.landmarks68.clone()
+        candidates = [fixed[fixed >= 0]]
+        self.sliding = []  # (landmark index, candidate positions into `used`) pairs
+        if model.has_contours:
+            candidates += [model.contour_right, model.contour_left]
+        used = torch.unique(torch.cat([c.to(model.device) for c in candidates]))
+        position = torch.full((model.num_vertices,), -1, dtype=torch.int64, device=model.device)
+        position[used] = torch.arange(used.numel(), device=model.device)
+        self.used = used.to(device)
+        self.mean = model.mean[used].to(device=device, dtype=dtype)
+        self.id_basis = model.id_basis[used].to(device=device, dtype=dtype)
+        self.exp_basis = model.exp_basis[used].to(device=device, dtype=dtype)
+        # Landmarks without a fixed vertex and outside the contour get weight 0 (e.g. SFM's
+        # inner mouth corners); their slot points at position 0.
+        self.default_position = torch.where(fixed >= 0, position[fixed.clamp_min(0)], 0).to(device)
+        self.defined = (fixed >= 0).to(device)
+        if model.has_contours:
+            right = position[model.contour_right].to(device)
+            left = position[model.contour_left].to(device)
+            for k in range(17):
+                if fixed[k] < 0:
+                    side = right if k < 8 else left if k > 8 else torch.cat([right, left])
+                    self.sliding.append((k, side))
+                    self.defined[k] = True
+
+
+class _Anchors:
+    """Where each landmark sits on the model: between two base vertices, ``(1-w)*first + w*second``.
+
+    Fixed landmarks have ``first == second``; a sliding outline landmark lies on a segment of its
+    contour polyline, so it slides continuously rather than jumping between candidate vertices.
+    first, second: (B, L) int64 positions into the landmark bases; weight: (B, L).
+    """
+
+    def __init__(self, first, second, weight):
+        self.first, self.second, self.weight = first, second, weight
+
+    def gather(self, table):
+        """Interpolate rows of ``table`` (U, ...) -> (B, L, ...)."""
+        w = self.weight.reshape(*self.weight.shape, *([1] * (table.ndim - 1)))
+        return (1 - w) * table[self.first] + w * table[self.second]
+
+    def nearest(self):
+        """(B, L) position of the nearer of the two vertices."""
+        return torch.where(self.weight < 0.5, self.first, self.second)
+
+
+def _model_points(bases, anchors, alpha, beta):
+    """Model-space points (B, L, 3) at the anchors for alpha (B, Ki), beta (B, Ke)."""
+    shape = anchors.gather(bases.mean)
+    shape = shape + (anchors.gather(bases.id_basis) @ alpha[:, None, :, None]).squeeze(-1)
+    return shape + (anchors.gather(bases.exp_basis) @ beta[:, None, :, None]).squeeze(-1)
+
+
+def _project(points, rotation, scale, translation):
+    """(B, L, 3) model points -> (B, L, 2) pixels."""
+    rotated = points @ rotation.transpose(-1, -2)
+    flipped = torch.stack([rotated[..., 0], -rotated[..., 1]], -1)
+    return scale[:, None, None] * flipped + translation[:, None, :]
+
+
+def _slide_contours(bases, anchors, landmarks, alpha, beta, rotation, scale, translation):
+    """Move each sliding landmark to the nearest point of its projected contour polyline."""
+    if not bases.sliding:
+        return anchors
+    first, second, weight = anchors.first.clone(), anchors.second.clone(), anchors.weight.clone()
+    batch = first.shape[0]
+    for k, side in bases.sliding:
+        cand = side[None].expand(batch, -1)
+        ones = torch.zeros(cand.shape, dtype=landmarks.dtype, device=landmarks.device)
+        projected = _project(_model_points(bases, _Anchors(cand, cand, ones), alpha, beta),
+                             rotation, scale, translation)  # (B, C, 2)
+        start, direction = projected[:, :-1], projected[:, 1:] - projected[:, :-1]
+        offset = landmarks[:, k, None, :] - start
+        t = ((offset * direction).sum(-1) / direction.square().sum(-1).clamp_min(1e-12)).clamp(0, 1)
+        distance = (offset - t[..., None] * direction).square().sum(-1)
+        segment = distance.argmin(-1)
+        first[:, k] = side[segment]
+        second[:, k] = side[segment + 1]
+        weight[:, k] = t.gather(1, segment[:, None]).squeeze(1)
+    return _Anchors(first, second, weight)
+
+
+def _affine_initial_pose(bases, anchors, landmarks, weights):
+    """Per-frame least-squares affine camera from the mean shape, made a scaled rotation.
+
+    Returns rotation (B, 3, 3), scale (B,), translation (B, 2).
+    """
+    points = anchors.gather(bases.mean)  # (B, L, 3)
+    homogeneous = torch.cat([points, torch.ones_like(points[..., :1])], -1)  # (B, L, 4)
+    weighted = homogeneous * weights[..., None]
+    normal = weighted.transpose(1, 2) @ homogeneous
+    normal = normal + 1e-9 * torch.eye(4, dtype=normal.dtype, device=normal.device) * normal.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None]
+    solution = torch.linalg.solve(normal, weighted.transpose(1, 2) @ landmarks)  # (B, 4, 2)
+    affine = solution[:, :3, :].transpose(1, 2)  # rows: image x, image y
+    rows = torch.stack([affine[:, 0], -affine[:, 1]], 1)  # undo the y flip: rows of s*R
+    u, sigma, vh = torch.linalg.svd(rows, full_matrices=False)
+    scale = sigma.mean(-1)
+    first_two = u @ vh
+    third = torch.linalg.cross(first_two[:, 0], first_two[:, 1], dim=-1)
+    rotation = torch.cat([first_two, third[:, None]], 1)
+    degenerate = ~torch.isfinite(rotation).all(dim=(1, 2)) | (scale <= 0)
+    rotation = torch.where(degenerate[:, None, None], torch.eye(3, dtype=rotation.dtype, device=rotation.device), rotation)
+    scale = torch.where(degenerate, torch.ones_like(scale), scale)
+    return rotation, scale, solution[:, 3, :]
+
+
+def residuals_and_jacobians(bases, anchors, landmarks, row_weight, alpha, beta, rotation,
+                            log_scale, translation):
+    """Weighted residuals and their Jacobians at the current estimate.
+
+    Args: anchors (:class:`_Anchors`) into ``bases``; landmarks (B, L, 2); row_weight (B, L); alpha (B, Ki)
+    (each frame's identity); beta (B, Ke); rotation (B, 3, 3); log_scale (B,); translation (B, 2).
+    Returns:
+        res (B, 2L): row-weighted projected - observed, landmark-major (x, y interleaved);
+        jac_frame (B, 2L, 6 + Ke): d res / d (rotation increment (3), log scale, tx, ty, beta),
+            the rotation increment being the axis-angle ``d`` in ``R <- exp([d]x) R``;
+        jac_id (B, 2L, Ki): d res / d alpha.
+    """
+    dtype, device = landmarks.dtype, landmarks.device
+    batch, num_landmarks = anchors.first.shape
+    points = _model_points(bases, anchors, alpha, beta)
+    s = log_scale.exp()
+    rotated = points @ rotation.transpose(-1, -2)
+    residual = _project(points, rotation, s, translation) - landmarks  # (B, L, 2)
+    # d(R X)/dd = -[R X]x; image x is +s*(R X)_x, image y is -s*(R X)_y.
+    wx, wy, wz = rotated.unbind(-1)
+    zero = torch.zeros_like(wx)
+    s4 = s[:, None, None, None]
+    jac_rot = s4 * torch.stack([torch.stack([zero, wz, -wy], -1), torch.stack([wz, zero, -wx], -1)], -2)
+    jac_scale = s4 * torch.stack([wx, -wy], -1)[..., None]
+    jac_trans = torch.eye(2, dtype=dtype, device=device).expand(batch, num_landmarks, 2, 2)
+    projection_rows = s[:, None, None] * torch.stack([rotation[:, 0], -rotation[:, 1]], 1)  # (B, 2, 3)
+    jac_exp = projection_rows[:, None] @ anchors.gather(bases.exp_basis)  # (B, L, 2, Ke)
+    jac_id = projection_rows[:, None] @ anchors.gather(bases.id_basis)  # (B, L, 2, Ki)
+    jac_frame = torch.cat([jac_rot, jac_scale, jac_trans, jac_exp], -1)
+    weight = row_weight[..., None, None]
+    return ((residual * row_weight[..., None]).flatten(1), (jac_frame * weight).flatten(1, 2),
+            (jac_id * weight).flatten(1, 2))
+
+
+def fit_landmarks(model, landmarks, confidence=None, clip_index=None, *, id_prior=1.0,
+                  exp_prior=1.0, landmark_sigma=0.005, max_iterations=60, tolerance=1e-9,
+                  quality_threshold=0.08, device=None, dtype=torch.float64):
+    """Fit pose, per-frame expression and per-clip identity to 68-point landmarks.
+
+    Args:
+        model: a :class:`~reenact.face3d.morphable.MorphableModel`.
+        landmarks: (B, 68, 2) or (68, 2) pixel positions, iBUG order; must be finite.
+        confidence: (B, 68), (68,) or None (all 1): per-landmark weights >= 0.
+        clip_index: (B,) integer clip id of each frame, or None (all frames one clip, sharing one
+            identity). ``torch.arange(B)`` fits every frame on its own.
+        id_prior, exp_prior: Tikhonov weights on |alpha|^2 and |beta|^2 (coefficients are ~N(0,1)).
+        landmark_sigma: assumed landmark noise as a fraction of the landmark box diagonal.
+        max_iterations, tolerance: LM stopping rule (relative cost decrease per clip).
+        quality_threshold: largest rms_px / inter-ocular distance for which ``ok`` is True.
+        device, dtype: where and in which precision to solve (default: the landmarks' device,
+            float64). float32 is fine on GPUs.
+    Returns:
+        :class:`FitResult`.
+    """
+    if isinstance(landmarks, torch.Tensor) and device is None:
+        device = landmarks.device
+    device = torch.device(device if device is not None else model.device)
+    landmarks, confidence = check_landmarks(landmarks, confidence)
+    for name, value in (("id_prior", id_prior), ("exp_prior", exp_prior), ("landmark_sigma", landmark_sigma)):
+        if not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if landmark_sigma <= 0:
+        raise ValueError("landmark_sigma must be > 0")
+    landmarks = landmarks.to(device=device, dtype=dtype)
+    batch = landmarks.shape[0]
+    clip_index, num_clips = _check_clip_index(clip_index, batch, device)
+    bases = _LandmarkBases(model, dtype, device)
+    weights = confidence.to(device=device, dtype=dtype) * bases.defined.to(dtype)
+    sigma = landmark_sigma * _box_diagonal(landmarks, weights)
+    full_row_weight = weights.sqrt() / sigma[:, None]  # (B, L) multiplies both coordinates
+    num_id, num_exp = model.num_id, model.num_exp
+    eye_id = torch.eye(num_id, dtype=dtype, device=device)
+
+    start = bases.default_position[None].expand(batch, -1).clone()
+    anchors = _Anchors(start, start, torch.zeros(start.shape, dtype=dtype, device=device))
+    fixed_weights = weights * (model.landmarks68.to(device) >= 0).to(dtype)
+    rotation, scale, translation = _affine_initial_pose(bases, anchors, landmarks, fixed_weights)
+    log_scale = scale.log()
+    alpha = torch.zeros(num_clips, num_id, dtype=dtype, device=device)
+    beta = torch.zeros(batch, num_exp, dtype=dtype, device=device)
+
+    def clip_cost(rot, logs, trans, alph, bet, anch, row_weight):
+        projected = _project(_model_points(bases, anch, alph[clip_index], bet), rot, logs.exp(), trans)
+        data = ((projected - landmarks) * row_weight[..., None]).square().sum((1, 2))
+        frame = 0.5 * (data + exp_prior * bet.square().sum(-1))
+        cost = torch.zeros(num_clips, dtype=dtype, device=device).index_add_(0, clip_index, frame)
+        return cost + 0.5 * id_prior * alph.square().sum(-1)
+
+    # Stage 1 fits the fixed landmarks only; stage 2 adds the sliding outline. Sliding from the
+    # crude initial pose would let outline points lock onto the wrong part of the contour.
+    stages = [(full_row_weight, max_iterations)]
+    if bases.sliding:
+        stages.insert(0, (full_row_weight * fixed_weights.gt(0).to(dtype), max(1, max_iterations // 3)))
+    iterations = 0
+    for row_weight, stage_iterations in stages:
+        damping = torch.full((num_clips,), 1e-3, dtype=dtype, device=device)
+        active = torch.ones(num_clips, dtype=torch.bool, device=device)
+        for _ in range(stage_iterations):
+            iterations += 1
+            anchors = _slide_contours(bases, anchors, landmarks, alpha[clip_index], beta,
+                                        rotation, log_scale.exp(), translation)
+            cost = clip_cost(rotation, log_scale, translation, alpha, beta, anchors, row_weight)
+
+            res, jac_frame, jac_id = residuals_and_jacobians(
+                bases, anchors, landmarks, row_weight, alpha[clip_index], beta, rotation, log_scale, translation)
+
+            num_frame = jac_frame.shape[-1]
+            h_ff = jac_frame.transpose(1, 2) @ jac_frame
+            g_f = (jac_frame.transpose(1, 2) @ res[..., None]).squeeze(-1)
+            exp_slice = slice(_FRAME_POSE_PARAMS, num_frame)
+            h_ff[:, exp_slice, exp_slice] += exp_prior * torch.eye(num_exp, dtype=dtype, device=device)
+            g_f[:, exp_slice] += exp_prior * beta
+            h_fa = jac_frame.transpose(1, 2) @ jac_id  # (B, nf, Ki)
+            h_aa_frame = jac_id.transpose(1, 2) @ jac_id
+            g_a_frame = (jac_id.transpose(1, 2) @ res[..., None]).squeeze(-1)
+            h_aa = torch.zeros(num_clips, num_id, num_id, dtype=dtype, device=device).index_add_(0, clip_index, h_aa_frame)
+            h_aa = h_aa + id_prior * eye_id
+            g_a = torch.zeros(num_clips, num_id, dtype=dtype, device=device).index_add_(0, clip_index, g_a_frame)
+            g_a = g_a + id_prior * alpha
+
+            # Marquardt damping, scaled by each diagonal (so rotation, pixels and coefficients mix).
+            frame_damping = damping[clip_index][:, None]
+            diag_f = h_ff.diagonal(dim1=1, dim2=2)
+            h_ff_damped = h_ff + torch.diag_embed(frame_damping * (diag_f + 1e-9))
+            diag_a = h_aa.diagonal(dim1=1, dim2=2)
+            h_aa_damped = h_aa + torch.diag_embed(damping[:, None] * (diag_a + 1e-9))
+
+            # Schur complement: eliminate the per-frame blocks.
+            chol, info = torch.linalg.cholesky_ex(h_ff_damped)
+            if (info > 0).any():
+                h_ff_damped = h_ff_damped + torch.diag_embed((info > 0).to(dtype)[:, None] * (diag_f.abs().amax(-1, keepdim=True) + 1.0) * 1e-6)
+                chol = torch.linalg.cholesky(h_ff_damped)
+            solved = torch.cholesky_solve(torch.cat([h_fa, g_f[..., None]], -1), chol)  # (B, nf, Ki+1)
+            reduce_h = h_fa.transpose(1, 2) @ solved  # (B, Ki, Ki+1)
+            reduce_h = torch.zeros(num_clips, num_id, num_id + 1, dtype=dtype, device=device).index_add_(0, clip_index, reduce_h)
+            schur = h_aa_damped - reduce_h[..., :num_id]
+            schur = 0.5 * (schur + schur.transpose(1, 2))
+            rhs = g_a - reduce_h[..., num_id]
+            step_alpha = -torch.linalg.solve(schur, rhs[..., None]).squeeze(-1)  # (C, Ki)
+            step_frame = -(solved[..., num_id] + (solved[..., :num_id] @ step_alpha[clip_index][..., None]).squeeze(-1))
+
+            new_rotation = axis_angle_to_matrix(step_frame[:, :3]) @ rotation
+            new_log_scale = log_scale + step_frame[:, 3]
+            new_translation = translation + step_frame[:, 4:6]
+            new_beta = beta + step_frame[:, _FRAME_POSE_PARAMS:]
+            new_alpha = alpha + step_alpha
+            new_cost = clip_cost(new_rotation, new_log_scale, new_translation, new_alpha, new_beta, anchors, row_weight)
+
+            accept = (new_cost < cost) & torch.isfinite(new_cost) & active
+            frame_accept = accept[clip_index]
+            rotation = torch.where(frame_accept[:, None, None], new_rotation, rotation)
+            log_scale = torch.where(frame_accept, new_log_scale, log_scale)
+            translation = torch.where(frame_accept[:, None], new_translation, translation)
+            beta = torch.where(frame_accept[:, None], new_beta, beta)
+            alpha = torch.where(accept[:, None], new_alpha, alpha)
+            damping = torch.where(accept, (damping / 3.0).clamp_min(1e-9), damping * 5.0)
+
+            small_change = (cost - new_cost).abs() <= tolerance * cost.clamp_min(1e-30)
+            active = active & ~(accept & small_change) & (damping < 1e10)
+            if not active.any():
+                break
+
+    anchors = _slide_contours(bases, anchors, landmarks, alpha[clip_index], beta,
+                                rotation, log_scale.exp(), translation)
+    scale = log_scale.exp()
+    projected = _project(_model_points(bases, anchors, alpha[clip_index], beta), rotation, scale, translation)
+    used_weight = (weights > 0).to(dtype)
+    residuals = (projected - landmarks) * used_weight[..., None]
+    rms_px = ((residuals.square().sum(-1) * weights).sum(-1) / weights.sum(-1).clamp_min(1e-30)).sqrt()
+    iod = inter_ocular_distance(landmarks)
+    rms_iod = rms_px / iod.clamp_min(1e-9)
+    ok = torch.isfinite(rms_iod) & (rms_iod < quality_threshold) & (weights.sum(-1) > 0)
+    translation3 = torch.cat([translation, torch.zeros_like(translation[:, :1])], -1)
+    out = torch.float32
+    return FitResult(
+        alpha=alpha[clip_index].to(out), clip_alpha=alpha.to(out), beta=beta.to(out),
+        pose=compose_pose(rotation, scale, translation3).to(out), rotation=rotation.to(out),
+        scale=scale.to(out), translation=translation3.to(out), projected=projected.to(out),
+        residuals=residuals.to(out), rms_px=rms_px.to(out), rms_iod=rms_iod.to(out), ok=ok,
+        landmark_vertices=torch.where(bases.defined, bases.used[anchors.nearest()], -1), iterations=iterations,
+    )
