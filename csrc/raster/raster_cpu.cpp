@@ -1,0 +1,287 @@
+// CPU kernels of the rasterizer ops. This file owns only the loop structure: the per-triangle
+// and per-pixel work is in raster_core.h, shared with CUDA.
+//
+// Parallelism: at::parallel_for over (image, band of rows) work items. Each item owns its rows
+// outright (its own z-buffer slice), so no two threads ever write the same pixel, and because
+// the z-buffer order is total (depth, then face index) the result does not depend on how the
+// work was split: outputs are bitwise identical for every thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "raster/raster_check.h"
+#include "raster/raster_core.h"
+
+namespace pncc {
+namespace raster {
+namespace {
+
+// Runs fn(image, row_begin, row_end) over every image, split into enough row bands that a small
+// batch (even a single image) still occupies every thread.
+template <typename Fn>
+void for_each_band(int64_t batch, int64_t height, const Fn& fn) {
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t bands = std::min<int64_t>(
+      std::max<int64_t>(1, height), batch >= threads ? 1 : (threads + batch - 1) / batch);
+  const int64_t rows_per_band = (height + bands - 1) / bands;
+  at::parallel_for(0, batch * bands, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t image = item / bands;
+      const int64_t row_begin = (item % bands) * rows_per_band;
+      const int64_t row_end = std::min(height, row_begin + rows_per_band);
+      if (row_begin < row_end) fn(image, static_cast<int>(row_begin), static_cast<int>(row_end));
+    }
+  });
+}
+
+// The z-buffer of rows [row_begin, row_end) of one image: a packed key per pixel, plus the
+// barycentrics and depth of the current winner, so that resolving needs no second setup.
+template <typename T>
+struct BandBuffer {
+  std::vector<uint64_t> keys;
+  std::vector<T> bary_depth;  // 4 per pixel: bary[3], depth
+
+  void rasterize(const MeshView<T>& mesh, int64_t b, int row_begin, int row_end) {
+    const int64_t pixels = int64_t(row_end - row_begin) * mesh.width;
+    keys.assign(pixels, kEmptyKey);
+    bary_depth.resize(4 * pixels);
+    uint64_t* slots = keys.data();
+    T* values = bary_depth.data();
+    const auto keep_nearest = [slots, values](int64_t offset, uint64_t key, const T* bary,
+                                              T depth) {
+      if (key < slots[offset]) {
+        slots[offset] = key;
+        T* v = values + 4 * offset;
+        v[0] = bary[0];
+        v[1] = bary[1];
+        v[2] = bary[2];
+        v[3] = depth;
+      }
+    };
+    for (int64_t f = 0; f < mesh.num_faces; ++f)
+      zbuffer_face(mesh, b, f, row_begin, row_end, keep_nearest);
+  }
+
+  // Face index of the pixel at `offset`, -1 on the background; its weights and depth when
+  // covered (the background's are never read).
+  int32_t face(int64_t offset) const { return key_face(keys[offset]); }
+  const T* bary(int64_t offset) const { return bary_depth.data() + 4 * offset; }
+  T depth(int64_t offset) const { return bary_depth[4 * offset + 3]; }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rasterize_cpu(const at::Tensor& vertices_in,
+                                                              const at::Tensor& faces,
+                                                              int64_t height, int64_t width) {
+  const at::Tensor faces32 = check_mesh(vertices_in, faces, height, width);
+  const at::Tensor vertices = vertices_in.contiguous();
+  const int64_t batch = vertices.size(0);
+  at::Tensor face_index = at::empty({batch, height, width}, vertices.options().dtype(at::kInt));
+  at::Tensor bary = at::empty({batch, height, width, 3}, vertices.options());
+  at::Tensor depth = at::empty({batch, height, width}, vertices.options());
+  if (face_index.numel() == 0) return {face_index, bary, depth};
+
+  AT_DISPATCH_FLOATING_TYPES(vertices.scalar_type(), "rasterize_cpu", [&] {
+    const MeshView<scalar_t> mesh = mesh_view<scalar_t>(vertices, faces32, height, width);
+    int32_t* face_out = face_index.data_ptr<int32_t>();
+    scalar_t* bary_out = bary.data_ptr<scalar_t>();
+    scalar_t* depth_out = depth.data_ptr<scalar_t>();
+    for_each_band(batch, height, [&](int64_t b, int row_begin, int row_end) {
+      BandBuffer<scalar_t> band;
+      band.rasterize(mesh, b, row_begin, row_end);
+      const int64_t first_pixel = (b * height + row_begin) * width;
+      for (int64_t offset = 0; offset < int64_t(row_end - row_begin) * width; ++offset) {
+        const int64_t pixel = first_pixel + offset;
+        const int32_t face = band.face(offset);
+        face_out[pixel] = face;
+        scalar_t* bary = bary_out + 3 * pixel;
+        const bool covered = face >= 0;
+        for (int i = 0; i < 3; ++i) bary[i] = covered ? band.bary(offset)[i] : scalar_t(0);
+        depth_out[pixel] = covered ? band.depth(offset) : scalar_t(0);
+      }
+    });
+  });
+  return {face_index, bary, depth};
+}
+
+std::tuple<at::Tensor, at::Tensor> render_pncc_cpu(const at::Tensor& vertices_in,
+                                                   const at::Tensor& faces,
+                                                   const at::Tensor& ncc_in, int64_t height,
+                                                   int64_t width) {
+  const at::Tensor faces32 = check_mesh(vertices_in, faces, height, width);
+  check_ncc(ncc_in, vertices_in);
+  const at::Tensor vertices = vertices_in.contiguous();
+  const at::Tensor ncc = ncc_in.contiguous();
+  const int64_t batch = vertices.size(0);
+  at::Tensor pncc = at::empty({batch, 3, height, width}, vertices.options());
+  at::Tensor mask = at::empty({batch, 1, height, width}, vertices.options());
+  if (mask.numel() == 0) return {pncc, mask};
+
+  AT_DISPATCH_FLOATING_TYPES(vertices.scalar_type(), "render_pncc_cpu", [&] {
+    const MeshView<scalar_t> mesh = mesh_view<scalar_t>(vertices, faces32, height, width);
+    const scalar_t* ncc_data = ncc.data_ptr<scalar_t>();
+    const int64_t ncc_batch_stride = ncc.dim() == 3 ? mesh.num_vertices * 3 : 0;
+    scalar_t* pncc_out = pncc.data_ptr<scalar_t>();
+    scalar_t* mask_out = mask.data_ptr<scalar_t>();
+    const int64_t plane = height * width;
+    for_each_band(batch, height, [&](int64_t b, int row_begin, int row_end) {
+      BandBuffer<scalar_t> band;
+      band.rasterize(mesh, b, row_begin, row_end);
+      const scalar_t* image_ncc = ncc_data + b * ncc_batch_stride;
+      const int64_t first_offset = int64_t(row_begin) * width;
+      for (int64_t offset = 0; offset < int64_t(row_end - row_begin) * width; ++offset) {
+        const int32_t face = band.face(offset);
+        const int64_t image_offset = first_offset + offset;
+        interpolate_pixel(image_ncc, 3, mesh.faces, face, band.bary(offset),
+                          pncc_out + b * 3 * plane + image_offset, plane);
+        mask_out[b * plane + image_offset] = face >= 0 ? scalar_t(1) : scalar_t(0);
+      }
+    });
+  });
+  return {pncc, mask};
+}
+
+at::Tensor rasterize_backward_cpu(const at::Tensor& grad_bary_in, const at::Tensor& grad_depth_in,
+                                  const at::Tensor& vertices_in, const at::Tensor& faces,
+                                  const at::Tensor& face_index_in, const at::Tensor& bary_in) {
+  const at::Tensor faces32 = check_rasterize_backward(grad_bary_in, grad_depth_in, vertices_in,
+                                                      faces, face_index_in, bary_in);
+  const at::Tensor vertices = vertices_in.contiguous();
+  const at::Tensor face_index = face_index_in.contiguous();
+  const at::Tensor bary = bary_in.contiguous();
+  const at::Tensor grad_bary = grad_bary_in.to(vertices.scalar_type()).contiguous();
+  const at::Tensor grad_depth = grad_depth_in.to(vertices.scalar_type()).contiguous();
+  at::Tensor grad_vertices = at::zeros_like(vertices);
+  const int64_t batch = face_index.size(0), height = face_index.size(1),
+                width = face_index.size(2);
+  if (face_index.numel() == 0) return grad_vertices;
+
+  AT_DISPATCH_FLOATING_TYPES(vertices.scalar_type(), "rasterize_backward_cpu", [&] {
+    const MeshView<scalar_t> mesh = mesh_view<scalar_t>(vertices, faces32, height, width);
+    const int32_t* face_data = face_index.data_ptr<int32_t>();
+    const scalar_t* bary_data = bary.data_ptr<scalar_t>();
+    const scalar_t* grad_bary_data = grad_bary.data_ptr<scalar_t>();
+    const scalar_t* grad_depth_data = grad_depth.data_ptr<scalar_t>();
+    scalar_t* grad_data = grad_vertices.data_ptr<scalar_t>();
+    // One image per work item: its pixels only touch its own vertices, in a fixed order.
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        scalar_t* grad_image = grad_data + b * mesh.num_vertices * 3;
+        const auto accumulate = [grad_image](int64_t vertex, int axis, scalar_t value) {
+          grad_image[vertex * 3 + axis] += value;
+        };
+        for (int64_t p = b * height * width; p < (b + 1) * height * width; ++p)
+          rasterize_pixel_backward(mesh, b, face_data[p], bary_data + 3 * p,
+                                   grad_bary_data + 3 * p, grad_depth_data[p], accumulate);
+      }
+    });
+  });
+  return grad_vertices;
+}
+
+at::Tensor interpolate_cpu(const at::Tensor& attributes_in, const at::Tensor& faces,
+                           const at::Tensor& face_index_in, const at::Tensor& bary_in) {
+  const at::Tensor faces32 = check_interpolate(attributes_in, faces, face_index_in, bary_in);
+  const at::Tensor attributes = attributes_in.contiguous();
+  const at::Tensor face_index = face_index_in.contiguous();
+  const at::Tensor bary = bary_in.contiguous();
+  const int64_t batch = face_index.size(0), pixels = face_index.size(1) * face_index.size(2);
+  const int64_t num_vertices = attributes.size(1), channels = attributes.size(2);
+  at::Tensor out = at::empty({batch, face_index.size(1), face_index.size(2), channels},
+                             attributes.options());
+  if (out.numel() == 0) return out;
+
+  AT_DISPATCH_FLOATING_TYPES(attributes.scalar_type(), "interpolate_cpu", [&] {
+    const scalar_t* attr = attributes.data_ptr<scalar_t>();
+    const int64_t attr_batch_stride = attributes.size(0) == 1 ? 0 : num_vertices * channels;
+    const int32_t* face_data = face_index.data_ptr<int32_t>();
+    const int32_t* face_table = faces32.data_ptr<int32_t>();
+    const scalar_t* bary_data = bary.data_ptr<scalar_t>();
+    scalar_t* out_data = out.data_ptr<scalar_t>();
+    at::parallel_for(0, batch * pixels, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p)
+        interpolate_pixel(attr + (p / pixels) * attr_batch_stride, channels, face_table,
+                          face_data[p], bary_data + 3 * p, out_data + p * channels, 1);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> interpolate_backward_cpu(const at::Tensor& grad_out_in,
+                                                            const at::Tensor& attributes_in,
+                                                            const at::Tensor& faces,
+                                                            const at::Tensor& face_index_in,
+                                                            const at::Tensor& bary_in) {
+  const at::Tensor faces32 =
+      check_interpolate_backward(grad_out_in, attributes_in, faces, face_index_in, bary_in);
+  const at::Tensor attributes = attributes_in.contiguous();
+  const at::Tensor face_index = face_index_in.contiguous();
+  const at::Tensor bary = bary_in.contiguous();
+  const int64_t batch = face_index.size(0), pixels = face_index.size(1) * face_index.size(2);
+  const int64_t attr_batch = attributes.size(0), num_vertices = attributes.size(1),
+                channels = attributes.size(2);
+  const at::Tensor grad_out = grad_out_in.to(attributes.scalar_type()).contiguous();
+  at::Tensor grad_bary = at::zeros_like(bary);
+  // A shared (1, V, C) attribute table receives gradients from every image: each image
+  // accumulates into its own slice, and the slices are summed afterwards in image order, so the
+  // result is independent of the thread count.
+  const bool shared = attr_batch == 1 && batch > 1;
+  at::Tensor partial = at::zeros({shared ? batch : attr_batch, num_vertices, channels},
+                                 attributes.options());
+  if (grad_out.numel() == 0) return {at::zeros_like(attributes), grad_bary};
+
+  AT_DISPATCH_FLOATING_TYPES(attributes.scalar_type(), "interpolate_backward_cpu", [&] {
+    const scalar_t* attr = attributes.data_ptr<scalar_t>();
+    const int64_t attr_batch_stride = attr_batch == 1 ? 0 : num_vertices * channels;
+    const int32_t* face_data = face_index.data_ptr<int32_t>();
+    const int32_t* face_table = faces32.data_ptr<int32_t>();
+    const scalar_t* bary_data = bary.data_ptr<scalar_t>();
+    const scalar_t* grad_out_data = grad_out.data_ptr<scalar_t>();
+    scalar_t* grad_bary_data = grad_bary.data_ptr<scalar_t>();
+    scalar_t* partial_data = partial.data_ptr<scalar_t>();
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        scalar_t* grad_attr = partial_data + b * num_vertices * channels;
+        const auto accumulate = [grad_attr, channels](int64_t vertex, int64_t c, scalar_t value) {
+          grad_attr[vertex * channels + c] += value;
+        };
+        for (int64_t p = b * pixels; p < (b + 1) * pixels; ++p)
+          interpolate_pixel_backward(attr + b * attr_batch_stride, channels, face_table,
+                                     face_data[p], bary_data + 3 * p,
+                                     grad_out_data + p * channels, grad_bary_data + 3 * p,
+                                     accumulate);
+      }
+    });
+  });
+  if (!shared) return {partial, grad_bary};
+  // Fixed-order sum over images, parallel over elements (each element's order never changes).
+  at::Tensor grad_attr = at::empty_like(attributes);
+  AT_DISPATCH_FLOATING_TYPES(attributes.scalar_type(), "interpolate_backward_cpu_sum", [&] {
+    const scalar_t* src = partial.data_ptr<scalar_t>();
+    scalar_t* dst = grad_attr.data_ptr<scalar_t>();
+    const int64_t n = num_vertices * channels;
+    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t acc = src[i];
+        for (int64_t b = 1; b < batch; ++b) acc += src[b * n + i];
+        dst[i] = acc;
+      }
+    });
+  });
+  return {grad_attr, grad_bary};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pncc, CPU, m) {
+  m.impl("rasterize", &rasterize_cpu);
+  m.impl("_rasterize_backward", &rasterize_backward_cpu);
+  m.impl("interpolate", &interpolate_cpu);
+  m.impl("_interpolate_backward", &interpolate_backward_cpu);
+  m.impl("render_pncc", &render_pncc_cpu);
+}
+
+}  // namespace raster
+}  // namespace pncc

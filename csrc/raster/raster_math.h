@@ -1,0 +1,255 @@
+// Per-triangle and per-pixel maths of the PNCC z-buffer rasterizer, shared by the CPU and CUDA
+// kernels (and compiled on its own by the CMake unit tests). Torch-free.
+//
+// Conventions (DESIGN.md): image-space vertices, x right and y down in pixels, larger z nearer.
+// The pixel at (row i, column j) samples the point (x = j, y = i). Barycentrics are linear in
+// screen space.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "common/host_device.h"
+
+namespace pncc {
+namespace raster {
+
+// Background key of the packed z-buffer: larger than every key a covered pixel can produce.
+constexpr uint64_t kEmptyKey = ~uint64_t(0);
+
+// ---------------------------------------------------------------------------------------------
+// Edge functions
+// ---------------------------------------------------------------------------------------------
+
+// One triangle edge, stored with its endpoints in a canonical order.
+//
+// The two triangles that share an edge traverse it in opposite directions. Evaluating
+// `cross(b - a, p - a)` in each triangle's own order would round differently, and a pixel
+// within one rounding error of the edge could then be covered twice or not at all. Ordering the
+// endpoints canonically (by y, then x) and flipping the sign afterwards makes the two values
+// exact negatives of each other, which is what makes shared edges watertight.
+template <typename T>
+struct Edge {
+  T ax, ay;  // canonical first endpoint
+  T dx, dy;  // canonical second endpoint minus the first
+  T sign;    // +1 or -1: the value for the caller's (a, b) order is sign * cross(d, p - a)
+
+  Edge() = default;
+
+  // The edge from (x0, y0) to (x1, y1) as the caller orders it.
+  HOST_DEVICE_INLINE Edge(T x0, T y0, T x1, T y1) {
+    const bool swap = (y1 < y0) || (y1 == y0 && x1 < x0);
+    ax = swap ? x1 : x0;
+    ay = swap ? y1 : y0;
+    dx = (swap ? x0 : x1) - ax;
+    dy = (swap ? y0 : y1) - ay;
+    sign = swap ? T(-1) : T(1);
+  }
+
+  // cross(b - a, p - a) for the caller's (a, b). Products are rounded separately (mul_rn) so
+  // that every backend, and the PyTorch reference, computes the same bits.
+  HOST_DEVICE_INLINE T operator()(T px, T py) const {
+    return sign * (mul_rn(dx, py - ay) - mul_rn(dy, px - ax));
+  }
+};
+
+// Barycentric weights of (px, py) from the three edge functions. Returns false when they sum to
+// zero (degenerate triangle). Dividing by the sum, not by a separately computed area, keeps the
+// result independent of orientation: negating all three w gives bit-identical weights.
+template <typename T>
+HOST_DEVICE_INLINE bool bary_from_edges(T w0, T w1, T w2, T* bary) {
+  const T sum = (w0 + w1) + w2;
+  if (!(sum != T(0)) || !is_finite_value(sum)) return false;
+  const T inv = T(1) / sum;
+  bary[0] = w0 * inv;
+  bary[1] = w1 * inv;
+  bary[2] = w2 * inv;
+  return true;
+}
+
+template <typename T>
+HOST_DEVICE_INLINE T interpolate_depth(const T* bary, T z0, T z1, T z2) {
+  return (mul_rn(bary[0], z0) + mul_rn(bary[1], z1)) + mul_rn(bary[2], z2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounding boxes
+// ---------------------------------------------------------------------------------------------
+
+// Integer sample coordinates inside [lo, hi], clamped to [first_allowed, last_allowed].
+//
+// Returns false when there are none. The tests are written `!(in range)` so that NaN takes the
+// rejecting branch, and clamping happens before any float-to-int conversion, which is therefore
+// always in range (a 1e10 or infinite bound is clamped to the image, never cast).
+template <typename T>
+HOST_DEVICE_INLINE bool sample_span(T lo, T hi, int first_allowed, int last_allowed, int& first,
+                                    int& last) {
+  if (!(hi >= T(first_allowed) && lo <= T(last_allowed))) return false;
+  const T l = lo > T(first_allowed) ? lo : T(first_allowed);
+  const T h = hi < T(last_allowed) ? hi : T(last_allowed);
+  // l and h are now in [first_allowed, last_allowed] and non-negative: truncation is floor.
+  const int l_floor = static_cast<int>(l);
+  first = l_floor + (T(l_floor) < l ? 1 : 0);
+  last = static_cast<int>(h);
+  return first <= last;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Triangle setup and coverage
+// ---------------------------------------------------------------------------------------------
+
+// A triangle prepared for coverage tests. Edge i is the edge opposite vertex i, so its edge
+// function is the (unnormalised) barycentric weight of vertex i.
+template <typename T>
+struct Triangle {
+  Edge<T> edge[3];
+  T z[3];
+  T orient;        // +1 or -1: makes the edge functions positive inside, whatever the winding
+  int row0, row1;  // inclusive span of sample rows, clamped to the caller's band
+  int col0, col1;  // inclusive span of sample columns, clamped to the image
+};
+
+// Prepares triangle (v0, v1, v2) for rows [row_begin, row_end) of a `width`-wide image.
+//
+// Args:
+//   v0, v1, v2: pointers to 3 coordinates (x, y, z) each, image space.
+// Returns false when the triangle covers nothing there: its bounding box holds no sample, an x or
+// y coordinate is non-finite, or its area is zero. The bounding box test
+// comes first because most triangles of a real face mesh at 256x256 are sub-pixel.
+template <typename T>
+HOST_DEVICE_INLINE bool setup_triangle(const T* v0, const T* v1, const T* v2, int row_begin,
+                                       int row_end, int width, Triangle<T>& tri) {
+  const T x0 = v0[0], y0 = v0[1], x1 = v1[0], y1 = v1[1], x2 = v2[0], y2 = v2[1];
+  if (!sample_span(min3(y0, y1, y2), max3(y0, y1, y2), row_begin, row_end - 1, tri.row0,
+                   tri.row1))
+    return false;
+  if (!sample_span(min3(x0, x1, x2), max3(x0, x1, x2), 0, width - 1, tri.col0, tri.col1))
+    return false;
+  tri.edge[0] = Edge<T>(x1, y1, x2, y2);
+  tri.edge[1] = Edge<T>(x2, y2, x0, y0);
+  tri.edge[2] = Edge<T>(x0, y0, x1, y1);
+  // Twice the signed area. It is non-finite whenever any x or y is (an infinite or NaN
+  // coordinate reaches it through a difference, and 0 * inf is NaN), so this one test also
+  // rejects non-finite vertices; a non-finite z is caught by the depth test in cover_sample.
+  const T area = tri.edge[0](x0, y0);
+  if (!(area != T(0)) || !is_finite_value(area)) return false;
+  tri.orient = area > T(0) ? T(1) : T(-1);
+  tri.z[0] = v0[2];
+  tri.z[1] = v1[2];
+  tri.z[2] = v2[2];
+  return true;
+}
+
+// Top-left fill rule: does edge i of `tri` own the samples lying exactly on it?
+//
+// With the edge functions made positive inside, the positively oriented traversal direction d
+// of the edge decides: "top" edges (d.y == 0, d.x > 0) and "left" edges (d.y < 0) own their
+// samples. Two triangles sharing an edge traverse it in opposite directions, so exactly one of
+// them owns it. Only evaluated for samples exactly on an edge, which are rare.
+template <typename T>
+HOST_DEVICE_INLINE bool owns_edge(const Triangle<T>& tri, int i) {
+  const Edge<T>& e = tri.edge[i];
+  const T s = tri.orient * e.sign;  // the canonical direction, flipped to positive orientation
+  const T dx = s * e.dx, dy = s * e.dy;
+  return (dy < T(0)) || (dy == T(0) && dx > T(0));
+}
+
+// Coverage of the sample (px, py). On success fills the barycentric weights and the depth.
+template <typename T>
+HOST_DEVICE_INLINE bool cover_sample(const Triangle<T>& tri, T px, T py, T* bary, T& depth) {
+  T w[3];
+  for (int i = 0; i < 3; ++i) {
+    w[i] = tri.orient * tri.edge[i](px, py);
+    // Written as `!(inside)` so that a NaN edge value rejects the sample.
+    if (!(w[i] > T(0) || (w[i] == T(0) && owns_edge(tri, i)))) return false;
+  }
+  if (!bary_from_edges(w[0], w[1], w[2], bary)) return false;
+  depth = interpolate_depth(bary, tri.z[0], tri.z[1], tri.z[2]);
+  return is_finite_value(depth);  // a non-finite z cannot be ordered: not covered
+}
+
+// Barycentrics and depth of (px, py) in triangle (v0, v1, v2), for a sample already known to be
+// covered by it (the resolve pass). Bit-identical to what cover_sample computed for the same
+// sample, because the edge values differ from cover_sample's only by an exact sign flip.
+template <typename T>
+HOST_DEVICE_INLINE bool resolve_sample(const T* v0, const T* v1, const T* v2, T px, T py,
+                                       T* bary, T& depth) {
+  const T w0 = Edge<T>(v1[0], v1[1], v2[0], v2[1])(px, py);
+  const T w1 = Edge<T>(v2[0], v2[1], v0[0], v0[1])(px, py);
+  const T w2 = Edge<T>(v0[0], v0[1], v1[0], v1[1])(px, py);
+  if (!bary_from_edges(w0, w1, w2, bary)) return false;
+  depth = interpolate_depth(bary, v0[2], v1[2], v2[2]);
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packed depth keys
+// ---------------------------------------------------------------------------------------------
+
+HOST_DEVICE_INLINE uint32_t float_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+#endif
+}
+
+// A 64-bit key whose unsigned order is the z-buffer order: nearer (larger depth) first, then the
+// lower face index on an exact tie. The high word maps the float32 depth to an unsigned integer
+// that decreases as depth increases; the low word is the face index. One atomicMin per candidate
+// therefore implements the whole depth test. Float64 depths are compared at float32 precision
+// (by every backend alike).
+HOST_DEVICE_INLINE uint64_t depth_key(float depth, int32_t face) {
+  const uint32_t bits = float_bits(depth + 0.0f);  // + 0.0f turns -0 into +0
+  // Order-preserving float -> uint32 map, then complemented so that nearer sorts first.
+  const uint32_t ascending = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  return (static_cast<uint64_t>(~ascending) << 32) | static_cast<uint32_t>(face);
+}
+
+HOST_DEVICE_INLINE int32_t key_face(uint64_t key) {
+  return key == kEmptyKey ? -1 : static_cast<int32_t>(key & 0xffffffffu);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+// Gradient of one pixel's (bary, depth) with respect to its triangle's vertices.
+//
+// With M = [[x0 x1 x2], [y0 y1 y2], [1 1 1]] the weights are b = M^-1 (px, py, 1), so
+// dL/dM = -(M^-T g) b^T, where g = dL/db. Rows of M^-1 are (a_i, c_i, .) / A with
+// a_i = y_{i+1} - y_{i+2}, c_i = x_{i+2} - x_{i+1} and A = sum_i a_i x_i. Depth adds
+// dL/dz_i = gd * b_i and, through b, g_i += gd * z_i.
+//
+// Args:
+//   v: 3 vertex pointers (x, y, z); bary: the pixel's weights; grad_bary: dL/dbary (3 values);
+//   grad_depth: dL/ddepth. Writes 9 values to grad_v: (dx, dy, dz) of v0, v1, v2.
+template <typename T>
+HOST_DEVICE_INLINE void bary_depth_backward(const T* const v[3], const T* bary,
+                                            const T* grad_bary, T grad_depth, T* grad_v) {
+  T g[3];
+  for (int i = 0; i < 3; ++i) g[i] = grad_bary[i] + grad_depth * v[i][2];
+  T a[3], c[3];
+  for (int i = 0; i < 3; ++i) {
+    const int j = (i + 1) % 3, k = (i + 2) % 3;
+    a[i] = v[j][1] - v[k][1];
+    c[i] = v[k][0] - v[j][0];
+  }
+  const T area = a[0] * v[0][0] + a[1] * v[1][0] + a[2] * v[2][0];
+  if (!(area != T(0))) {
+    for (int i = 0; i < 9; ++i) grad_v[i] = T(0);
+    return;
+  }
+  const T u0 = (a[0] * g[0] + a[1] * g[1] + a[2] * g[2]) / area;
+  const T u1 = (c[0] * g[0] + c[1] * g[1] + c[2] * g[2]) / area;
+  for (int i = 0; i < 3; ++i) {
+    grad_v[3 * i + 0] = -u0 * bary[i];
+    grad_v[3 * i + 1] = -u1 * bary[i];
+    grad_v[3 * i + 2] = grad_depth * bary[i];
+  }
+}
+
+}  // namespace raster
+}  // namespace pncc
