@@ -228,13 +228,19 @@ def load_npz_model(path, name=None):
             arrays = {key: data[key] for key in data.files}
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot read face model {path}: not a valid .npz without pickles ({err})") from None
+    return model_from_arrays(arrays, name=name, source=path)
+
+
+def model_from_arrays(arrays, name=None, source="arrays"):
+    """Build a model from a mapping with the keys of the ``.npz`` format (see load_npz_model)."""
     missing = [key for key in NPZ_REQUIRED_KEYS if key not in arrays]
     if missing:
-        raise ValueError(f"face model {path} lacks the keys {missing}; it has {sorted(arrays)}")
-    stored_name = str(arrays["name"]) if "name" in arrays else path.stem
+        raise ValueError(f"face model {source} lacks the keys {missing}; it has {sorted(arrays)}")
+    stored_name = str(arrays["name"]) if "name" in arrays else pathlib.Path(str(source)).stem
     return MorphableModel(
         mean=arrays["mean"], id_basis=arrays["id_basis"], exp_basis=arrays["exp_basis"],
-        faces=arrays["faces"].astype(np.int64), landmarks68=arrays["ibug68"].astype(np.int64),
+        faces=np.asarray(arrays["faces"]).astype(np.int64),
+        landmarks68=np.asarray(arrays["ibug68"]).astype(np.int64),
         contour_right=arrays.get("contour_right"), contour_left=arrays.get("contour_left"),
         exp_names=arrays.get("exp_names"), colors=arrays.get("colors"),
         name=name or stored_name,

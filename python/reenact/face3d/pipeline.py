@@ -1,0 +1,115 @@
+"""Image and video reconstruction: read, detect landmarks, fit. Used by ``reenact pncc``.
+
+Faceless inputs give a result with ``found=False`` and a message; they never reach the fitter.
+"""
+import dataclasses
+import os
+import pathlib
+
+import numpy as np
+import torch
+
+from .detectors import check_image
+from .fit import fit_landmarks
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
+
+
+def read_image(path):
+    """Read an image file as (H, W, 3) uint8 RGB; clear FileNotFoundError/ValueError otherwise."""
+    path = pathlib.Path(os.fspath(path))
+    if not path.exists():
+        raise FileNotFoundError(f"image not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"not a file: {path}")
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as err:
+        raise ImportError("reading images needs Pillow (`pip install pillow`)") from err
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from None
+
+
+def video_frames(path):
+    """Yield (H, W, 3) uint8 RGB frames of a video, and report its frame count (or None) first.
+
+    Returns (count, iterator). Raises ValueError when the file cannot be opened as a video.
+    """
+    path = pathlib.Path(os.fspath(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"video not found: {path}")
+    try:
+        import cv2
+    except ImportError as err:
+        raise ImportError("reading videos needs OpenCV (`pip install opencv-python`, or mediapipe's "
+                          "opencv-contrib-python)") from err
+    capture = cv2.VideoCapture(os.fspath(path))
+    if not capture.isOpened():
+        raise ValueError(f"cannot open video {path}")
+    ok, first = capture.read()
+    if not ok or first is None:
+        capture.release()
+        raise ValueError(f"cannot read any frame from video {path}")
+    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+
+    def frames():
+        try:
+            frame = first
+            while frame is not None:
+                yield np.ascontiguousarray(frame[..., ::-1])
+                ok, frame = capture.read()
+                if not ok:
+                    break
+        finally:
+            capture.release()
+
+    return count, frames()
+
+
+@dataclasses.dataclass
+class Reconstruction:
+    """Result for a sequence of frames (one for an image).
+
+    found: (N,) bool, a face was detected; landmarks (N, 68, 2) NaN where not found;
+    fit: FitResult over the found frames only (None when none was found); message: summary.
+    """
+
+    found: np.ndarray
+    landmarks: np.ndarray
+    fit: object
+    message: str
+
+
+def reconstruct(frames, model, detector, share_identity=True, progress=None, **fit_options):
+    """Detect and fit every frame; all found frames share one identity when ``share_identity``.
+
+    Args:
+        frames: iterable of (H, W, 3) uint8 RGB images.
+        model: MorphableModel; detector: a LandmarkDetector.
+        progress: optional callable called once per frame (e.g. a progress bar's ``update``).
+        fit_options: passed to :func:`~reenact.face3d.fit.fit_landmarks`.
+    """
+    landmarks, confidence, found = [], [], []
+    for index, frame in enumerate(frames):
+        check_image(frame, f"frame {index}")
+        detection = detector.detect(frame)
+        found.append(detection is not None)
+        landmarks.append(detection.landmarks if detection else np.full((68, 2), np.nan))
+        confidence.append(detection.confidence if detection else np.zeros(68))
+        if progress is not None:
+            progress()
+    found = np.array(found, dtype=bool)
+    landmarks = np.array(landmarks).reshape(-1, 68, 2)
+    if not found.any():
+        what = "the image" if len(found) == 1 else f"any of {len(found)} frames"
+        return Reconstruction(found, landmarks, None, f"no face found in {what}")
+    chosen = torch.from_numpy(np.flatnonzero(found))
+    clip_index = None if share_identity else torch.arange(len(chosen))
+    fit = fit_landmarks(model, torch.from_numpy(landmarks[found]),
+                        torch.from_numpy(np.array(confidence)[found]), clip_index, **fit_options)
+    message = f"face found in {int(found.sum())} of {len(found)} frame(s); {int(fit.ok.sum())} fitted well"
+    return Reconstruction(found, landmarks, fit, message)
