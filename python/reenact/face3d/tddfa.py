@@ -190,7 +190,7 @@ def decode_params(params, roi_box, model=None, size=TDDFA_INPUT_SIZE, param_std=
     if params.ndim != 2 or params.shape[1] != NUM_PARAMS:
         raise ValueError(f"params must have shape (62,) or (B, 62), got {tuple(params.shape)}")
     roi = torch.as_tensor(np.asarray(roi_box, dtype=np.float64))
-    if roi.ndim == 1:
+    if roi.shape == (4,):
         roi = roi[None].expand(params.shape[0], 4)
     if roi.shape != (params.shape[0], 4):
         raise ValueError(f"roi_box must have shape (4,) or ({params.shape[0]}, 4), got {tuple(roi.shape)}")
@@ -290,12 +290,16 @@ def load_regressor(checkpoint_path, widen_factor=1.0, device="cpu"):
         raise ValueError(f"checkpoint {path} holds no state dict")
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
     network = MobileNetV1(widen_factor=widen_factor)
-    result = network.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong_shape:
         raise ValueError(
             f"checkpoint {path} does not match MobileNet-V1 (widen {widen_factor}): "
-            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong_shape[:5]}"
         )
+    network.load_state_dict(state)
     return network.to(device).eval()
 
 
