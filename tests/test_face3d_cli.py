@@ -1,0 +1,116 @@
+"""`reenact pncc`: images, videos, awkward paths, and clear errors for bad input."""
+import hashlib
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from face3d_support import toy_model
+from reenact.cli import main
+from reenact.face3d.synthetic import project_landmarks, random_parameters
+
+pytest.importorskip("pncc_cuda", reason="pncc_cuda's extension is not built")
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def write_image(path, size=(160, 200)):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path)
+
+
+def toy_landmarks(frames, image_size=160):
+    model = toy_model()
+    _, _, pose = random_parameters(model, frames, generator=torch.Generator().manual_seed(0), image_size=image_size)
+    alpha = np.zeros(model.num_id, np.float32)
+    return project_landmarks(model, alpha, None, pose).numpy()
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_image_with_landmark_file_and_awkward_names(tmp_path, capsys):
+    folder = tmp_path / "in put ü"
+    folder.mkdir()
+    image = folder / "-face ü.png"
+    write_image(image)
+    marks = folder / "-marks.npy"
+    np.save(marks, toy_landmarks(1))
+    before = digest(image)
+    status = main(["pncc", "--out", str(folder), "--landmarks", str(marks), "--", str(image)])
+    assert status == 0
+    assert digest(image) == before  # outputs never overwrite the input
+    for suffix in ("_pncc.png", "_overlay.png", "_params.npz"):
+        assert (folder / f"-face ü{suffix}").is_file()
+    with np.load(folder / "-face ü_params.npz") as params:
+        assert params["pose"].shape == (1, 3, 4) and params["alpha"].shape == (1, toy_model().num_id)
+        assert "synthetic" in str(params["model_name"])
+        assert params["ok"].all()
+    assert "synthetic model" in capsys.readouterr().out
+
+
+def test_video_with_landmark_file_writes_frame_sequences(tmp_path):
+    cv2 = pytest.importorskip("cv2", reason="video input needs OpenCV")
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (160, 160))
+    for k in range(4):
+        writer.write(np.full((160, 160, 3), 40 * k, np.uint8))
+    writer.release()
+    marks = toy_landmarks(4)
+    marks[2] = np.nan  # no face in frame 2
+    np.save(tmp_path / "marks.npy", marks)
+    out = tmp_path / "out"
+    assert main(["pncc", str(video), "--out", str(out), "--landmarks", str(tmp_path / "marks.npy")]) == 0
+    assert sorted(p.name for p in (out / "clip_pncc").iterdir()) == ["000000.png", "000001.png", "000003.png"]
+    assert len(list((out / "clip_overlay").iterdir())) == 3
+    with np.load(out / "clip_params.npz") as params:
+        assert params["found"].tolist() == [True, True, False, True]
+        assert params["frame_index"].tolist() == [0, 1, 3]
+        np.testing.assert_allclose(params["clip_alpha"][0], params["alpha"][2])  # one shared identity
+
+
+@pytest.mark.parametrize("setup, message", [
+    ("missing", "input not found"),
+    ("garbage", "cannot read image"),
+])
+def test_bad_inputs_give_one_line_errors(tmp_path, capsys, setup, message):
+    path = tmp_path / "input.png"
+    if setup == "garbage":
+        path.write_bytes(b"\x89PNG but not really")
+    np.save(tmp_path / "marks.npy", toy_landmarks(1))
+    status = main(["pncc", str(path), "--out", str(tmp_path / "out"), "--landmarks", str(tmp_path / "marks.npy")])
+    err = capsys.readouterr().err
+    assert status == 1 and message in err and "Traceback" not in err
+
+
+def test_faceless_image_says_no_face_found(tmp_path, capsys):
+    pytest.importorskip("mediapipe", reason="mediapipe==0.10.21 is not installed (optional extra)")
+    from PIL import Image
+
+    Image.fromarray(np.full((200, 200, 3), 128, np.uint8)).save(tmp_path / "wall.png")
+    status = main(["pncc", str(tmp_path / "wall.png"), "--out", str(tmp_path / "out")])
+    assert status == 1 and "no face found" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "wall_params.npz").exists()
+
+
+def test_real_photo_through_the_console_entry_point(tmp_path):
+    pytest.importorskip("mediapipe", reason="mediapipe==0.10.21 is not installed (optional extra)")
+    data = pytest.importorskip("skimage.data", reason="scikit-image provides the astronaut photo")
+    from PIL import Image
+
+    image = tmp_path / "-astronaut photo.png"
+    Image.fromarray(data.astronaut()).save(image)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "python")]))
+    done = subprocess.run([sys.executable, "-m", "reenact.cli", "pncc", "--out", str(tmp_path / "o"), "--", str(image)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "o" / "-astronaut photo_overlay.png").is_file()
+    missing = subprocess.run([sys.executable, "-m", "reenact.cli", "pncc", str(tmp_path / "nope.jpg"), "--out", str(tmp_path / "o")],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert missing.returncode == 1 and "input not found" in missing.stderr and "Traceback" not in missing.stderr
