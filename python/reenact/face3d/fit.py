@@ -147,7 +147,8 @@ class _LandmarkBases:
     def __init__(self, model, dtype, device):
         fixed = model.landmarks68.clone()
         candidates = [fixed[fixed >= 0]]
-        self.sliding = []  # (landmark index, candidate positions into `used`) pairs
+        self.sliding = []  # (landmark index, side number) pairs
+        self.sides = []  # candidate positions into `used` of each contour polyline
         if model.has_contours:
             candidates += [model.contour_right, model.contour_left]
         used = torch.unique(torch.cat([c.to(model.device) for c in candidates]))
@@ -164,10 +165,11 @@ class _LandmarkBases:
         if model.has_contours:
             right = position[model.contour_right].to(device)
             left = position[model.contour_left].to(device)
+            # The chin, when it slides, uses the whole outline: right side down, left side up.
+            self.sides = [right, left, torch.cat([right, left.flip(0)])]
             for k in range(17):
                 if fixed[k] < 0:
-                    side = right if k < 8 else left if k > 8 else torch.cat([right, left])
-                    self.sliding.append((k, side))
+                    self.sliding.append((k, 0 if k < 8 else 1 if k > 8 else 2))
                     self.defined[k] = True
 
 
@@ -181,11 +183,15 @@ class _Anchors:
 
     def __init__(self, first, second, weight):
         self.first, self.second, self.weight = first, second, weight
+        self._gathered = {}  # anchors never change after construction, so gathers are cached
 
     def gather(self, table):
         """Interpolate rows of ``table`` (U, ...) -> (B, L, ...)."""
-        w = self.weight.reshape(*self.weight.shape, *([1] * (table.ndim - 1)))
-        return (1 - w) * table[self.first] + w * table[self.second]
+        key = id(table)
+        if key not in self._gathered:
+            w = self.weight.reshape(*self.weight.shape, *([1] * (table.ndim - 1)))
+            self._gathered[key] = (table, (1 - w) * table[self.first] + w * table[self.second])
+        return self._gathered[key][1]
 
     def nearest(self):
         """(B, L) position of the nearer of the two vertices."""
@@ -212,11 +218,15 @@ def _slide_contours(bases, anchors, landmarks, alpha, beta, rotation, scale, tra
         return anchors
     first, second, weight = anchors.first.clone(), anchors.second.clone(), anchors.weight.clone()
     batch = first.shape[0]
-    for k, side in bases.sliding:
-        cand = side[None].expand(batch, -1)
-        ones = torch.zeros(cand.shape, dtype=landmarks.dtype, device=landmarks.device)
-        projected = _project(_model_points(bases, _Anchors(cand, cand, ones), alpha, beta),
-                             rotation, scale, translation)  # (B, C, 2)
+    polylines = {}
+    for k, side_number in bases.sliding:
+        side = bases.sides[side_number]
+        if side_number not in polylines:
+            cand = side[None].expand(batch, -1)
+            zeros = torch.zeros(cand.shape, dtype=landmarks.dtype, device=landmarks.device)
+            polylines[side_number] = _project(_model_points(bases, _Anchors(cand, cand, zeros), alpha, beta),
+                                              rotation, scale, translation)  # (B, C, 2)
+        projected = polylines[side_number]
         start, direction = projected[:, :-1], projected[:, 1:] - projected[:, :-1]
         offset = landmarks[:, k, None, :] - start
         t = ((offset * direction).sum(-1) / direction.square().sum(-1).clamp_min(1e-12)).clamp(0, 1)
