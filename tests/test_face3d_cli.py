@@ -48,6 +48,10 @@ def test_image_with_landmark_file_and_awkward_names(tmp_path, capsys):
     assert digest(image) == before  # outputs never overwrite the input
     for suffix in ("_pncc.png", "_overlay.png", "_params.npz"):
         assert (folder / f"-face ü{suffix}").is_file()
+    from reenact.face3d.pipeline import load_parameters
+
+    loaded = load_parameters(folder / "-face ü_params.npz")
+    assert loaded["pose"].shape == (1, 3, 4)
     with np.load(folder / "-face ü_params.npz") as params:
         assert params["pose"].shape == (1, 3, 4) and params["alpha"].shape == (1, toy_model().num_id)
         assert "synthetic" in str(params["model_name"])

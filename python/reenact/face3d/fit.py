@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from .morphable import NUM_LANDMARKS
+from .morphable import NUM_LANDMARKS, as_tensor
 from .pose import axis_angle_to_matrix, compose_pose
 
 # iBUG-68 index groups used for sizes and quality.
@@ -82,16 +82,11 @@ def check_landmarks(landmarks, confidence=None):
     coordinates are rejected with a ValueError naming the frames; a landmark that is absent must
     be given a finite placeholder and confidence 0.
     """
-    if not torch.is_tensor(landmarks):
-        try:
-            landmarks = torch.as_tensor(np.asarray(landmarks, dtype=np.float64))
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"landmarks must be a numeric array of shape (B, 68, 2): {err}") from None
+    landmarks = as_tensor("landmarks", landmarks, torch.float64, "(B, 68, 2)")
     if landmarks.ndim == 2:
         landmarks = landmarks[None]
     if landmarks.ndim != 3 or landmarks.shape[1:] != (NUM_LANDMARKS, 2):
         raise ValueError(f"landmarks must have shape (B, 68, 2) or (68, 2), got {tuple(landmarks.shape)}")
-    landmarks = landmarks.to(torch.float64)
     bad = ~torch.isfinite(landmarks).all(dim=(1, 2))
     if bad.any():
         frames = bad.nonzero().flatten().tolist()
@@ -100,9 +95,7 @@ def check_landmarks(landmarks, confidence=None):
     if confidence is None:
         confidence = torch.ones(batch, NUM_LANDMARKS, dtype=torch.float64, device=landmarks.device)
     else:
-        if not torch.is_tensor(confidence):
-            confidence = torch.as_tensor(np.asarray(confidence, dtype=np.float64))
-        confidence = confidence.to(device=landmarks.device, dtype=torch.float64)
+        confidence = as_tensor("confidence", confidence, torch.float64, "(B, 68)").to(landmarks.device)
         if confidence.ndim == 1:
             confidence = confidence[None].expand(batch, -1)
         if confidence.shape != (batch, NUM_LANDMARKS):
