@@ -29,23 +29,49 @@ struct MeshView {
   }
 };
 
+// Sample bounds of every vertex of image b (the CPU precomputes them once per image: a vertex is
+// shared by about six triangles).
+template <typename T>
+void image_sample_bounds(const MeshView<T>& mesh, int64_t b, SampleBounds* out) {
+  const T* verts = mesh.image_vertices(b);
+  for (int64_t v = 0; v < mesh.num_vertices; ++v)
+    out[v] = vertex_sample_bounds(verts[3 * v], verts[3 * v + 1], mesh.height, mesh.width);
+}
+
 // Depth-tests face `f` of image `b` against the z-buffer rows [row_begin, row_end).
 //
+// `vertex_bounds` holds image_sample_bounds of the image, or is null to compute the three
+// vertices' bounds here (CUDA, where a per-vertex buffer would cost memory per image).
 // `update(offset, key, bary, depth)` keeps the smaller key for the pixel `offset` pixels after
 // (row_begin, 0). The CPU passes a compare-and-store that also keeps the winner's barycentrics,
 // CUDA an atomicMin on the key alone (its resolve pass recomputes them, bit-identically);
 // everything else, including which samples a triangle covers, is this one function.
 template <typename T, typename Update>
 HOST_DEVICE_INLINE void zbuffer_face(const MeshView<T>& mesh, int64_t b, int64_t f, int row_begin,
-                                     int row_end, Update&& update) {
+                                     int row_end, const SampleBounds* vertex_bounds,
+                                     Update&& update) {
   const T* verts = mesh.image_vertices(b);
   const int32_t* idx = mesh.faces + 3 * f;
+  const int32_t i0 = idx[0], i1 = idx[1], i2 = idx[2];
+  SampleBounds bounds;
+  if (vertex_bounds) {
+    bounds = merge_sample_bounds(vertex_bounds[i0], vertex_bounds[i1], vertex_bounds[i2],
+                                 row_begin, row_end);
+  } else {
+    const T* v[3] = {verts + 3 * int64_t(i0), verts + 3 * int64_t(i1), verts + 3 * int64_t(i2)};
+    SampleBounds s[3];
+    for (int i = 0; i < 3; ++i) s[i] = vertex_sample_bounds(v[i][0], v[i][1], mesh.height, mesh.width);
+    bounds = merge_sample_bounds(s[0], s[1], s[2], row_begin, row_end);
+  }
+  // Most triangles of a real face mesh at 256x256 are sub-pixel: this test rejects them before
+  // any floating-point setup.
+  if (is_empty(bounds)) return;
   Triangle<T> tri;
-  if (!setup_triangle(verts + 3 * int64_t(idx[0]), verts + 3 * int64_t(idx[1]),
-                      verts + 3 * int64_t(idx[2]), row_begin, row_end, mesh.width, tri))
+  if (!setup_triangle(verts + 3 * int64_t(i0), verts + 3 * int64_t(i1), verts + 3 * int64_t(i2),
+                      bounds, tri))
     return;
-  for (int row = tri.row0; row <= tri.row1; ++row) {
-    for (int col = tri.col0; col <= tri.col1; ++col) {
+  for (int row = bounds.row0; row <= bounds.row1; ++row) {
+    for (int col = bounds.col0; col <= bounds.col1; ++col) {
       T bary[3], depth;
       if (!cover_sample(tri, T(col), T(row), bary, depth)) continue;
       update(int64_t(row - row_begin) * mesh.width + col,

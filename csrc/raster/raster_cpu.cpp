@@ -43,6 +43,14 @@ template <typename T>
 struct BandBuffer {
   std::vector<uint64_t> keys;
   std::vector<T> bary_depth;  // 4 per pixel: bary[3], depth
+  std::vector<SampleBounds> vertex_bounds;
+
+  // One buffer per thread, reused across calls: allocating ~2 MB per call would cost more in
+  // page faults than rasterizing a face mesh.
+  static BandBuffer& for_this_thread() {
+    thread_local BandBuffer buffer;
+    return buffer;
+  }
 
   void rasterize(const MeshView<T>& mesh, int64_t b, int row_begin, int row_end) {
     const int64_t pixels = int64_t(row_end - row_begin) * mesh.width;
@@ -61,8 +69,10 @@ struct BandBuffer {
         v[3] = depth;
       }
     };
+    vertex_bounds.resize(mesh.num_vertices);
+    image_sample_bounds(mesh, b, vertex_bounds.data());
     for (int64_t f = 0; f < mesh.num_faces; ++f)
-      zbuffer_face(mesh, b, f, row_begin, row_end, keep_nearest);
+      zbuffer_face(mesh, b, f, row_begin, row_end, vertex_bounds.data(), keep_nearest);
   }
 
   // Face index of the pixel at `offset`, -1 on the background; its weights and depth when
@@ -89,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rasterize_cpu(const at::Tensor& v
     scalar_t* bary_out = bary.data_ptr<scalar_t>();
     scalar_t* depth_out = depth.data_ptr<scalar_t>();
     for_each_band(batch, height, [&](int64_t b, int row_begin, int row_end) {
-      BandBuffer<scalar_t> band;
+      BandBuffer<scalar_t>& band = BandBuffer<scalar_t>::for_this_thread();
       band.rasterize(mesh, b, row_begin, row_end);
       const int64_t first_pixel = (b * height + row_begin) * width;
       for (int64_t offset = 0; offset < int64_t(row_end - row_begin) * width; ++offset) {
@@ -127,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> render_pncc_cpu(const at::Tensor& vertices_in
     scalar_t* mask_out = mask.data_ptr<scalar_t>();
     const int64_t plane = height * width;
     for_each_band(batch, height, [&](int64_t b, int row_begin, int row_end) {
-      BandBuffer<scalar_t> band;
+      BandBuffer<scalar_t>& band = BandBuffer<scalar_t>::for_this_thread();
       band.rasterize(mesh, b, row_begin, row_end);
       const scalar_t* image_ncc = ncc_data + b * ncc_batch_stride;
       const int64_t first_offset = int64_t(row_begin) * width;

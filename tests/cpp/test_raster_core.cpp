@@ -23,7 +23,8 @@ std::vector<uint64_t> zbuffer(const std::vector<float>& vertices, const std::vec
                        int64_t(faces.size() / 3), height, width};
   std::vector<uint64_t> keys(size_t(height) * width, kEmptyKey);
   for (int64_t f = 0; f < mesh.num_faces; ++f)
-    zbuffer_face(mesh, 0, f, 0, height, [&](int64_t offset, uint64_t key, const float*, float) {
+    zbuffer_face(mesh, 0, f, 0, height, static_cast<const SampleBounds*>(nullptr),
+                 [&](int64_t offset, uint64_t key, const float*, float) {
       CHECK(offset >= 0 && offset < int64_t(keys.size()));
       if (key < keys[offset]) keys[offset] = key;
     });
@@ -41,34 +42,48 @@ TEST_CASE(edge_function_is_exactly_antisymmetric) {
   }
 }
 
-TEST_CASE(sample_span_rejects_nan_and_clamps_huge_bounds) {
-  int first = -7, last = -7;
-  CHECK(!sample_span(kNaN, 3.f, 0, 9, first, last));
-  CHECK(!sample_span(1.f, kNaN, 0, 9, first, last));
-  CHECK(sample_span(-1e10f, 1e10f, 0, 9, first, last) && first == 0 && last == 9);
-  CHECK(sample_span(-kInf, kInf, 0, 9, first, last) && first == 0 && last == 9);
-  CHECK(!sample_span(1e10f, 2e10f, 0, 9, first, last));
-  CHECK(!sample_span(2.2f, 2.8f, 0, 9, first, last));  // no integer inside: sub-pixel
-  CHECK(sample_span(2.0f, 2.0f, 0, 9, first, last) && first == 2 && last == 2);
-  CHECK(sample_span(1.5f, 4.5f, 0, 9, first, last) && first == 2 && last == 4);
+TEST_CASE(clamped_rounding_handles_nan_infinities_and_huge_values) {
+  CHECK(ceil_clamped(kNaN, 0, 10) == 10 && floor_clamped(kNaN, -1, 9) == -1);
+  CHECK(ceil_clamped(1e10f, 0, 10) == 10 && floor_clamped(1e10f, -1, 9) == 9);
+  CHECK(ceil_clamped(-1e10f, 0, 10) == 0 && floor_clamped(-1e10f, -1, 9) == -1);
+  CHECK(ceil_clamped(kInf, 0, 10) == 10 && floor_clamped(-kInf, -1, 9) == -1);
+  CHECK(ceil_clamped(2.2f, 0, 10) == 3 && floor_clamped(2.8f, -1, 9) == 2);
+  CHECK(ceil_clamped(2.0f, 0, 10) == 2 && floor_clamped(2.0f, -1, 9) == 2);
+  CHECK(floor_clamped(-0.5f, -1, 9) == -1 && ceil_clamped(-0.5f, -1, 9) == 0);
+  // Per-vertex bounds merge to the span of the triangle's box.
+  const auto bounds = [](float x0, float x1, float x2) {
+    return merge_sample_bounds(vertex_sample_bounds(x0, 0.f, 10, 10),
+                               vertex_sample_bounds(x1, 0.f, 10, 10),
+                               vertex_sample_bounds(x2, 0.f, 10, 10), 0, 10);
+  };
+  CHECK(is_empty(bounds(2.2f, 2.8f, 2.5f)));  // sub-pixel: no sample inside
+  CHECK(!is_empty(bounds(1.5f, 4.5f, 2.0f)) && bounds(1.5f, 4.5f, 2.f).col0 == 2 &&
+        bounds(1.5f, 4.5f, 2.f).col1 == 4);
+  CHECK(bounds(-1e10f, 1e10f, 0.f).col0 == 0 && bounds(-1e10f, 1e10f, 0.f).col1 == 9);
+  CHECK(is_empty(bounds(1e10f, 2e10f, 3e10f)) && is_empty(bounds(-3.f, -2.f, -1e10f)));
+  CHECK(is_empty(bounds(kNaN, kNaN, kNaN)));
+  // Band restriction.
+  const SampleBounds v = vertex_sample_bounds(3.f, 7.f, 10, 10);
+  CHECK(is_empty(merge_sample_bounds(v, v, v, 0, 7)) && !is_empty(merge_sample_bounds(v, v, v, 0, 10)));
 }
 
 TEST_CASE(non_finite_or_degenerate_triangles_are_rejected) {
   Triangle<float> tri;
+  const SampleBounds all{0, 9, 0, 9};
   const float good[3][3] = {{1, 1, 0}, {8, 2, 0}, {3, 7, 0}};
-  CHECK(setup_triangle(good[0], good[1], good[2], 0, 10, 10, tri));
+  CHECK(setup_triangle(good[0], good[1], good[2], all, tri));
   for (int corner = 0; corner < 3; ++corner) {
     for (int axis = 0; axis < 2; ++axis) {
       for (float bad : {kNaN, kInf, -kInf}) {
         float v[3][3];
         for (int i = 0; i < 9; ++i) v[i / 3][i % 3] = good[i / 3][i % 3];
         v[corner][axis] = bad;
-        CHECK(!setup_triangle(v[0], v[1], v[2], 0, 10, 10, tri));
+        CHECK(!setup_triangle(v[0], v[1], v[2], all, tri));
       }
     }
   }
   const float line[3][3] = {{1, 1, 0}, {5, 5, 0}, {3, 3, 0}};
-  CHECK(!setup_triangle(line[0], line[1], line[2], 0, 10, 10, tri));
+  CHECK(!setup_triangle(line[0], line[1], line[2], all, tri));
   // A non-finite z passes setup but covers no sample.
   const float bad_z[3][3] = {{1, 1, kInf}, {8, 2, 0}, {3, 7, 0}};
   const std::vector<float> verts(&bad_z[0][0], &bad_z[0][0] + 9);
@@ -132,9 +147,13 @@ TEST_CASE(resolve_reproduces_the_coverage_barycentrics_bit_for_bit) {
     for (auto& q : v)
       for (float& c : q) c = u(rng);
     Triangle<float> tri;
-    if (!setup_triangle(v[0], v[1], v[2], 0, 10, 10, tri)) continue;
-    for (int row = tri.row0; row <= tri.row1; ++row)
-      for (int col = tri.col0; col <= tri.col1; ++col) {
+    const SampleBounds bounds =
+        merge_sample_bounds(vertex_sample_bounds(v[0][0], v[0][1], 10, 10),
+                            vertex_sample_bounds(v[1][0], v[1][1], 10, 10),
+                            vertex_sample_bounds(v[2][0], v[2][1], 10, 10), 0, 10);
+    if (is_empty(bounds) || !setup_triangle(v[0], v[1], v[2], bounds, tri)) continue;
+    for (int row = bounds.row0; row <= bounds.row1; ++row)
+      for (int col = bounds.col0; col <= bounds.col1; ++col) {
         float b0[3] = {}, b1[3] = {}, d0 = 0, d1 = 0;
         if (!cover_sample(tri, float(col), float(row), b0, d0)) continue;
         ++covered;
