@@ -29,40 +29,42 @@ struct MeshView {
   }
 };
 
-// Sample bounds of every vertex of image b (the CPU precomputes them once per image: a vertex is
-// shared by about six triangles).
+// Triangle bounds computed from the vertex coordinates on the fly: a callable for zbuffer_face.
+// (The CPU instead precomputes every vertex's bounds once per image, since a vertex is shared by
+// about six triangles; CUDA computes them per thread, since a per-vertex buffer would cost memory
+// per image.)
 template <typename T>
-void image_sample_bounds(const MeshView<T>& mesh, int64_t b, SampleBounds* out) {
-  const T* verts = mesh.image_vertices(b);
-  for (int64_t v = 0; v < mesh.num_vertices; ++v)
-    out[v] = vertex_sample_bounds(verts[3 * v], verts[3 * v + 1], mesh.height, mesh.width);
-}
+struct BoundsFromVertices {
+  const T* verts;
+  int height, width, row_begin, row_end;
+
+  HOST_DEVICE_INLINE SampleBounds operator()(int32_t i0, int32_t i1, int32_t i2) const {
+    const T* v0 = verts + 3 * int64_t(i0);
+    const T* v1 = verts + 3 * int64_t(i1);
+    const T* v2 = verts + 3 * int64_t(i2);
+    return merge_sample_bounds(vertex_sample_bounds(v0[0], v0[1], height, width),
+                               vertex_sample_bounds(v1[0], v1[1], height, width),
+                               vertex_sample_bounds(v2[0], v2[1], height, width), row_begin,
+                               row_end);
+  }
+};
 
 // Depth-tests face `f` of image `b` against the z-buffer rows [row_begin, row_end).
 //
-// `vertex_bounds` holds image_sample_bounds of the image, or is null to compute the three
-// vertices' bounds here (CUDA, where a per-vertex buffer would cost memory per image).
+// `triangle_bounds(i0, i1, i2)` returns the sample bounds of the triangle with those vertices,
+// restricted to the rows (BoundsFromVertices, or the CPU's precomputed equivalent); they may be
+// conservative, since every sample is tested exactly.
 // `update(offset, key, bary, depth)` keeps the smaller key for the pixel `offset` pixels after
 // (row_begin, 0). The CPU passes a compare-and-store that also keeps the winner's barycentrics,
 // CUDA an atomicMin on the key alone (its resolve pass recomputes them, bit-identically);
 // everything else, including which samples a triangle covers, is this one function.
-template <typename T, typename Update>
+template <typename T, typename Bounds, typename Update>
 HOST_DEVICE_INLINE void zbuffer_face(const MeshView<T>& mesh, int64_t b, int64_t f, int row_begin,
-                                     int row_end, const SampleBounds* vertex_bounds,
-                                     Update&& update) {
+                                     int row_end, Bounds&& triangle_bounds, Update&& update) {
   const T* verts = mesh.image_vertices(b);
   const int32_t* idx = mesh.faces + 3 * f;
   const int32_t i0 = idx[0], i1 = idx[1], i2 = idx[2];
-  SampleBounds bounds;
-  if (vertex_bounds) {
-    bounds = merge_sample_bounds(vertex_bounds[i0], vertex_bounds[i1], vertex_bounds[i2],
-                                 row_begin, row_end);
-  } else {
-    const T* v[3] = {verts + 3 * int64_t(i0), verts + 3 * int64_t(i1), verts + 3 * int64_t(i2)};
-    SampleBounds s[3];
-    for (int i = 0; i < 3; ++i) s[i] = vertex_sample_bounds(v[i][0], v[i][1], mesh.height, mesh.width);
-    bounds = merge_sample_bounds(s[0], s[1], s[2], row_begin, row_end);
-  }
+  const SampleBounds bounds = triangle_bounds(i0, i1, i2);
   // Most triangles of a real face mesh at 256x256 are sub-pixel: this test rejects them before
   // any floating-point setup.
   if (is_empty(bounds)) return;

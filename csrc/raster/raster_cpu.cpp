@@ -43,7 +43,7 @@ template <typename T>
 struct BandBuffer {
   std::vector<uint64_t> keys;
   std::vector<T> bary_depth;  // 4 per pixel: bary[3], depth
-  std::vector<SampleBounds> vertex_bounds;
+  std::vector<SampleBounds> vertex_bounds;  // per vertex: a vertex is shared by ~6 triangles
 
   // One buffer per thread, reused across calls: allocating ~2 MB per call would cost more in
   // page faults than rasterizing a face mesh.
@@ -70,9 +70,16 @@ struct BandBuffer {
       }
     };
     vertex_bounds.resize(mesh.num_vertices);
-    image_sample_bounds(mesh, b, vertex_bounds.data());
+    const T* verts = mesh.image_vertices(b);
+    for (int64_t v = 0; v < mesh.num_vertices; ++v)
+      vertex_bounds[v] =
+          vertex_sample_bounds(verts[3 * v], verts[3 * v + 1], mesh.height, mesh.width);
+    const SampleBounds* bounds = vertex_bounds.data();
+    const auto triangle_bounds = [bounds, row_begin, row_end](int32_t i0, int32_t i1, int32_t i2) {
+      return merge_sample_bounds(bounds[i0], bounds[i1], bounds[i2], row_begin, row_end);
+    };
     for (int64_t f = 0; f < mesh.num_faces; ++f)
-      zbuffer_face(mesh, b, f, row_begin, row_end, vertex_bounds.data(), keep_nearest);
+      zbuffer_face(mesh, b, f, row_begin, row_end, triangle_bounds, keep_nearest);
   }
 
   // Face index of the pixel at `offset`, -1 on the background; its weights and depth when

@@ -76,32 +76,34 @@ HOST_DEVICE_INLINE T interpolate_depth(const T* bary, T z0, T z1, T z2) {
 // Bounding boxes
 // ---------------------------------------------------------------------------------------------
 
-// Smallest integer >= x, clamped to [lo, hi]; NaN gives hi.
+// Smallest integer >= x, clamped to [lo, hi], for lo >= -1; NaN gives a value in [lo, hi].
 //
 // The value is clamped in floating point before it is converted, so the conversion is always in
-// range (a 1e10 or infinite coordinate is clamped, never cast), and every comparison is written
-// so that NaN lands on a defined side.
+// range (a 1e10 or infinite coordinate is clamped, never cast). Each comparison puts NaN on a
+// defined side. Branch-free, so that the per-vertex loop vectorises.
 template <typename T>
 HOST_DEVICE_INLINE int ceil_clamped(T x, int lo, int hi) {
-  const T c = x > T(lo) ? (x < T(hi) ? x : T(hi)) : (x == x ? T(lo) : T(hi));
-  const int t = static_cast<int>(c);  // truncation: c is in [lo, hi], lo >= -1
-  return t + (T(t) < c ? 1 : 0);
+  T c = x > T(lo) ? x : T(lo);  // NaN -> lo
+  c = c < T(hi) ? c : T(hi);
+  const int t = static_cast<int>(c);  // truncation towards zero; c >= -1
+  return t + static_cast<int>(T(t) < c);
 }
 
-// Largest integer <= x, clamped to [lo, hi]; NaN gives lo.
+// Largest integer <= x, clamped to [lo, hi], for lo >= -1; NaN gives a value in [lo, hi].
 template <typename T>
 HOST_DEVICE_INLINE int floor_clamped(T x, int lo, int hi) {
-  const T c = x < T(hi) ? (x > T(lo) ? x : T(lo)) : (x == x ? T(hi) : T(lo));
+  T c = x > T(lo) ? x : T(lo);  // NaN -> lo
+  c = c < T(hi) ? c : T(hi);
   const int t = static_cast<int>(c);
-  return t - (T(t) > c ? 1 : 0);
+  return t - static_cast<int>(T(t) > c);
 }
 
 // The pixel samples a triangle's bounding box can hold: columns [col0, col1] and rows
 // [row0, row1] of the image, empty when first > last.
 //
 // Computed per vertex and merged with min/max, which equals the span of the merged box because
-// ceil and floor are monotonic. A NaN vertex contributes an empty span and so drops out; the
-// triangle's area test rejects it later.
+// ceil and floor are monotonic. A NaN vertex gives some in-range span; whatever it is, the
+// triangle's area test rejects the triangle before any sample is tested.
 struct SampleBounds {
   int col0, col1, row0, row1;
 };
