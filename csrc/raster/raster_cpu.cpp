@@ -37,6 +37,20 @@ void for_each_band(int64_t batch, int64_t height, const Fn& fn) {
   });
 }
 
+// The result of BandBuffer::rasterize, as plain pointers that a resolve loop can keep in
+// registers (stores to the outputs cannot alias a local copy).
+template <typename T>
+struct RasterizedBand {
+  const uint64_t* keys;
+  const T* values;
+
+  // Face index of the pixel at `offset`, -1 on the background; its weights and depth when
+  // covered (the background's are never read).
+  int32_t face(int64_t offset) const { return key_face(keys[offset]); }
+  const T* bary(int64_t offset) const { return values + 4 * offset; }
+  T depth(int64_t offset) const { return values[4 * offset + 3]; }
+};
+
 // The z-buffer of rows [row_begin, row_end) of one image: a packed key per pixel, plus the
 // barycentrics and depth of the current winner, so that resolving needs no second setup.
 template <typename T>
@@ -52,7 +66,11 @@ struct BandBuffer {
     return buffer;
   }
 
-  void rasterize(const MeshView<T>& mesh, int64_t b, int row_begin, int row_end) {
+  RasterizedBand<T> rasterize(const MeshView<T>& mesh_in, int64_t b, int row_begin,
+                              int row_end) {
+    // A local copy: stores through `slots` and `values` cannot alias it, so the compiler keeps
+    // its fields in registers across the triangle loop instead of reloading them per triangle.
+    const MeshView<T> mesh = mesh_in;
     const int64_t pixels = int64_t(row_end - row_begin) * mesh.width;
     keys.assign(pixels, kEmptyKey);
     bary_depth.resize(4 * pixels);
@@ -80,13 +98,9 @@ struct BandBuffer {
     };
     for (int64_t f = 0; f < mesh.num_faces; ++f)
       zbuffer_face(mesh, b, f, row_begin, row_end, triangle_bounds, keep_nearest);
+    return {slots, values};
   }
 
-  // Face index of the pixel at `offset`, -1 on the background; its weights and depth when
-  // covered (the background's are never read).
-  int32_t face(int64_t offset) const { return key_face(keys[offset]); }
-  const T* bary(int64_t offset) const { return bary_depth.data() + 4 * offset; }
-  T depth(int64_t offset) const { return bary_depth[4 * offset + 3]; }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rasterize_cpu(const at::Tensor& vertices_in,
@@ -106,8 +120,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rasterize_cpu(const at::Tensor& v
     scalar_t* bary_out = bary.data_ptr<scalar_t>();
     scalar_t* depth_out = depth.data_ptr<scalar_t>();
     for_each_band(batch, height, [&](int64_t b, int row_begin, int row_end) {
-      BandBuffer<scalar_t>& band = BandBuffer<scalar_t>::for_this_thread();
-      band.rasterize(mesh, b, row_begin, row_end);
+      const RasterizedBand<scalar_t> band =
+          BandBuffer<scalar_t>::for_this_thread().rasterize(mesh, b, row_begin, row_end);
       const int64_t first_pixel = (b * height + row_begin) * width;
       for (int64_t offset = 0; offset < int64_t(row_end - row_begin) * width; ++offset) {
         const int64_t pixel = first_pixel + offset;
@@ -144,8 +158,8 @@ std::tuple<at::Tensor, at::Tensor> render_pncc_cpu(const at::Tensor& vertices_in
     scalar_t* mask_out = mask.data_ptr<scalar_t>();
     const int64_t plane = height * width;
     for_each_band(batch, height, [&](int64_t b, int row_begin, int row_end) {
-      BandBuffer<scalar_t>& band = BandBuffer<scalar_t>::for_this_thread();
-      band.rasterize(mesh, b, row_begin, row_end);
+      const RasterizedBand<scalar_t> band =
+          BandBuffer<scalar_t>::for_this_thread().rasterize(mesh, b, row_begin, row_end);
       const scalar_t* image_ncc = ncc_data + b * ncc_batch_stride;
       const int64_t first_offset = int64_t(row_begin) * width;
       for (int64_t offset = 0; offset < int64_t(row_end - row_begin) * width; ++offset) {
