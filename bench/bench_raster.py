@@ -34,6 +34,7 @@ from pncc_cuda.testing import face_mesh  # noqa: E402
 SIZE = 256
 MESHES = (76073, 105840)
 BATCHES = (1, 32)
+CUDA_BATCHES = (1, 32, 256)  # the issue's CUDA target is stated at batch 256
 
 
 def synchronize(device):
@@ -76,6 +77,21 @@ def candidates(device, all_threads):
     ]
 
 
+def peak_memory_ratio(vertices, faces, ncc):
+    """CUDA peak memory of one render_pncc call over the bytes of its outputs plus the 8-byte
+    z-buffer key per pixel (the design's bound; 1.0 means nothing else was allocated)."""
+    batch = vertices.shape[0]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = pncc_cuda.render_pncc(vertices, faces, ncc, SIZE, SIZE)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    bound = batch * SIZE * SIZE * (4 * vertices.element_size() + 8)
+    del out
+    return peak / bound
+
+
 def run(meshes=MESHES, batches=BATCHES, repeats=15, devices=None):
     devices = devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     all_threads = torch.get_num_threads()
@@ -84,10 +100,8 @@ def run(meshes=MESHES, batches=BATCHES, repeats=15, devices=None):
         mesh = face_mesh(num_faces, size=SIZE)
         for device in devices:
             faces, ncc = mesh.faces.to(device), mesh.ncc.to(device)
-            for batch in batches:
+            for batch in batches if device == "cpu" else sorted(set(batches) | set(CUDA_BATCHES)):
                 vertices = mesh.batch(batch).to(device)
-                if device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
                 group = []
                 for name, fn, threads in candidates(device, all_threads):
                     if threads:
@@ -107,6 +121,9 @@ def run(meshes=MESHES, batches=BATCHES, repeats=15, devices=None):
                             "is_reference": is_reference,
                         }
                     )
+                    if device == "cuda" and fn is pncc_cuda.render_pncc:
+                        group[-1]["peak_memory_vs_outputs_plus_zbuffer"] = peak_memory_ratio(
+                            vertices, faces, ncc)
                 torch.set_num_threads(all_threads)
                 ref = next(r for r in group if r["is_reference"])
                 for r in group:
@@ -117,13 +134,15 @@ def run(meshes=MESHES, batches=BATCHES, repeats=15, devices=None):
 
 def markdown(rows):
     lines = [
-        "| mesh | triangles | batch | row | ms / image | images / s | x reference |",
-        "|---|---:|---:|---|---:|---:|---:|",
+        "| mesh | triangles | batch | row | ms / image | images / s | x reference | peak mem / bound |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
+        memory = r.get("peak_memory_vs_outputs_plus_zbuffer")
         lines.append(
             f"| {r['mesh']} | {r['triangles']} | {r['batch']} | {r['row']} | "
-            f"{r['ms_per_image']:.3f} | {r['images_per_s']:.0f} | {r['speedup_vs_reference']:.1f} |"
+            f"{r['ms_per_image']:.3f} | {r['images_per_s']:.0f} | {r['speedup_vs_reference']:.1f} | "
+            f"{'-' if memory is None else f'{memory:.2f}'} |"
         )
     return "\n".join(lines)
 
