@@ -30,9 +30,9 @@ struct MeshView {
 };
 
 // Triangle bounds computed from the vertex coordinates on the fly: a callable for zbuffer_face.
-// (The CPU instead precomputes every vertex's bounds once per image, since a vertex is shared by
-// about six triangles; CUDA computes them per thread, since a per-vertex buffer would cost memory
-// per image.)
+// (The CPU instead precomputes every vertex's fixed point once per image, since a vertex is
+// shared by about six triangles; CUDA converts per thread, since a per-vertex buffer would cost
+// memory per image.)
 template <typename T>
 struct BoundsFromVertices {
   const T* verts;
@@ -42,10 +42,10 @@ struct BoundsFromVertices {
     const T* v0 = verts + 3 * int64_t(i0);
     const T* v1 = verts + 3 * int64_t(i1);
     const T* v2 = verts + 3 * int64_t(i2);
-    return merge_sample_bounds(vertex_sample_bounds(v0[0], v0[1], height, width),
-                               vertex_sample_bounds(v1[0], v1[1], height, width),
-                               vertex_sample_bounds(v2[0], v2[1], height, width), row_begin,
-                               row_end);
+    return triangle_sample_bounds(vertex_fixed_point(v0[0], v0[1], height, width),
+                                  vertex_fixed_point(v1[0], v1[1], height, width),
+                                  vertex_fixed_point(v2[0], v2[1], height, width), row_begin,
+                                  row_end, width);
   }
 };
 

@@ -57,7 +57,7 @@ template <typename T>
 struct BandBuffer {
   std::vector<uint64_t> keys;
   std::vector<T> bary_depth;  // 4 per pixel: bary[3], depth
-  std::vector<SampleBounds> vertex_bounds;  // per vertex: a vertex is shared by ~6 triangles
+  std::vector<FixedPoint> fixed_points;  // per vertex: a vertex is shared by ~6 triangles
 
   // One buffer per thread, reused across calls: allocating ~2 MB per call would cost more in
   // page faults than rasterizing a face mesh.
@@ -87,14 +87,15 @@ struct BandBuffer {
         v[3] = depth;
       }
     };
-    vertex_bounds.resize(mesh.num_vertices);
+    fixed_points.resize(mesh.num_vertices);
     const T* verts = mesh.image_vertices(b);
+    FixedPoint* points = fixed_points.data();
     for (int64_t v = 0; v < mesh.num_vertices; ++v)
-      vertex_bounds[v] =
-          vertex_sample_bounds(verts[3 * v], verts[3 * v + 1], mesh.height, mesh.width);
-    const SampleBounds* bounds = vertex_bounds.data();
-    const auto triangle_bounds = [bounds, row_begin, row_end](int32_t i0, int32_t i1, int32_t i2) {
-      return merge_sample_bounds(bounds[i0], bounds[i1], bounds[i2], row_begin, row_end);
+      points[v] = vertex_fixed_point(verts[3 * v], verts[3 * v + 1], mesh.height, mesh.width);
+    const int width = mesh.width;
+    const auto triangle_bounds = [points, row_begin, row_end, width](int32_t i0, int32_t i1,
+                                                                     int32_t i2) {
+      return triangle_sample_bounds(points[i0], points[i1], points[i2], row_begin, row_end, width);
     };
     for (int64_t f = 0; f < mesh.num_faces; ++f)
       zbuffer_face(mesh, b, f, row_begin, row_end, triangle_bounds, keep_nearest);

@@ -76,51 +76,57 @@ HOST_DEVICE_INLINE T interpolate_depth(const T* bary, T z0, T z1, T z2) {
 // Bounding boxes
 // ---------------------------------------------------------------------------------------------
 
-// Smallest integer >= x, clamped to [lo, hi], for lo >= -1; NaN gives a value in [lo, hi].
-//
-// The value is clamped in floating point before it is converted, so the conversion is always in
-// range (a 1e10 or infinite coordinate is clamped, never cast). Each comparison puts NaN on a
-// defined side. Branch-free, so that the per-vertex loop vectorises.
+// Bounding boxes are computed in fixed point: each vertex coordinate is clamped to [-1, size]
+// (so a 1e10, infinite or NaN coordinate is clamped, never cast out of range), shifted by +1 so it
+// is non-negative, and truncated to 1/256 pixel. The sample bounds derived from three such
+// vertices are conservative (never narrower than the exact ones, at most 1/256 px wider), which
+// is all they need to be: every sample inside them is then tested exactly by cover_sample.
+// Integer bounds cost a few integer min/max per triangle, and the per-vertex conversion
+// vectorises, which matters because most triangles of a real face mesh at 256x256 are sub-pixel
+// and are rejected by their bounds alone.
+constexpr int kFixedPointShift = 8;  // 1/256 pixel; (32768 + 1) * 256 < 2^24 stays exact
+
+struct FixedPoint {
+  int32_t x, y;  // (clamp(coordinate, -1, size) + 1) * 256, truncated
+};
+
 template <typename T>
-HOST_DEVICE_INLINE int ceil_clamped(T x, int lo, int hi) {
-  T c = x > T(lo) ? x : T(lo);  // NaN -> lo
-  c = c < T(hi) ? c : T(hi);
-  const int t = static_cast<int>(c);  // truncation towards zero; c >= -1
-  return t + static_cast<int>(T(t) < c);
+HOST_DEVICE_INLINE int32_t to_fixed_point(T v, int size) {
+  T c = v > T(-1) ? v : T(-1);  // NaN -> -1
+  c = c < T(size) ? c : T(size);
+  return static_cast<int32_t>((c + T(1)) * T(1 << kFixedPointShift));
 }
 
-// Largest integer <= x, clamped to [lo, hi], for lo >= -1; NaN gives a value in [lo, hi].
 template <typename T>
-HOST_DEVICE_INLINE int floor_clamped(T x, int lo, int hi) {
-  T c = x > T(lo) ? x : T(lo);  // NaN -> lo
-  c = c < T(hi) ? c : T(hi);
-  const int t = static_cast<int>(c);
-  return t - static_cast<int>(T(t) > c);
+HOST_DEVICE_INLINE FixedPoint vertex_fixed_point(T x, T y, int height, int width) {
+  return {to_fixed_point(x, width), to_fixed_point(y, height)};
 }
 
-// The pixel samples a triangle's bounding box can hold: columns [col0, col1] and rows
-// [row0, row1] of the image, empty when first > last.
-//
-// Computed per vertex and merged with min/max, which equals the span of the merged box because
-// ceil and floor are monotonic. A NaN vertex gives some in-range span; whatever it is, the
-// triangle's area test rejects the triangle before any sample is tested.
+// The pixel samples a triangle's bounding box may hold: columns [col0, col1] and rows
+// [row0, row1], empty when first > last.
 struct SampleBounds {
   int col0, col1, row0, row1;
 };
 
-template <typename T>
-HOST_DEVICE_INLINE SampleBounds vertex_sample_bounds(T x, T y, int height, int width) {
-  return {ceil_clamped(x, 0, width), floor_clamped(x, -1, width - 1), ceil_clamped(y, 0, height),
-          floor_clamped(y, -1, height - 1)};
+// First and last sample in a fixed-point interval [lo, hi], clamped to [first, last].
+HOST_DEVICE_INLINE void fixed_point_span(int32_t lo, int32_t hi, int first, int last, int& begin,
+                                         int& end) {
+  constexpr int32_t one = 1 << kFixedPointShift;
+  const int b = ((lo + one - 1) >> kFixedPointShift) - 1;  // ceil(lo) in pixels
+  const int e = (hi >> kFixedPointShift) - 1;              // floor(hi) in pixels
+  begin = b > first ? b : first;
+  end = e < last ? e : last;
 }
 
-// Bounds of a triangle from its vertices' bounds, restricted to rows [row_begin, row_end).
-HOST_DEVICE_INLINE SampleBounds merge_sample_bounds(const SampleBounds& a, const SampleBounds& b,
-                                                    const SampleBounds& c, int row_begin,
-                                                    int row_end) {
-  const int row0 = min3(a.row0, b.row0, c.row0), row1 = max3(a.row1, b.row1, c.row1);
-  return {min3(a.col0, b.col0, c.col0), max3(a.col1, b.col1, c.col1),
-          row0 > row_begin ? row0 : row_begin, row1 < row_end - 1 ? row1 : row_end - 1};
+// Conservative sample bounds of the triangle (a, b, c) within rows [row_begin, row_end) of a
+// `width`-wide image.
+HOST_DEVICE_INLINE SampleBounds triangle_sample_bounds(FixedPoint a, FixedPoint b, FixedPoint c,
+                                                       int row_begin, int row_end, int width) {
+  SampleBounds s;
+  fixed_point_span(min3(a.x, b.x, c.x), max3(a.x, b.x, c.x), 0, width - 1, s.col0, s.col1);
+  fixed_point_span(min3(a.y, b.y, c.y), max3(a.y, b.y, c.y), row_begin, row_end - 1, s.row0,
+                   s.row1);
+  return s;
 }
 
 HOST_DEVICE_INLINE bool is_empty(const SampleBounds& s) {

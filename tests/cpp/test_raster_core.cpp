@@ -1,5 +1,6 @@
 // Unit tests of the rasterizer's shared maths (csrc/raster/raster_math.h, raster_core.h), built
 // without torch so that they also run under AddressSanitizer and UBSan (CMake PNCC_SANITIZE).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -43,29 +44,45 @@ TEST_CASE(edge_function_is_exactly_antisymmetric) {
   }
 }
 
-TEST_CASE(clamped_rounding_handles_nan_infinities_and_huge_values) {
-  CHECK(ceil_clamped(kNaN, 0, 10) >= 0 && ceil_clamped(kNaN, 0, 10) <= 10);
-  CHECK(floor_clamped(kNaN, -1, 9) >= -1 && floor_clamped(kNaN, -1, 9) <= 9);
-  CHECK(ceil_clamped(1e10f, 0, 10) == 10 && floor_clamped(1e10f, -1, 9) == 9);
-  CHECK(ceil_clamped(-1e10f, 0, 10) == 0 && floor_clamped(-1e10f, -1, 9) == -1);
-  CHECK(ceil_clamped(kInf, 0, 10) == 10 && floor_clamped(-kInf, -1, 9) == -1);
-  CHECK(ceil_clamped(2.2f, 0, 10) == 3 && floor_clamped(2.8f, -1, 9) == 2);
-  CHECK(ceil_clamped(2.0f, 0, 10) == 2 && floor_clamped(2.0f, -1, 9) == 2);
-  CHECK(floor_clamped(-0.5f, -1, 9) == -1 && ceil_clamped(-0.5f, -1, 9) == 0);
-  // Per-vertex bounds merge to the span of the triangle's box.
-  const auto bounds = [](float x0, float x1, float x2) {
-    return merge_sample_bounds(vertex_sample_bounds(x0, 0.f, 10, 10),
-                               vertex_sample_bounds(x1, 0.f, 10, 10),
-                               vertex_sample_bounds(x2, 0.f, 10, 10), 0, 10);
-  };
-  CHECK(is_empty(bounds(2.2f, 2.8f, 2.5f)));  // sub-pixel: no sample inside
-  CHECK(!is_empty(bounds(1.5f, 4.5f, 2.0f)) && bounds(1.5f, 4.5f, 2.f).col0 == 2 &&
-        bounds(1.5f, 4.5f, 2.f).col1 == 4);
-  CHECK(bounds(-1e10f, 1e10f, 0.f).col0 == 0 && bounds(-1e10f, 1e10f, 0.f).col1 == 9);
-  CHECK(is_empty(bounds(1e10f, 2e10f, 3e10f)) && is_empty(bounds(-3.f, -2.f, -1e10f)));
+// Sample bounds of a triangle with the given x coordinates (y = 0) in a 10x10 image.
+SampleBounds x_bounds(float x0, float x1, float x2) {
+  return triangle_sample_bounds(vertex_fixed_point(x0, 0.f, 10, 10),
+                                vertex_fixed_point(x1, 0.f, 10, 10),
+                                vertex_fixed_point(x2, 0.f, 10, 10), 0, 10, 10);
+}
+
+TEST_CASE(fixed_point_bounds_handle_nan_infinities_and_huge_values) {
+  CHECK(is_empty(x_bounds(2.2f, 2.8f, 2.5f)));  // sub-pixel: no sample inside
+  const SampleBounds b = x_bounds(1.5f, 4.5f, 2.0f);
+  CHECK(b.col0 == 2 && b.col1 == 4 && b.row0 == 0 && b.row1 == 0);
+  CHECK(x_bounds(2.f, 2.f, 2.f).col0 == 2 && x_bounds(2.f, 2.f, 2.f).col1 == 2);
+  CHECK(x_bounds(-1e10f, 1e10f, 0.f).col0 == 0 && x_bounds(-1e10f, 1e10f, 0.f).col1 == 9);
+  CHECK(x_bounds(-kInf, kInf, 0.f).col0 == 0 && x_bounds(-kInf, kInf, 0.f).col1 == 9);
+  CHECK(is_empty(x_bounds(1e10f, 2e10f, 3e10f)) && is_empty(x_bounds(-3.f, -2.f, -1e10f)));
+  CHECK(is_empty(x_bounds(9.5f, 1e10f, kInf)) && is_empty(x_bounds(-0.5f, -0.1f, -kInf)));
+  const SampleBounds n = x_bounds(kNaN, kNaN, kNaN);  // clamped, never cast out of range
+  CHECK(n.col0 >= 0 && n.col1 <= 9);
   // Band restriction.
-  const SampleBounds v = vertex_sample_bounds(3.f, 7.f, 10, 10);
-  CHECK(is_empty(merge_sample_bounds(v, v, v, 0, 7)) && !is_empty(merge_sample_bounds(v, v, v, 0, 10)));
+  const FixedPoint v = vertex_fixed_point(3.f, 7.f, 10, 10);
+  CHECK(is_empty(triangle_sample_bounds(v, v, v, 0, 7, 10)));
+  CHECK(!is_empty(triangle_sample_bounds(v, v, v, 0, 10, 10)));
+}
+
+TEST_CASE(fixed_point_bounds_are_never_narrower_than_exact_ones) {
+  std::mt19937 rng(9);
+  std::uniform_real_distribution<float> u(-3.f, 260.f);
+  int exact = 0;
+  for (int trial = 0; trial < 200000; ++trial) {
+    const float x[3] = {u(rng), u(rng), u(rng)};
+    const float lo = std::min(std::min(x[0], x[1]), x[2]), hi = std::max(std::max(x[0], x[1]), x[2]);
+    const int first = std::max(0, int(std::ceil(lo))), last = std::min(255, int(std::floor(hi)));
+    const SampleBounds b = triangle_sample_bounds(vertex_fixed_point(x[0], 0.f, 256, 256),
+                                                  vertex_fixed_point(x[1], 0.f, 256, 256),
+                                                  vertex_fixed_point(x[2], 0.f, 256, 256), 0, 256, 256);
+    if (first <= last) CHECK(b.col0 <= first && b.col1 >= last);
+    exact += (first <= last) ? (b.col0 == first && b.col1 == last) : (b.col0 > b.col1);
+  }
+  CHECK(exact > 195000);  // wider only within 1/256 px of a sample
 }
 
 TEST_CASE(non_finite_or_degenerate_triangles_are_rejected) {
@@ -148,10 +165,7 @@ TEST_CASE(resolve_reproduces_the_coverage_barycentrics_bit_for_bit) {
     for (auto& q : v)
       for (float& c : q) c = u(rng);
     Triangle<float> tri;
-    const SampleBounds bounds =
-        merge_sample_bounds(vertex_sample_bounds(v[0][0], v[0][1], 10, 10),
-                            vertex_sample_bounds(v[1][0], v[1][1], 10, 10),
-                            vertex_sample_bounds(v[2][0], v[2][1], 10, 10), 0, 10);
+    const SampleBounds bounds = BoundsFromVertices<float>{&v[0][0], 10, 10, 0, 10}(0, 1, 2);
     if (is_empty(bounds) || !setup_triangle(v[0], v[1], v[2], bounds, tri)) continue;
     for (int row = bounds.row0; row <= bounds.row1; ++row)
       for (int col = bounds.col0; col <= bounds.col1; ++col) {
