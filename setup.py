@@ -69,7 +69,7 @@ def _want_cuda():
 def _extension():
     with_cuda, reason = _want_cuda()
     debug = os.environ.get("PNCC_DEBUG") == "1"
-    opt = ["-O0", "-g"] if debug else ["-O3", "-g"]
+    opt = ["-O0", "-g"] if debug else ["-O3"]
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     # -ffp-contract=off: the coverage test must evaluate edge functions bit-identically to the
     # reference; a fused multiply-add would round differently (see csrc/common/host_device.h).
