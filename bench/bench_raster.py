@@ -174,12 +174,28 @@ def plot(rows, path):
     plt.close(fig)
 
 
+def export_mesh(mesh, path):
+    """int32 V, int32 F, float32 vertices (V, 3), int32 faces (F, 3): bench_raster_core's input."""
+    import numpy as np
+
+    with open(path, "wb") as f:
+        np.array(mesh.vertices.shape[:1] + mesh.faces.shape[:1], dtype=np.int32).tofile(f)
+        mesh.vertices.numpy().astype(np.float32).tofile(f)
+        mesh.faces.numpy().astype(np.int32).tofile(f)
+    print(f"wrote {path}: {mesh.source}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="one mesh, batch 1, few repeats (CI)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--export-mesh", type=pathlib.Path, metavar="PATH",
+                        help="write the 76,073-triangle workload for build/cpp/bench_raster_core and exit")
     args = parser.parse_args(argv)
+    if args.export_mesh:
+        export_mesh(face_mesh(76073, size=SIZE), args.export_mesh)
+        return []
     if args.smoke:
         rows = run(meshes=(76073,), batches=(1,), repeats=3)
     else:

@@ -49,7 +49,7 @@ struct BoundsFromVertices {
   }
 };
 
-// Depth-tests face `f` of image `b` against the z-buffer rows [row_begin, row_end).
+// Depth-tests face `f` of image `b` against a z-buffer whose first row is `row_begin`.
 //
 // `triangle_bounds(i0, i1, i2)` returns the sample bounds of the triangle with those vertices,
 // restricted to the rows (BoundsFromVertices, or the CPU's precomputed equivalent); they may be
@@ -60,7 +60,7 @@ struct BoundsFromVertices {
 // everything else, including which samples a triangle covers, is this one function.
 template <typename T, typename Bounds, typename Update>
 HOST_DEVICE_INLINE void zbuffer_face(const MeshView<T>& mesh, int64_t b, int64_t f, int row_begin,
-                                     int row_end, Bounds&& triangle_bounds, Update&& update) {
+                                     Bounds&& triangle_bounds, Update&& update) {
   const T* verts = mesh.image_vertices(b);
   const int32_t* idx = mesh.faces + 3 * f;
   const int32_t i0 = idx[0], i1 = idx[1], i2 = idx[2];
