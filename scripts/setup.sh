@@ -15,8 +15,8 @@ if ! "$PYTHON" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] !
   echo "== installing torch==$TORCH_VERSION"
   pip_install "torch==$TORCH_VERSION"
 fi
-echo "== installing build and test dependencies"
-pip_install -r requirements/build.txt -r requirements/test.txt
+echo "== installing build, runtime and test dependencies"
+pip_install -r requirements/build.txt -r requirements/runtime.txt -r requirements/test.txt
 
 # Rebuild when no extension exists or a source is newer than it.
 so=$(ls pncc_cuda/_C*.so 2>/dev/null | head -n 1 || true)
