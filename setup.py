@@ -73,14 +73,14 @@ def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     # -ffp-contract=off: the coverage test must evaluate edge functions bit-identically to the
     # reference; a fused multiply-add would round differently (see csrc/common/host_device.h).
-    cxx = opt + ["-std=c++17", "-fopenmp", "-ffp-contract=off"]
+    cxx = opt + ["-std=c++20", "-fopenmp", "-ffp-contract=off"]
     extra = {"cxx": cxx}
     include_dirs = [os.path.join(HERE, "csrc")]
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
         sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
-        extra["nvcc"] = opt + ["-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+        extra["nvcc"] = opt + ["-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
         ext_cls = CUDAExtension
     else:
         ext_cls = CppExtension

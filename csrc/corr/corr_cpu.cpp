@@ -1,0 +1,351 @@
+// CPU kernels of corr_warp and _corr_warp_backward.
+//
+// Flash-style on tiles: the matrix products of a (query tile x key tile) block run as ATen GEMMs
+// (MKL) on views, the softmax bookkeeping runs on the tile in place, so no (Nq x Nk) tensor is
+// ever allocated. The per-element maths comes from corr_math.h.
+//
+// Determinism: the work partition depends on the sizes only, never on the thread count, and
+// every floating-point sum has a fixed order. The forward owns one (batch, query tile) per task.
+// The backward owns one key tile per task (its dK and dV rows), and writes its contribution to
+// dQ into a partial buffer per key tile, which is summed in key-tile order afterwards.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "corr/corr_check.h"
+#include "corr/corr_math.h"
+
+namespace pncc {
+namespace corr {
+namespace {
+
+// Query rows and keys per tile. A 128 x 512 fp32 score tile is 256 KiB: it stays in L2 between
+// the GEMM that writes it, the softmax pass and the GEMM that reads it.
+constexpr int64_t kTileQ = 128;
+constexpr int64_t kTileK = 512;
+// Upper bound, in elements, of the backward's per-key-tile dQ partials (16 MiB in fp32).
+constexpr int64_t kPartialBudget = int64_t(4) << 20;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Statistics of one contiguous row of C elements (two passes; see row_norm_finish).
+template <typename scalar_t, typename acc_t>
+RowNorm<acc_t> row_stats(const scalar_t* x, int64_t C, acc_t scale, bool normalize, acc_t eps) {
+  acc_t sum = 0;
+  for (int64_t c = 0; c < C; ++c) sum += static_cast<acc_t>(x[c]);
+  const acc_t mean = sum / static_cast<acc_t>(C);
+  acc_t sum_sq = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t d = static_cast<acc_t>(x[c]) - mean;
+    sum_sq += d * d;
+  }
+  return row_norm_finish<acc_t>(sum_sq, mean, scale, normalize, eps);
+}
+
+// x^ of every row of a contiguous (R, C) tensor, as a new contiguous acc_t tensor.
+template <typename scalar_t, typename acc_t>
+at::Tensor normalized_rows(const at::Tensor& x, acc_t scale, bool normalize, acc_t eps) {
+  const int64_t C = x.size(-1), R = x.numel() / C;
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  acc_t* op = out.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const RowNorm<acc_t> st = row_stats<scalar_t, acc_t>(xp + r * C, C, scale, normalize, eps);
+      for (int64_t c = 0; c < C; ++c)
+        op[r * C + c] = row_norm_apply(st, static_cast<acc_t>(xp[r * C + c]));
+    }
+  });
+  return out;
+}
+
+// In place: turns g = dL/dx^ (rows of a contiguous acc_t tensor) into dL/dx, for the rows of the
+// contiguous input x they were computed from.
+template <typename scalar_t, typename acc_t>
+void normalized_rows_backward(at::Tensor& g, const at::Tensor& x, acc_t scale, bool normalize,
+                              acc_t eps) {
+  const int64_t C = x.size(-1), R = x.numel() / C;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  acc_t* gp = g.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* xr = xp + r * C;
+      acc_t* gr = gp + r * C;
+      const RowNorm<acc_t> st = row_stats<scalar_t, acc_t>(xr, C, scale, normalize, eps);
+      acc_t g_dot_c = 0;
+      for (int64_t c = 0; c < C; ++c) g_dot_c += gr[c] * (static_cast<acc_t>(xr[c]) - st.mean);
+      const acc_t coef = row_norm_grad_coef(st, g_dot_c, eps);
+      acc_t sum = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        gr[c] = row_norm_grad_c(st, coef, gr[c], static_cast<acc_t>(xr[c]));
+        sum += gr[c];
+      }
+      if (st.centred) {
+        const acc_t mean = sum / static_cast<acc_t>(C);
+        for (int64_t c = 0; c < C; ++c) gr[c] -= mean;
+      }
+    }
+  });
+}
+
+// A contiguous (rows, cols) view at the start of a scratch buffer, for tiles at the matrix edge.
+at::Tensor tile_view(const at::Tensor& scratch, int64_t rows, int64_t cols) {
+  return scratch.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+template <typename scalar_t>
+void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
+                            const at::Tensor& value, double temperature, bool normalize,
+                            double eps, at::Tensor& out, at::Tensor& lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = query.size(0), Nq = query.size(1), Nk = key.size(1), Cv = value.size(2);
+  const auto acc_opts = query.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor qs = normalized_rows<scalar_t, acc_t>(
+      query, static_cast<acc_t>(1.0 / temperature), normalize, static_cast<acc_t>(eps));
+  const at::Tensor kn =
+      normalized_rows<scalar_t, acc_t>(key, acc_t(1), normalize, static_cast<acc_t>(eps));
+  const at::Tensor v = value.to(acc_opts.dtype());
+  at::Tensor out_acc = out.scalar_type() == acc_opts.dtype() ? out : at::empty(out.sizes(), acc_opts);
+  acc_t* lse_p = lse.mutable_data_ptr<acc_t>();
+  const int64_t n_qt = ceil_div(Nq, kTileQ), n_kt = ceil_div(Nk, kTileK);
+
+  at::parallel_for(0, B * n_qt, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor s_buf = at::empty({kTileQ * kTileK}, acc_opts);
+    std::vector<acc_t> m(kTileQ), l(kTileQ), alpha(kTileQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / n_qt, q0 = (task % n_qt) * kTileQ;
+      const int64_t nq = std::min(kTileQ, Nq - q0);
+      const at::Tensor q_tile = qs[b].narrow(0, q0, nq);
+      // The output rows are the accumulator: they are owned by this task alone.
+      at::Tensor acc = out_acc[b].narrow(0, q0, nq);
+      acc.zero_();
+      std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
+      std::fill(l.begin(), l.end(), acc_t(0));
+      for (int64_t kt = 0; kt < n_kt; ++kt) {
+        const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
+        at::Tensor s = tile_view(s_buf, nq, nk);
+        at::mm_out(s, q_tile, kn[b].narrow(0, k0, nk).t());
+        acc_t* sp = s.mutable_data_ptr<acc_t>();
+        for (int64_t i = 0; i < nq; ++i) {
+          acc_t* row = sp + i * nk;
+          acc_t tile_max = row[0];
+          for (int64_t j = 1; j < nk; ++j) tile_max = row[j] > tile_max ? row[j] : tile_max;
+          const OnlineSoftmaxStep<acc_t> st = online_softmax_step(m[i], tile_max);
+          m[i] = st.m_new;
+          alpha[i] = st.alpha;
+          for (int64_t j = 0; j < nk; ++j) row[j] -= st.m_new;
+        }
+        // ATen's vectorised exp; the tile is contiguous and its shape fixed by the partition, so
+        // the result does not depend on the thread count.
+        s.exp_();
+        acc_t* ap = acc.mutable_data_ptr<acc_t>();
+        for (int64_t i = 0; i < nq; ++i) {
+          const acc_t* row = sp + i * nk;
+          acc_t row_sum = 0;
+          for (int64_t j = 0; j < nk; ++j) row_sum += row[j];
+          l[i] = l[i] * alpha[i] + row_sum;
+          if (alpha[i] != acc_t(1))
+            for (int64_t c = 0; c < Cv; ++c) ap[i * Cv + c] *= alpha[i];
+        }
+        acc.addmm_(s, v[b].narrow(0, k0, nk));
+      }
+      acc_t* ap = acc.mutable_data_ptr<acc_t>();
+      for (int64_t i = 0; i < nq; ++i) {
+        const acc_t inv_l = acc_t(1) / l[i];
+        for (int64_t c = 0; c < Cv; ++c) ap[i * Cv + c] *= inv_l;
+        lse_p[b * Nq + q0 + i] = online_softmax_lse(m[i], l[i]);
+      }
+    }
+  });
+  if (!out_acc.is_same(out)) out.copy_(out_acc);
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse, double temperature,
+    bool normalize, double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = query.size(0), Nq = query.size(1), Nk = key.size(1);
+  const int64_t C = query.size(2), Cv = value.size(2);
+  const auto acc_opts = query.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const acc_t scale = static_cast<acc_t>(1.0 / temperature);
+  const at::Tensor qs = normalized_rows<scalar_t, acc_t>(query, scale, normalize, acc_t(eps));
+  const at::Tensor kn = normalized_rows<scalar_t, acc_t>(key, acc_t(1), normalize, acc_t(eps));
+  const at::Tensor v = value.to(acc_opts.dtype());
+  const at::Tensor d_out = grad_out.to(acc_opts.dtype());
+
+  // D = rowsum(dO * O), the softmax-gradient correction of every query row.
+  at::Tensor d_row = at::empty({B, Nq}, acc_opts);
+  {
+    const acc_t* gp = d_out.const_data_ptr<acc_t>();
+    const scalar_t* op = out.const_data_ptr<scalar_t>();
+    acc_t* dp = d_row.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, B * Nq, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        acc_t sum = 0;
+        for (int64_t c = 0; c < Cv; ++c)
+          sum += gp[r * Cv + c] * static_cast<acc_t>(op[r * Cv + c]);
+        dp[r] = sum;
+      }
+    });
+  }
+
+  at::Tensor grad_qs = at::empty({B, Nq, C}, acc_opts);
+  at::Tensor grad_kn = at::zeros({B, Nk, C}, acc_opts);
+  at::Tensor grad_v = at::zeros({B, Nk, Cv}, acc_opts);
+  const int64_t n_kt = ceil_div(Nk, kTileK);
+  // Query rows per chunk: as many whole tiles as the partial budget allows (sizes only).
+  const int64_t chunk = std::min(
+      ceil_div(Nq, kTileQ) * kTileQ,
+      std::max<int64_t>(1, kPartialBudget / (n_kt * C * kTileQ)) * kTileQ);
+  at::Tensor partial = at::empty({n_kt, chunk, C}, acc_opts);
+  const acc_t* lse_p = lse.const_data_ptr<acc_t>();
+  const acc_t* d_p = d_row.const_data_ptr<acc_t>();
+
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t c0 = 0; c0 < Nq; c0 += chunk) {
+      const int64_t n_chunk = std::min(chunk, Nq - c0);
+      at::parallel_for(0, n_kt, 1, [&](int64_t begin, int64_t end) {
+        at::Tensor p_buf = at::empty({kTileQ * kTileK}, acc_opts);
+        at::Tensor dp_buf = at::empty({kTileQ * kTileK}, acc_opts);
+        for (int64_t kt = begin; kt < end; ++kt) {
+          const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
+          const at::Tensor k_tile = kn[b].narrow(0, k0, nk);
+          const at::Tensor v_tile = v[b].narrow(0, k0, nk);
+          at::Tensor gk_tile = grad_kn[b].narrow(0, k0, nk);
+          at::Tensor gv_tile = grad_v[b].narrow(0, k0, nk);
+          for (int64_t q0 = c0; q0 < c0 + n_chunk; q0 += kTileQ) {
+            const int64_t nq = std::min(kTileQ, c0 + n_chunk - q0);
+            const at::Tensor q_tile = qs[b].narrow(0, q0, nq);
+            const at::Tensor go_tile = d_out[b].narrow(0, q0, nq);
+            at::Tensor p = tile_view(p_buf, nq, nk);
+            at::Tensor ds = tile_view(dp_buf, nq, nk);
+            at::mm_out(p, q_tile, k_tile.t());
+            acc_t* pp = p.mutable_data_ptr<acc_t>();
+            for (int64_t i = 0; i < nq; ++i) {
+              const acc_t lse_i = lse_p[b * Nq + q0 + i];
+              for (int64_t j = 0; j < nk; ++j) pp[i * nk + j] -= lse_i;
+            }
+            p.exp_();  // P = softmax_prob(S, lse), vectorised
+            gv_tile.addmm_(p.t(), go_tile);
+            at::mm_out(ds, go_tile, v_tile.t());
+            acc_t* dsp = ds.mutable_data_ptr<acc_t>();
+            for (int64_t i = 0; i < nq; ++i) {
+              const acc_t d_i = d_p[b * Nq + q0 + i];
+              for (int64_t j = 0; j < nk; ++j)
+                dsp[i * nk + j] = softmax_grad(pp[i * nk + j], dsp[i * nk + j], d_i);
+            }
+            gk_tile.addmm_(ds.t(), q_tile);
+            at::Tensor part = partial[kt].narrow(0, q0 - c0, nq);
+            at::mm_out(part, ds, k_tile);
+          }
+        }
+      });
+      // dQ^ rows of the chunk: the key tiles' partials, summed in key-tile order.
+      const acc_t* part_p = partial.const_data_ptr<acc_t>();
+      acc_t* gq_p = grad_qs[b].narrow(0, c0, n_chunk).mutable_data_ptr<acc_t>();
+      at::parallel_for(0, n_chunk, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          acc_t* dst = gq_p + r * C;
+          for (int64_t c = 0; c < C; ++c) dst[c] = part_p[r * C + c];
+          for (int64_t kt = 1; kt < n_kt; ++kt) {
+            const acc_t* src = part_p + (kt * chunk + r) * C;
+            for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
+          }
+        }
+      });
+    }
+  }
+  // Through the normalisation (and the 1/temperature folded into q^), row by row, in place.
+  normalized_rows_backward<scalar_t, acc_t>(grad_qs, query, scale, normalize, acc_t(eps));
+  normalized_rows_backward<scalar_t, acc_t>(grad_kn, key, acc_t(1), normalize, acc_t(eps));
+  const auto dtype = query.scalar_type();
+  return {grad_qs.to(dtype), grad_kn.to(dtype), grad_v.to(dtype)};
+}
+
+// corr_warp on CPU.
+//
+// Args:
+//   query:       (B, Nq, C) float32 | float16 | bfloat16 | float64, any strides.
+//   key:         (B, Nk, C), dtype of query.
+//   value:       (B, Nk, Cv), dtype of query.
+//   temperature: softmax temperature, finite and > 0.
+//   normalize:   centre and L2-normalise query and key rows over C first.
+//   eps:         added to the row norms, > 0.
+// Returns:
+//   out: (B, Nq, Cv), dtype of query: softmax(q^ k^T / temperature) @ value; 0 when Nk == 0.
+//   lse: (B, Nq), float32 (float64 for float64 input): per-row log-sum-exp of the scores
+//        q^ k^T / temperature, -inf when Nk == 0. Saved for the backward.
+std::tuple<at::Tensor, at::Tensor> corr_warp_cpu(const at::Tensor& query, const at::Tensor& key,
+                                                 const at::Tensor& value, double temperature,
+                                                 bool normalize, double eps) {
+  check_inputs(query, key, value, temperature, eps);
+  // The tile GEMMs below are ATen calls on views of the inputs, which may require grad; the
+  // autograd formula of this op is registered in Python, so they must not record a graph. The
+  // guard covers this thread; the inputs are detached because OpenMP workers do not inherit it.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t B = query.size(0), Nq = query.size(1), Nk = key.size(1), Cv = value.size(2);
+  at::Tensor out = at::empty({B, Nq, Cv}, query.options());
+  at::Tensor lse = at::empty({B, Nq}, query.options().dtype(lse_dtype(query.scalar_type())));
+  if (B * Nq == 0) return {out, lse};
+  if (Nk == 0) {
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "corr_warp_cpu",
+                                  [&] {
+                                    corr_warp_forward_impl<scalar_t>(
+                                        query.detach().contiguous(), key.detach().contiguous(),
+                                        value.detach().contiguous(),
+                                        temperature, normalize, eps, out, lse);
+                                  });
+  return {out, lse};
+}
+
+// _corr_warp_backward on CPU.
+//
+// Args:
+//   grad_out:    (B, Nq, Cv), dtype of query: dL/dout.
+//   query, key, value, temperature, normalize, eps: as given to corr_warp.
+//   out, lse:    the two outputs of corr_warp for these inputs.
+// Returns:
+//   grad_query (B, Nq, C), grad_key (B, Nk, C), grad_value (B, Nk, Cv), dtype of query,
+//   contiguous. Bitwise reproducible for any thread count.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse, double temperature,
+    bool normalize, double eps) {
+  check_backward_inputs(grad_out, query, key, value, out, lse, temperature, eps);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in corr_warp_cpu
+  if (query.size(0) * query.size(1) == 0 || key.size(1) == 0) {
+    return {at::zeros(query.sizes(), query.options()), at::zeros(key.sizes(), key.options()),
+            at::zeros(value.sizes(), value.options())};
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> grads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, query.scalar_type(), "corr_warp_backward_cpu", [&] {
+        grads = corr_warp_backward_impl<scalar_t>(
+            grad_out.detach().contiguous(), query.detach().contiguous(),
+            key.detach().contiguous(), value.detach().contiguous(), out.detach().contiguous(),
+            lse.detach().contiguous(), temperature, normalize, eps);
+      });
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pncc, CPU, m) {
+  m.impl("corr_warp", &corr_warp_cpu);
+  m.impl("_corr_warp_backward", &corr_warp_backward_cpu);
+}
+
+}  // namespace corr
+}  // namespace pncc
