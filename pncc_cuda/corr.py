@@ -53,7 +53,8 @@ def _check_device(t, name, query):
 
 
 def _lse_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    # Always float64, as lse_dtype in csrc/corr/corr_check.cpp (see online_softmax_lse).
+    return torch.float64
 
 
 def check_inputs(query, key, value, temperature, eps):

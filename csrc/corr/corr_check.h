@@ -24,12 +24,13 @@ void check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tens
 
 // Validates the backward arguments: the forward ones, plus
 //   grad_out, out: (B, Nq, Cv), dtype of query;
-//   lse:           (B, Nq), float32 (float64 when query is float64).
+//   lse:           (B, Nq), float64 (see lse_dtype).
 void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& query,
                            const at::Tensor& key, const at::Tensor& value, const at::Tensor& out,
                            const at::Tensor& lse, double temperature, double eps);
 
-// dtype of the saved log-sum-exp for inputs of dtype `input`.
+// dtype of the saved log-sum-exp for inputs of dtype `input`: float64 for every input dtype, so
+// that probabilities recomputed from it keep fp32 accuracy at large 1/temperature.
 at::ScalarType lse_dtype(at::ScalarType input);
 
 }  // namespace corr

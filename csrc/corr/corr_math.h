@@ -114,16 +114,43 @@ HOST_DEVICE_INLINE OnlineSoftmaxStep<acc_t> online_softmax_step(acc_t m_old, acc
   return st;
 }
 
-// Log-sum-exp of a finished row; -inf for a row without keys (Nk == 0).
+// Log-sum-exp of a finished row, in double; -inf for a row without keys (Nk == 0).
+//
+// Double, because the backward recomputes P = exp(s - lse) from it: at temperature 0.001 the
+// scores reach 1000, where one fp32 ulp is 6e-5, and an fp32 lse would put that much relative
+// error on every probability (30x the error of an unfused fp32 softmax).
 template <typename acc_t>
-HOST_DEVICE_INLINE acc_t online_softmax_lse(acc_t m, acc_t l) {
-  return l > acc_t(0) ? m + acc_log(l) : -acc_t(INFINITY);
+HOST_DEVICE_INLINE double online_softmax_lse(acc_t m, acc_t l) {
+  return l > acc_t(0) ? static_cast<double>(m) + ::log(static_cast<double>(l)) : -double(INFINITY);
+}
+
+// The double lse as an unevaluated sum hi + lo of two acc_t values, split once per row so the
+// per-score work stays in acc_t: s - hi is exact near the row maximum (Sterbenz), and lo carries
+// the bits an acc_t lse would lose.
+template <typename acc_t>
+struct SplitLse {
+  acc_t hi;
+  acc_t lo;
+};
+
+template <typename acc_t>
+HOST_DEVICE_INLINE SplitLse<acc_t> split_lse(double lse) {
+  SplitLse<acc_t> r;
+  r.hi = static_cast<acc_t>(lse);
+  r.lo = static_cast<acc_t>(lse - static_cast<double>(r.hi));
+  return r;
+}
+
+// The exponent of one recomputed probability: s - lse.
+template <typename acc_t>
+HOST_DEVICE_INLINE acc_t score_minus_lse(acc_t s, const SplitLse<acc_t>& lse) {
+  return (s - lse.hi) - lse.lo;
 }
 
 // Probability of one score recomputed from the saved log-sum-exp.
 template <typename acc_t>
-HOST_DEVICE_INLINE acc_t softmax_prob(acc_t s, acc_t lse) {
-  return acc_exp(s - lse);
+HOST_DEVICE_INLINE acc_t softmax_prob(acc_t s, const SplitLse<acc_t>& lse) {
+  return acc_exp(score_minus_lse(s, lse));
 }
 
 // Gradient of the loss with respect to one score: dS = P * (dP - D), D = rowsum(dO * O).
