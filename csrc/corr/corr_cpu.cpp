@@ -29,9 +29,9 @@ namespace {
 // the GEMM that writes it, the softmax pass and the GEMM that reads it.
 constexpr int64_t kTileQ = 128;
 constexpr int64_t kTileK = 512;
-// Upper bound, in elements, of the backward's per-chunk buffers (16 MiB in fp32): the chunk's P and
+// Upper bound, in elements, of the backward's per-chunk buffers (4 MiB in fp32; at least one query tile): the chunk's P and
 // dP, and the per-key-tile partials of D and dQ.
-constexpr int64_t kChunkBudget = int64_t(4) << 20;
+constexpr int64_t kChunkBudget = int64_t(1) << 20;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -225,8 +225,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
   const int64_t B = query.size(0), Nq = query.size(1), Nk = key.size(1);
   const int64_t C = query.size(2), Cv = value.size(2);
   const auto acc_opts = query.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const at::Tensor qs = normalized_rows<scalar_t, acc_t>(query, 1.0 / temperature, normalize, eps);
-  const at::Tensor kn = normalized_rows<scalar_t, acc_t>(key, 1.0, normalize, eps);
   const at::Tensor v = value.to(acc_opts.dtype());
   const at::Tensor d_out = grad_out.to(acc_opts.dtype());
 
@@ -247,8 +245,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
   const double* lse_p = lse.const_data_ptr<double>();
 
   for (int64_t b = 0; b < B; ++b) {
+    // k^ of one batch entry and q^ of one chunk at a time: the backward's peak memory stays close
+    // to its outputs.
+    const at::Tensor kn = normalized_rows<scalar_t, acc_t>(key[b], 1.0, normalize, eps);
     for (int64_t c0 = 0; c0 < Nq; c0 += chunk) {
       const int64_t n_chunk = std::min(chunk, Nq - c0);
+      const at::Tensor qs = normalized_rows<scalar_t, acc_t>(query[b].narrow(0, c0, n_chunk),
+                                                             1.0 / temperature, normalize, eps);
       // The (nq x nk) tile of key tile kt and the chunk's rows [r0, r0 + nq), contiguous.
       const auto tile = [&](const at::Tensor& store, int64_t kt, int64_t r0, int64_t nq) {
         const int64_t nk = std::min(kTileK, Nk - kt * kTileK);
@@ -261,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
             const int64_t nq = std::min(kTileQ, n_chunk - r0), q0 = c0 + r0;
             at::Tensor p = tile(p_store, kt, r0, nq);
             at::Tensor dp = tile(dp_store, kt, r0, nq);
-            at::mm_out(p, qs[b].narrow(0, q0, nq), kn[b].narrow(0, k0, nk).t());
+            at::mm_out(p, qs.narrow(0, r0, nq), kn.narrow(0, k0, nk).t());
             acc_t* pp = p.mutable_data_ptr<acc_t>();
             for (int64_t i = 0; i < nq; ++i) {
               const SplitLse<acc_t> lse_i = split_lse<acc_t>(lse_p[b * Nq + q0 + i]);
@@ -286,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
       at::parallel_for(0, n_kt, 1, [&](int64_t begin, int64_t end) {  // phase 2
         for (int64_t kt = begin; kt < end; ++kt) {
           const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
-          const at::Tensor k_tile = kn[b].narrow(0, k0, nk);
+          const at::Tensor k_tile = kn.narrow(0, k0, nk);
           at::Tensor gk_tile = grad_kn[b].narrow(0, k0, nk);
           at::Tensor gv_tile = grad_v[b].narrow(0, k0, nk);
           for (int64_t r0 = 0; r0 < n_chunk; r0 += kTileQ) {
@@ -299,7 +302,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
               for (int64_t j = 0; j < nk; ++j)
                 dsp[i * nk + j] = softmax_grad(pp[i * nk + j], dsp[i * nk + j], d_p[r0 + i]);
             gv_tile.addmm_(p.t(), d_out[b].narrow(0, q0, nq));
-            gk_tile.addmm_(ds.t(), qs[b].narrow(0, q0, nq));
+            gk_tile.addmm_(ds.t(), qs.narrow(0, r0, nq));
             at::Tensor part = dq_part[kt].narrow(0, r0, nq);
             at::mm_out(part, ds, k_tile);
           }
