@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 #include "corr/corr_check.h"
 #include "corr/corr_math.h"
@@ -83,15 +84,23 @@ struct CudaType<c10::BFloat16> {
 
 // ---- tile matrix products in shared memory ----
 //
-// C (fp32, M x N) += A (M x K) * B^T with B stored (N x K) ("nt"), or += A * B with B stored
-// (K x N) ("nn"). M, N, K are multiples of 16; every thread of the block calls them.
+// C (fp32, M x N) += A (M x K) * op(B), with B stored (N x K) and op = transpose when kBT ("nt",
+// the score products), or B stored (K x N) and op = identity otherwise ("nn", the output
+// products). M, N, K are multiples of 16; every thread of the block calls them.
+
+template <bool kBT>
+__device__ __forceinline__ int b_offset(int j, int k, int ldb) {
+  return kBT ? j * ldb + k : k * ldb + j;
+}
 
 template <typename T>
 struct TileMma {
   // Tensor cores: one 16 x 16 output fragment per warp at a time.
-  static __device__ void nt(const T* A, int lda, const T* B, int ldb, float* C, int ldc, int M,
-                            int N, int K) {
+  template <bool kBT>
+  static __device__ void run(const T* A, int lda, const T* B, int ldb, float* C, int ldc, int M,
+                             int N, int K) {
     using namespace nvcuda;
+    using BLayout = std::conditional_t<kBT, wmma::col_major, wmma::row_major>;
     const int warp = threadIdx.x / 32, tiles_n = N / 16;
     for (int f = warp; f < (M / 16) * tiles_n; f += kWarps) {
       const int i = f / tiles_n, j = f % tiles_n;
@@ -99,27 +108,9 @@ struct TileMma {
       wmma::load_matrix_sync(acc, C + i * 16 * ldc + j * 16, ldc, wmma::mem_row_major);
       for (int k = 0; k < K; k += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> b;
         wmma::load_matrix_sync(a, A + i * 16 * lda + k, lda);
-        wmma::load_matrix_sync(b, B + j * 16 * ldb + k, ldb);
-        wmma::mma_sync(acc, a, b, acc);
-      }
-      wmma::store_matrix_sync(C + i * 16 * ldc + j * 16, acc, ldc, wmma::mem_row_major);
-    }
-  }
-  static __device__ void nn(const T* A, int lda, const T* B, int ldb, float* C, int ldc, int M,
-                            int N, int K) {
-    using namespace nvcuda;
-    const int warp = threadIdx.x / 32, tiles_n = N / 16;
-    for (int f = warp; f < (M / 16) * tiles_n; f += kWarps) {
-      const int i = f / tiles_n, j = f % tiles_n;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::load_matrix_sync(acc, C + i * 16 * ldc + j * 16, ldc, wmma::mem_row_major);
-      for (int k = 0; k < K; k += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-        wmma::load_matrix_sync(a, A + i * 16 * lda + k, lda);
-        wmma::load_matrix_sync(b, B + k * ldb + j * 16, ldb);
+        wmma::load_matrix_sync(b, B + b_offset<kBT>(j * 16, k, ldb), ldb);
         wmma::mma_sync(acc, a, b, acc);
       }
       wmma::store_matrix_sync(C + i * 16 * ldc + j * 16, acc, ldc, wmma::mem_row_major);
@@ -130,21 +121,13 @@ struct TileMma {
 // float32: no tensor cores (TF32 would lose the accuracy of a plain fp32 implementation).
 template <>
 struct TileMma<float> {
-  static __device__ void nt(const float* A, int lda, const float* B, int ldb, float* C, int ldc,
-                            int M, int N, int K) {
+  template <bool kBT>
+  static __device__ void run(const float* A, int lda, const float* B, int ldb, float* C, int ldc,
+                             int M, int N, int K) {
     for (int e = threadIdx.x; e < M * N; e += kThreads) {
       const int i = e / N, j = e % N;
       float sum = C[i * ldc + j];
-      for (int k = 0; k < K; ++k) sum = fmaf(A[i * lda + k], B[j * ldb + k], sum);
-      C[i * ldc + j] = sum;
-    }
-  }
-  static __device__ void nn(const float* A, int lda, const float* B, int ldb, float* C, int ldc,
-                            int M, int N, int K) {
-    for (int e = threadIdx.x; e < M * N; e += kThreads) {
-      const int i = e / N, j = e % N;
-      float sum = C[i * ldc + j];
-      for (int k = 0; k < K; ++k) sum = fmaf(A[i * lda + k], B[k * ldb + j], sum);
+      for (int k = 0; k < K; ++k) sum = fmaf(A[i * lda + k], B[b_offset<kBT>(j, k, ldb)], sum);
       C[i * ldc + j] = sum;
     }
   }
@@ -274,7 +257,7 @@ __global__ void __launch_bounds__(kThreads) corr_tile_kernel(const TileParams<T>
       load_tile(a_s, L.ld_ab, rows, prm.C, row0, prm.n_rows, c0, prm.C, kBR, kKC);
       load_tile(b_s, L.ld_ab, cols, prm.C, col0, prm.n_cols, c0, prm.C, kBC, kKC);
       __syncthreads();
-      TileMma<T>::nt(a_s, L.ld_ab, b_s, L.ld_ab, s_s, L.ld_s, kBR, kBC, kKC);
+      TileMma<T>::template run<true>(a_s, L.ld_ab, b_s, L.ld_ab, s_s, L.ld_s, kBR, kBC, kKC);
     }
     if constexpr (kNeedsDp) {
       const T* rows2 = prm.rows2 + b * prm.n_rows * prm.Cv;
@@ -286,7 +269,7 @@ __global__ void __launch_bounds__(kThreads) corr_tile_kernel(const TileParams<T>
         load_tile(a_s, L.ld_ab, rows2, prm.Cv, row0, prm.n_rows, c0, prm.Cv, kBR, kKC);
         load_tile(b_s, L.ld_ab, cols2, prm.Cv, col0, prm.n_cols, c0, prm.Cv, kBC, kKC);
         __syncthreads();
-        TileMma<T>::nt(a_s, L.ld_ab, b_s, L.ld_ab, dp_s, L.ld_s, kBR, kBC, kKC);
+        TileMma<T>::template run<true>(a_s, L.ld_ab, b_s, L.ld_ab, dp_s, L.ld_s, kBR, kBC, kKC);
       }
     }
     if constexpr (!kRowsAreQueries) {  // the statistics belong to the columns (queries)
@@ -341,7 +324,7 @@ __global__ void __launch_bounds__(kThreads) corr_tile_kernel(const TileParams<T>
     }
     load_tile(x_s, L.ld_x, x, prm.n_out, col0, prm.n_cols, out0, prm.n_out, kBC, out_w);
     __syncthreads();
-    TileMma<T>::nn(p_s, L.ld_p, x_s, L.ld_x, acc_s, L.ld_acc, kBR, out_w, kBC);
+    TileMma<T>::template run<false>(p_s, L.ld_p, x_s, L.ld_x, acc_s, L.ld_acc, kBR, out_w, kBC);
     __syncthreads();
   }
 
