@@ -340,15 +340,8 @@ std::tuple<at::Tensor, at::Tensor> corr_warp_cpu(const at::Tensor& query, const 
   // autograd formula of this op is registered in Python, so they must not record a graph. The
   // guard covers this thread; the inputs are detached because OpenMP workers do not inherit it.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t B = query.size(0), Nq = query.size(1), Nk = key.size(1), Cv = value.size(2);
-  at::Tensor out = at::empty({B, Nq, Cv}, query.options());
-  at::Tensor lse = at::empty({B, Nq}, query.options().dtype(lse_dtype(query.scalar_type())));
-  if (B * Nq == 0) return {out, lse};
-  if (Nk == 0) {
-    out.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
-    return {out, lse};
-  }
+  auto [out, lse] = forward_outputs(query, key, value);
+  if (forward_is_trivial(query, key)) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "corr_warp_cpu",
                                   [&] {
                                     corr_warp_forward_impl<scalar_t>(
@@ -375,10 +368,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_cpu(
     bool normalize, double eps) {
   check_backward_inputs(grad_out, query, key, value, out, lse, temperature, eps);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in corr_warp_cpu
-  if (query.size(0) * query.size(1) == 0 || key.size(1) == 0) {
-    return {at::zeros(query.sizes(), query.options()), at::zeros(key.sizes(), key.options()),
-            at::zeros(value.sizes(), value.options())};
-  }
+  if (forward_is_trivial(query, key)) return zero_grads(query, key, value);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, query.scalar_type(), "corr_warp_backward_cpu", [&] {

@@ -143,7 +143,12 @@ struct TileLayout {
   int ld_ab, ld_s, ld_p, ld_x, ld_acc;
   size_t a, b, s, dp, p, x, acc, stats, bytes;
 
-  __host__ __device__ static size_t align128(size_t v) { return (v + 127) & ~size_t(127); }
+  // Reserves n bytes at `off`, 128-byte aligned, and returns where they start.
+  __host__ __device__ static size_t take(size_t& off, size_t n) {
+    const size_t start = off;
+    off = (off + n + 127) & ~size_t(127);
+    return start;
+  }
 
   __host__ __device__ explicit TileLayout(int out_tile) {
     ld_ab = kKC + kPad;
@@ -152,22 +157,15 @@ struct TileLayout {
     ld_x = out_tile + kPad;
     ld_acc = out_tile + 4;
     size_t off = 0;
-    a = off;
-    off = align128(off + size_t(kBR) * ld_ab * sizeof(T));
-    b = off;
-    off = align128(off + size_t(kBC) * ld_ab * sizeof(T));
-    s = off;
-    off = align128(off + size_t(kBR) * ld_s * sizeof(float));
-    dp = off;
-    off = align128(off + size_t(kBR) * ld_s * sizeof(float));
-    p = off;
-    off = align128(off + size_t(kBR) * ld_p * sizeof(T));
-    x = off;
-    off = align128(off + size_t(kBC) * ld_x * sizeof(T));
-    acc = off;
-    off = align128(off + size_t(kBR) * ld_acc * sizeof(float));
-    stats = off;  // m, l, alpha per row; lse hi, lo and D per row or column
-    off = align128(off + size_t(6) * 64 * sizeof(float));
+    a = take(off, size_t(kBR) * ld_ab * sizeof(T));
+    b = take(off, size_t(kBC) * ld_ab * sizeof(T));
+    s = take(off, size_t(kBR) * ld_s * sizeof(float));
+    dp = take(off, size_t(kBR) * ld_s * sizeof(float));
+    p = take(off, size_t(kBR) * ld_p * sizeof(T));
+    x = take(off, size_t(kBC) * ld_x * sizeof(T));
+    acc = take(off, size_t(kBR) * ld_acc * sizeof(float));
+    // m, l, alpha per row; lse hi, lo and D per row or column.
+    stats = take(off, size_t(6) * 64 * sizeof(float));
     bytes = off;
   }
 };
@@ -202,9 +200,24 @@ __device__ void load_tile(T* dst, int ld_dst, const T* src, int64_t ld_src, int6
   }
 }
 
-template <typename T>
 __device__ void zero_f32(float* dst, int ld, int rows, int cols) {
   for (int e = threadIdx.x; e < rows * cols; e += kThreads) dst[(e / cols) * ld + e % cols] = 0.f;
+}
+
+// out (kBR x kBC, fp32) = rows[row0 : row0 + kBR] . cols[col0 : col0 + kBC]^T over `width`
+// channels, staged through a_s and b_s chunk by chunk. Out-of-range rows and columns give 0.
+template <typename T>
+__device__ void score_tile(T* a_s, T* b_s, int ld_ab, const T* rows, int64_t row0, int64_t n_rows,
+                           const T* cols, int64_t col0, int64_t n_cols, int64_t width, float* out,
+                           int ld_out) {
+  zero_f32(out, ld_out, kBR, kBC);
+  for (int64_t c0 = 0; c0 < width; c0 += kKC) {
+    __syncthreads();  // a_s and b_s are free; the zeroed `out` is visible
+    load_tile(a_s, ld_ab, rows, width, row0, n_rows, c0, width, kBR, kKC);
+    load_tile(b_s, ld_ab, cols, width, col0, n_cols, c0, width, kBC, kKC);
+    __syncthreads();
+    TileMma<T>::template run<true>(a_s, ld_ab, b_s, ld_ab, out, ld_out, kBR, kBC, kKC);
+  }
 }
 
 template <typename T, Mode mode>
@@ -236,7 +249,7 @@ __global__ void __launch_bounds__(kThreads) corr_tile_kernel(const TileParams<T>
   const T* cols = prm.cols + b * prm.n_cols * prm.C;
   const T* x = prm.x + b * prm.n_cols * prm.n_out;
 
-  zero_f32<T>(acc_s, L.ld_acc, kBR, out_w);
+  zero_f32(acc_s, L.ld_acc, kBR, out_w);
   if (threadIdx.x < kBR) {
     m_s[threadIdx.x] = -INFINITY;
     l_s[threadIdx.x] = 0.f;
@@ -250,27 +263,11 @@ __global__ void __launch_bounds__(kThreads) corr_tile_kernel(const TileParams<T>
   }
 
   for (int64_t col0 = 0; col0 < prm.n_cols; col0 += kBC) {
-    // Score tile over the channels, chunk by chunk.
-    zero_f32<T>(s_s, L.ld_s, kBR, kBC);
-    for (int64_t c0 = 0; c0 < prm.C; c0 += kKC) {
-      __syncthreads();
-      load_tile(a_s, L.ld_ab, rows, prm.C, row0, prm.n_rows, c0, prm.C, kBR, kKC);
-      load_tile(b_s, L.ld_ab, cols, prm.C, col0, prm.n_cols, c0, prm.C, kBC, kKC);
-      __syncthreads();
-      TileMma<T>::template run<true>(a_s, L.ld_ab, b_s, L.ld_ab, s_s, L.ld_s, kBR, kBC, kKC);
-    }
+    score_tile(a_s, b_s, L.ld_ab, rows, row0, prm.n_rows, cols, col0, prm.n_cols, prm.C, s_s,
+               L.ld_s);
     if constexpr (kNeedsDp) {
-      const T* rows2 = prm.rows2 + b * prm.n_rows * prm.Cv;
-      const T* cols2 = prm.cols2 + b * prm.n_cols * prm.Cv;
-      __syncthreads();
-      zero_f32<T>(dp_s, L.ld_s, kBR, kBC);
-      for (int64_t c0 = 0; c0 < prm.Cv; c0 += kKC) {
-        __syncthreads();
-        load_tile(a_s, L.ld_ab, rows2, prm.Cv, row0, prm.n_rows, c0, prm.Cv, kBR, kKC);
-        load_tile(b_s, L.ld_ab, cols2, prm.Cv, col0, prm.n_cols, c0, prm.Cv, kBC, kKC);
-        __syncthreads();
-        TileMma<T>::template run<true>(a_s, L.ld_ab, b_s, L.ld_ab, dp_s, L.ld_s, kBR, kBC, kKC);
-      }
+      score_tile(a_s, b_s, L.ld_ab, prm.rows2 + b * prm.n_rows * prm.Cv, row0, prm.n_rows,
+                 prm.cols2 + b * prm.n_cols * prm.Cv, col0, prm.n_cols, prm.Cv, dp_s, L.ld_s);
     }
     if constexpr (!kRowsAreQueries) {  // the statistics belong to the columns (queries)
       if (threadIdx.x < kBC) {
@@ -479,6 +476,24 @@ T* mut_ptr(at::Tensor& t) {
   return reinterpret_cast<T*>(t.mutable_data_ptr());
 }
 
+// The operands of one tile pass: `rows` (B, n_rows, C) against `cols` (B, n_cols, C), with the
+// output product taken against `x` (B, n_cols, n_out); dP operands, statistics and outputs are
+// set by the caller.
+template <typename T>
+TileParams<T> tile_params(const at::Tensor& rows, const at::Tensor& cols, const at::Tensor& x,
+                          int64_t Cv) {
+  TileParams<T> prm{};
+  prm.rows = ptr<T>(rows);
+  prm.cols = ptr<T>(cols);
+  prm.x = ptr<T>(x);
+  prm.n_rows = rows.size(1);
+  prm.n_cols = cols.size(1);
+  prm.C = rows.size(2);
+  prm.Cv = Cv;
+  prm.n_out = x.size(2);
+  return prm;
+}
+
 template <typename scalar_t>
 void forward_impl(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                   double temperature, bool normalize, double eps, at::Tensor& out,
@@ -488,27 +503,14 @@ void forward_impl(const at::Tensor& query, const at::Tensor& key, const at::Tens
   at::Tensor kn = at::empty_like(key);
   launch_normalize<T>(query, 1.0 / temperature, normalize, eps, qs, stream);
   launch_normalize<T>(key, 1.0, normalize, eps, kn, stream);
-  TileParams<T> prm{};
-  prm.rows = ptr<T>(qs);
-  prm.cols = ptr<T>(kn);
-  prm.x = ptr<T>(value);
-  prm.out = mut_ptr<T>(out);
+  // Without value channels lse is still an output: take the product with 16 channels of zeros.
+  const bool no_channels = value.size(2) == 0;
+  const at::Tensor v = no_channels ? at::zeros({key.size(0), key.size(1), 16}, value.options())
+                                   : value;
+  at::Tensor o = no_channels ? at::empty({query.size(0), query.size(1), 16}, value.options()) : out;
+  TileParams<T> prm = tile_params<T>(qs, kn, v, value.size(2));
+  prm.out = mut_ptr<T>(o);
   prm.lse_out = lse.mutable_data_ptr<double>();
-  prm.n_rows = query.size(1);
-  prm.n_cols = key.size(1);
-  prm.C = query.size(2);
-  prm.Cv = value.size(2);
-  prm.n_out = value.size(2);
-  if (prm.n_out == 0) {
-    // No output channels, but lse is still an output: run one 16-wide window of zeros.
-    at::Tensor zeros = at::zeros({key.size(0), key.size(1), 16}, value.options());
-    at::Tensor sink = at::empty({query.size(0), query.size(1), 16}, value.options());
-    prm.x = ptr<T>(zeros);
-    prm.out = mut_ptr<T>(sink);
-    prm.n_out = 16;
-    launch_tile<T, Mode::kFwd>(prm, query.size(0), stream);
-    return;
-  }
   launch_tile<T, Mode::kFwd>(prm, query.size(0), stream);
 }
 
@@ -537,37 +539,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   at::Tensor grad_kn = at::empty({B, Nk, C}, f32);
   at::Tensor grad_v = at::empty({B, Nk, Cv}, value.options());
 
-  TileParams<T> prm{};
-  prm.lse = lse.const_data_ptr<double>();
-  prm.d = d.const_data_ptr<float>();
-  prm.Cv = Cv;
   // dL/dq^: rows are queries.
-  prm.rows = ptr<T>(qs);
-  prm.cols = ptr<T>(kn);
-  prm.rows2 = ptr<T>(grad_out);
-  prm.cols2 = ptr<T>(value);
-  prm.x = ptr<T>(kn);
-  prm.out_f32 = grad_qs.mutable_data_ptr<float>();
-  prm.n_rows = Nq;
-  prm.n_cols = Nk;
-  prm.C = C;
-  prm.n_out = C;
-  launch_tile<T, Mode::kDq>(prm, B, stream);
+  TileParams<T> dq = tile_params<T>(qs, kn, kn, Cv);
+  dq.rows2 = ptr<T>(grad_out);
+  dq.cols2 = ptr<T>(value);
   // dL/dk^ and dL/dV: rows are keys.
-  prm.rows = ptr<T>(kn);
-  prm.cols = ptr<T>(qs);
-  prm.rows2 = ptr<T>(value);
-  prm.cols2 = ptr<T>(grad_out);
-  prm.x = ptr<T>(qs);
-  prm.out_f32 = grad_kn.mutable_data_ptr<float>();
-  prm.n_rows = Nk;
-  prm.n_cols = Nq;
-  launch_tile<T, Mode::kDk>(prm, B, stream);
-  prm.x = ptr<T>(grad_out);
-  prm.out = mut_ptr<T>(grad_v);
-  prm.out_f32 = nullptr;
-  prm.n_out = Cv;
-  launch_tile<T, Mode::kDv>(prm, B, stream);
+  TileParams<T> dk = tile_params<T>(kn, qs, qs, Cv);
+  dk.rows2 = ptr<T>(value);
+  dk.cols2 = ptr<T>(grad_out);
+  TileParams<T> dv = tile_params<T>(kn, qs, grad_out, Cv);
+  for (TileParams<T>* prm : {&dq, &dk, &dv}) {
+    prm->lse = lse.const_data_ptr<double>();
+    prm->d = d.const_data_ptr<float>();
+  }
+  dq.out_f32 = grad_qs.mutable_data_ptr<float>();
+  dk.out_f32 = grad_kn.mutable_data_ptr<float>();
+  dv.out = mut_ptr<T>(grad_v);
+  launch_tile<T, Mode::kDq>(dq, B, stream);
+  launch_tile<T, Mode::kDk>(dk, B, stream);
+  launch_tile<T, Mode::kDv>(dv, B, stream);
 
   at::Tensor grad_query = at::empty_like(query);
   at::Tensor grad_key = at::empty_like(key);
@@ -590,22 +580,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
 //   key:         (B, Nk, C), value: (B, Nk, Cv); same dtype and device.
 //   temperature: finite, > 0. normalize, eps: as in corr_math.h.
 // Returns:
-//   out: (B, Nq, Cv), dtype of query; lse: (B, Nq) float64, -inf when Nk == 0.
+//   out, lse: as corr_warp_cpu (corr_cpu.cpp).
 std::tuple<at::Tensor, at::Tensor> corr_warp_cuda(const at::Tensor& query, const at::Tensor& key,
                                                   const at::Tensor& value, double temperature,
                                                   bool normalize, double eps) {
   check_inputs(query, key, value, temperature, eps);
   const c10::cuda::CUDAGuard guard(query.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t B = query.size(0), Nq = query.size(1), Nk = key.size(1), Cv = value.size(2);
-  at::Tensor out = at::empty({B, Nq, Cv}, query.options());
-  at::Tensor lse = at::empty({B, Nq}, query.options().dtype(lse_dtype(query.scalar_type())));
-  if (B * Nq == 0) return {out, lse};
-  if (Nk == 0) {
-    out.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
-    return {out, lse};
-  }
+  auto [out, lse] = forward_outputs(query, key, value);
+  if (forward_is_trivial(query, key)) return {out, lse};
   const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   switch (query.scalar_type()) {
     case at::kFloat:
@@ -625,13 +608,9 @@ std::tuple<at::Tensor, at::Tensor> corr_warp_cuda(const at::Tensor& query, const
 
 // _corr_warp_backward on CUDA.
 //
-// Args:
-//   grad_out:   (B, Nq, Cv), dtype of query: dL/dout.
-//   query, key, value, temperature, normalize, eps: as given to corr_warp.
-//   out, lse:   the outputs of corr_warp for these inputs.
-// Returns:
-//   grad_query (B, Nq, C), grad_key (B, Nk, C), grad_value (B, Nk, Cv), dtype of query,
-//   contiguous; deterministic (no atomics).
+// Args and Returns: as corr_warp_backward_cpu (corr_cpu.cpp), except that this kernel reads
+// D = rowsum(grad_out * out) from `out`, as flash-attention does, and that the gradients are
+// deterministic run to run (no atomics) rather than across devices.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse, double temperature,
@@ -639,10 +618,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_cuda(
   check_backward_inputs(grad_out, query, key, value, out, lse, temperature, eps);
   const c10::cuda::CUDAGuard guard(query.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (query.size(0) * query.size(1) == 0 || key.size(1) == 0) {
-    return {at::zeros(query.sizes(), query.options()), at::zeros(key.sizes(), key.options()),
-            at::zeros(value.sizes(), value.options())};
-  }
+  if (forward_is_trivial(query, key)) return zero_grads(query, key, value);
   const at::Tensor go = grad_out.contiguous(), q = query.contiguous(), k = key.contiguous();
   const at::Tensor v = value.contiguous(), o = out.contiguous(), l = lse.contiguous();
   switch (query.scalar_type()) {
