@@ -1,4 +1,4 @@
-"""Tests of pncc_cuda.corr_warp: accuracy, gradients, numerics, errors, layouts, determinism, memory.
+"""Tests of pncc_cuda.corr_warp: accuracy, gradients, numerics, errors, layouts, determinism.
 
 Accuracy follows flash-attention's rule: against a float64 reference, the fused op's maximum error
 must be at most 2x (output) or 3x (gradients) the error of the plain unfused PyTorch
@@ -196,21 +196,30 @@ def test_empty_inputs(device, shape):
 
 # ---- errors --------------------------------------------------------------------------------
 
-_BAD_INPUTS = [
-    (lambda q, k, v: (q[0], k, v, 0.1), ValueError, r"query must have shape \(B, Nq, C\), got \(5, 4\)"),
+_BAD_INPUTS = [  # (make args from valid q (2, 5, 4), k (2, 6, 4), v (2, 6, 3)), error, message)
+    (lambda q, k, v: (q[0], k, v, 0.1), ValueError,
+     r"query must have shape \(B, Nq, C\), got \(5, 4\)"),
     (lambda q, k, v: (q, k[None], v, 0.1), ValueError, r"key must have shape \(B, Nk, C\)"),
     (lambda q, k, v: (q, k, v[0], 0.1), ValueError, r"value must have shape \(B, Nk, Cv\)"),
-    (lambda q, k, v: (q, k[:1], v, 0.1), ValueError, r"key must have shape \(B, Nk, C\) = \(2, Nk, 4\)"),
+    (lambda q, k, v: (q, k[:1], v, 0.1), ValueError,
+     r"key must have shape \(B, Nk, C\) = \(2, Nk, 4\)"),
     (lambda q, k, v: (q, k[..., :3], v, 0.1), ValueError, "key must have shape"),
-    (lambda q, k, v: (q, k, v[:, :2], 0.1), ValueError, r"value must have shape \(B, Nk, Cv\) = \(2, 6, Cv\)"),
-    (lambda q, k, v: (q[..., :0], k[..., :0], v, 0.1), ValueError, "query must have at least one channel"),
+    (lambda q, k, v: (q, k, v[:, :2], 0.1), ValueError,
+     r"value must have shape \(B, Nk, Cv\) = \(2, 6, Cv\)"),
+    (lambda q, k, v: (q[..., :0], k[..., :0], v, 0.1), ValueError,
+     "query must have at least one channel"),
     (lambda q, k, v: (q, k, v, 0.0), ValueError, "temperature must be a finite number > 0, got 0"),
-    (lambda q, k, v: (q, k, v, -1.0), ValueError, "temperature must be a finite number > 0, got -1"),
-    (lambda q, k, v: (q, k, v, math.nan), ValueError, "temperature must be a finite number > 0, got nan"),
-    (lambda q, k, v: (q, k, v, math.inf), ValueError, "temperature must be a finite number > 0, got inf"),
-    (lambda q, k, v: (q.int(), k.int(), v.int(), 0.1), TypeError, "query must be a floating-point tensor"),
+    (lambda q, k, v: (q, k, v, -1.0), ValueError,
+     "temperature must be a finite number > 0, got -1"),
+    (lambda q, k, v: (q, k, v, math.nan), ValueError,
+     "temperature must be a finite number > 0, got nan"),
+    (lambda q, k, v: (q, k, v, math.inf), ValueError,
+     "temperature must be a finite number > 0, got inf"),
+    (lambda q, k, v: (q.int(), k.int(), v.int(), 0.1), TypeError,
+     "query must be a floating-point tensor"),
     (lambda q, k, v: (q, k, v.long(), 0.1), TypeError, "value must be a floating-point tensor"),
-    (lambda q, k, v: (q, k.double(), v, 0.1), TypeError, r"key must have the dtype of query \(float32\), got float64"),
+    (lambda q, k, v: (q, k.double(), v, 0.1), TypeError,
+     r"key must have the dtype of query \(float32\), got float64"),
 ]
 
 
@@ -227,7 +236,7 @@ def test_bad_input_errors(case):
     meta_args = [a.to("meta") if torch.is_tensor(a) else a for a in args]
     with pytest.raises(exc) as meta_error:
         torch.ops.pncc.corr_warp(*meta_args, True, 1e-6)
-    assert str(meta_error.value) .split("\n")[0] == str(cpu_error.value).split("\n")[0]
+    assert str(meta_error.value).split("\n")[0] == str(cpu_error.value).split("\n")[0]
 
 
 def test_bad_eps_and_python_arguments():
@@ -383,7 +392,9 @@ def test_memory_is_a_fraction_of_unfused():
     fused = _peak_cpu_bytes(lambda: run(pncc_cuda.corr_warp))
     unfused = _peak_cpu_bytes(lambda: run(corr_warp_reference))
     assert unfused > 4 * 4096 * 4096 * 4  # the reference holds at least one (B, Nq, Nk) matrix
-    assert fused * 8 < unfused, f"fused peak {fused / 2**20:.0f} MiB, unfused {unfused / 2**20:.0f} MiB"
+    assert fused * 8 < unfused, (
+        f"fused peak {fused / 2**20:.0f} MiB, unfused {unfused / 2**20:.0f} MiB"
+    )
 
 
 # ---- fuzzing (RELIABILITY.md item 10) -------------------------------------------------------
