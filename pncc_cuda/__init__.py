@@ -17,7 +17,8 @@ import torch  # noqa: F401
 
 from . import _C  # noqa: F401
 from . import reference  # noqa: F401
+from .corr import corr_warp
 from .raster import interpolate, rasterize, render_pncc
 
-__all__ = ["rasterize", "interpolate", "render_pncc", "reference"]
+__all__ = ["rasterize", "interpolate", "render_pncc", "corr_warp", "reference"]
 __version__ = "0.1.0"
