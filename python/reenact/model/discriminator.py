@@ -29,8 +29,8 @@ class PatchDiscriminator(nn.Module):
     def __init__(self, in_channels, channels, layers, spectral_norm=True):
         super().__init__()
 
-        def conv(c_in, c_out, stride):
-            layer = nn.Conv2d(c_in, c_out, 4, stride=stride, padding=2)
+        def conv(c_in, c_out, stride, bias=True):
+            layer = nn.Conv2d(c_in, c_out, 4, stride=stride, padding=2, bias=bias)
             return _spectral_norm(layer) if spectral_norm else layer
 
         # Instance norm everywhere but the first layer and the logits, as pix2pixHD and SPADE.
@@ -40,7 +40,8 @@ class PatchDiscriminator(nn.Module):
             next_width = min(width * 2, _MAX_CHANNELS)
             stride = 2 if index < layers else 1
             stages.append(nn.Sequential(
-                conv(width, next_width, stride),
+                # No bias: the instance norm right after it would subtract it again.
+                conv(width, next_width, stride, bias=False),
                 nn.InstanceNorm2d(next_width, affine=False),
                 nn.LeakyReLU(_NEGATIVE_SLOPE),
             ))

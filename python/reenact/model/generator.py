@@ -85,7 +85,8 @@ class SPADEResidualBlock(nn.Module):
         super().__init__()
         middle = min(in_channels, out_channels)
         self.norm1 = SPADE(in_channels, hidden_channels)
-        self.conv1 = nn.Conv2d(in_channels, middle, 3, padding=1)
+        # No bias: the instance norm of norm2 subtracts it again right away.
+        self.conv1 = nn.Conv2d(in_channels, middle, 3, padding=1, bias=False)
         self.norm2 = SPADE(middle, hidden_channels)
         self.conv2 = nn.Conv2d(middle, out_channels, 3, padding=1)
         self.shortcut = (nn.Identity() if in_channels == out_channels
