@@ -15,6 +15,7 @@ from reenact.model import (
     SPADEDecoder,
     pixel_grid,
     upsample_flow,
+    warp_image,
     warp_with_flow,
 )
 
@@ -137,6 +138,8 @@ def test_flow_helpers():
                                rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="features and flow"):
         warp_with_flow(features, pixel_grid(5, 6))
+    image = torch.randn(1, 3, 8, 12)
+    torch.testing.assert_close(warp_image(image, grid), image, rtol=0, atol=1e-5)
 
 
 def test_correspondence_rejects_bad_shapes():
@@ -256,7 +259,10 @@ def test_reenactor_rejects_bad_input():
 
 def test_fused_and_reference_ops_agree():
     torch.manual_seed(0)
-    model = Reenactor(ReenactorConfig.small(64).model)
+    config = ReenactorConfig.small(64)
+    config.model.ops = "reference"
+    model = Reenactor(config.model)
+    assert model.ops == "reference"
     batch = synthetic_batch(2, 64, seed=2)
     results = {}
     for ops in OPS:

@@ -19,7 +19,13 @@ A training step, in full:
 Images are (B, 3, H, W) in [-1, 1]; PNCCs are (B, 3, H, W) in [0, 1] (DESIGN.md, Conventions).
 """
 from .config import LossConfig, ModelConfig, ReenactorConfig
-from .correspondence import Correspondence, pixel_grid, upsample_flow, warp_with_flow
+from .correspondence import (
+    Correspondence,
+    pixel_grid,
+    upsample_flow,
+    warp_image,
+    warp_with_flow,
+)
 from .discriminator import MultiScaleDiscriminator, PatchDiscriminator
 from .encoders import AppearanceEncoder, GeometryEncoder
 from .generator import GeometryAwareGate, SPADEDecoder
@@ -32,5 +38,5 @@ __all__ = [
     "Reenactor", "build_discriminator", "ReenactmentLoss", "LossResult", "PerceptualLoss",
     "GeometryEncoder", "AppearanceEncoder", "Correspondence", "GeometryAwareGate",
     "SPADEDecoder", "MultiScaleDiscriminator", "PatchDiscriminator",
-    "get_ops", "pixel_grid", "upsample_flow", "warp_with_flow",
+    "get_ops", "pixel_grid", "upsample_flow", "warp_image", "warp_with_flow",
 ]

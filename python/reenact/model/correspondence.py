@@ -15,6 +15,7 @@ __all__ = [
     "Correspondence",
     "pixel_grid",
     "upsample_flow",
+    "warp_image",
     "warp_with_flow",
 ]
 
@@ -57,6 +58,12 @@ def warp_with_flow(features, flow):
     grid = flow.permute(0, 2, 3, 1).to(features.dtype)
     return F.grid_sample(features, grid, mode="bilinear", padding_mode="border",
                          align_corners=False)
+
+
+def warp_image(image, flow):
+    """Warp a full-resolution image (B, C, H, W) with a coarser flow (B, 2, h, w), e.g. the
+    source image with Reenactor's 1/4-scale flow, for display next to the output."""
+    return warp_with_flow(image, upsample_flow(flow, image.shape[-2:]))
 
 
 def _rows(x):
