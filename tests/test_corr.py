@@ -321,6 +321,20 @@ def test_cuda_repeatable(dtype):
 
 
 @pytest.mark.cuda
+def test_cuda_backward_allowed_in_deterministic_mode():
+    # The CUDA backward uses no atomics, so it must not raise under deterministic algorithms.
+    q, k, v = _inputs(2, 70, 90, 16, 4, device="cuda")
+    grad_out = torch.randn(2, 70, 4, device="cuda")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = _forward_backward(pncc_cuda.corr_warp, q, k, v, grad_out, temperature=0.1)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.cuda
 def test_cuda_side_stream():
     q, k, v = _inputs(2, 300, 500, 32, 8, device="cuda")
     expected = pncc_cuda.corr_warp(q, k, v, 0.01)

@@ -2,9 +2,11 @@
 #include "corr/corr_check.h"
 
 #include <cmath>
+#include <limits>
 #include <sstream>
 #include <string>
 
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 namespace pncc {
@@ -113,6 +115,29 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& query,
                    dtype_str(lse_dtype(query.scalar_type())), ", got ",
                    dtype_str(lse.scalar_type()));
   check_device(lse, "lse", query);
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_outputs(const at::Tensor& query, const at::Tensor& key,
+                                                   const at::Tensor& value) {
+  const int64_t B = query.size(0), Nq = query.size(1), Cv = value.size(2);
+  at::Tensor out = at::empty({B, Nq, Cv}, query.options());
+  at::Tensor lse = at::empty({B, Nq}, query.options().dtype(lse_dtype(query.scalar_type())));
+  if (key.size(1) == 0) {  // softmax over no keys: an empty sum
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+  }
+  return {out, lse};
+}
+
+bool forward_is_trivial(const at::Tensor& query, const at::Tensor& key) {
+  return query.size(0) * query.size(1) == 0 || key.size(1) == 0;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> zero_grads(const at::Tensor& query,
+                                                          const at::Tensor& key,
+                                                          const at::Tensor& value) {
+  return {at::zeros(query.sizes(), query.options()), at::zeros(key.sizes(), key.options()),
+          at::zeros(value.sizes(), value.options())};
 }
 
 }  // namespace corr

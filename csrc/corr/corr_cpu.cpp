@@ -25,12 +25,15 @@ namespace pncc {
 namespace corr {
 namespace {
 
-// Query rows and keys per tile. A 128 x 512 fp32 score tile is 256 KiB: it stays in L2 between
-// the GEMM that writes it, the softmax pass and the GEMM that reads it.
+// Query rows and keys per tile. A 256 x 512 fp32 score tile is 512 KiB: it stays in L2 between
+// the GEMM that writes it, the softmax passes and the GEMM that reads it; 256 rows measured ~5%
+// faster than 128 in the forward. The backward's tiles keep 128 rows: its chunk buffers hold
+// whole tiles and must stay small (see kChunkBudget).
+constexpr int64_t kFwdTileQ = 256;
 constexpr int64_t kTileQ = 128;
 constexpr int64_t kTileK = 512;
-// Upper bound, in elements, of the backward's per-chunk buffers (4 MiB in fp32; at least one query tile): the chunk's P and
-// dP, and the per-key-tile partials of D and dQ.
+// Upper bound, in elements, of the backward's per-chunk buffers: the chunk's P and dP and the
+// per-key-tile partials of D and dQ (4 MiB in fp32; a chunk is never less than one query tile).
 constexpr int64_t kChunkBudget = int64_t(1) << 20;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -117,14 +120,20 @@ acc_t row_max(const acc_t* x, int64_t n) {
   return m;
 }
 
+// sum_j x[j] * y[j]; row_sum is the case y = nullptr (all ones).
 template <typename acc_t>
-acc_t row_sum(const acc_t* x, int64_t n) {
+acc_t row_dot(const acc_t* x, const acc_t* y, int64_t n) {
   acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t j = 0;
   for (; j + 8 <= n; j += 8)
-    for (int r = 0; r < 8; ++r) part[r] += x[j + r];
-  for (; j < n; ++j) part[0] += x[j];
+    for (int r = 0; r < 8; ++r) part[r] += y ? x[j + r] * y[j + r] : x[j + r];
+  for (; j < n; ++j) part[0] += y ? x[j] * y[j] : x[j];
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+template <typename acc_t>
+acc_t row_sum(const acc_t* x, int64_t n) {
+  return row_dot<acc_t>(x, nullptr, n);
 }
 
 // A contiguous (rows, cols) view at the start of a scratch buffer, for tiles at the matrix edge.
@@ -144,14 +153,14 @@ void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
   const at::Tensor v = value.to(acc_opts.dtype());
   at::Tensor out_acc = out.scalar_type() == acc_opts.dtype() ? out : at::empty(out.sizes(), acc_opts);
   double* lse_p = lse.mutable_data_ptr<double>();
-  const int64_t n_qt = ceil_div(Nq, kTileQ), n_kt = ceil_div(Nk, kTileK);
+  const int64_t n_qt = ceil_div(Nq, kFwdTileQ), n_kt = ceil_div(Nk, kTileK);
 
   at::parallel_for(0, B * n_qt, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor s_buf = at::empty({kTileQ * kTileK}, acc_opts);
-    std::vector<acc_t> m(kTileQ), l(kTileQ), alpha(kTileQ);
+    at::Tensor s_buf = at::empty({kFwdTileQ * kTileK}, acc_opts);
+    std::vector<acc_t> m(kFwdTileQ), l(kFwdTileQ), alpha(kFwdTileQ);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / n_qt, q0 = (task % n_qt) * kTileQ;
-      const int64_t nq = std::min(kTileQ, Nq - q0);
+      const int64_t b = task / n_qt, q0 = (task % n_qt) * kFwdTileQ;
+      const int64_t nq = std::min(kFwdTileQ, Nq - q0);
       const at::Tensor q_tile = qs[b].narrow(0, q0, nq);
       // The output rows are the accumulator: they are owned by this task alone.
       at::Tensor acc = out_acc[b].narrow(0, q0, nq);
@@ -275,11 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
             at::mm_out(dp, d_out[b].narrow(0, q0, nq), v[b].narrow(0, k0, nk).t());
             const acc_t* dpp = dp.const_data_ptr<acc_t>();
             acc_t* dd = d_part[kt].mutable_data_ptr<acc_t>() + r0;
-            std::vector<acc_t> prod(nk);
-            for (int64_t i = 0; i < nq; ++i) {
-              for (int64_t j = 0; j < nk; ++j) prod[j] = pp[i * nk + j] * dpp[i * nk + j];
-              dd[i] = row_sum(prod.data(), nk);
-            }
+            for (int64_t i = 0; i < nq; ++i) dd[i] = row_dot(pp + i * nk, dpp + i * nk, nk);
           }
         }
       });
@@ -340,15 +345,8 @@ std::tuple<at::Tensor, at::Tensor> corr_warp_cpu(const at::Tensor& query, const 
   // autograd formula of this op is registered in Python, so they must not record a graph. The
   // guard covers this thread; the inputs are detached because OpenMP workers do not inherit it.
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t B = query.size(0), Nq = query.size(1), Nk = key.size(1), Cv = value.size(2);
-  at::Tensor out = at::empty({B, Nq, Cv}, query.options());
-  at::Tensor lse = at::empty({B, Nq}, query.options().dtype(lse_dtype(query.scalar_type())));
-  if (B * Nq == 0) return {out, lse};
-  if (Nk == 0) {
-    out.zero_();
-    lse.fill_(-std::numeric_limits<double>::infinity());
-    return {out, lse};
-  }
+  auto [out, lse] = forward_outputs(query, key, value);
+  if (forward_is_trivial(query, key)) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "corr_warp_cpu",
                                   [&] {
                                     corr_warp_forward_impl<scalar_t>(
@@ -375,10 +373,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_cpu(
     bool normalize, double eps) {
   check_backward_inputs(grad_out, query, key, value, out, lse, temperature, eps);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in corr_warp_cpu
-  if (query.size(0) * query.size(1) == 0 || key.size(1) == 0) {
-    return {at::zeros(query.sizes(), query.options()), at::zeros(key.sizes(), key.options()),
-            at::zeros(value.sizes(), value.options())};
-  }
+  if (forward_is_trivial(query, key)) return zero_grads(query, key, value);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, query.scalar_type(), "corr_warp_backward_cpu", [&] {
