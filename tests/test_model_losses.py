@@ -210,6 +210,8 @@ def test_generator_and_discriminator_steps(model_and_batch, vgg_file):
     g.total.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all()
                for p in generator.parameters())
+    # The generator step leaves the discriminator's parameters alone.
+    assert all(p.grad is None for p in discriminator.parameters())
 
     generator.zero_grad()
     discriminator.zero_grad()
@@ -242,3 +244,46 @@ def test_generator_loss_without_discriminator(model_and_batch):
     with pytest.raises(ValueError, match="every generator loss weight is 0"):
         ReenactmentLoss(all_off).generator_loss(outputs, batch["driving_image"],
                                                 batch["driving_pncc"])
+
+
+def test_adversarial_gradient_reaches_the_generator_only(model_and_batch):
+    config, generator, discriminator, batch = model_and_batch
+    generator.zero_grad()
+    discriminator.zero_grad()
+    outputs = generator(batch["source_image"], batch["source_pncc"], batch["driving_pncc"])
+    adversarial_only = LossConfig(reconstruction=0.0, perceptual=0.0, feature_matching=0.0,
+                                  warp=0.0, adversarial=1.0)
+    result = ReenactmentLoss(adversarial_only).generator_loss(
+        outputs, batch["driving_image"], batch["driving_pncc"], discriminator)
+    assert set(result.terms) == {"adversarial"}
+    result.total.backward()
+    assert generator.decoder.to_rgb.weight.grad.abs().max() > 0
+    assert all(p.grad is None for p in discriminator.parameters())
+
+
+def test_distributed_discriminator_in_both_steps(model_and_batch, tmp_path):
+    # The same DDP-wrapped discriminator goes to both helpers, twice: DDP raises on the second
+    # iteration if a forward pass left it waiting for gradients that never came.
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    config, generator, discriminator, batch = model_and_batch
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                            world_size=1)
+    try:
+        wrapped = DistributedDataParallel(discriminator)
+        losses = ReenactmentLoss(config.loss)
+        for _ in range(2):
+            generator.zero_grad()
+            wrapped.zero_grad()
+            outputs = generator(batch["source_image"], batch["source_pncc"],
+                                batch["driving_pncc"])
+            losses.generator_loss(outputs, batch["driving_image"], batch["driving_pncc"],
+                                  wrapped).total.backward()
+            assert all(p.grad is None for p in discriminator.parameters())
+            losses.discriminator_loss(wrapped, outputs["output"].detach(),
+                                      batch["driving_image"],
+                                      batch["driving_pncc"]).total.backward()
+            assert all(p.grad is not None for p in discriminator.parameters())
+    finally:
+        dist.destroy_process_group()

@@ -11,7 +11,7 @@ A training step, in full:
 
     outputs = generator(source_image, source_pncc, driving_pncc)
     g = losses.generator_loss(outputs, driving_image, driving_pncc, discriminator)
-    g.total.backward(); g_optimizer.step()         # then zero the discriminator's gradients
+    g.total.backward(); g_optimizer.step()         # the discriminator gets no gradient here
     d = losses.discriminator_loss(discriminator, outputs["output"].detach(), driving_image,
                                   driving_pncc)
     d.total.backward(); d_optimizer.step()

@@ -6,7 +6,7 @@ steps of a GAN:
     losses = ReenactmentLoss(config.loss)
     outputs = reenactor(source_image, source_pncc, driving_pncc)
     g = losses.generator_loss(outputs, driving_image, driving_pncc, discriminator)
-    g.total.backward()
+    g.total.backward()                             # reaches the generator's parameters only
     d = losses.discriminator_loss(discriminator, outputs["output"].detach(), driving_image,
                                   driving_pncc)
     d.total.backward()
@@ -207,6 +207,18 @@ def warp_loss(warped_image, driving_image):
     return F.l1_loss(warped_image.float(), target.float())
 
 
+def _call_with_frozen_parameters(module, *args):
+    """module(*args) with every parameter detached: gradients flow to the inputs only.
+
+    A DistributedDataParallel wrapper is bypassed: its forward would expect a gradient for every
+    parameter in the following backward pass.
+    """
+    module = getattr(module, "module", module) if isinstance(
+        module, nn.parallel.DistributedDataParallel) else module
+    frozen = {name: p.detach() for name, p in module.named_parameters()}
+    return torch.func.functional_call(module, frozen, args)
+
+
 def _split_batch(features, batch):
     fake = [[f[:batch] for f in scale] for scale in features]
     real = [[f[batch:] for f in scale] for scale in features]
@@ -244,9 +256,11 @@ class ReenactmentLoss(nn.Module):
             outputs: the dict returned by Reenactor.forward ("output" and "warped" are used).
             driving_image: (B, 3, H, W) in [-1, 1], the target (self-reenactment).
             driving_pncc: (B, 3, H, W), the discriminator's condition.
-            discriminator: a MultiScaleDiscriminator; required when the adversarial or the
-                feature-matching weight is > 0. Its parameters receive gradients too, so
-                exclude them from this step's update (zero them before its own step).
+            discriminator: a MultiScaleDiscriminator (or its DDP wrapper, which is unwrapped
+                here); required when the adversarial or the feature-matching weight is > 0. It
+                runs with its parameters detached: gradients reach the generator only, so the
+                generator step needs no zeroing or freezing of the discriminator, and no DDP
+                gradient synchronisation of the discriminator happens in it.
 
         Returns:
             LossResult(total, terms) with terms among "reconstruction", "perceptual", "warp",
@@ -280,8 +294,9 @@ class ReenactmentLoss(nn.Module):
             batch = output.shape[0]
             # Fake and real in one forward pass: the discriminator's instance norms see each
             # sample alone, so this equals two passes, and a DDP-wrapped one runs forward once.
-            features = discriminator(torch.cat((output, driving_image.detach()), dim=0),
-                                     torch.cat((driving_pncc, driving_pncc), dim=0))
+            features = _call_with_frozen_parameters(
+                discriminator, torch.cat((output, driving_image.detach()), dim=0),
+                torch.cat((driving_pncc, driving_pncc), dim=0))
             fake, real = _split_batch(features, batch)
             if config.adversarial > 0:
                 add("adversarial", config.adversarial,
