@@ -244,6 +244,48 @@ def test_reenactor_every_parameter_learns(reenactor_run):
     assert_input_gradient(source_image, "source_image")
 
 
+class RecordingOps:
+    """Wraps an Ops object and keeps the arguments and the result of every corr_warp call."""
+
+    def __init__(self, ops):
+        self.ops, self.name, self.calls = ops, ops.name, []
+
+    def corr_warp(self, query, key, value, temperature, normalize=True, eps=1e-6):
+        out = self.ops.corr_warp(query, key, value, temperature, normalize, eps)
+        self.calls.append((query, key, value, temperature, out))
+        return out
+
+
+def test_reenactor_makes_one_corr_warp_call_with_rgb_pncc_and_grid():
+    torch.manual_seed(0)
+    config = ReenactorConfig.small(64)
+    model = Reenactor(config.model)
+    recorder = RecordingOps(model.correspondence.ops)
+    model.correspondence.ops = recorder
+    batch = synthetic_batch(1, 64, seed=6)
+    with torch.no_grad():
+        outputs = model(batch["source_image"], batch["source_pncc"], batch["driving_pncc"])
+    assert len(recorder.calls) == 1
+    query, key, value, temperature, out = recorder.calls[0]
+    assert temperature == config.model.temperature
+    channels = config.model.appearance_channels[2]
+    assert query.shape == key.shape == (1, 16 * 16, config.model.correspondence_channels)
+    assert value.shape == (1, 16 * 16, channels + 3 + 3 + 2)
+
+    def rows(x):
+        return x.permute(0, 2, 3, 1).reshape(1, 16 * 16, -1)
+
+    # value = [A_s at 1/4, source RGB at 1/4, P_s at 1/4, pixel grid]; the outputs are its slices.
+    pooled_image = torch.nn.functional.avg_pool2d(batch["source_image"], 4)
+    pooled_pncc = torch.nn.functional.avg_pool2d(batch["source_pncc"], 4)
+    torch.testing.assert_close(value[..., channels:channels + 3], rows(pooled_image))
+    torch.testing.assert_close(value[..., channels + 3:channels + 6], rows(pooled_pncc))
+    torch.testing.assert_close(value[..., -2:], rows(pixel_grid(16, 16)))
+    torch.testing.assert_close(rows(outputs["warped"]), out[..., channels:channels + 3])
+    torch.testing.assert_close(rows(outputs["warped_pncc"]), out[..., channels + 3:channels + 6])
+    torch.testing.assert_close(rows(outputs["flow"]), out[..., -2:])
+
+
 def test_reenactor_rejects_bad_input():
     model = Reenactor(ReenactorConfig.small(64).model)
     image, pncc = torch.zeros(1, 3, 64, 64), torch.zeros(1, 3, 64, 64)
@@ -304,6 +346,7 @@ def test_channels_last_and_bfloat16_autocast():
     assert_every_parameter_learns(model)
 
 
+@pytest.mark.slow
 def test_compiles_as_one_graph():
     # fullgraph=True fails on any graph break, e.g. an op without a fake kernel; aot_eager traces
     # forward and backward like inductor does, without its minutes of C++ compilation.

@@ -4,6 +4,7 @@ It checks that the whole model trains end to end (losses, gradients through corr
 decoder), not that it generalises: issue 6's held-frame overfit test belongs to the training
 loop.
 """
+import pytest
 import torch
 
 from model_fixtures import synthetic_batch
@@ -14,6 +15,7 @@ STEPS = 20
 REQUIRED_DROP = 0.5
 
 
+@pytest.mark.slow
 def test_small_model_overfits_a_batch():
     torch.manual_seed(0)
     config = ReenactorConfig.small(64)
