@@ -14,6 +14,7 @@ from reenact.model import (
     ReenactorConfig,
     SPADEDecoder,
     pixel_grid,
+    preview_panels,
     upsample_flow,
     warp_image,
     warp_with_flow,
@@ -231,6 +232,19 @@ def test_reenactor_shapes(reenactor_run):
     assert outputs["flow"].abs().max() <= 1
     assert [tuple(g.shape) for g in outputs["gates"]] == [
         (2, 1, resolution >> level, resolution >> level) for level in range(3)]
+
+
+def test_preview_panels(reenactor_run):
+    resolution, _, source_image, outputs = reenactor_run
+    driving_image = torch.zeros(2, 3, resolution, resolution)
+    driving_pncc = torch.full((2, 3, resolution, resolution), 0.25)
+    panels = preview_panels(source_image, driving_image, driving_pncc, outputs)
+    assert panels.shape == (2, 3, resolution, 5 * resolution) and not panels.requires_grad
+    torch.testing.assert_close(panels[..., :resolution], (source_image.detach() + 1) / 2)
+    assert (panels[..., resolution:2 * resolution] == 0.5).all()
+    assert (panels[..., 2 * resolution:3 * resolution] == 0.25).all()
+    torch.testing.assert_close(panels[..., 4 * resolution:],
+                               (outputs["output"].detach() + 1) / 2)
 
 
 def test_reenactor_gates_are_in_open_interval(reenactor_run):

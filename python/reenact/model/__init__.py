@@ -31,11 +31,12 @@ from .encoders import AppearanceEncoder, GeometryEncoder
 from .generator import GeometryAwareGate, SPADEDecoder
 from .losses import LossResult, PerceptualLoss, ReenactmentLoss
 from .ops import get_ops
-from .reenactor import Reenactor, build_discriminator
+from .reenactor import Reenactor, build_discriminator, preview_panels
 
 __all__ = [
     "ReenactorConfig", "ModelConfig", "LossConfig",
-    "Reenactor", "build_discriminator", "ReenactmentLoss", "LossResult", "PerceptualLoss",
+    "Reenactor", "build_discriminator", "preview_panels",
+    "ReenactmentLoss", "LossResult", "PerceptualLoss",
     "GeometryEncoder", "AppearanceEncoder", "Correspondence", "GeometryAwareGate",
     "SPADEDecoder", "MultiScaleDiscriminator", "PatchDiscriminator",
     "get_ops", "pixel_grid", "upsample_flow", "warp_image", "warp_with_flow",

@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import CORRESPONDENCE_STRIDE, NUM_LEVELS, ModelConfig
-from .correspondence import Correspondence, upsample_flow, warp_with_flow
+from .correspondence import Correspondence, upsample_flow, warp_image, warp_with_flow
 from .discriminator import MultiScaleDiscriminator
 from .encoders import AppearanceEncoder, GeometryEncoder
 from .generator import GeometryAwareGate, SPADEDecoder, resize_pncc
 
-__all__ = ["Reenactor", "build_discriminator"]
+__all__ = ["Reenactor", "build_discriminator", "preview_panels"]
 
 
 def _check_image(x, name, shape):
@@ -151,3 +151,22 @@ def build_discriminator(config):
     return MultiScaleDiscriminator(config.discriminator_channels, config.discriminator_layers,
                                    config.discriminator_scales,
                                    config.discriminator_spectral_norm)
+
+
+def preview_panels(source_image, driving_image, driving_pncc, outputs):
+    """The logging/demo row: source | driving | P_d' | warped source | output, side by side.
+
+    Args:
+        source_image, driving_image: (B, 3, H, W) in [-1, 1].
+        driving_pncc: (B, 3, H, W) in [0, 1].
+        outputs: the dict of Reenactor.forward; the source is warped at full resolution along
+            its upsampled flow.
+
+    Returns:
+        (B, 3, H, 5 W) float32 in [0, 1], detached.
+    """
+    with torch.no_grad():
+        warped = warp_image(source_image.float(), outputs["flow"].float())
+        panels = [(source_image.float() + 1) / 2, (driving_image.float() + 1) / 2,
+                  driving_pncc.float(), (warped + 1) / 2, (outputs["output"].float() + 1) / 2]
+        return torch.cat(panels, dim=3).clamp(0, 1)
