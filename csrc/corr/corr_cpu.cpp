@@ -58,14 +58,16 @@ RowNorm<stat_t> row_stats(const scalar_t* x, int64_t C, stat_t scale, bool norma
   return row_norm_finish<stat_t>(sum_sq, mean, scale, normalize, eps);
 }
 
-// x^ of every row of a contiguous (R, C) tensor, as a new contiguous acc_t tensor.
+// x^ of every row of a contiguous (R, C) tensor, as a new contiguous acc_t tensor. `serial` runs
+// it on the calling thread (a few rows are not worth a parallel region and its barrier).
 template <typename scalar_t, typename acc_t>
-at::Tensor normalized_rows(const at::Tensor& x, stat_t scale, bool normalize, stat_t eps) {
+at::Tensor normalized_rows(const at::Tensor& x, stat_t scale, bool normalize, stat_t eps,
+                           bool serial = false) {
   const int64_t C = x.size(-1), R = x.numel() / C;
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   acc_t* op = out.mutable_data_ptr<acc_t>();
-  at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, R, serial ? std::max<int64_t>(R, 1) : 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const RowNorm<stat_t> st = row_stats(xp + r * C, C, scale, normalize, eps);
       for (int64_t c = 0; c < C; ++c)
@@ -151,7 +153,8 @@ void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
   const at::Tensor qs = normalized_rows<scalar_t, acc_t>(query, 1.0 / temperature, normalize, eps);
   const at::Tensor kn = normalized_rows<scalar_t, acc_t>(key, 1.0, normalize, eps);
   const at::Tensor v = value.to(acc_opts.dtype());
-  at::Tensor out_acc = out.scalar_type() == acc_opts.dtype() ? out : at::empty(out.sizes(), acc_opts);
+  at::Tensor out_acc =
+      out.scalar_type() == acc_opts.dtype() ? out : at::empty(out.sizes(), acc_opts);
   double* lse_p = lse.mutable_data_ptr<double>();
   const int64_t n_qt = ceil_div(Nq, kFwdTileQ), n_kt = ceil_div(Nk, kTileK);
 
@@ -201,19 +204,18 @@ void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
   if (!out_acc.is_same(out)) out.copy_(out_acc);
 }
 
-// Sums rows of `parts` (n_parts, rows, cols), part by part in index order, into dst (rows, cols).
+// dst[r] = parts[0][r] + parts[1][r] + ... (in index order) for rows r in [r_begin, r_end), where
+// parts holds n_parts blocks of rows x cols values, part_stride apart.
 template <typename acc_t>
-void sum_parts_in_order(const acc_t* parts, int64_t n_parts, int64_t part_stride, int64_t rows,
-                        int64_t cols, acc_t* dst) {
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = parts[r * cols + c];
-      for (int64_t p = 1; p < n_parts; ++p) {
-        const acc_t* src = parts + p * part_stride + r * cols;
-        for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] += src[c];
-      }
+void sum_parts_in_order(const acc_t* parts, int64_t n_parts, int64_t part_stride, int64_t cols,
+                        int64_t r_begin, int64_t r_end, acc_t* dst) {
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = parts[r * cols + c];
+    for (int64_t p = 1; p < n_parts; ++p) {
+      const acc_t* src = parts + p * part_stride + r * cols;
+      for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] += src[c];
     }
-  });
+  }
 }
 
 // The backward, one chunk of query rows at a time, in two phases parallel over key tiles:
@@ -224,7 +226,7 @@ void sum_parts_in_order(const acc_t* parts, int64_t n_parts, int64_t part_stride
 // D comes from the very P and dP that dS uses, as in an unfused softmax backward, rather than from
 // rowsum(dO * out): on a saturated row dP - D cancels to a few ulps, and the rounding of `out`
 // would otherwise reach dS (and, times 1/temperature, dQ and dK) unattenuated. Keeping P and dP of
-// one chunk costs 2 * chunk * Nk values, bounded by kChunkBudget; it is what saves recomputing them.
+// one chunk costs 2 * chunk * Nk values, bounded by kChunkBudget; it saves recomputing them.
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
@@ -250,17 +252,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
   at::Tensor dp_store = at::empty({n_kt, chunk * kTileK}, acc_opts);
   at::Tensor d_part = at::empty({n_kt, chunk}, acc_opts);
   at::Tensor dq_part = at::empty({n_kt, chunk, C}, acc_opts);
-  at::Tensor d_row = at::empty({chunk}, acc_opts);
   const double* lse_p = lse.const_data_ptr<double>();
 
+  // The dQ partials of a finished chunk are summed inside the next parallel region (each task
+  // takes a fixed share of the rows), so a chunk costs two parallel regions, not four: every
+  // region ends in a barrier, and on a busy machine each barrier waits for a descheduled thread.
+  struct Chunk {
+    int64_t b = -1, c0 = 0, n = 0;
+  } pending;
+  const auto reduce_dq_share = [&](int64_t task) {
+    if (pending.b < 0) return;
+    acc_t* dst = grad_qs.mutable_data_ptr<acc_t>() + (pending.b * Nq + pending.c0) * C;
+    sum_parts_in_order(dq_part.const_data_ptr<acc_t>(), n_kt, chunk * C, C,
+                       pending.n * task / n_kt, pending.n * (task + 1) / n_kt, dst);
+  };
   for (int64_t b = 0; b < B; ++b) {
     // k^ of one batch entry and q^ of one chunk at a time: the backward's peak memory stays close
     // to its outputs.
     const at::Tensor kn = normalized_rows<scalar_t, acc_t>(key[b], 1.0, normalize, eps);
     for (int64_t c0 = 0; c0 < Nq; c0 += chunk) {
       const int64_t n_chunk = std::min(chunk, Nq - c0);
-      const at::Tensor qs = normalized_rows<scalar_t, acc_t>(query[b].narrow(0, c0, n_chunk),
-                                                             1.0 / temperature, normalize, eps);
+      const at::Tensor qs = normalized_rows<scalar_t, acc_t>(
+          query[b].narrow(0, c0, n_chunk), 1.0 / temperature, normalize, eps, /*serial=*/true);
       // The (nq x nk) tile of key tile kt and the chunk's rows [r0, r0 + nq), contiguous.
       const auto tile = [&](const at::Tensor& store, int64_t kt, int64_t r0, int64_t nq) {
         const int64_t nk = std::min(kTileK, Nk - kt * kTileK);
@@ -268,6 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
       };
       at::parallel_for(0, n_kt, 1, [&](int64_t begin, int64_t end) {  // phase 1
         for (int64_t kt = begin; kt < end; ++kt) {
+          reduce_dq_share(kt);
           const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
           for (int64_t r0 = 0; r0 < n_chunk; r0 += kTileQ) {
             const int64_t nq = std::min(kTileQ, n_chunk - r0), q0 = c0 + r0;
@@ -288,10 +302,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
           }
         }
       });
-      sum_parts_in_order(d_part.const_data_ptr<acc_t>(), n_kt, chunk, n_chunk, 1,
-                         d_row.mutable_data_ptr<acc_t>());
-      const acc_t* d_p = d_row.const_data_ptr<acc_t>();
       at::parallel_for(0, n_kt, 1, [&](int64_t begin, int64_t end) {  // phase 2
+        // D of the chunk's rows, summed by every task alike (n_kt values a row: cheaper than a
+        // parallel region of its own).
+        std::vector<acc_t> d_row(n_chunk);
+        sum_parts_in_order(d_part.const_data_ptr<acc_t>(), n_kt, chunk, 1, 0, n_chunk,
+                           d_row.data());
         for (int64_t kt = begin; kt < end; ++kt) {
           const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
           const at::Tensor k_tile = kn.narrow(0, k0, nk);
@@ -305,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
             acc_t* dsp = ds.mutable_data_ptr<acc_t>();
             for (int64_t i = 0; i < nq; ++i)
               for (int64_t j = 0; j < nk; ++j)
-                dsp[i * nk + j] = softmax_grad(pp[i * nk + j], dsp[i * nk + j], d_p[r0 + i]);
+                dsp[i * nk + j] = softmax_grad(pp[i * nk + j], dsp[i * nk + j], d_row[r0 + i]);
             gv_tile.addmm_(p.t(), d_out[b].narrow(0, q0, nq));
             gk_tile.addmm_(ds.t(), qs.narrow(0, r0, nq));
             at::Tensor part = dq_part[kt].narrow(0, r0, nq);
@@ -313,10 +329,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
           }
         }
       });
-      sum_parts_in_order(dq_part.const_data_ptr<acc_t>(), n_kt, chunk * C, n_chunk, C,
-                         grad_qs[b].narrow(0, c0, n_chunk).mutable_data_ptr<acc_t>());
+      pending = Chunk{b, c0, n_chunk};
     }
   }
+  at::parallel_for(0, n_kt, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t kt = begin; kt < end; ++kt) reduce_dq_share(kt);
+  });
   // Through the normalisation (and the 1/temperature folded into q^), row by row, in place.
   normalized_rows_backward<scalar_t, acc_t>(grad_qs, query, 1.0 / temperature, normalize, eps);
   normalized_rows_backward<scalar_t, acc_t>(grad_kn, key, 1.0, normalize, eps);
