@@ -10,7 +10,9 @@ discriminator and the perceptual loss are left out because they cost the same wi
 and would only dilute the comparison. Both ops run on the same weights and inputs, in interleaved
 rounds, after a warm-up. The time is the median; the peak memory is the most memory allocated
 during one step above what existed before it (CUDA: the allocator's peak; CPU: the profiler's
-allocation timeline replayed). Prints a markdown table and writes it with a JSON of the rows.
+allocation timeline replayed). On a shared CPU machine the wall time swings with other users'
+load; the median CPU time of the process (all threads) swings much less, so it is reported too.
+Prints a markdown table and writes it with a JSON of the rows.
 """
 import argparse
 import dataclasses
@@ -82,6 +84,7 @@ def run(config_name, resolution, batch_size, dtype_name, device, repeats, warmup
     step = make_step(model, losses, batch, DTYPES[dtype_name], device)
 
     times = {ops: [] for ops in OPS}
+    cpu_times = {ops: [] for ops in OPS}
     for _ in range(warmup):
         for ops in OPS:
             model.set_ops(ops)
@@ -90,10 +93,11 @@ def run(config_name, resolution, batch_size, dtype_name, device, repeats, warmup
         for ops in OPS:
             model.set_ops(ops)
             _sync(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step()
             _sync(device)
             times[ops].append(time.perf_counter() - start)
+            cpu_times[ops].append(time.process_time() - cpu_start)
     rows = []
     for ops in OPS:
         model.set_ops(ops)
@@ -101,27 +105,30 @@ def run(config_name, resolution, batch_size, dtype_name, device, repeats, warmup
         rows.append(dict(
             ops=ops, device=device, config=config_name, resolution=resolution,
             batch=batch_size, dtype=dtype_name, channels_last=channels_last,
-            ms=seconds * 1e3, it_per_s=1.0 / seconds, peak_mib=peak_bytes(step, device) / 2**20,
+            ms=seconds * 1e3, it_per_s=1.0 / seconds,
+            cpu_ms=statistics.median(cpu_times[ops]) * 1e3, peak_mib=peak_bytes(step, device) / 2**20,
             repeats=repeats,
         ))
     reference = rows[1]
     for row in rows:
         row["speedup_vs_reference"] = reference["ms"] / row["ms"]
+        row["cpu_time_vs_reference"] = reference["cpu_ms"] / row["cpu_ms"]
         row["memory_vs_reference"] = reference["peak_mib"] / row["peak_mib"]
     return rows
 
 
 def markdown(rows):
     lines = [
-        "| ops | device | config | res | batch | dtype | ms/step | it/s | peak MiB | "
-        "speed vs ref | memory vs ref |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ops | device | config | res | batch | dtype | ms/step | it/s | CPU ms/step | "
+        "peak MiB | speed vs ref | CPU time vs ref | memory vs ref |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['ops']} | {r['device']} | {r['config']} | {r['resolution']} | {r['batch']} | "
-            f"{r['dtype']} | {r['ms']:.1f} | {r['it_per_s']:.2f} | {r['peak_mib']:.1f} | "
-            f"{r['speedup_vs_reference']:.2f}x | {r['memory_vs_reference']:.2f}x |")
+            f"{r['dtype']} | {r['ms']:.1f} | {r['it_per_s']:.2f} | {r['cpu_ms']:.1f} | "
+            f"{r['peak_mib']:.1f} | {r['speedup_vs_reference']:.2f}x | "
+            f"{r['cpu_time_vs_reference']:.2f}x | {r['memory_vs_reference']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -136,7 +143,11 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU intra-op threads (default: torch's); 1 is robust to other load")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but no CUDA device is visible")
     if args.smoke:
@@ -149,6 +160,8 @@ def main(argv=None):
                else f"{platform.processor() or platform.machine()}, "
                     f"{torch.get_num_threads()} threads")
     stem = f"bench_model_{args.device}_{args.config}_{args.resolution}_{args.dtype}"
+    if args.device == "cpu":
+        stem += f"_{torch.get_num_threads()}threads"
     (args.out / f"{stem}.md").write_text(f"Machine: {machine}; torch {torch.__version__}\n\n"
                                          + table)
     (args.out / f"{stem}.json").write_text(json.dumps(
