@@ -48,6 +48,7 @@ def test_unknown_keys_are_rejected(data, name):
     ({"decoder_channels": (8, 0, 8)}, ValueError, "decoder_channels"),
     ({"temperature": 0.0}, ValueError, "temperature"),
     ({"ops": "cuda"}, ValueError, "ops"),
+    ({"correspondence_level": 0}, ValueError, "correspondence_level"),
     ({"geometry_coordinates": 1}, TypeError, "geometry_coordinates"),
     ({"discriminator_scales": 0}, ValueError, "discriminator_scales"),
 ])

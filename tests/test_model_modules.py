@@ -15,7 +15,7 @@ from reenact.model import (
     SPADEDecoder,
     pixel_grid,
     preview_panels,
-    upsample_flow,
+    resize_flow,
     warp_image,
     warp_with_flow,
 )
@@ -50,16 +50,19 @@ def leaf(*shape, seed=0, low=-1.0, high=1.0):
     return (torch.rand(*shape, generator=generator) * (high - low) + low).requires_grad_()
 
 
+@pytest.mark.parametrize("correspondence_level", [2, 1])
 @pytest.mark.parametrize("resolution", RESOLUTIONS)
-def test_geometry_encoder(resolution):
+def test_geometry_encoder(resolution, correspondence_level):
     torch.manual_seed(0)
-    encoder = GeometryEncoder((4, 8, 12), correspondence_channels=10, blocks=1)
+    encoder = GeometryEncoder((4, 8, 12), correspondence_channels=10, blocks=1,
+                              correspondence_level=correspondence_level)
     pncc = leaf(2, 3, resolution, resolution, low=0.0)
     features = encoder(pncc)
     assert [tuple(f.shape) for f in features.pyramid] == [
         (2, 4, resolution, resolution), (2, 8, resolution // 2, resolution // 2),
         (2, 12, resolution // 4, resolution // 4)]
-    assert features.correspondence.shape == (2, 10, resolution // 4, resolution // 4)
+    side = resolution >> correspondence_level
+    assert features.correspondence.shape == (2, 10, side, side)
     backward_random(list(features.pyramid) + [features.correspondence])
     assert_every_parameter_learns(encoder)
     assert_input_gradient(pncc, "pncc")
@@ -130,7 +133,12 @@ def test_flow_follows_a_shift(ops):
 def test_flow_helpers():
     grid = pixel_grid(4, 6)
     # An identity flow stays the identity at every scale, up to the border.
-    torch.testing.assert_close(upsample_flow(grid, (8, 12)), pixel_grid(8, 12))
+    torch.testing.assert_close(resize_flow(grid, (8, 12)), pixel_grid(8, 12))
+    torch.testing.assert_close(resize_flow(pixel_grid(8, 12), (4, 6)), grid)
+    # A constant displacement survives resizing both ways.
+    shift = torch.tensor([0.1, -0.2]).view(1, 2, 1, 1)
+    torch.testing.assert_close(resize_flow(grid + shift, (8, 12)), pixel_grid(8, 12) + shift)
+    torch.testing.assert_close(resize_flow(pixel_grid(8, 12) + shift, (4, 6)), grid + shift)
     features = torch.randn(1, 3, 4, 6)
     torch.testing.assert_close(warp_with_flow(features, grid), features, rtol=0, atol=1e-6)
     shifted = grid.clone()
@@ -208,12 +216,16 @@ def test_discriminator(resolution):
         discriminator(image, pncc[:, :2])
 
 
-@pytest.fixture(scope="module", params=RESOLUTIONS)
+@pytest.fixture(scope="module", params=[(64, 2), (128, 2), (64, 1)],
+                ids=["64-quarter", "128-quarter", "64-half"])
 def reenactor_run(request):
-    """A small Reenactor, its inputs, outputs and parameter gradients (run once per module)."""
-    resolution = request.param
+    """A small Reenactor, its inputs, outputs and parameter gradients (run once per module);
+    parametrised by resolution and correspondence level."""
+    resolution, correspondence_level = request.param
     torch.manual_seed(0)
-    model = Reenactor(ReenactorConfig.small(resolution).model)
+    config = ReenactorConfig.small(resolution)
+    config.model.correspondence_level = correspondence_level
+    model = Reenactor(config.model)
     batch = synthetic_batch(2, resolution, seed=1)
     source_image = batch["source_image"].requires_grad_()
     outputs = model(source_image, batch["source_pncc"], batch["driving_pncc"])
@@ -222,13 +234,13 @@ def reenactor_run(request):
 
 
 def test_reenactor_shapes(reenactor_run):
-    resolution, _, _, outputs = reenactor_run
-    quarter = resolution // 4
+    resolution, model, _, outputs = reenactor_run
+    side = resolution >> model.config.correspondence_level
     assert outputs["output"].shape == (2, 3, resolution, resolution)
     assert outputs["output"].abs().max() <= 1
-    assert outputs["warped"].shape == (2, 3, quarter, quarter)
-    assert outputs["warped_pncc"].shape == (2, 3, quarter, quarter)
-    assert outputs["flow"].shape == (2, 2, quarter, quarter)
+    assert outputs["warped"].shape == (2, 3, side, side)
+    assert outputs["warped_pncc"].shape == (2, 3, side, side)
+    assert outputs["flow"].shape == (2, 2, side, side)
     assert outputs["flow"].abs().max() <= 1
     assert [tuple(g.shape) for g in outputs["gates"]] == [
         (2, 1, resolution >> level, resolution >> level) for level in range(3)]

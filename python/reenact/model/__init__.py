@@ -22,7 +22,7 @@ from .config import LossConfig, ModelConfig, ReenactorConfig
 from .correspondence import (
     Correspondence,
     pixel_grid,
-    upsample_flow,
+    resize_flow,
     warp_image,
     warp_with_flow,
 )
@@ -39,5 +39,5 @@ __all__ = [
     "ReenactmentLoss", "LossResult", "PerceptualLoss",
     "GeometryEncoder", "AppearanceEncoder", "Correspondence", "GeometryAwareGate",
     "SPADEDecoder", "MultiScaleDiscriminator", "PatchDiscriminator",
-    "get_ops", "pixel_grid", "upsample_flow", "warp_image", "warp_with_flow",
+    "get_ops", "pixel_grid", "resize_flow", "warp_image", "warp_with_flow",
 ]

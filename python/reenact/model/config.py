@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 OPS_CHOICES = ("fused", "reference")
 
 # Each level of the pyramids is one scale: level 0 is full resolution, level 1 is 1/2, level 2
-# is 1/4 (where the correspondence runs). The geometry encoder goes one level deeper (1/8) for a
-# larger receptive field of its correspondence features, hence resolution % 8 == 0.
+# is 1/4 (where the correspondence runs by default). The geometry encoder goes one level deeper
+# (1/8) for a larger receptive field of its correspondence features, hence resolution % 8 == 0.
 NUM_LEVELS = 3
-CORRESPONDENCE_STRIDE = 4
+CORRESPONDENCE_LEVELS = (1, 2)
 
 
 def _check_widths(value, name, length):
@@ -62,6 +62,9 @@ class ModelConfig:
             the uniform background (PNCC = 0) still has position-dependent features and matches
             the same place in the source, instead of averaging over the whole background.
         correspondence_channels: C of the correspondence features (query/key of corr_warp).
+        correspondence_level: the pyramid level where corr_warp runs: 2 (1/4 resolution, the
+            design's default) or 1 (1/2 resolution: 4x the positions, 16x the work and the size
+            of the similarity matrix that the reference op materialises; finer correspondence).
         appearance_channels: widths of the appearance encoder E_a at full, 1/2, 1/4.
         decoder_channels: widths of the SPADE decoder at 1/4, 1/2, full resolution.
         decoder_blocks: SPADE residual blocks per decoder level (at least 1).
@@ -80,6 +83,7 @@ class ModelConfig:
     geometry_blocks: int = 2
     geometry_coordinates: bool = True
     correspondence_channels: int = 256
+    correspondence_level: int = 2
     appearance_channels: tuple = (64, 128, 256)
     decoder_channels: tuple = (256, 128, 64)
     decoder_blocks: int = 1
@@ -115,6 +119,11 @@ class ModelConfig:
         _check_weight(self.temperature, "temperature")
         if self.temperature == 0:
             raise ValueError("temperature must be > 0, got 0")
+        if self.correspondence_level not in CORRESPONDENCE_LEVELS or isinstance(
+                self.correspondence_level, bool):
+            raise ValueError(
+                f"correspondence_level must be one of {CORRESPONDENCE_LEVELS} (1/2 or 1/4 "
+                f"resolution), got {self.correspondence_level!r}")
         if self.ops not in OPS_CHOICES:
             raise ValueError(f"ops must be one of {OPS_CHOICES}, got {self.ops!r}")
 
@@ -132,8 +141,8 @@ class LossConfig:
             keys), `.safetensors` or a `torch.save` file (loaded with weights_only=True).
         adversarial: hinge GAN loss of the generator.
         feature_matching: L1 between the discriminator features of output and driving frame.
-        warp: L1 between corr_warp of the 1/4-scale source RGB and the 1/4-scale driving frame;
-            it trains the correspondence directly, which the decoder alone learns slowly.
+        warp: L1 between corr_warp of the downsampled source RGB and the driving frame
+            downsampled alike (to the correspondence level's size); it trains the correspondence directly, which the decoder alone learns slowly.
     """
 
     reconstruction: float = 1.0

@@ -14,7 +14,7 @@ from .ops import get_ops
 __all__ = [
     "Correspondence",
     "pixel_grid",
-    "upsample_flow",
+    "resize_flow",
     "warp_image",
     "warp_with_flow",
 ]
@@ -28,10 +28,10 @@ def pixel_grid(height, width, device=None, dtype=torch.float32):
     return torch.stack((grid_x, grid_y)).unsqueeze(0).to(dtype)
 
 
-def upsample_flow(flow, size):
-    """Resample a flow (B, 2, h, w) to size (H, W).
+def resize_flow(flow, size):
+    """Resample a flow (B, 2, h, w) to size (H, W): bilinear up, area average down.
 
-    The displacement from the identity is interpolated, not the coordinates themselves: bilinear
+    The displacement from the identity is resampled, not the coordinates themselves: bilinear
     interpolation clamps at the border, which would bend the identity near the edges, whereas a
     clamped displacement keeps an identity flow exactly the identity at every scale.
     """
@@ -39,8 +39,11 @@ def upsample_flow(flow, size):
     if tuple(flow.shape[-2:]) == (height, width):
         return flow
     identity = pixel_grid(flow.shape[-2], flow.shape[-1], flow.device, flow.dtype)
-    displacement = F.interpolate(
-        flow - identity, size=(height, width), mode="bilinear", align_corners=False)
+    if height <= flow.shape[-2] and width <= flow.shape[-1]:
+        displacement = F.adaptive_avg_pool2d(flow - identity, (height, width))
+    else:
+        displacement = F.interpolate(
+            flow - identity, size=(height, width), mode="bilinear", align_corners=False)
     return displacement + pixel_grid(height, width, flow.device, flow.dtype)
 
 
@@ -63,7 +66,7 @@ def warp_with_flow(features, flow):
 def warp_image(image, flow):
     """Warp a full-resolution image (B, C, H, W) with a coarser flow (B, 2, h, w), e.g. the
     source image with Reenactor's 1/4-scale flow, for display next to the output."""
-    return warp_with_flow(image, upsample_flow(flow, image.shape[-2:]))
+    return warp_with_flow(image, resize_flow(flow, image.shape[-2:]))
 
 
 def _rows(x):

@@ -26,7 +26,8 @@ GeometryFeatures = collections.namedtuple("GeometryFeatures", ["pyramid", "corre
 GeometryFeatures.__doc__ = """Output of GeometryEncoder.
 
 pyramid: tuple of (B, geometry_channels[l], H / 2^l, W / 2^l) for levels l = 0, 1, 2.
-correspondence: (B, correspondence_channels, H / 4, W / 4), the corr_warp query/key features.
+correspondence: (B, correspondence_channels, H / 2^c, W / 2^c), the corr_warp query/key
+    features at the correspondence level c (2 by default: 1/4 resolution).
 """
 
 
@@ -57,20 +58,24 @@ class GeometryEncoder(nn.Module):
     """E_g: a PNCC (B, 3, H, W) in [0, 1] -> GeometryFeatures.
 
     The pyramid goes down to 1/4; a bottleneck at 1/8 with residual blocks widens the receptive
-    field of the correspondence features, which are computed at 1/4 from the upsampled
-    bottleneck and the 1/4 pyramid level (a U-Net step), so they are both local and contextual.
+    field of the correspondence features, which are computed at the correspondence level from
+    the upsampled bottleneck and that pyramid level (a U-Net step), so they are both local and
+    contextual.
 
     Args:
         channels: widths at full, 1/2 and 1/4 resolution; the bottleneck has 2x the 1/4 width.
         correspondence_channels: width of the correspondence features.
         blocks: residual blocks in the bottleneck.
         coordinates: append the pixel grid (2 channels) to the input, see ModelConfig.
+        correspondence_level: pyramid level of the correspondence features (1 or 2).
     """
 
-    def __init__(self, channels, correspondence_channels, blocks=2, coordinates=True):
+    def __init__(self, channels, correspondence_channels, blocks=2, coordinates=True,
+                 correspondence_level=2):
         super().__init__()
         c1, c2, c4 = channels
         self.coordinates = coordinates
+        self.correspondence_level = correspondence_level
         in_channels = 3 + (2 if coordinates else 0)
         self.stem = conv_block(in_channels, c1)
         self.down2 = conv_block(c1, c2, stride=2)
@@ -78,7 +83,7 @@ class GeometryEncoder(nn.Module):
         self.down8 = conv_block(c4, 2 * c4, stride=2)
         self.bottleneck = nn.Sequential(*[ResidualBlock(2 * c4) for _ in range(blocks)])
         self.correspondence_head = nn.Sequential(
-            conv_block(3 * c4, c4),
+            conv_block(channels[correspondence_level] + 2 * c4, c4),
             nn.Conv2d(c4, correspondence_channels, 3, padding=1),
         )
 
@@ -93,9 +98,11 @@ class GeometryEncoder(nn.Module):
         f2 = self.down2(f1)
         f4 = self.down4(f2)
         f8 = self.bottleneck(self.down8(f4))
-        up = F.interpolate(f8, size=f4.shape[-2:], mode="bilinear", align_corners=False)
-        correspondence = self.correspondence_head(torch.cat((f4, up), dim=1))
-        return GeometryFeatures((f1, f2, f4), correspondence)
+        pyramid = (f1, f2, f4)
+        skip = pyramid[self.correspondence_level]
+        up = F.interpolate(f8, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        correspondence = self.correspondence_head(torch.cat((skip, up), dim=1))
+        return GeometryFeatures(pyramid, correspondence)
 
 
 class AppearanceEncoder(nn.Module):
@@ -103,7 +110,7 @@ class AppearanceEncoder(nn.Module):
 
     Args:
         channels: widths at full, 1/2 and 1/4 resolution.
-        blocks: residual blocks at 1/4 resolution (the level that corr_warp transports).
+        blocks: residual blocks at 1/4 resolution.
 
     Returns (forward): tuple of (B, channels[l], H / 2^l, W / 2^l) for levels l = 0, 1, 2.
     """

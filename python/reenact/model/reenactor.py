@@ -4,15 +4,16 @@
     outputs = model(source_image, source_pncc, driving_pncc)
     outputs["output"]        # (B, 3, H, W) in [-1, 1]
 
-Data flow (levels: 0 = full, 1 = 1/2, 2 = 1/4 resolution):
+Data flow (levels: 0 = full, 1 = 1/2, 2 = 1/4 resolution; c = config.correspondence_level, 2 by
+default):
 
 1. E_g encodes P_s and P_d' in one batched pass (shared weights).
 2. E_a encodes [source image, P_s] into the pyramid A_s.
 3. One corr_warp call (query E_g(P_d'), key E_g(P_s)) warps the value
-   [A_s level 2, source RGB at 1/4, P_s at 1/4, pixel grid] to the driving layout: warped
-   features, the warped source image (for the warp loss), the warped P_s (for the level-2 gate)
-   and the flow.
-4. Levels 1 and 0 warp A_s and P_s with grid_sample along the upsampled flow.
+   [A_s level c, source RGB at level c, P_s at level c, pixel grid] to the driving layout:
+   warped features, the warped source image (for the warp loss), the warped P_s (for the
+   level-c gate) and the flow.
+4. The other levels warp A_s and P_s with grid_sample along the resized flow.
 5. At every level a geometry-aware gate weighs the warped features; the SPADE decoder, conditioned
    on P_d', decodes the gated skips.
 """
@@ -20,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CORRESPONDENCE_STRIDE, NUM_LEVELS, ModelConfig
-from .correspondence import Correspondence, upsample_flow, warp_image, warp_with_flow
+from .config import NUM_LEVELS, ModelConfig
+from .correspondence import Correspondence, resize_flow, warp_image, warp_with_flow
 from .discriminator import MultiScaleDiscriminator
 from .encoders import AppearanceEncoder, GeometryEncoder
 from .generator import GeometryAwareGate, SPADEDecoder, resize_pncc
@@ -54,7 +55,7 @@ class Reenactor(nn.Module):
         self.config = config
         self.geometry_encoder = GeometryEncoder(
             config.geometry_channels, config.correspondence_channels, config.geometry_blocks,
-            config.geometry_coordinates)
+            config.geometry_coordinates, config.correspondence_level)
         self.appearance_encoder = AppearanceEncoder(config.appearance_channels)
         self.correspondence = Correspondence(config.temperature, config.ops)
         self.gates = nn.ModuleList([
@@ -87,11 +88,12 @@ class Reenactor(nn.Module):
         Returns:
             dict with
               "output": (B, 3, H, W) in [-1, 1], the reenacted face;
-              "warped": (B, 3, H/4, W/4), the source image warped by the correspondence (the
-                  warp loss compares it with the driving frame; upsample it for display);
-              "warped_pncc": (B, 3, H/4, W/4), P_s warped the same way;
-              "flow": (B, 2, H/4, W/4), the source position (x, y) of every driving position,
-                  in grid_sample coordinates (reenact.model.correspondence);
+              "warped": (B, 3, h, w), the source image warped by the correspondence, at the
+                  correspondence level (h = H/4 by default, H/2 with correspondence_level 1;
+                  the warp loss compares it with the driving frame);
+              "warped_pncc": (B, 3, h, w), P_s warped the same way;
+              "flow": (B, 2, h, w), the source position (x, y) of every driving position, in
+                  grid_sample coordinates (reenact.model.correspondence);
               "gates": tuple of 3 gates (B, 1, H/2^l, W/2^l) in (0, 1), levels l = 0, 1, 2.
         """
         resolution = self.config.resolution
@@ -106,27 +108,28 @@ class Reenactor(nn.Module):
         driving_pyramid = [level[batch:] for level in geometry.pyramid]
         appearance = self.appearance_encoder(source_image, source_pncc)
 
-        quarter = (resolution // CORRESPONDENCE_STRIDE,) * 2
-        source_pncc_quarter = resize_pncc(source_pncc, quarter)
+        correspondence_level = self.config.correspondence_level
+        source_features = appearance[correspondence_level]
+        size = source_features.shape[-2:]
         values = torch.cat((
-            appearance[2],
-            F.adaptive_avg_pool2d(source_image, quarter).to(appearance[2].dtype),
-            source_pncc_quarter.to(appearance[2].dtype),
+            source_features,
+            F.adaptive_avg_pool2d(source_image, size).to(source_features.dtype),
+            resize_pncc(source_pncc, size).to(source_features.dtype),
         ), dim=1)
         warped_values, flow = self.correspondence(
             driving_correspondence, source_correspondence, values)
-        channels = appearance[2].shape[1]
-        warped_quarter = warped_values[:, :channels]
+        channels = source_features.shape[1]
+        warped_source_features = warped_values[:, :channels]
         warped_image = warped_values[:, channels:channels + 3]
         warped_pncc = warped_values[:, channels + 3:]
 
         gated_skips, gates = [], []
         for level in range(NUM_LEVELS):
             size = appearance[level].shape[-2:]
-            if level == 2:
-                warped_features, warped_source_pncc = warped_quarter, warped_pncc
+            if level == correspondence_level:
+                warped_features, warped_source_pncc = warped_source_features, warped_pncc
             else:
-                level_flow = upsample_flow(flow, size)
+                level_flow = resize_flow(flow, size)
                 warped_features = warp_with_flow(appearance[level], level_flow)
                 warped_source_pncc = warp_with_flow(resize_pncc(source_pncc, size), level_flow)
             disagreement = (resize_pncc(driving_pncc, size) - warped_source_pncc).abs()
