@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from model_fixtures import single_thread  # noqa: F401 (autouse fixture)
 from reenact.model import LossConfig, ModelConfig, ReenactorConfig, get_ops
 
 

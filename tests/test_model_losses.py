@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_fixtures import synthetic_batch
+from model_fixtures import single_thread, synthetic_batch  # noqa: F401 (autouse fixture)
 from reenact.model import (
     LossConfig,
     PerceptualLoss,

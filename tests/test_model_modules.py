@@ -3,7 +3,7 @@ fused against reference ops, the flow, the gates, channels_last and bfloat16 aut
 import pytest
 import torch
 
-from model_fixtures import synthetic_batch
+from model_fixtures import single_thread, synthetic_batch  # noqa: F401 (autouse fixture)
 from reenact.model import (
     AppearanceEncoder,
     Correspondence,

@@ -7,7 +7,7 @@ loop.
 import pytest
 import torch
 
-from model_fixtures import synthetic_batch
+from model_fixtures import single_thread, synthetic_batch  # noqa: F401 (autouse fixture)
 from reenact.model import LossConfig, ReenactmentLoss, Reenactor, ReenactorConfig
 
 STEPS = 20
