@@ -67,12 +67,14 @@ def peak_bytes(step, device):
     return _peak_cpu_bytes(step)
 
 
-def run(config_name, resolution, batch_size, dtype_name, device, repeats, warmup):
+def run(config_name, resolution, batch_size, dtype_name, device, repeats, warmup,
+        correspondence_level):
     torch.manual_seed(0)
     config = (ReenactorConfig.small(resolution) if config_name == "small"
               else ReenactorConfig.paper())
     # replace() re-runs the config's validation for the new resolution.
-    config.model = dataclasses.replace(config.model, resolution=resolution)
+    config.model = dataclasses.replace(config.model, resolution=resolution,
+                                       correspondence_level=correspondence_level)
     model = Reenactor(config.model).to(device)
     channels_last = device == "cuda"
     if channels_last:
@@ -104,6 +106,7 @@ def run(config_name, resolution, batch_size, dtype_name, device, repeats, warmup
         seconds = statistics.median(times[ops])
         rows.append(dict(
             ops=ops, device=device, config=config_name, resolution=resolution,
+            correspondence_size=resolution >> correspondence_level,
             batch=batch_size, dtype=dtype_name, channels_last=channels_last,
             ms=seconds * 1e3, it_per_s=1.0 / seconds,
             cpu_ms=statistics.median(cpu_times[ops]) * 1e3, peak_mib=peak_bytes(step, device) / 2**20,
@@ -119,13 +122,14 @@ def run(config_name, resolution, batch_size, dtype_name, device, repeats, warmup
 
 def markdown(rows):
     lines = [
-        "| ops | device | config | res | batch | dtype | ms/step | it/s | CPU ms/step | "
+        "| ops | device | config | res | corr | batch | dtype | ms/step | it/s | CPU ms/step | "
         "peak MiB | speed vs ref | CPU time vs ref | memory vs ref |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['ops']} | {r['device']} | {r['config']} | {r['resolution']} | {r['batch']} | "
+            f"| {r['ops']} | {r['device']} | {r['config']} | {r['resolution']} | "
+            f"{r['correspondence_size']}^2 | {r['batch']} | "
             f"{r['dtype']} | {r['ms']:.1f} | {r['it_per_s']:.2f} | {r['cpu_ms']:.1f} | "
             f"{r['peak_mib']:.1f} | {r['speedup_vs_reference']:.2f}x | "
             f"{r['cpu_time_vs_reference']:.2f}x | {r['memory_vs_reference']:.2f}x |")
@@ -141,6 +145,8 @@ def main(argv=None):
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    parser.add_argument("--correspondence-level", type=int, default=2, choices=(1, 2),
+                        help="pyramid level of corr_warp: 2 = 1/4 resolution, 1 = 1/2")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None,
@@ -153,13 +159,14 @@ def main(argv=None):
     if args.smoke:
         args.resolution, args.batch, args.repeats, args.warmup = 64, 1, 1, 1
     rows = run(args.config, args.resolution, args.batch, args.dtype, args.device, args.repeats,
-               args.warmup)
+               args.warmup, args.correspondence_level)
     table = markdown(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     machine = (torch.cuda.get_device_name() if args.device == "cuda"
                else f"{platform.processor() or platform.machine()}, "
                     f"{torch.get_num_threads()} threads")
-    stem = f"bench_model_{args.device}_{args.config}_{args.resolution}_{args.dtype}"
+    stem = (f"bench_model_{args.device}_{args.config}_{args.resolution}"
+            f"_corr{args.resolution >> args.correspondence_level}_{args.dtype}")
     if args.device == "cpu":
         stem += f"_{torch.get_num_threads()}threads"
     (args.out / f"{stem}.md").write_text(f"Machine: {machine}; torch {torch.__version__}\n\n"
