@@ -24,13 +24,13 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "python"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "python"), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import torch  # noqa: E402
 
 from model_fixtures import synthetic_batch  # noqa: E402  (the tests' inputs)
 from reenact.model import LossConfig, ReenactmentLoss, Reenactor, ReenactorConfig  # noqa: E402
-from test_corr import _peak_cpu_bytes  # noqa: E402  (the corr_warp tests' memory probe)
+from bench_corr import peak_bytes  # noqa: E402  (CUDA allocator peak, or the CPU profiler's)
 
 OPS = ("fused", "reference")
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
@@ -54,17 +54,6 @@ def make_step(model, losses, batch, autocast_dtype, device):
             parameter.grad = None
 
     return step
-
-
-def peak_bytes(step, device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    return _peak_cpu_bytes(step)
 
 
 def run(config_name, resolution, batch_size, dtype_name, device, repeats, warmup,
@@ -109,7 +98,8 @@ def run(config_name, resolution, batch_size, dtype_name, device, repeats, warmup
             correspondence_size=resolution >> correspondence_level,
             batch=batch_size, dtype=dtype_name, channels_last=channels_last,
             ms=seconds * 1e3, it_per_s=1.0 / seconds,
-            cpu_ms=statistics.median(cpu_times[ops]) * 1e3, peak_mib=peak_bytes(step, device) / 2**20,
+            cpu_ms=statistics.median(cpu_times[ops]) * 1e3,
+            peak_mib=peak_bytes(step, device) / 2**20,
             repeats=repeats,
         ))
     reference = rows[1]
