@@ -142,7 +142,8 @@ class LossConfig:
         adversarial: hinge GAN loss of the generator.
         feature_matching: L1 between the discriminator features of output and driving frame.
         warp: L1 between corr_warp of the downsampled source RGB and the driving frame
-            downsampled alike (to the correspondence level's size); it trains the correspondence directly, which the decoder alone learns slowly.
+            downsampled alike (to the correspondence level's size); it trains the correspondence
+            directly, which the decoder alone learns slowly.
     """
 
     reconstruction: float = 1.0
