@@ -134,10 +134,11 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(query, key, value, out, lse)
     ctx.temperature, ctx.normalize, ctx.eps = temperature, normalize, eps
+    # lse is an auxiliary output for the backward: autograd must not pretend to differentiate it.
+    ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    # lse is an auxiliary output for the backward; no formula differentiates through it.
     query, key, value, out, lse = ctx.saved_tensors
     if grad_out is None:
         return None, None, None, None, None, None

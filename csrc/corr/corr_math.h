@@ -2,8 +2,8 @@
 //
 // Every formula of corr_warp that is not a matrix product lives here, once:
 //   - the cosine normalisation of one feature row (forward and backward),
-//   - the online-softmax update of one row's running statistics,
-//   - the softmax-gradient of one score.
+//   - the online-softmax update of one row's running statistics and its log-sum-exp,
+//   - the probability recomputed from that log-sum-exp, and the softmax-gradient of one score.
 // Torch-free on purpose (see csrc/common/host_device.h): the kernel cores compile on their own.
 #pragma once
 
