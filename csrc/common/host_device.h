@@ -9,6 +9,11 @@
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define HOST_DEVICE_INLINE __host__ __device__ __forceinline__
 #define HOST_DEVICE __host__ __device__
+#elif defined(__GNUC__)
+// Forced: the CPU loops rely on these small functions being inlined into the per-triangle loop
+// (a call per triangle, with its closures passed by reference, measured 45% slower).
+#define HOST_DEVICE_INLINE inline __attribute__((always_inline))
+#define HOST_DEVICE
 #else
 #define HOST_DEVICE_INLINE inline
 #define HOST_DEVICE
