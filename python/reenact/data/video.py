@@ -88,6 +88,42 @@ def _rate(fps):
     return Fraction(fps).limit_denominator(1001)
 
 
+def _upsample2(plane):
+    """Centre-aligned bilinear 2x upsampling of a chroma plane (edges replicated), float32."""
+    plane = plane.astype(np.float32)
+    for axis in (0, 1):
+        before = np.concatenate([np.take(plane, [0], axis), np.take(plane, np.arange(plane.shape[axis] - 1), axis)], axis)
+        after = np.concatenate([np.take(plane, np.arange(1, plane.shape[axis]), axis), np.take(plane, [-1], axis)], axis)
+        even, odd = 0.75 * plane + 0.25 * before, 0.75 * plane + 0.25 * after
+        shape = list(plane.shape)
+        shape[axis] *= 2
+        plane = np.stack([even, odd], axis + 1).reshape(shape)
+    return plane
+
+
+def to_rgb(frame):
+    """An ``av.VideoFrame`` -> (H, W, 3) uint8 RGB.
+
+    4:2:0 frames (what we encode) are converted here, not by swscale: BT.601 limited range with
+    centre-aligned bilinear chroma upsampling, rounded, which is what DALI's decoders do, so the
+    fallback loader and DALI agree to rounding (swscale's default path differs by up to ~1.5
+    levels on average and by much more at sharp chroma edges). Other pixel formats go through
+    swscale.
+    """
+    if frame.format.name != "yuv420p" or frame.width % 2 or frame.height % 2:
+        return frame.to_ndarray(format="rgb24")
+    height, width = frame.height, frame.width
+    planes = frame.to_ndarray()  # (3H/2, W): Y, then U and V quarter planes
+    luma = (planes[:height].astype(np.float32) - 16.0) * (255.0 / 219.0)
+    chroma = planes[height:].reshape(2, height // 2, width // 2)
+    cb = (_upsample2(chroma[0]) - 128.0) * (255.0 / 224.0)
+    cr = (_upsample2(chroma[1]) - 128.0) * (255.0 / 224.0)
+    red = luma + 1.402 * cr
+    green = luma - 0.344136 * cb - 0.714136 * cr
+    blue = luma + 1.772 * cb
+    return np.clip(np.rint(np.stack([red, green, blue], -1)), 0, 255).astype(np.uint8)
+
+
 def probe(path):
     """(packets, fps, codec name, width, height) of the first video stream, without decoding.
 
@@ -133,7 +169,7 @@ def iter_frames(path, max_frames=None):
             for index, frame in enumerate(container.decode(stream)):
                 if max_frames is not None and index >= max_frames:
                     return
-                yield frame.to_ndarray(format="rgb24")
+                yield to_rgb(frame)
     except av.error.FFmpegError as err:
         raise MediaError(f"cannot decode {path}: {err}") from None
 
@@ -197,7 +233,7 @@ def read_frames(path, indices, index=None):
                 for frame in container.decode(stream):
                     position = int(np.searchsorted(index.pts, frame.pts)) if frame.pts is not None else -1
                     if position < len(index) and index.pts[position] == frame.pts and position in indices:
-                        found.setdefault(position, frame.to_ndarray(format="rgb24"))
+                        found.setdefault(position, to_rgb(frame))
                     if frame.pts is not None and frame.pts >= index.pts[target]:
                         break
     except av.error.FFmpegError as err:
