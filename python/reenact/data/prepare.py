@@ -33,6 +33,7 @@ import numpy as np
 
 from . import format as fmt
 from .dataset import SkipBudgetExceeded, check_skip_fraction
+from .progress import progress_bar
 from .video import CODECS, MediaError, check_codec, encode_video, iter_frames, probe
 
 log = logging.getLogger("reenact.data")
@@ -168,8 +169,10 @@ def _landmarks_for(options, relative):
                             f"(looked for <name>.landmarks.npy, .npy, .npz, .txt)")
 
 
-def process_file(path, relative, out_dir, options, decode=iter_frames):
-    """Prepare one raw video -> list of ClipRecord. Raises MediaError/ValueError to skip the file."""
+def process_file(path, relative, out_dir, options, decode=iter_frames, model=None):
+    """Prepare one raw video -> (list of ClipRecord, frames decoded). Raises MediaError/ValueError
+    (and the detector's errors) to skip the file. ``model``: the loaded face model (default: load
+    ``options.model``)."""
     import torch
 
     from ..face3d import detectors as det
@@ -177,7 +180,7 @@ def process_file(path, relative, out_dir, options, decode=iter_frames):
     from ..face3d.morphable import load_model
 
     packets, fps, _, _, _ = probe(path)
-    model = load_model(options.model)
+    model = model if model is not None else load_model(options.model)
     if options.landmarks_from is not None:
         given = _landmarks_for(options, relative)
         detector = None
@@ -249,13 +252,13 @@ def _write_clip(out_dir, stem, plan, frames, fps, relative, model, options):
                           codec=options.codec, size=options.size, synthetic=model.synthetic)
 
 
-def _worker(connection, path, relative, out_dir, options, decode):
+def _worker(connection, path, relative, out_dir, options, decode, model):
     """Worker process entry: one file; sends ("ok", records, frames) or ("skip", reason)."""
     try:
         import torch
 
         torch.set_num_threads(1)
-        records, frames = process_file(path, relative, out_dir, options, decode)
+        records, frames = process_file(path, relative, out_dir, options, decode, model)
         connection.send(("ok", [dataclasses.asdict(r) for r in records], frames))
     except (MediaError, ValueError, FileNotFoundError, ImportError, OSError) as err:
         connection.send(("skip", f"{type(err).__name__}: {err}", 0))
@@ -316,7 +319,13 @@ def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=18
                 continue
         pending.append((path, relative, state))
 
-    bar = _progress(len(pending), progress)
+    # Load the model and the heavy modules once, here: forked workers inherit them. No detector is
+    # created here; mediapipe's native state does not survive a fork.
+    from ..face3d import fit  # noqa: F401
+    from ..face3d.morphable import load_model
+
+    model = load_model(options.model)
+    bar = progress_bar(len(pending), "prepare", "file", progress)
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     running = {}  # receiving end -> (process, relative, state, start)
     queue = list(pending)
@@ -325,7 +334,7 @@ def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=18
         while queue and len(running) < workers:
             path, relative, state = queue.pop(0)
             receive, send = context.Pipe(duplex=False)
-            process = context.Process(target=_worker, args=(send, path, relative, out_dir, options, decode), daemon=True)
+            process = context.Process(target=_worker, args=(send, path, relative, out_dir, options, decode, model), daemon=True)
             process.start()
             send.close()  # the worker holds the only sending end: its death reads as EOF here
             running[receive] = (process, relative, state, time.monotonic())
@@ -387,23 +396,6 @@ def _collect(process, receive):
     if status == "ok":
         return {"status": "ok", "records": payload, "frames": frames}
     return {"status": "skip", "reason": payload}
-
-
-def _progress(total, enabled):
-    class _Silent:
-        def update(self, n=1):
-            """No display."""
-
-        def close(self):
-            """Nothing to close."""
-
-    if not enabled:
-        return _Silent()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _Silent()
-    return tqdm(total=total, desc="prepare", unit="file", file=sys.stderr)
 
 
 __all__ = ["PrepareOptions", "PrepareReport", "prepare", "process_file", "find_videos", "crop_boxes",
