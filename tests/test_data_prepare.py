@@ -83,6 +83,8 @@ def test_corrupt_corpus_is_skipped_and_reported(raw, tmp_path):
     assert set(must_skip) <= set(reasons) <= set(must_skip) | set(may_skip)
     assert "0 bytes" in reasons["zero bytes.webm"]
     assert "no video stream" in reasons["audio only.mp4"]
+    assert "unsupported video codec" in reasons["unknown codec.webm"]
+    assert not any("unexpected" in reason for reason in reasons.values())
     assert "timed out" in reasons["hang.webm"] and "crashed (signal 6)" in reasons["crash.webm"]
     assert all(reason for reason in reasons.values())
     sources = {r.source for r in fmt.read_manifest(out)}

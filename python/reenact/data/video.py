@@ -124,6 +124,11 @@ def to_rgb(frame):
     return np.clip(np.rint(np.stack([red, green, blue], -1)), 0, 255).astype(np.uint8)
 
 
+def _check_decodable(stream, path):
+    if stream.codec_context is None:
+        raise MediaError(f"unknown or unsupported video codec (no decoder) in {path}")
+
+
 def probe(path):
     """(packets, fps, codec name, width, height) of the first video stream, without decoding.
 
@@ -143,6 +148,7 @@ def probe(path):
             if not container.streams.video:
                 raise MediaError(f"no video stream (audio-only or data file): {path}")
             stream = container.streams.video[0]
+            _check_decodable(stream, path)
             codec = stream.codec_context.name
             width, height = stream.codec_context.width, stream.codec_context.height
             fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
@@ -165,6 +171,7 @@ def iter_frames(path, max_frames=None):
             if not container.streams.video:
                 raise MediaError(f"no video stream (audio-only or data file): {path}")
             stream = container.streams.video[0]
+            _check_decodable(stream, path)
             stream.thread_type = "AUTO"
             for index, frame in enumerate(container.decode(stream)):
                 if max_frames is not None and index >= max_frames:
