@@ -22,6 +22,7 @@ import json
 import logging
 import multiprocessing
 import multiprocessing.connection
+from multiprocessing import forkserver
 import os
 import pathlib
 import re
@@ -319,14 +320,11 @@ def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=18
                 continue
         pending.append((path, relative, state))
 
-    # Load the model and the heavy modules once, here: forked workers inherit them. No detector is
-    # created here; mediapipe's native state does not survive a fork.
-    from ..face3d import fit  # noqa: F401
     from ..face3d.morphable import load_model
 
     model = load_model(options.model)
     bar = progress_bar(len(pending), "prepare", "file", progress)
-    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    context = _worker_context()
     running = {}  # receiving end -> (process, relative, state, start)
     queue = list(pending)
     frames_in = 0
@@ -376,6 +374,31 @@ def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=18
                                                  encoding="utf-8")
     check_skip_fraction(skipped, len(videos), max_skip_fraction, what="files")
     return report
+
+
+def _worker_context():
+    """Workers start from a fork server: a clean single-threaded process that imported the heavy
+    modules once. Forking this (possibly multi-threaded: DALI, DataLoader, OpenMP) process instead
+    can deadlock the child on a lock some thread held at the fork; spawning imports torch per file.
+
+    The server gets this process's ``sys.path`` through PYTHONPATH (Python 3.11's fork server does
+    not apply the path it is handed), so it imports the same ``reenact`` and decode functions.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "av", "reenact.face3d.fit", "reenact.face3d.detectors",
+                                    "reenact.data.prepare"])
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    try:
+        forkserver.ensure_running()
+    finally:
+        if previous is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = previous
+    return context
 
 
 def _collect(process, receive):
