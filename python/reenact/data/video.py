@@ -3,6 +3,7 @@
 PyAV (``av==18.1.0``) bundles libvpx and libx264 in its wheels, so encoding needs no system
 FFmpeg. Clips use a short GOP so that random access (two frames per clip) decodes few frames.
 """
+import contextlib
 import os
 import pathlib
 
@@ -124,19 +125,10 @@ def to_rgb(frame):
     return np.clip(np.rint(np.stack([red, green, blue], -1)), 0, 255).astype(np.uint8)
 
 
-def _check_decodable(stream, path):
-    if stream.codec_context is None:
-        raise MediaError(f"unknown or unsupported video codec (no decoder) in {path}")
-
-
-def probe(path):
-    """(packets, fps, codec name, width, height) of the first video stream, without decoding.
-
-    ``packets`` counts the video packets actually present, which (for the codecs we write: no
-    B-frame reordering across a packet, one frame per packet) is the number of frames that can
-    decode; a header that claims more frames than the file holds is thereby caught.
-    Raises MediaError when the file is not a readable video.
-    """
+@contextlib.contextmanager
+def open_video(path):
+    """Open a file's first video stream -> (container, stream); MediaError when there is none,
+    its codec has no decoder, or FFmpeg fails (also while the caller reads it)."""
     av = _av()
     path = pathlib.Path(os.fspath(path))
     if not path.is_file():
@@ -148,13 +140,26 @@ def probe(path):
             if not container.streams.video:
                 raise MediaError(f"no video stream (audio-only or data file): {path}")
             stream = container.streams.video[0]
-            _check_decodable(stream, path)
-            codec = stream.codec_context.name
-            width, height = stream.codec_context.width, stream.codec_context.height
-            fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
-            packets = sum(1 for packet in container.demux(stream) if packet.size > 0)
+            if stream.codec_context is None:
+                raise MediaError(f"unknown or unsupported video codec (no decoder) in {path}")
+            yield container, stream
     except av.error.FFmpegError as err:
         raise MediaError(f"cannot read {path}: {err}") from None
+
+
+def probe(path):
+    """(packets, fps, codec name, width, height) of the first video stream, without decoding.
+
+    ``packets`` counts the video packets actually present, which (for the codecs we write: no
+    B-frame reordering across a packet, one frame per packet) is the number of frames that can
+    decode; a header that claims more frames than the file holds is thereby caught.
+    Raises MediaError when the file is not a readable video.
+    """
+    with open_video(path) as (container, stream):
+        codec = stream.codec_context.name
+        width, height = stream.codec_context.width, stream.codec_context.height
+        fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        packets = sum(1 for packet in container.demux(stream) if packet.size > 0)
     if packets == 0:
         raise MediaError(f"no video frames in {path}")
     return packets, fps, codec, width, height
@@ -162,23 +167,12 @@ def probe(path):
 
 def iter_frames(path, max_frames=None):
     """Yield (H, W, 3) uint8 RGB frames in order. Raises MediaError on an unreadable file."""
-    av = _av()
-    path = pathlib.Path(os.fspath(path))
-    if not path.is_file():
-        raise MediaError(f"not a file: {path}")
-    try:
-        with av.open(os.fspath(path)) as container:
-            if not container.streams.video:
-                raise MediaError(f"no video stream (audio-only or data file): {path}")
-            stream = container.streams.video[0]
-            _check_decodable(stream, path)
-            stream.thread_type = "AUTO"
-            for index, frame in enumerate(container.decode(stream)):
-                if max_frames is not None and index >= max_frames:
-                    return
-                yield to_rgb(frame)
-    except av.error.FFmpegError as err:
-        raise MediaError(f"cannot decode {path}: {err}") from None
+    with open_video(path) as (container, stream):
+        stream.thread_type = "AUTO"
+        for index, frame in enumerate(container.decode(stream)):
+            if max_frames is not None and index >= max_frames:
+                return
+            yield to_rgb(frame)
 
 
 class FrameIndex:
@@ -189,17 +183,9 @@ class FrameIndex:
     """
 
     def __init__(self, path):
-        av = _av()
         self.path = pathlib.Path(os.fspath(path))
-        try:
-            with av.open(os.fspath(self.path)) as container:
-                if not container.streams.video:
-                    raise MediaError(f"no video stream (audio-only or data file): {self.path}")
-                stream = container.streams.video[0]
-                packets = [(p.pts, p.is_keyframe) for p in container.demux(stream)
-                           if p.size > 0 and p.pts is not None]
-        except av.error.FFmpegError as err:
-            raise MediaError(f"cannot read {self.path}: {err}") from None
+        with open_video(self.path) as (container, stream):
+            packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size > 0 and p.pts is not None]
         packets.sort()
         self.pts = np.array([p for p, _ in packets], dtype=np.int64)
         keyframes = np.array([k for _, k in packets], dtype=bool)
@@ -220,7 +206,6 @@ def read_frames(path, indices, index=None):
     ``index`` (a :class:`FrameIndex`, built when not given). Raises MediaError when an index is
     past the frames that decode.
     """
-    av = _av()
     indices = [int(i) for i in indices]
     if not indices:
         return []
@@ -230,21 +215,17 @@ def read_frames(path, indices, index=None):
     if max(indices) >= len(index):
         raise MediaError(f"{path}: frame {max(indices)} requested but only {len(index)} frames exist")
     found = {}
-    try:
-        with av.open(os.fspath(path)) as container:
-            stream = container.streams.video[0]
-            for target in sorted(set(indices)):
-                if target in found:
-                    continue
-                container.seek(int(index.pts[index.keyframe_before[target]]), stream=stream, backward=True)
-                for frame in container.decode(stream):
-                    position = int(np.searchsorted(index.pts, frame.pts)) if frame.pts is not None else -1
-                    if position < len(index) and index.pts[position] == frame.pts and position in indices:
-                        found.setdefault(position, to_rgb(frame))
-                    if frame.pts is not None and frame.pts >= index.pts[target]:
-                        break
-    except av.error.FFmpegError as err:
-        raise MediaError(f"cannot decode {path}: {err}") from None
+    with open_video(path) as (container, stream):
+        for target in sorted(set(indices)):
+            if target in found:
+                continue
+            container.seek(int(index.pts[index.keyframe_before[target]]), stream=stream, backward=True)
+            for frame in container.decode(stream):
+                position = int(np.searchsorted(index.pts, frame.pts)) if frame.pts is not None else -1
+                if 0 <= position < len(index) and index.pts[position] == frame.pts and position in indices:
+                    found.setdefault(position, to_rgb(frame))
+                if frame.pts is not None and frame.pts >= index.pts[target]:
+                    break
     missing = sorted(set(indices) - set(found))
     if missing:
         raise MediaError(f"{path}: frames {missing[:5]} do not decode")
