@@ -48,6 +48,10 @@ def test_image_with_landmark_file_and_awkward_names(tmp_path, capsys):
     assert digest(image) == before  # outputs never overwrite the input
     for suffix in ("_pncc.png", "_overlay.png", "_params.npz"):
         assert (folder / f"-face ü{suffix}").is_file()
+    from reenact.face3d.pipeline import load_parameters
+
+    loaded = load_parameters(folder / "-face ü_params.npz")
+    assert loaded["pose"].shape == (1, 3, 4)
     with np.load(folder / "-face ü_params.npz") as params:
         assert params["pose"].shape == (1, 3, 4) and params["alpha"].shape == (1, toy_model().num_id)
         assert "synthetic" in str(params["model_name"])
@@ -114,3 +118,16 @@ def test_real_photo_through_the_console_entry_point(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "reenact.cli", "pncc", str(tmp_path / "nope.jpg"), "--out", str(tmp_path / "o")],
                              capture_output=True, text=True, env=env, timeout=120)
     assert missing.returncode == 1 and "input not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_pipeline_reports_faceless_frames_without_fitting(tmp_path):
+    from reenact.face3d.detectors import FileLandmarks
+    from reenact.face3d.pipeline import reconstruct
+
+    np.save(tmp_path / "none.npy", np.full((2, 68, 2), np.nan))
+    frames = [np.zeros((32, 32, 3), np.uint8)] * 2
+    result = reconstruct(frames, toy_model(), FileLandmarks(tmp_path / "none.npy"))
+    assert result.fit is None and not result.found.any()
+    assert result.message == "no face found in any of 2 frames"
+    with pytest.raises(ValueError, match="frame 0"):
+        reconstruct([None], toy_model(), FileLandmarks(tmp_path / "none.npy"))

@@ -86,7 +86,7 @@ def test_safe_pickle_loads_arrays_and_refuses_code(tmp_path, tddfa_files):
 
 def test_bfm_loader_reads_the_3ddfa_layout(tddfa_files):
     bfm, stats, bfm_path, stats_path = tddfa_files
-    model = load_model(bfm_path, param_mean_std_path=stats_path)
+    model = load_model(bfm_path)  # the statistics file is found next to the BFM file
     assert model.num_vertices == NUM_VERTICES and model.num_id == 40 and model.num_exp == 10
     assert model.faces.shape == (500, 3)
     assert model.landmarks68.tolist() == [4 * k for k in range(68)]
@@ -94,6 +94,11 @@ def test_bfm_loader_reads_the_3ddfa_layout(tddfa_files):
     # Bases are 3DDFA's, scaled by the parameter std (so coefficients are ~unit-scaled).
     torch.testing.assert_close(model.id_basis[7, 1, 3], torch.tensor(bfm["w_shp"][3 * 7 + 1, 3] * stats["std"][12 + 3]))
     assert 0 <= model.ncc.min() and model.ncc.max() <= 1
+    lonely = stats_path.parent / "lonely" / "bfm_noneck_v3.pkl"
+    lonely.parent.mkdir()
+    lonely.write_bytes(bfm_path.read_bytes())
+    with pytest.raises(FileNotFoundError, match="param_mean_std_62d_120x120.pkl"):
+        load_model(lonely)
 
 
 def test_decoded_params_give_3ddfa_vertices(tddfa_files):

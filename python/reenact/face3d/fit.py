@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from .morphable import NUM_LANDMARKS
+from .morphable import NUM_LANDMARKS, as_tensor
 from .pose import axis_angle_to_matrix, compose_pose
 
 # iBUG-68 index groups used for sizes and quality.
@@ -82,16 +82,11 @@ def check_landmarks(landmarks, confidence=None):
     coordinates are rejected with a ValueError naming the frames; a landmark that is absent must
     be given a finite placeholder and confidence 0.
     """
-    if not torch.is_tensor(landmarks):
-        try:
-            landmarks = torch.as_tensor(np.asarray(landmarks, dtype=np.float64))
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"landmarks must be a numeric array of shape (B, 68, 2): {err}") from None
+    landmarks = as_tensor("landmarks", landmarks, torch.float64, "(B, 68, 2)")
     if landmarks.ndim == 2:
         landmarks = landmarks[None]
     if landmarks.ndim != 3 or landmarks.shape[1:] != (NUM_LANDMARKS, 2):
         raise ValueError(f"landmarks must have shape (B, 68, 2) or (68, 2), got {tuple(landmarks.shape)}")
-    landmarks = landmarks.to(torch.float64)
     bad = ~torch.isfinite(landmarks).all(dim=(1, 2))
     if bad.any():
         frames = bad.nonzero().flatten().tolist()
@@ -100,9 +95,7 @@ def check_landmarks(landmarks, confidence=None):
     if confidence is None:
         confidence = torch.ones(batch, NUM_LANDMARKS, dtype=torch.float64, device=landmarks.device)
     else:
-        if not torch.is_tensor(confidence):
-            confidence = torch.as_tensor(np.asarray(confidence, dtype=np.float64))
-        confidence = confidence.to(device=landmarks.device, dtype=torch.float64)
+        confidence = as_tensor("confidence", confidence, torch.float64, "(B, 68)").to(landmarks.device)
         if confidence.ndim == 1:
             confidence = confidence[None].expand(batch, -1)
         if confidence.shape != (batch, NUM_LANDMARKS):
@@ -179,10 +172,18 @@ class _Anchors:
     Fixed landmarks have ``first == second``; a sliding outline landmark lies on a segment of its
     contour polyline, so it slides continuously rather than jumping between candidate vertices.
     first, second: (B, L) int64 positions into the landmark bases; weight: (B, L).
+    projection: (B, L, 2, 2) applied to each landmark's residual: the identity for fixed points,
+    the projection onto the contour's image normal for sliding ones. The residual along the
+    contour is zero by construction (the point may slide there), and leaving it in would make the
+    solver fight the sliding (ICP's point-to-point versus point-to-plane).
     """
 
-    def __init__(self, first, second, weight):
+    def __init__(self, first, second, weight, projection=None):
         self.first, self.second, self.weight = first, second, weight
+        if projection is None:
+            eye = torch.eye(2, dtype=weight.dtype, device=weight.device)
+            projection = eye.expand(*weight.shape, 2, 2)
+        self.projection = projection
         self._gathered = {}  # anchors never change after construction, so gathers are cached
 
     def gather(self, table):
@@ -192,6 +193,13 @@ class _Anchors:
             w = self.weight.reshape(*self.weight.shape, *([1] * (table.ndim - 1)))
             self._gathered[key] = (table, (1 - w) * table[self.first] + w * table[self.second])
         return self._gathered[key][1]
+
+    def choose(self, take_other, other):
+        """Per frame, ``other``'s anchors where ``take_other`` (B,) is set, else these."""
+        def pick(mine, theirs):
+            return torch.where(take_other.reshape(-1, *([1] * (mine.ndim - 1))), theirs, mine)
+        return _Anchors(pick(self.first, other.first), pick(self.second, other.second),
+                        pick(self.weight, other.weight), pick(self.projection, other.projection))
 
     def nearest(self):
         """(B, L) position of the nearer of the two vertices."""
@@ -217,6 +225,7 @@ def _slide_contours(bases, anchors, landmarks, alpha, beta, rotation, scale, tra
     if not bases.sliding:
         return anchors
     first, second, weight = anchors.first.clone(), anchors.second.clone(), anchors.weight.clone()
+    projection = anchors.projection.clone()
     batch = first.shape[0]
     polylines = {}
     for k, side_number in bases.sliding:
@@ -235,7 +244,10 @@ def _slide_contours(bases, anchors, landmarks, alpha, beta, rotation, scale, tra
         first[:, k] = side[segment]
         second[:, k] = side[segment + 1]
         weight[:, k] = t.gather(1, segment[:, None]).squeeze(1)
-    return _Anchors(first, second, weight)
+        tangent = direction.gather(1, segment[:, None, None].expand(-1, 1, 2)).squeeze(1)
+        tangent = tangent / tangent.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        projection[:, k] = torch.eye(2, dtype=tangent.dtype, device=tangent.device) - tangent[:, :, None] * tangent[:, None, :]
+    return _Anchors(first, second, weight, projection)
 
 
 def _affine_initial_pose(bases, anchors, landmarks, weights):
@@ -280,6 +292,7 @@ def residuals_and_jacobians(bases, anchors, landmarks, row_weight, alpha, beta, 
     s = log_scale.exp()
     rotated = points @ rotation.transpose(-1, -2)
     residual = _project(points, rotation, s, translation) - landmarks  # (B, L, 2)
+    residual = (anchors.projection @ residual[..., None]).squeeze(-1)
     # d(R X)/dd = -[R X]x; image x is +s*(R X)_x, image y is -s*(R X)_y.
     wx, wy, wz = rotated.unbind(-1)
     zero = torch.zeros_like(wx)
@@ -290,14 +303,15 @@ def residuals_and_jacobians(bases, anchors, landmarks, row_weight, alpha, beta, 
     projection_rows = s[:, None, None] * torch.stack([rotation[:, 0], -rotation[:, 1]], 1)  # (B, 2, 3)
     jac_exp = projection_rows[:, None] @ anchors.gather(bases.exp_basis)  # (B, L, 2, Ke)
     jac_id = projection_rows[:, None] @ anchors.gather(bases.id_basis)  # (B, L, 2, Ki)
-    jac_frame = torch.cat([jac_rot, jac_scale, jac_trans, jac_exp], -1)
+    jac_frame = anchors.projection @ torch.cat([jac_rot, jac_scale, jac_trans, jac_exp], -1)
+    jac_id = anchors.projection @ jac_id
     weight = row_weight[..., None, None]
     return ((residual * row_weight[..., None]).flatten(1), (jac_frame * weight).flatten(1, 2),
             (jac_id * weight).flatten(1, 2))
 
 
 def fit_landmarks(model, landmarks, confidence=None, clip_index=None, *, id_prior=1.0,
-                  exp_prior=1.0, landmark_sigma=0.005, max_iterations=60, tolerance=1e-9,
+                  exp_prior=1.0, landmark_sigma=0.005, max_iterations=60, tolerance=1e-7,
                   quality_threshold=0.08, device=None, dtype=torch.float64):
     """Fit pose, per-frame expression and per-clip identity to 68-point landmarks.
 
@@ -343,9 +357,14 @@ def fit_landmarks(model, landmarks, confidence=None, clip_index=None, *, id_prio
     alpha = torch.zeros(num_clips, num_id, dtype=dtype, device=device)
     beta = torch.zeros(batch, num_exp, dtype=dtype, device=device)
 
+    def data_cost(rot, logs, trans, frame_alpha, bet, anch, row_weight):
+        """(B,) weighted squared residuals of each frame."""
+        projected = _project(_model_points(bases, anch, frame_alpha, bet), rot, logs.exp(), trans)
+        residual = (anch.projection @ (projected - landmarks)[..., None]).squeeze(-1)
+        return (residual * row_weight[..., None]).square().sum((1, 2))
+
     def clip_cost(rot, logs, trans, alph, bet, anch, row_weight):
-        projected = _project(_model_points(bases, anch, alph[clip_index], bet), rot, logs.exp(), trans)
-        data = ((projected - landmarks) * row_weight[..., None]).square().sum((1, 2))
+        data = data_cost(rot, logs, trans, alph[clip_index], bet, anch, row_weight)
         frame = 0.5 * (data + exp_prior * bet.square().sum(-1))
         cost = torch.zeros(num_clips, dtype=dtype, device=device).index_add_(0, clip_index, frame)
         return cost + 0.5 * id_prior * alph.square().sum(-1)
@@ -361,8 +380,16 @@ def fit_landmarks(model, landmarks, confidence=None, clip_index=None, *, id_prio
         active = torch.ones(num_clips, dtype=torch.bool, device=device)
         for _ in range(stage_iterations):
             iterations += 1
-            anchors = _slide_contours(bases, anchors, landmarks, alpha[clip_index], beta,
-                                        rotation, log_scale.exp(), translation)
+            if bases.sliding:
+                # Re-slide, but keep a frame's previous anchors when sliding would raise its
+                # cost: nearest-point and normal-distance costs differ, and without this guard
+                # an outline point can flip between two segments forever.
+                slid = _slide_contours(bases, anchors, landmarks, alpha[clip_index], beta,
+                                       rotation, log_scale.exp(), translation)
+                frame_alpha = alpha[clip_index]
+                keep = data_cost(rotation, log_scale, translation, frame_alpha, beta, slid, row_weight) <= \
+                    data_cost(rotation, log_scale, translation, frame_alpha, beta, anchors, row_weight)
+                anchors = anchors.choose(keep, slid)
             cost = clip_cost(rotation, log_scale, translation, alpha, beta, anchors, row_weight)
 
             res, jac_frame, jac_id = residuals_and_jacobians(
@@ -420,7 +447,8 @@ def fit_landmarks(model, landmarks, confidence=None, clip_index=None, *, id_prio
             damping = torch.where(accept, (damping / 3.0).clamp_min(1e-9), damping * 5.0)
 
             small_change = (cost - new_cost).abs() <= tolerance * cost.clamp_min(1e-30)
-            active = active & ~(accept & small_change) & (damping < 1e10)
+            # A step that changes the cost by a negligible amount, taken or not, means convergence.
+            active = active & ~small_change & (damping < 1e10)
             if not active.any():
                 break
 

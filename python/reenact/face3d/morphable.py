@@ -18,12 +18,28 @@ NPZ_REQUIRED_KEYS = ("mean", "id_basis", "exp_basis", "faces", "ibug68")
 NPZ_OPTIONAL_KEYS = ("contour_right", "contour_left", "exp_names", "colors", "name")
 
 
-def _as_tensor(name, value, dtype, shape_hint):
+def as_tensor(name, value, dtype, shape_hint):
+    """``value`` (tensor or array-like) as a tensor of ``dtype``; TypeError naming ``name`` if it
+    is not numeric. Shapes are checked by the caller; ``shape_hint`` only words the message."""
+    if torch.is_tensor(value):
+        return value.to(dtype)
     try:
-        tensor = torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value)
+        array = np.asarray(value, dtype=np.float64 if dtype.is_floating_point else np.int64)
     except (TypeError, ValueError) as err:
-        raise TypeError(f"{name} must be array-like with shape {shape_hint}: {err}") from None
-    return tensor.to(dtype)
+        raise TypeError(f"{name} must be a numeric array of shape {shape_hint}: {err}") from None
+    return torch.from_numpy(array).to(dtype)
+
+
+def read_npz(path, what):
+    """All arrays of an ``.npz`` (never unpickling), with errors that say which file and why."""
+    path = pathlib.Path(os.fspath(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read {what} {path}: not a valid .npz without pickles ({err})") from None
 
 
 class MorphableModel:
@@ -48,23 +64,23 @@ class MorphableModel:
     def __init__(self, mean, id_basis, exp_basis, faces, landmarks68, contour_right=None,
                  contour_left=None, name="morphable model", exp_names=None, colors=None,
                  synthetic=False):
-        mean = _as_tensor("mean", mean, torch.float32, "(V, 3)")
+        mean = as_tensor("mean", mean, torch.float32, "(V, 3)")
         if mean.ndim != 2 or mean.shape[1] != 3:
             raise ValueError(f"mean must have shape (V, 3), got {tuple(mean.shape)}")
         num_vertices = mean.shape[0]
-        id_basis = _as_tensor("id_basis", id_basis, torch.float32, "(V, 3, Ki)")
-        exp_basis = _as_tensor("exp_basis", exp_basis, torch.float32, "(V, 3, Ke)")
+        id_basis = as_tensor("id_basis", id_basis, torch.float32, "(V, 3, Ki)")
+        exp_basis = as_tensor("exp_basis", exp_basis, torch.float32, "(V, 3, Ke)")
         for arg, basis in (("id_basis", id_basis), ("exp_basis", exp_basis)):
             if basis.ndim != 3 or basis.shape[:2] != (num_vertices, 3):
                 raise ValueError(
                     f"{arg} must have shape ({num_vertices}, 3, K), got {tuple(basis.shape)}"
                 )
-        faces = _as_tensor("faces", faces, torch.int64, "(F, 3)")
+        faces = as_tensor("faces", faces, torch.int64, "(F, 3)")
         if faces.ndim != 2 or faces.shape[1] != 3:
             raise ValueError(f"faces must have shape (F, 3), got {tuple(faces.shape)}")
         if faces.numel() and (faces.min() < 0 or faces.max() >= num_vertices):
             raise ValueError(f"faces must index vertices in [0, {num_vertices})")
-        landmarks68 = _as_tensor("landmarks68", landmarks68, torch.int64, "(68,)")
+        landmarks68 = as_tensor("landmarks68", landmarks68, torch.int64, "(68,)")
         if landmarks68.shape != (NUM_LANDMARKS,):
             raise ValueError(f"landmarks68 must have shape (68,), got {tuple(landmarks68.shape)}")
         if landmarks68.min() < -1 or landmarks68.max() >= num_vertices:
@@ -72,7 +88,7 @@ class MorphableModel:
         contours = []
         for arg, contour in (("contour_right", contour_right), ("contour_left", contour_left)):
             if contour is not None:
-                contour = _as_tensor(arg, contour, torch.int64, "(C,)")
+                contour = as_tensor(arg, contour, torch.int64, "(C,)")
                 if contour.ndim != 1 or contour.numel() == 0:
                     raise ValueError(f"{arg} must be a non-empty 1-D index list")
                 if contour.min() < 0 or contour.max() >= num_vertices:
@@ -87,7 +103,7 @@ class MorphableModel:
                 "contour_right/contour_left candidates"
             )
         if colors is not None:
-            colors = _as_tensor("colors", colors, torch.float32, "(V, 3)")
+            colors = as_tensor("colors", colors, torch.float32, "(V, 3)")
             if colors.shape != (num_vertices, 3):
                 raise ValueError(f"colors must have shape ({num_vertices}, 3), got {tuple(colors.shape)}")
 
@@ -158,10 +174,7 @@ class MorphableModel:
 
     def _coefficient(self, name, value, width):
         if not torch.is_tensor(value):
-            try:
-                value = torch.as_tensor(np.asarray(value, dtype=np.float32))
-            except (TypeError, ValueError) as err:
-                raise TypeError(f"{name} must be a numeric array of shape ({width},) or (B, {width}): {err}") from None
+            value = as_tensor(name, value, torch.float32, f"({width},) or (B, {width})")
         if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"{name} must be a real-valued tensor, got {value.dtype}")
         if value.ndim == 1:
@@ -190,11 +203,7 @@ class MorphableModel:
 
 def check_pose(name, pose, device=None):
     """Validate 3x4 poses: (3, 4) or (B, 3, 4), finite -> (B, 3, 4) float32."""
-    if not torch.is_tensor(pose):
-        try:
-            pose = torch.as_tensor(np.asarray(pose, dtype=np.float32))
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"{name} must be a numeric array of shape (3, 4) or (B, 3, 4): {err}") from None
+    pose = as_tensor(name, pose, torch.float32, "(3, 4) or (B, 3, 4)")
     if pose.ndim == 2:
         pose = pose[None]
     if pose.ndim != 3 or pose.shape[1:] != (3, 4):
@@ -220,15 +229,7 @@ def load_npz_model(path, name=None):
     Optional: contour_right, contour_left (C,), exp_names (Ke,), colors (V,3), name ().
     Never unpickles (``allow_pickle=False``).
     """
-    path = pathlib.Path(os.fspath(path))
-    if not path.is_file():
-        raise FileNotFoundError(f"face model file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read face model {path}: not a valid .npz without pickles ({err})") from None
-    return model_from_arrays(arrays, name=name, source=path)
+    return model_from_arrays(read_npz(path, "face model"), name=name, source=path)
 
 
 def model_from_arrays(arrays, name=None, source="arrays"):

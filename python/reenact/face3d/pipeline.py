@@ -11,6 +11,7 @@ import torch
 
 from .detectors import check_image
 from .fit import fit_landmarks
+from .morphable import read_npz
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
@@ -113,3 +114,19 @@ def reconstruct(frames, model, detector, share_identity=True, progress=None, **f
                         torch.from_numpy(np.array(confidence)[found]), clip_index, **fit_options)
     message = f"face found in {int(found.sum())} of {len(found)} frame(s); {int(fit.ok.sum())} fitted well"
     return Reconstruction(found, landmarks, fit, message)
+
+
+def load_parameters(path):
+    """Precomputed parameters: the ``*_params.npz`` that ``reenact pncc`` writes (or any .npz with
+    ``alpha`` (N, Ki), ``beta`` (N, Ke) and ``pose`` (N, 3, 4)) -> dict of float32 tensors.
+
+    This is the third reconstruction backend next to landmark fitting and the 3DDFA_V2 regressor.
+    """
+    arrays = read_npz(path, "parameter")
+    missing = [key for key in ("alpha", "beta", "pose") if key not in arrays]
+    if missing:
+        raise ValueError(f"parameter file {path} lacks {missing}")
+    out = {key: torch.from_numpy(np.asarray(arrays[key], dtype=np.float32)) for key in ("alpha", "beta", "pose")}
+    if out["pose"].ndim != 3 or out["pose"].shape[1:] != (3, 4):
+        raise ValueError(f"pose in {path} must be (N, 3, 4), got {tuple(out['pose'].shape)}")
+    return out

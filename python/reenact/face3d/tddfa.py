@@ -100,19 +100,30 @@ def _faces_from(tri, num_vertices, path):
     return np.ascontiguousarray(tri)
 
 
-def load_tddfa_bfm(bfm_path, param_mean_std_path, faces_path=None, shape_dim=NUM_SHAPE_PARAMS,
+PARAM_STATS_NAME = "param_mean_std_62d_120x120.pkl"
+
+
+def load_tddfa_bfm(bfm_path, param_mean_std_path=None, faces_path=None, shape_dim=NUM_SHAPE_PARAMS,
                    exp_dim=NUM_EXP_PARAMS, name=None):
     """Load 3DDFA_V2's ``bfm_noneck_v3.pkl`` (+ its parameter statistics) as a MorphableModel.
 
     Args:
         bfm_path: pickle with ``u`` (3V, 1), ``w_shp`` (3V, >=40), ``w_exp`` (3V, >=10),
             ``tri`` (F, 3) or (3, F), ``keypoints`` (204,) indices into the interleaved 3V vector.
-        param_mean_std_path: ``param_mean_std_62d_120x120.pkl`` (mean and std of the 62 params).
+        param_mean_std_path: ``param_mean_std_62d_120x120.pkl`` (mean and std of the 62 params);
+            by default the file of that name next to ``bfm_path`` (3DDFA_V2's configs folder).
         faces_path: optional pickle of triangles (3DDFA_V2's ``configs/tri.pkl``), used instead of
             the ``tri`` stored in the BFM file.
     The returned model carries ``param_mean`` and ``param_std`` (62,) numpy arrays for
     :func:`decode_params`.
     """
+    if param_mean_std_path is None:
+        param_mean_std_path = pathlib.Path(os.fspath(bfm_path)).with_name(PARAM_STATS_NAME)
+        if not param_mean_std_path.is_file():
+            raise FileNotFoundError(
+                f"3DDFA_V2's {PARAM_STATS_NAME} is needed with {bfm_path}: put it in the same folder "
+                "or pass param_mean_std_path"
+            )
     bfm = safe_load_pickle(bfm_path)
     _require(bfm, ("u", "w_shp", "w_exp", "keypoints") + (() if faces_path else ("tri",)), bfm_path)
     mean_params, std_params = load_param_mean_std(param_mean_std_path)
