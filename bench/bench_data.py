@@ -125,7 +125,7 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny dataset and few steps (CI)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out"), help="directory for data.json")
     args = parser.parse_args(argv)
-    clips, frames, size, steps = (40, 16, 128, 3) if args.smoke else (64, 48, 256, 12)
+    clips, frames, size, steps = (40, 16, 128, 3) if args.smoke else (64, 32, 256, 10)
     raw_videos, raw_frames, raw_size = (2, 24, 192) if args.smoke else (4, 96, 384)
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_data_"))
     try:

@@ -80,7 +80,7 @@ def test_params_validation(tmp_path):
     with pytest.raises(fmt.DatasetError, match="pose has NaN"):
         fmt.save_params(tmp_path / "bad.npz", **dict(good, pose=np.full((4, 3, 4), np.nan)))
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(fmt.DatasetError, match="cannot read parameter file"):
+    with pytest.raises(fmt.DatasetError, match="cannot read parameter"):
         fmt.load_params(tmp_path / "junk.npz")
     with pytest.raises(fmt.DatasetError, match="not found"):
         fmt.load_params(tmp_path / "absent.npz")

@@ -166,6 +166,8 @@ def test_h264_clips_go_to_the_fallback_on_cpu(tmp_path):
     root = make_dataset(tmp_path / "h264", clips=2, codec="h264", frames=10)
     with pytest.raises(SkipBudgetExceeded, match="codec h264 is not decodable"):
         loaders.DaliLoader(root, batch_size=2)
+    with pytest.raises(ValueError, match="DALI cannot decode h264 on the CPU"):
+        loaders.DaliLoader(ClipDataset(root), batch_size=2)
     loader = loaders.make_loader(root, batch_size=2)
     assert isinstance(loader, loaders.FallbackLoader)
     assert next(iter(loader))["source"].shape == (2, 3, SIZE, SIZE)

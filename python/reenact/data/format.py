@@ -7,8 +7,11 @@ import dataclasses
 import json
 import os
 import pathlib
+import zipfile
 
 import numpy as np
+
+from ..face3d.morphable import read_npz
 
 #: Bumped whenever a field changes meaning; readers refuse versions they do not know.
 FORMAT_VERSION = 1
@@ -153,14 +156,10 @@ def _shape_text(key):
 
 def load_params(path, frames=None):
     """Read and validate a clip's ``.npz`` -> dict of numpy arrays (never unpickles)."""
-    path = pathlib.Path(os.fspath(path))
-    if not path.is_file():
-        raise DatasetError(f"parameter file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError) as err:
-        raise DatasetError(f"cannot read parameter file {path}: {err}") from None
+        arrays = read_npz(path, "parameter")
+    except (FileNotFoundError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DatasetError(str(err)) from None
     check_params(arrays, where=str(path), frames=frames)
     return arrays
 

@@ -156,7 +156,9 @@ class _Feed:
         specs = next(self.batches)
         clips = self.loader.dataset.clips
         encoded = [self.loader.encoded(spec.clip) for spec in specs]
-        frames = [np.array([spec.source, spec.driving], dtype=np.int32) for spec in specs]
+        # Ascending order: DALI 2.4's CPU decoder decodes forward from the clip start (no key
+        # frame seek was observed), so a descending pair would decode the clip twice.
+        frames = [np.array(sorted((spec.source, spec.driving)), dtype=np.int32) for spec in specs]
         mirror = [np.array(int(spec.flip), dtype=np.int32) for spec in specs]
         norms = [normalisation(spec) for spec in specs]
         params = batch_params(clips, specs)
@@ -176,6 +178,11 @@ class DaliLoader(PairLoader):
         device = torch.device(kwargs.get("device", "cpu"))
         self.codecs = DALI_CPU_CODECS if device.type == "cpu" else None
         super().__init__(dataset, batch_size, **kwargs)
+        if self.codecs is not None:
+            others = sorted({c.codec for c in self.dataset.clips} - set(self.codecs))
+            if others:
+                raise ValueError(f"DALI cannot decode {', '.join(others)} on the CPU (only {', '.join(self.codecs)}); "
+                                 f"use device='cuda' or the fallback loader")
         dali, self._iterator_class = _dali()
         self._bytes = {}
         gpu = self.device.type == "cuda"
@@ -215,7 +222,9 @@ class DaliLoader(PairLoader):
         for (batch,) in self._iterator:
             video = batch.pop("video")
             batch = {key: value.to(self.device) for key, value in batch.items()}
-            batch["source"], batch["driving"] = video[:, 0], video[:, 1]
+            later_source = (batch["frame_source"] > batch["frame_driving"]).to(video.device)[:, None, None, None]
+            batch["source"] = torch.where(later_source, video[:, 1], video[:, 0])
+            batch["driving"] = torch.where(later_source, video[:, 0], video[:, 1])
             batch["flip"] = batch["flip"].bool()
             batch["pad"] = batch["pad"].bool()
             yield batch
