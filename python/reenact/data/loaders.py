@@ -11,7 +11,6 @@ pixels differ only by decoder rounding (PSNR > 40 dB, see tests/test_data_loader
 decoded where the loader runs (VP9 on CPU; any NVDEC codec on GPU), and the fallback otherwise.
 """
 import logging
-import os
 
 import numpy as np
 import torch
@@ -118,8 +117,7 @@ class FallbackLoader(PairLoader):
         pin = self.device.type == "cuda"
         loader = torch.utils.data.DataLoader(
             _PairSamples(self.dataset, specs), batch_size=self.batch_size, shuffle=False,
-            num_workers=self.num_workers, pin_memory=pin, persistent_workers=False,
-            multiprocessing_context="fork" if self.num_workers and os.name == "posix" else None)
+            num_workers=self.num_workers, pin_memory=pin)
         for batch in loader:
             yield {key: value.to(self.device, non_blocking=pin) for key, value in batch.items()}
 
