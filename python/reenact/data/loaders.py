@@ -92,11 +92,14 @@ class _PairSamples(torch.utils.data.Dataset):
                                   spec.flip, spec.gain, spec.bias, True)
         else:
             raise MediaError(f"no clip of {self.dataset.root} decodes")
-        images = torch.from_numpy(np.stack(frames))  # (2, H, W, 3) uint8
+        # numpy, not torch: per-sample maths on small arrays gains nothing from intra-op threads,
+        # which only contend with the decoding (and with DataLoader workers).
+        images = np.stack(frames)  # (2, H, W, 3) uint8
         if spec.flip:
-            images = images.flip(2)
-        mean, std = (torch.from_numpy(a) for a in normalisation(spec))
-        images = ((images.float() - mean) / std).clamp_(-1.0, 1.0).permute(0, 3, 1, 2).contiguous()
+            images = images[:, :, ::-1]
+        mean, std = normalisation(spec)
+        images = np.clip((images.astype(np.float32) - mean) / std, -1.0, 1.0)
+        images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
         params = {key: torch.as_tensor(value[0]) for key, value in batch_params(clips, [spec]).items()}
         return dict(params, source=images[0], driving=images[1])
 
