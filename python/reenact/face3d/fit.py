@@ -172,34 +172,52 @@ class _Anchors:
     Fixed landmarks have ``first == second``; a sliding outline landmark lies on a segment of its
     contour polyline, so it slides continuously rather than jumping between candidate vertices.
     first, second: (B, L) int64 positions into the landmark bases; weight: (B, L).
-    projection: (B, L, 2, 2) applied to each landmark's residual: the identity for fixed points,
-    the projection onto the contour's image normal for sliding ones. The residual along the
-    contour is zero by construction (the point may slide there), and leaving it in would make the
-    solver fight the sliding (ICP's point-to-point versus point-to-plane).
+    projection: None, or (B, S, 2, 2) for the S sliding landmarks ``sliding_index``: the
+    projection onto the contour's image normal, applied to those landmarks' residuals. The
+    residual along the contour is zero by construction (the point may slide there), and leaving
+    it in would make the solver fight the sliding (ICP's point-to-point versus point-to-plane).
     """
 
-    def __init__(self, first, second, weight, projection=None):
+    def __init__(self, first, second, weight, sliding_index=None, projection=None):
         self.first, self.second, self.weight = first, second, weight
-        if projection is None:
-            eye = torch.eye(2, dtype=weight.dtype, device=weight.device)
-            projection = eye.expand(*weight.shape, 2, 2)
-        self.projection = projection
+        self.sliding_index, self.projection = sliding_index, projection
         self._gathered = {}  # anchors never change after construction, so gathers are cached
+
+    def project(self, values):
+        """Apply the sliding landmarks' normal projections to (B, L, 2, ...) values."""
+        if self.projection is None:
+            return values
+        out = values.clone()
+        out[:, self.sliding_index] = torch.einsum("bsij,bsj...->bsi...", self.projection,
+                                                  values[:, self.sliding_index])
+        return out
 
     def gather(self, table):
         """Interpolate rows of ``table`` (U, ...) -> (B, L, ...)."""
         key = id(table)
         if key not in self._gathered:
-            w = self.weight.reshape(*self.weight.shape, *([1] * (table.ndim - 1)))
-            self._gathered[key] = (table, (1 - w) * table[self.first] + w * table[self.second])
+            values = table[self.first]
+            if self.sliding_index is not None:  # only sliding landmarks sit between two vertices
+                slots = self.sliding_index
+                w = self.weight[:, slots].reshape(*self.weight.shape[:1], -1, *([1] * (table.ndim - 1)))
+                values[:, slots] += w * (table[self.second[:, slots]] - values[:, slots])
+            self._gathered[key] = (table, values)
         return self._gathered[key][1]
 
     def choose(self, take_other, other):
         """Per frame, ``other``'s anchors where ``take_other`` (B,) is set, else these."""
         def pick(mine, theirs):
             return torch.where(take_other.reshape(-1, *([1] * (mine.ndim - 1))), theirs, mine)
-        return _Anchors(pick(self.first, other.first), pick(self.second, other.second),
-                        pick(self.weight, other.weight), pick(self.projection, other.projection))
+        mine = self.projection
+        if mine is None:
+            mine = torch.eye(2, dtype=other.projection.dtype, device=other.projection.device).expand_as(other.projection)
+        chosen = _Anchors(pick(self.first, other.first), pick(self.second, other.second),
+                          pick(self.weight, other.weight), other.sliding_index, pick(mine, other.projection))
+        # Carry over gathers both sides already hold, instead of gathering again.
+        for key, (table, values) in self._gathered.items():
+            if key in other._gathered:
+                chosen._gathered[key] = (table, pick(values, other._gathered[key][1]))
+        return chosen
 
     def nearest(self):
         """(B, L) position of the nearer of the two vertices."""
@@ -209,8 +227,9 @@ class _Anchors:
 def _model_points(bases, anchors, alpha, beta):
     """Model-space points (B, L, 3) at the anchors for alpha (B, Ki), beta (B, Ke)."""
     shape = anchors.gather(bases.mean)
-    shape = shape + (anchors.gather(bases.id_basis) @ alpha[:, None, :, None]).squeeze(-1)
-    return shape + (anchors.gather(bases.exp_basis) @ beta[:, None, :, None]).squeeze(-1)
+    # einsum, not batched @ of (3, K) x (K, 1): one large product instead of B*L tiny ones.
+    shape = shape + torch.einsum("blck,bk->blc", anchors.gather(bases.id_basis), alpha)
+    return shape + torch.einsum("blck,bk->blc", anchors.gather(bases.exp_basis), beta)
 
 
 def _project(points, rotation, scale, translation):
@@ -225,10 +244,11 @@ def _slide_contours(bases, anchors, landmarks, alpha, beta, rotation, scale, tra
     if not bases.sliding:
         return anchors
     first, second, weight = anchors.first.clone(), anchors.second.clone(), anchors.weight.clone()
-    projection = anchors.projection.clone()
     batch = first.shape[0]
+    sliding_index = torch.tensor([k for k, _ in bases.sliding], device=first.device)
+    projection = torch.empty(batch, len(bases.sliding), 2, 2, dtype=landmarks.dtype, device=landmarks.device)
     polylines = {}
-    for k, side_number in bases.sliding:
+    for slot, (k, side_number) in enumerate(bases.sliding):
         side = bases.sides[side_number]
         if side_number not in polylines:
             cand = side[None].expand(batch, -1)
@@ -246,8 +266,8 @@ def _slide_contours(bases, anchors, landmarks, alpha, beta, rotation, scale, tra
         weight[:, k] = t.gather(1, segment[:, None]).squeeze(1)
         tangent = direction.gather(1, segment[:, None, None].expand(-1, 1, 2)).squeeze(1)
         tangent = tangent / tangent.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        projection[:, k] = torch.eye(2, dtype=tangent.dtype, device=tangent.device) - tangent[:, :, None] * tangent[:, None, :]
-    return _Anchors(first, second, weight, projection)
+        projection[:, slot] = torch.eye(2, dtype=tangent.dtype, device=tangent.device) - tangent[:, :, None] * tangent[:, None, :]
+    return _Anchors(first, second, weight, sliding_index, projection)
 
 
 def _affine_initial_pose(bases, anchors, landmarks, weights):
@@ -292,7 +312,7 @@ def residuals_and_jacobians(bases, anchors, landmarks, row_weight, alpha, beta, 
     s = log_scale.exp()
     rotated = points @ rotation.transpose(-1, -2)
     residual = _project(points, rotation, s, translation) - landmarks  # (B, L, 2)
-    residual = (anchors.projection @ residual[..., None]).squeeze(-1)
+    residual = anchors.project(residual)
     # d(R X)/dd = -[R X]x; image x is +s*(R X)_x, image y is -s*(R X)_y.
     wx, wy, wz = rotated.unbind(-1)
     zero = torch.zeros_like(wx)
@@ -301,10 +321,10 @@ def residuals_and_jacobians(bases, anchors, landmarks, row_weight, alpha, beta, 
     jac_scale = s4 * torch.stack([wx, -wy], -1)[..., None]
     jac_trans = torch.eye(2, dtype=dtype, device=device).expand(batch, num_landmarks, 2, 2)
     projection_rows = s[:, None, None] * torch.stack([rotation[:, 0], -rotation[:, 1]], 1)  # (B, 2, 3)
-    jac_exp = projection_rows[:, None] @ anchors.gather(bases.exp_basis)  # (B, L, 2, Ke)
-    jac_id = projection_rows[:, None] @ anchors.gather(bases.id_basis)  # (B, L, 2, Ki)
-    jac_frame = anchors.projection @ torch.cat([jac_rot, jac_scale, jac_trans, jac_exp], -1)
-    jac_id = anchors.projection @ jac_id
+    jac_exp = torch.einsum("bij,bljk->blik", projection_rows, anchors.gather(bases.exp_basis))  # (B, L, 2, Ke)
+    jac_id = torch.einsum("bij,bljk->blik", projection_rows, anchors.gather(bases.id_basis))  # (B, L, 2, Ki)
+    jac_frame = anchors.project(torch.cat([jac_rot, jac_scale, jac_trans, jac_exp], -1))
+    jac_id = anchors.project(jac_id)
     weight = row_weight[..., None, None]
     return ((residual * row_weight[..., None]).flatten(1), (jac_frame * weight).flatten(1, 2),
             (jac_id * weight).flatten(1, 2))
@@ -360,7 +380,7 @@ def fit_landmarks(model, landmarks, confidence=None, clip_index=None, *, id_prio
     def data_cost(rot, logs, trans, frame_alpha, bet, anch, row_weight):
         """(B,) weighted squared residuals of each frame."""
         projected = _project(_model_points(bases, anch, frame_alpha, bet), rot, logs.exp(), trans)
-        residual = (anch.projection @ (projected - landmarks)[..., None]).squeeze(-1)
+        residual = anch.project(projected - landmarks)
         return (residual * row_weight[..., None]).square().sum((1, 2))
 
     def clip_cost(rot, logs, trans, alph, bet, anch, row_weight):
