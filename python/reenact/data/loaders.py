@@ -17,7 +17,7 @@ import torch
 
 from .dataset import DALI_CPU_CODECS, ClipDataset
 from .pairs import PairConfig, batch_params, epoch_schedule, normalisation
-from .video import MediaError, read_frames
+from .video import MediaError, keyframe_suffixes, read_frames
 
 log = logging.getLogger("reenact.data")
 
@@ -156,14 +156,16 @@ class _Feed:
             self.batches = iter(self.loader.schedule())
         specs = next(self.batches)
         clips = self.loader.dataset.clips
-        encoded = [self.loader.encoded(spec.clip) for spec in specs]
-        # Ascending order: DALI 2.4's CPU decoder decodes forward from the clip start (no key
-        # frame seek was observed), so a descending pair would decode the clip twice.
-        frames = [np.array(sorted((spec.source, spec.driving)), dtype=np.int32) for spec in specs]
+        streams = {"source": ([], []), "driving": ([], [])}
+        for spec in specs:
+            for role, frame in (("source", spec.source), ("driving", spec.driving)):
+                encoded, offset = self.loader.encoded(spec.clip, frame)
+                streams[role][0].append(encoded)
+                streams[role][1].append(np.array([offset], dtype=np.int32))
         mirror = [np.array(int(spec.flip), dtype=np.int32) for spec in specs]
         norms = [normalisation(spec) for spec in specs]
         params = batch_params(clips, specs)
-        return (encoded, frames, mirror, [m for m, _ in norms], [s for _, s in norms],
+        return (*streams["source"], *streams["driving"], mirror, [m for m, _ in norms], [s for _, s in norms],
                 *[params[key] for key in _PARAM_OUTPUTS])
 
 
@@ -185,30 +187,38 @@ class DaliLoader(PairLoader):
                 raise ValueError(f"DALI cannot decode {', '.join(others)} on the CPU (only {', '.join(self.codecs)}); "
                                  f"use device='cuda' or the fallback loader")
         dali, self._iterator_class = _dali()
-        self._bytes = {}
+        self._suffixes = {}
         gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if gpu else None
         fn, types = dali.fn, dali.types
         pipe = dali.Pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                              prefetch_queue_depth=prefetch, seed=int(self.seed) % (2 ** 31), exec_dynamic=True)
         with pipe:
-            outputs = fn.external_source(source=_Feed(self), num_outputs=5 + len(_PARAM_OUTPUTS),
+            outputs = fn.external_source(source=_Feed(self), num_outputs=7 + len(_PARAM_OUTPUTS),
                                          batch=True, cycle="raise")
-            encoded, frames, mirror, mean, std = outputs[:5]
-            video = fn.decoders.video(encoded, frames=frames, device="mixed" if gpu else "cpu")
+            source, source_frame, driving, driving_frame, mirror, mean, std = outputs[:7]
+            decoder = "mixed" if gpu else "cpu"
+            # One decoder per role: each reads a stream that starts at its frame's key frame.
+            video = fn.cat(fn.decoders.video(source, frames=source_frame, device=decoder),
+                           fn.decoders.video(driving, frames=driving_frame, device=decoder), axis=0)
             video = fn.crop_mirror_normalize(video, mirror=mirror, mean=mean, std=std,
                                              dtype=types.FLOAT, output_layout="FCHW")
             video = dali.math.clamp(video, -1.0, 1.0)
-            params = [p.gpu() if gpu else p for p in outputs[5:]]
+            params = [p.gpu() if gpu else p for p in outputs[7:]]
             pipe.set_outputs(video, *params)
         self.pipe = pipe
         self._iterator, self._finished = None, False
 
-    def encoded(self, clip_id):
-        """The clip's file bytes (uint8 array), read once and kept: clips are small."""
-        if clip_id not in self._bytes:
-            self._bytes[clip_id] = np.fromfile(self.dataset.clips[clip_id].video, dtype=np.uint8)
-        return self._bytes[clip_id]
+    def encoded(self, clip_id, frame):
+        """(stream, index in it) for a frame: the clip re-muxed from the key frame before the frame
+        (:func:`~reenact.data.video.keyframe_suffixes`), built once per clip and kept: clips are
+        small. DALI 2.4's CPU decoder decodes a stream forward from its start, so feeding it the
+        whole clip would decode every frame before the wanted one."""
+        if clip_id not in self._suffixes:
+            self._suffixes[clip_id] = keyframe_suffixes(self.dataset.clips[clip_id].video)
+        suffixes, keyframe_before = self._suffixes[clip_id]
+        key = int(keyframe_before[frame])
+        return suffixes[key], frame - key
 
     def __iter__(self):
         # No auto_reset: DALI would then prefetch the next epoch before set_epoch() is called.
@@ -223,9 +233,7 @@ class DaliLoader(PairLoader):
         for (batch,) in self._iterator:
             video = batch.pop("video")
             batch = {key: value.to(self.device) for key, value in batch.items()}
-            later_source = (batch["frame_source"] > batch["frame_driving"]).to(video.device)[:, None, None, None]
-            batch["source"] = torch.where(later_source, video[:, 1], video[:, 0])
-            batch["driving"] = torch.where(later_source, video[:, 0], video[:, 1])
+            batch["source"], batch["driving"] = video[:, 0], video[:, 1]
             batch["flip"] = batch["flip"].bool()
             batch["pad"] = batch["pad"].bool()
             yield batch

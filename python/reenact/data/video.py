@@ -4,6 +4,7 @@ PyAV (``av==18.1.0``) bundles libvpx and libx264 in its wheels, so encoding need
 FFmpeg. Clips use a short GOP so that random access (two frames per clip) decodes few frames.
 """
 import contextlib
+import io
 import os
 import pathlib
 
@@ -197,6 +198,40 @@ class FrameIndex:
 
     def __len__(self):
         return int(self.pts.size)
+
+
+def keyframe_suffixes(path):
+    """The clip re-muxed (no re-encoding) into one in-memory Matroska stream per key frame, each
+    starting at that key frame -> ({display index of the key frame: uint8 array}, keyframe_before).
+
+    ``keyframe_before[i]`` is the key frame at or before frame i. Frame i is frame
+    ``i - keyframe_before[i]`` of that key frame's stream. Our encoders write closed GOPs, so every
+    suffix decodes on its own. DALI's decoder reads a stream from its start, so handing it the
+    suffix decodes at most one GOP per frame instead of the clip's whole head.
+    """
+    av = _av()
+    index = FrameIndex(path)
+    suffixes = {}
+    with open_video(path) as (container, stream):
+        packets = sorted((p for p in container.demux(stream) if p.size > 0 and p.dts is not None),
+                         key=lambda p: p.dts)
+        for start, packet in enumerate(packets):
+            if not packet.is_keyframe and start != 0:
+                continue
+            display = int(np.searchsorted(index.pts, packet.pts))
+            buffer = io.BytesIO()
+            with av.open(buffer, "w", format="matroska") as output:
+                target = output.add_stream_from_template(stream)
+                base = packet.dts
+                for item in packets[start:]:
+                    pts, dts = item.pts, item.dts
+                    item.pts, item.dts, item.stream = pts - base, dts - base, target
+                    output.mux(item)
+                    item.pts, item.dts = pts, dts
+            suffixes[display] = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
+    keys = np.array(sorted(suffixes))
+    keyframe_before = keys[np.searchsorted(keys, np.arange(len(index)), side="right") - 1]
+    return suffixes, keyframe_before
 
 
 def read_frames(path, indices, index=None):
