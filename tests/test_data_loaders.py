@@ -206,3 +206,20 @@ def test_dali_gpu_decodes_h264_with_nvdec(tmp_path):
     gpu = next(iter(loaders.DaliLoader(root, batch_size=2, seed=0, device="cuda", config=pairs.NO_AUGMENTATION)))
     ref = next(iter(loaders.FallbackLoader(root, batch_size=2, seed=0, config=pairs.NO_AUGMENTATION)))
     assert psnr(ref["source"].numpy(), gpu["source"].cpu().numpy(), peak=2.0) > 35
+
+
+@pytest.mark.parametrize("codec", ["vp9", "h264"])
+def test_keyframe_suffixes_decode_to_the_clip_frames(tmp_path, codec):
+    root = make_dataset(tmp_path / codec, clips=1, codec=codec, frames=FRAMES)
+    clip = ClipDataset(root, codecs=None).clips[0]
+    full = list(video.iter_frames(clip.video))
+    suffixes, keyframe_before = video.keyframe_suffixes(clip.video)
+    assert sorted(suffixes) == sorted(set(keyframe_before.tolist())) and keyframe_before[0] == 0
+    assert len(suffixes) == -(-FRAMES // video.DEFAULT_GOP)
+    for key, stream in suffixes.items():
+        path = tmp_path / f"suffix{key}.mkv"
+        stream.tofile(path)
+        decoded = list(video.iter_frames(path))
+        assert len(decoded) == FRAMES - key
+        for offset, frame in enumerate(decoded):
+            np.testing.assert_array_equal(frame, full[key + offset])
