@@ -124,8 +124,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny dataset and few steps (CI)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out"), help="directory for data.json")
+    parser.add_argument("--frames", type=int, default=None, help="frames per clip (default 32; 16 with --smoke)")
     args = parser.parse_args(argv)
     clips, frames, size, steps = (40, 16, 128, 3) if args.smoke else (64, 32, 256, 10)
+    frames = args.frames or frames
     raw_videos, raw_frames, raw_size = (2, 24, 192) if args.smoke else (4, 96, 384)
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_data_"))
     try:
