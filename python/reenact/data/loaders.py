@@ -172,6 +172,13 @@ class _Feed:
 class DaliLoader(PairLoader):
     """The DALI pipeline: ``fn.decoders.video`` with frame indices from an external source.
 
+    The external source gives, per sample, the source and driving frames as (stream, index):
+    the clip re-muxed from the key frame before the frame (see :meth:`encoded`), decoded by one
+    ``fn.decoders.video`` per role, then concatenated, flipped and normalised by
+    ``crop_mirror_normalize`` (per-sample mirror, mean and std from the shared sampler) and
+    clamped. The parameters travel through the same external source, so they cannot drift from
+    their frames.
+
     On CPU (``device="cpu"``, ``device_id=None``) the clips must be VP8/VP9/MJPEG; on a CUDA
     device decoding runs on NVDEC (``device="mixed"``), flips and normalisation on the GPU, and
     the parameters are copied to the GPU by DALI. ``num_threads`` DALI worker threads.
