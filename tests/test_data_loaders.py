@@ -147,19 +147,28 @@ def test_broken_clips_are_skipped_and_logged(dataset, tmp_path, caplog):
 
 def test_clip_that_breaks_after_verification_is_replaced_and_logged(dataset, monkeypatch, caplog):
     opened = ClipDataset(dataset)
-    original = loaders.read_frames
+    broken = opened.clips[3].video
+    read, suffixes = loaders.read_frames, loaders.keyframe_suffixes
 
-    def failing(path, indices, index=None):
-        if path == opened.clips[3].video:
-            raise video.MediaError("simulated decoder failure")
-        return original(path, indices, index)
+    def failing(function):
+        def wrapper(path, *args):
+            if path == broken:
+                raise video.MediaError("simulated decoder failure")
+            return function(path, *args)
+        return wrapper
 
-    monkeypatch.setattr(loaders, "read_frames", failing)
-    with caplog.at_level(logging.WARNING, logger="reenact.data"):
-        batches = list(loaders.FallbackLoader(opened, batch_size=7, seed=0))
-    assert batches[0]["source"].shape[0] == 7
-    assert 3 not in batches[0]["clip"].tolist()
-    assert "simulated decoder failure" in caplog.text
+    monkeypatch.setattr(loaders, "read_frames", failing(read))
+    monkeypatch.setattr(loaders, "keyframe_suffixes", failing(suffixes))
+    batches = {}
+    for backend in ("fallback", "dali"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="reenact.data"):
+            batches[backend] = list(loaders.make_loader(opened, backend=backend, batch_size=7, seed=0))
+        assert len(batches[backend]) == 1 and batches[backend][0]["source"].shape[0] == 7
+        assert 3 not in batches[backend][0]["clip"].tolist()
+        assert "simulated decoder failure" in caplog.text
+    for key in ("clip", "frame_source", "frame_driving", "pad", "pose_driving"):
+        torch.testing.assert_close(batches["fallback"][0][key], batches["dali"][0][key], rtol=0, atol=0)
 
 
 def test_h264_clips_go_to_the_fallback_on_cpu(tmp_path):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .dataset import DALI_CPU_CODECS, ClipDataset
-from .pairs import PairConfig, batch_params, epoch_schedule, normalisation
+from .pairs import PairConfig, batch_params, epoch_schedule, normalisation, replacement
 from .video import MediaError, keyframe_suffixes, read_frames
 
 log = logging.getLogger("reenact.data")
@@ -77,19 +77,13 @@ class _PairSamples(torch.utils.data.Dataset):
     def __getitem__(self, item):
         spec = self.specs[item]
         clips = self.dataset.clips
-        for attempt in range(len(clips)):
+        for _ in range(len(clips)):
             try:
                 frames = read_frames(clips[spec.clip].video, [spec.source, spec.driving],
                                      self.dataset.frame_index(spec.clip))
                 break
             except (MediaError, OSError) as err:
-                # A clip that broke after verification: log it, take the next clip's pair instead
-                # (same positions, clipped to its length), so the batch keeps its size.
-                log.warning("skipping broken clip %s: %s", clips[spec.clip].record.clip, err)
-                following = (spec.clip + 1) % len(clips)
-                last = clips[following].frames - 1
-                spec = type(spec)(following, min(spec.source, last), min(spec.driving, last),
-                                  spec.flip, spec.gain, spec.bias, True)
+                spec = _replace_broken(self.dataset, spec, err)
         else:
             raise MediaError(f"no clip of {self.dataset.root} decodes")
         # numpy, not torch: per-sample maths on small arrays gains nothing from intra-op threads,
@@ -102,6 +96,13 @@ class _PairSamples(torch.utils.data.Dataset):
         images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
         params = {key: torch.as_tensor(value[0]) for key, value in batch_params(clips, [spec]).items()}
         return dict(params, source=images[0], driving=images[1])
+
+
+def _replace_broken(dataset, spec, err):
+    """Log a clip that broke after verification and return the pair that replaces it, so the
+    batch keeps its size (see :func:`reenact.data.pairs.replacement`)."""
+    log.warning("skipping broken clip %s: %s", dataset.clips[spec.clip].record.clip, err)
+    return replacement(spec, dataset.frame_counts)
 
 
 class FallbackLoader(PairLoader):
@@ -155,16 +156,23 @@ class _Feed:
         if self.batches is None:
             self.batches = iter(self.loader.schedule())
         specs = next(self.batches)
-        clips = self.loader.dataset.clips
+        dataset = self.loader.dataset
         streams = {"source": ([], []), "driving": ([], [])}
-        for spec in specs:
-            for role, frame in (("source", spec.source), ("driving", spec.driving)):
-                encoded, offset = self.loader.encoded(spec.clip, frame)
+        for position, spec in enumerate(specs):
+            for _ in range(len(dataset)):
+                try:
+                    pair = [self.loader.encoded(spec.clip, frame) for frame in (spec.source, spec.driving)]
+                    break
+                except (MediaError, OSError) as err:
+                    spec = specs[position] = _replace_broken(dataset, spec, err)
+            else:
+                raise MediaError(f"no clip of {dataset.root} decodes")
+            for role, (encoded, offset) in zip(("source", "driving"), pair):
                 streams[role][0].append(encoded)
                 streams[role][1].append(np.array([offset], dtype=np.int32))
         mirror = [np.array(int(spec.flip), dtype=np.int32) for spec in specs]
         norms = [normalisation(spec) for spec in specs]
-        params = batch_params(clips, specs)
+        params = batch_params(dataset.clips, specs)
         return (*streams["source"], *streams["driving"], mirror, [m for m, _ in norms], [s for _, s in norms],
                 *[params[key] for key in _PARAM_OUTPUTS])
 

@@ -88,6 +88,16 @@ def _spec(clip, frames, seed, epoch, position, pad, config):
     return PairSpec(clip, source, driving, flip, gain, bias, bool(pad))
 
 
+def replacement(spec, frame_counts):
+    """The pair that stands in for ``spec`` when its clip fails to decode at run time: the next
+    clip, the same frame positions clipped to its length, flagged ``pad``. Both loaders use it,
+    so they stay identical even then."""
+    following = (spec.clip + 1) % len(frame_counts)
+    last = int(frame_counts[following]) - 1
+    return dataclasses.replace(spec, clip=following, source=min(spec.source, last),
+                               driving=min(spec.driving, last), pad=True)
+
+
 def normalisation(spec):
     """Per-channel (mean, std) float32 (3,) with ``out = (pixel - mean) / std``.
 
