@@ -180,7 +180,7 @@ def process_file(path, relative, out_dir, options, decode=iter_frames, model=Non
     from ..face3d.fit import fit_landmarks
     from ..face3d.morphable import load_model
 
-    packets, fps, _, _, _ = probe(path)
+    fps = probe(path)[1]  # also rejects unreadable files before any decoding
     model = model if model is not None else load_model(options.model)
     if options.landmarks_from is not None:
         given = _landmarks_for(options, relative)
