@@ -11,10 +11,14 @@ kernels for torch.compile, autograd):
 `pncc_cuda.reference` holds a pure-PyTorch implementation of each op: the test oracle and the
 benchmark baseline.
 """
-# The shared library must be loaded before any Python-side registration refers to its schemas.
+# torch first: it loads libc10/libtorch, which the extension links against. Then the shared
+# library, before any Python-side registration refers to its schemas.
+import torch  # noqa: F401
+
 from . import _C  # noqa: F401
 from . import reference  # noqa: F401
+from .corr import corr_warp
 from .raster import interpolate, rasterize, render_pncc
 
-__all__ = ["rasterize", "interpolate", "render_pncc", "reference"]
+__all__ = ["rasterize", "interpolate", "render_pncc", "corr_warp", "reference"]
 __version__ = "0.1.0"

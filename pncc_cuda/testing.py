@@ -61,6 +61,14 @@ def rotation_y(degrees):
     )
 
 
+def rotation_x(degrees):
+    """3x3 rotation about the horizontal axis (a head nodding up or down)."""
+    a = math.radians(degrees)
+    return torch.tensor(
+        [[1.0, 0.0, 0.0], [0.0, math.cos(a), -math.sin(a)], [0.0, math.sin(a), math.cos(a)]]
+    )
+
+
 def head_surface(num_faces):
     """A generated head-like surface (an ellipsoidal cap with a nose bump) with exactly
     `num_faces` triangles; model space, units of the face width."""
@@ -79,7 +87,7 @@ def head_surface(num_faces):
     return points, tris[:num_faces].int()
 
 
-def face_mesh(num_faces=76073, size=256, yaw=0.0):
+def face_mesh(num_faces=76073, size=256, yaw=0.0, pitch=0.0):
     """A face mesh of `num_faces` triangles in the image space of a size x size image.
 
     Uses the real mesh of ../shared/data/face-models when it is there, else a generated one of the
@@ -96,7 +104,8 @@ def face_mesh(num_faces=76073, size=256, yaw=0.0):
         source = f"generated head surface, {num_faces} triangles"
     ncc = normalized_coordinate_code(points)
     centred = points - (points.amax(0) + points.amin(0)) / 2
-    vertices = to_image_space(centred @ rotation_y(yaw).T, size)
+    rotation = rotation_x(pitch) @ rotation_y(yaw)
+    vertices = to_image_space(centred @ rotation.T, size)
     return Mesh(vertices.float().contiguous(), faces.contiguous(), ncc.float().contiguous(), source)
 
 

@@ -556,6 +556,23 @@ def test_repeated_forwards_are_bitwise_equal(device):
 
 
 @pytest.mark.cuda
+def test_cuda_render_pncc_peak_memory_is_outputs_plus_zbuffer():
+    mesh = face_mesh(76073, size=256)
+    vertices = mesh.batch(64).cuda()
+    faces, ncc = mesh.faces.cuda(), mesh.ncc.cuda()
+    pncc_cuda.render_pncc(vertices, faces, ncc, 256, 256)  # warm-up: kernels loaded
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = pncc_cuda.render_pncc(vertices, faces, ncc, 256, 256)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    outputs = sum(t.numel() * t.element_size() for t in out)
+    zbuffer = 64 * 256 * 256 * 8
+    assert peak <= (outputs + zbuffer) * 1.01 + 4096
+
+
+@pytest.mark.cuda
 def test_cuda_backward_with_atomics_refuses_deterministic_mode():
     vertices, faces = soup()
     vertices = vertices.cuda().requires_grad_(True)

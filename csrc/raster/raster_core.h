@@ -29,23 +29,51 @@ struct MeshView {
   }
 };
 
-// Depth-tests face `f` of image `b` against the z-buffer rows [row_begin, row_end).
+// Triangle bounds computed from the vertex coordinates on the fly: a callable for zbuffer_face.
+// (The CPU instead precomputes every vertex's fixed point once per image, since a vertex is
+// shared by about six triangles; CUDA converts per thread, since a per-vertex buffer would cost
+// memory per image.)
+template <typename T>
+struct BoundsFromVertices {
+  const T* verts;
+  int height, width, row_begin, row_end;
+
+  HOST_DEVICE_INLINE SampleBounds operator()(int32_t i0, int32_t i1, int32_t i2) const {
+    const T* v0 = verts + 3 * int64_t(i0);
+    const T* v1 = verts + 3 * int64_t(i1);
+    const T* v2 = verts + 3 * int64_t(i2);
+    return triangle_sample_bounds(vertex_fixed_point(v0[0], v0[1], height, width),
+                                  vertex_fixed_point(v1[0], v1[1], height, width),
+                                  vertex_fixed_point(v2[0], v2[1], height, width), row_begin,
+                                  row_end, width);
+  }
+};
+
+// Depth-tests face `f` of image `b` against a z-buffer whose first row is `row_begin`.
 //
+// `triangle_bounds(i0, i1, i2)` returns the sample bounds of the triangle with those vertices,
+// restricted to the rows (BoundsFromVertices, or the CPU's precomputed equivalent); they may be
+// conservative, since every sample is tested exactly.
 // `update(offset, key, bary, depth)` keeps the smaller key for the pixel `offset` pixels after
 // (row_begin, 0). The CPU passes a compare-and-store that also keeps the winner's barycentrics,
 // CUDA an atomicMin on the key alone (its resolve pass recomputes them, bit-identically);
 // everything else, including which samples a triangle covers, is this one function.
-template <typename T, typename Update>
+template <typename T, typename Bounds, typename Update>
 HOST_DEVICE_INLINE void zbuffer_face(const MeshView<T>& mesh, int64_t b, int64_t f, int row_begin,
-                                     int row_end, Update&& update) {
+                                     Bounds&& triangle_bounds, Update&& update) {
   const T* verts = mesh.image_vertices(b);
   const int32_t* idx = mesh.faces + 3 * f;
+  const int32_t i0 = idx[0], i1 = idx[1], i2 = idx[2];
+  const SampleBounds bounds = triangle_bounds(i0, i1, i2);
+  // Most triangles of a real face mesh at 256x256 are sub-pixel: this test rejects them before
+  // any floating-point setup.
+  if (is_empty(bounds)) return;
   Triangle<T> tri;
-  if (!setup_triangle(verts + 3 * int64_t(idx[0]), verts + 3 * int64_t(idx[1]),
-                      verts + 3 * int64_t(idx[2]), row_begin, row_end, mesh.width, tri))
+  if (!setup_triangle(verts + 3 * int64_t(i0), verts + 3 * int64_t(i1), verts + 3 * int64_t(i2),
+                      bounds, tri))
     return;
-  for (int row = tri.row0; row <= tri.row1; ++row) {
-    for (int col = tri.col0; col <= tri.col1; ++col) {
+  for (int row = bounds.row0; row <= bounds.row1; ++row) {
+    for (int col = bounds.col0; col <= bounds.col1; ++col) {
       T bary[3], depth;
       if (!cover_sample(tri, T(col), T(row), bary, depth)) continue;
       update(int64_t(row - row_begin) * mesh.width + col,

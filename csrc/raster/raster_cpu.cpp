@@ -1,5 +1,6 @@
 // CPU kernels of the rasterizer ops. This file owns only the loop structure: the per-triangle
-// and per-pixel work is in raster_core.h, shared with CUDA.
+// and per-pixel work is in raster_core.h, shared with CUDA, and the z-buffer of one band of rows
+// in raster_band.h.
 //
 // Parallelism: at::parallel_for over (image, band of rows) work items. Each item owns its rows
 // outright (its own z-buffer slice), so no two threads ever write the same pixel, and because
@@ -12,6 +13,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "raster/raster_band.h"
 #include "raster/raster_check.h"
 #include "raster/raster_core.h"
 
@@ -37,41 +39,6 @@ void for_each_band(int64_t batch, int64_t height, const Fn& fn) {
   });
 }
 
-// The z-buffer of rows [row_begin, row_end) of one image: a packed key per pixel, plus the
-// barycentrics and depth of the current winner, so that resolving needs no second setup.
-template <typename T>
-struct BandBuffer {
-  std::vector<uint64_t> keys;
-  std::vector<T> bary_depth;  // 4 per pixel: bary[3], depth
-
-  void rasterize(const MeshView<T>& mesh, int64_t b, int row_begin, int row_end) {
-    const int64_t pixels = int64_t(row_end - row_begin) * mesh.width;
-    keys.assign(pixels, kEmptyKey);
-    bary_depth.resize(4 * pixels);
-    uint64_t* slots = keys.data();
-    T* values = bary_depth.data();
-    const auto keep_nearest = [slots, values](int64_t offset, uint64_t key, const T* bary,
-                                              T depth) {
-      if (key < slots[offset]) {
-        slots[offset] = key;
-        T* v = values + 4 * offset;
-        v[0] = bary[0];
-        v[1] = bary[1];
-        v[2] = bary[2];
-        v[3] = depth;
-      }
-    };
-    for (int64_t f = 0; f < mesh.num_faces; ++f)
-      zbuffer_face(mesh, b, f, row_begin, row_end, keep_nearest);
-  }
-
-  // Face index of the pixel at `offset`, -1 on the background; its weights and depth when
-  // covered (the background's are never read).
-  int32_t face(int64_t offset) const { return key_face(keys[offset]); }
-  const T* bary(int64_t offset) const { return bary_depth.data() + 4 * offset; }
-  T depth(int64_t offset) const { return bary_depth[4 * offset + 3]; }
-};
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rasterize_cpu(const at::Tensor& vertices_in,
                                                               const at::Tensor& faces,
                                                               int64_t height, int64_t width) {
@@ -89,8 +56,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rasterize_cpu(const at::Tensor& v
     scalar_t* bary_out = bary.data_ptr<scalar_t>();
     scalar_t* depth_out = depth.data_ptr<scalar_t>();
     for_each_band(batch, height, [&](int64_t b, int row_begin, int row_end) {
-      BandBuffer<scalar_t> band;
-      band.rasterize(mesh, b, row_begin, row_end);
+      const RasterizedBand<scalar_t> band =
+          BandBuffer<scalar_t>::for_this_thread().rasterize(mesh, b, row_begin, row_end);
       const int64_t first_pixel = (b * height + row_begin) * width;
       for (int64_t offset = 0; offset < int64_t(row_end - row_begin) * width; ++offset) {
         const int64_t pixel = first_pixel + offset;
@@ -127,8 +94,8 @@ std::tuple<at::Tensor, at::Tensor> render_pncc_cpu(const at::Tensor& vertices_in
     scalar_t* mask_out = mask.data_ptr<scalar_t>();
     const int64_t plane = height * width;
     for_each_band(batch, height, [&](int64_t b, int row_begin, int row_end) {
-      BandBuffer<scalar_t> band;
-      band.rasterize(mesh, b, row_begin, row_end);
+      const RasterizedBand<scalar_t> band =
+          BandBuffer<scalar_t>::for_this_thread().rasterize(mesh, b, row_begin, row_end);
       const scalar_t* image_ncc = ncc_data + b * ncc_batch_stride;
       const int64_t first_offset = int64_t(row_begin) * width;
       for (int64_t offset = 0; offset < int64_t(row_end - row_begin) * width; ++offset) {

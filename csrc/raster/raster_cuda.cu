@@ -34,7 +34,9 @@ __global__ void zbuffer_kernel(MeshView<T> mesh, unsigned long long* keys) {
   const int64_t b = item / mesh.num_faces;
   const int64_t f = item - b * mesh.num_faces;
   unsigned long long* image_keys = keys + b * int64_t(mesh.height) * mesh.width;
-  zbuffer_face(mesh, b, f, 0, mesh.height,
+  const BoundsFromVertices<T> triangle_bounds{mesh.image_vertices(b), mesh.height, mesh.width, 0,
+                                              mesh.height};
+  zbuffer_face(mesh, b, f, 0, triangle_bounds,
                [image_keys](int64_t offset, uint64_t key, const T*, T) {
                  atomicMin(image_keys + offset, static_cast<unsigned long long>(key));
                });

@@ -54,17 +54,17 @@ struct Edge {
 };
 
 // Barycentric weights of (px, py) from the three edge functions. Returns false when they sum to
-// zero (degenerate triangle). Dividing by the sum, not by a separately computed area, keeps the
+// zero (degenerate triangle) or overflow. Dividing by the sum, not by a separately computed area, keeps the
 // result independent of orientation: negating all three w gives bit-identical weights.
+// The weights are always written (non-finite when the sum is 0).
 template <typename T>
 HOST_DEVICE_INLINE bool bary_from_edges(T w0, T w1, T w2, T* bary) {
   const T sum = (w0 + w1) + w2;
-  if (!(sum != T(0)) || !is_finite_value(sum)) return false;
   const T inv = T(1) / sum;
   bary[0] = w0 * inv;
   bary[1] = w1 * inv;
   bary[2] = w2 * inv;
-  return true;
+  return (sum != T(0)) & is_finite_value(sum);
 }
 
 template <typename T>
@@ -76,22 +76,61 @@ HOST_DEVICE_INLINE T interpolate_depth(const T* bary, T z0, T z1, T z2) {
 // Bounding boxes
 // ---------------------------------------------------------------------------------------------
 
-// Integer sample coordinates inside [lo, hi], clamped to [first_allowed, last_allowed].
-//
-// Returns false when there are none. The tests are written `!(in range)` so that NaN takes the
-// rejecting branch, and clamping happens before any float-to-int conversion, which is therefore
-// always in range (a 1e10 or infinite bound is clamped to the image, never cast).
+// Bounding boxes are computed in fixed point: each vertex coordinate is clamped to [-1, size]
+// (so a 1e10, infinite or NaN coordinate is clamped, never cast out of range), shifted by +1 so it
+// is non-negative, and truncated to 1/256 pixel. The sample bounds derived from three such
+// vertices are conservative (never narrower than the exact ones, at most 1/256 px wider), which
+// is all they need to be: every sample inside them is then tested exactly by cover_sample.
+// Integer bounds cost a few integer min/max per triangle, and the per-vertex conversion
+// vectorises, which matters because most triangles of a real face mesh at 256x256 are sub-pixel
+// and are rejected by their bounds alone.
+constexpr int kFixedPointShift = 8;  // 1/256 pixel; (32768 + 1) * 256 < 2^24 stays exact
+
+struct FixedPoint {
+  int32_t x, y;  // (clamp(coordinate, -1, size) + 1) * 256, truncated
+};
+
 template <typename T>
-HOST_DEVICE_INLINE bool sample_span(T lo, T hi, int first_allowed, int last_allowed, int& first,
-                                    int& last) {
-  if (!(hi >= T(first_allowed) && lo <= T(last_allowed))) return false;
-  const T l = lo > T(first_allowed) ? lo : T(first_allowed);
-  const T h = hi < T(last_allowed) ? hi : T(last_allowed);
-  // l and h are now in [first_allowed, last_allowed] and non-negative: truncation is floor.
-  const int l_floor = static_cast<int>(l);
-  first = l_floor + (T(l_floor) < l ? 1 : 0);
-  last = static_cast<int>(h);
-  return first <= last;
+HOST_DEVICE_INLINE int32_t to_fixed_point(T v, int size) {
+  T c = v > T(-1) ? v : T(-1);  // NaN -> -1
+  c = c < T(size) ? c : T(size);
+  return static_cast<int32_t>((c + T(1)) * T(1 << kFixedPointShift));
+}
+
+template <typename T>
+HOST_DEVICE_INLINE FixedPoint vertex_fixed_point(T x, T y, int height, int width) {
+  return {to_fixed_point(x, width), to_fixed_point(y, height)};
+}
+
+// The pixel samples a triangle's bounding box may hold: columns [col0, col1] and rows
+// [row0, row1], empty when first > last.
+struct SampleBounds {
+  int col0, col1, row0, row1;
+};
+
+// First and last sample in a fixed-point interval [lo, hi], clamped to [first, last].
+HOST_DEVICE_INLINE void fixed_point_span(int32_t lo, int32_t hi, int first, int last, int& begin,
+                                         int& end) {
+  constexpr int32_t one = 1 << kFixedPointShift;
+  const int b = ((lo + one - 1) >> kFixedPointShift) - 1;  // ceil(lo) in pixels
+  const int e = (hi >> kFixedPointShift) - 1;              // floor(hi) in pixels
+  begin = b > first ? b : first;
+  end = e < last ? e : last;
+}
+
+// Conservative sample bounds of the triangle (a, b, c) within rows [row_begin, row_end) of a
+// `width`-wide image.
+HOST_DEVICE_INLINE SampleBounds triangle_sample_bounds(FixedPoint a, FixedPoint b, FixedPoint c,
+                                                       int row_begin, int row_end, int width) {
+  SampleBounds s;
+  fixed_point_span(min3(a.x, b.x, c.x), max3(a.x, b.x, c.x), 0, width - 1, s.col0, s.col1);
+  fixed_point_span(min3(a.y, b.y, c.y), max3(a.y, b.y, c.y), row_begin, row_end - 1, s.row0,
+                   s.row1);
+  return s;
+}
+
+HOST_DEVICE_INLINE bool is_empty(const SampleBounds& s) {
+  return (s.col0 > s.col1) | (s.row0 > s.row1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -104,39 +143,33 @@ template <typename T>
 struct Triangle {
   Edge<T> edge[3];
   T z[3];
-  T orient;        // +1 or -1: makes the edge functions positive inside, whatever the winding
-  int row0, row1;  // inclusive span of sample rows, clamped to the caller's band
-  int col0, col1;  // inclusive span of sample columns, clamped to the image
+  T orient;             // +1 or -1: makes the edge functions positive inside, whatever the winding
+  SampleBounds bounds;  // the samples to test, clamped to the image and the caller's band
 };
 
-// Prepares triangle (v0, v1, v2) for rows [row_begin, row_end) of a `width`-wide image.
+// Prepares triangle (v0, v1, v2), whose samples lie within `bounds` (non-empty), for coverage
+// tests.
 //
 // Args:
 //   v0, v1, v2: pointers to 3 coordinates (x, y, z) each, image space.
-// Returns false when the triangle covers nothing there: its bounding box holds no sample, an x or
-// y coordinate is non-finite, or its area is zero. The bounding box test
-// comes first because most triangles of a real face mesh at 256x256 are sub-pixel.
+// Returns false when the triangle covers nothing: its area is zero, or an x or y coordinate is
+// non-finite (that makes the doubled area non-finite: an infinite or NaN coordinate reaches it
+// through a difference, and 0 * inf is NaN). A non-finite z is caught by cover_sample's depth
+// test.
 template <typename T>
-HOST_DEVICE_INLINE bool setup_triangle(const T* v0, const T* v1, const T* v2, int row_begin,
-                                       int row_end, int width, Triangle<T>& tri) {
+HOST_DEVICE_INLINE bool setup_triangle(const T* v0, const T* v1, const T* v2,
+                                       const SampleBounds& bounds, Triangle<T>& tri) {
   const T x0 = v0[0], y0 = v0[1], x1 = v1[0], y1 = v1[1], x2 = v2[0], y2 = v2[1];
-  if (!sample_span(min3(y0, y1, y2), max3(y0, y1, y2), row_begin, row_end - 1, tri.row0,
-                   tri.row1))
-    return false;
-  if (!sample_span(min3(x0, x1, x2), max3(x0, x1, x2), 0, width - 1, tri.col0, tri.col1))
-    return false;
   tri.edge[0] = Edge<T>(x1, y1, x2, y2);
   tri.edge[1] = Edge<T>(x2, y2, x0, y0);
   tri.edge[2] = Edge<T>(x0, y0, x1, y1);
-  // Twice the signed area. It is non-finite whenever any x or y is (an infinite or NaN
-  // coordinate reaches it through a difference, and 0 * inf is NaN), so this one test also
-  // rejects non-finite vertices; a non-finite z is caught by the depth test in cover_sample.
   const T area = tri.edge[0](x0, y0);
   if (!(area != T(0)) || !is_finite_value(area)) return false;
   tri.orient = area > T(0) ? T(1) : T(-1);
   tri.z[0] = v0[2];
   tri.z[1] = v1[2];
   tri.z[2] = v2[2];
+  tri.bounds = bounds;
   return true;
 }
 
@@ -145,25 +178,29 @@ HOST_DEVICE_INLINE bool setup_triangle(const T* v0, const T* v1, const T* v2, in
 // With the edge functions made positive inside, the positively oriented traversal direction d
 // of the edge decides: "top" edges (d.y == 0, d.x > 0) and "left" edges (d.y < 0) own their
 // samples. Two triangles sharing an edge traverse it in opposite directions, so exactly one of
-// them owns it. Only evaluated for samples exactly on an edge, which are rare.
+// them owns it.
 template <typename T>
 HOST_DEVICE_INLINE bool owns_edge(const Triangle<T>& tri, int i) {
   const Edge<T>& e = tri.edge[i];
   const T s = tri.orient * e.sign;  // the canonical direction, flipped to positive orientation
   const T dx = s * e.dx, dy = s * e.dy;
-  return (dy < T(0)) || (dy == T(0) && dx > T(0));
+  return (dy < T(0)) | ((dy == T(0)) & (dx > T(0)));
 }
 
-// Coverage of the sample (px, py). On success fills the barycentric weights and the depth.
+// Coverage of the sample (px, py). When covered, fills the barycentric weights and the depth.
+//
+// The three edge tests are combined without early exits (one unpredictable branch instead of
+// three); the weights are only computed for covered samples.
 template <typename T>
 HOST_DEVICE_INLINE bool cover_sample(const Triangle<T>& tri, T px, T py, T* bary, T& depth) {
+  bool inside = true;
   T w[3];
   for (int i = 0; i < 3; ++i) {
     w[i] = tri.orient * tri.edge[i](px, py);
-    // Written as `!(inside)` so that a NaN edge value rejects the sample.
-    if (!(w[i] > T(0) || (w[i] == T(0) && owns_edge(tri, i)))) return false;
+    // Written so that a NaN edge value is outside.
+    inside &= (w[i] > T(0)) || (w[i] == T(0) && owns_edge(tri, i));
   }
-  if (!bary_from_edges(w[0], w[1], w[2], bary)) return false;
+  if (!inside || !bary_from_edges(w[0], w[1], w[2], bary)) return false;
   depth = interpolate_depth(bary, tri.z[0], tri.z[1], tri.z[2]);
   return is_finite_value(depth);  // a non-finite z cannot be ordered: not covered
 }

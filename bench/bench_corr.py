@@ -1,0 +1,192 @@
+"""Benchmark of pncc_cuda.corr_warp against the unfused reference and torch's SDPA.
+
+Workload (DESIGN.md): N = 64x64 = 4096 queries and keys, C = 256, Cv = 256 (and Cv = 3 for an RGB
+warp), forward and forward+backward, at B = 1, 4 and 16 (CPU: B = 1 and 4; B = 16 takes minutes
+per row on a 2-core machine). Rows:
+  corr_warp  the fused op;
+  unfused    pncc_cuda.reference.corr_warp_reference (normalise, matmul, softmax, matmul);
+  sdpa       torch.nn.functional.scaled_dot_product_attention on explicitly normalised inputs,
+             scale = 1/temperature (what a user would write instead).
+Reported: median ms, TFLOP/s, peak memory, and speed ratios against SDPA and unfused measured in
+the same run. The implementations are timed in interleaved rounds, so a noisy neighbour slows
+all of them alike.
+
+FLOPs: forward = 2*B*Nq*Nk*(C + Cv) (two matrix products; 4*B*Nq*Nk*C when Cv = C), forward +
+backward = 3.5 x forward (the 2 + 5 matrix products of a flash-style pass; recomputation is not
+counted as useful work).
+
+    python bench/bench_corr.py                 # CPU (or --device cuda), markdown + bench/out/*.json
+    python bench/bench_corr.py --smoke         # tiny sizes, a few seconds (CI)
+    python -m pytest bench/bench_corr.py       # pytest-benchmark, smoke sizes unless BENCH_FULL=1
+"""
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import pncc_cuda  # noqa: E402
+from pncc_cuda.reference import corr_warp_normalize, corr_warp_reference  # noqa: E402
+from test_corr import _inputs, _peak_cpu_bytes  # noqa: E402  (the tests' fixtures)
+
+TEMPERATURE = 0.01
+
+
+def sdpa(q, k, v, temperature):
+    q, k = corr_warp_normalize(q), corr_warp_normalize(k)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0 / temperature)
+
+
+IMPLS = {
+    "corr_warp": lambda q, k, v, t: pncc_cuda.corr_warp(q, k, v, t),
+    "unfused": lambda q, k, v, t: corr_warp_reference(q, k, v, t),
+    "sdpa": sdpa,
+}
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_step(impl, q, k, v, grad_out, backward):
+    fn = IMPLS[impl]
+    if not backward:
+        def step():
+            with torch.no_grad():
+                fn(q, k, v, TEMPERATURE)
+        return step
+
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+
+    def step():
+        fn(*leaves, TEMPERATURE).backward(grad_out)
+        for t in leaves:
+            t.grad = None
+    return step
+
+
+def peak_bytes(step, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    return _peak_cpu_bytes(step)
+
+
+def run_config(device, dtype, B, N, C, Cv, backward, repeats, warmup=1):
+    q, k, v = _inputs(B, N, N, C, Cv, dtype=dtype, device=device)
+    grad_out = torch.randn(B, N, Cv, dtype=dtype, device=device)
+    steps = {name: make_step(name, q, k, v, grad_out, backward) for name in IMPLS}
+    times = {name: [] for name in IMPLS}
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    _sync(device)
+    for _ in range(repeats):  # interleaved rounds
+        for name, step in steps.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    flops = 2.0 * B * N * N * (C + Cv) * (3.5 if backward else 1.0)
+    rows = []
+    for name, step in steps.items():
+        ms = statistics.median(times[name]) * 1e3
+        rows.append(dict(impl=name, device=device, dtype=str(dtype).removeprefix("torch."), B=B,
+                         N=N, C=C, Cv=Cv, pass_="fwd+bwd" if backward else "fwd", ms=ms,
+                         ms_all=[t * 1e3 for t in times[name]], tflops=flops / (ms * 1e-3) / 1e12,
+                         peak_mib=peak_bytes(step, device) / 2**20))
+    ref = {r["impl"]: r["ms"] for r in rows}
+    for r in rows:
+        r["speed_vs_sdpa"] = ref["sdpa"] / r["ms"]
+        r["speed_vs_unfused"] = ref["unfused"] / r["ms"]
+    return rows
+
+
+def markdown(rows):
+    lines = ["| device | dtype | B | Cv | pass | impl | ms (median) | TFLOP/s | peak MiB | "
+             "x SDPA | x unfused |", "|" + "---|" * 11]
+    for r in rows:
+        lines.append(
+            f"| {r['device']} | {r['dtype']} | {r['B']} | {r['Cv']} | {r['pass_']} | {r['impl']} "
+            f"| {r['ms']:.1f} | {r['tflops']:.3f} | {r['peak_mib']:.1f} | "
+            f"{r['speed_vs_sdpa']:.2f} | {r['speed_vs_unfused']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA)")
+    parser.add_argument("--batches", type=int, nargs="*", default=None)
+    parser.add_argument("--cv", type=int, nargs="*", default=[256, 3])
+    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--c", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
+    batches = args.batches or ([1, 4] if args.device == "cpu" else [1, 4, 16])
+    n, c, cvs, repeats = args.n, args.c, args.cv, args.repeats
+    if args.smoke:
+        batches, n, c, cvs, repeats = [1], 256, 32, [32, 3], 3
+    rows = []
+    for B in batches:
+        for cv in cvs:
+            for backward in (False, True):
+                rows += run_config(args.device, dtype, B, n, c, cv, backward, repeats)
+    table = markdown(rows)
+    print(f"threads={torch.get_num_threads()} torch={torch.__version__}\n")
+    print(table)
+    out_dir = ROOT / "bench" / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"bench_corr_{args.device}{'_smoke' if args.smoke else ''}.json"
+    (out_dir / name).write_text(json.dumps(dict(
+        machine=dict(device=args.device, threads=torch.get_num_threads(),
+                     torch=torch.__version__,
+                     gpu=torch.cuda.get_device_name() if args.device == "cuda" else None),
+        rows=rows), indent=1))
+    return rows
+
+
+# ---- pytest-benchmark entry points (smoke sizes unless BENCH_FULL=1) ------------------------
+
+_FULL = os.environ.get("BENCH_FULL") == "1"
+_SIZES = dict(B=1, N=4096, C=256, Cv=256) if _FULL else dict(B=1, N=256, C=32, Cv=32)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_bench_corr(benchmark, device, backward, impl):
+    # bench/ has no conftest of its own: skip here, at run time, rather than query at import.
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device; none is visible")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    s = _SIZES
+    q, k, v = _inputs(s["B"], s["N"], s["N"], s["C"], s["Cv"], dtype=dtype, device=device)
+    grad_out = torch.randn(s["B"], s["N"], s["Cv"], dtype=dtype, device=device)
+    step = make_step(impl, q, k, v, grad_out, backward)
+
+    def timed():
+        step()
+        _sync(device)
+
+    benchmark.pedantic(timed, rounds=5 if _FULL else 10, warmup_rounds=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The reenactment generator: (source image, P_s, P_d') -> animated face, plus its byproducts.
+
+    model = Reenactor(config.model)
+    outputs = model(source_image, source_pncc, driving_pncc)
+    outputs["output"]        # (B, 3, H, W) in [-1, 1]
+
+Data flow (levels: 0 = full, 1 = 1/2, 2 = 1/4 resolution; c = config.correspondence_level, 2 by
+default):
+
+1. E_g encodes P_s and P_d' in one batched pass (shared weights).
+2. E_a encodes [source image, P_s] into the pyramid A_s.
+3. One corr_warp call (query E_g(P_d'), key E_g(P_s)) warps the value
+   [A_s level c, source RGB at level c, P_s at level c, pixel grid] to the driving layout:
+   warped features, the warped source image (for the warp loss), the warped P_s (for the
+   level-c gate) and the flow.
+4. The other levels warp A_s and P_s with grid_sample along the resized flow.
+5. At every level a geometry-aware gate weighs the warped features; the SPADE decoder, conditioned
+   on P_d', decodes the gated skips.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import NUM_LEVELS, ModelConfig
+from .correspondence import Correspondence, resize_flow, warp_image, warp_with_flow
+from .discriminator import MultiScaleDiscriminator
+from .encoders import AppearanceEncoder, GeometryEncoder
+from .generator import GeometryAwareGate, SPADEDecoder, resize_pncc
+
+__all__ = ["Reenactor", "build_discriminator", "preview_panels"]
+
+
+def _check_image(x, name, shape):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.dim() != 4 or tuple(x.shape[1:]) != shape[1:] or (
+            shape[0] is not None and x.shape[0] != shape[0]):
+        expected = "(" + ", ".join("B" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
+
+
+class Reenactor(nn.Module):
+    """The generator network of the reenactment model.
+
+    Args:
+        config: a ModelConfig.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.geometry_encoder = GeometryEncoder(
+            config.geometry_channels, config.correspondence_channels, config.geometry_blocks,
+            config.geometry_coordinates, config.correspondence_level)
+        self.appearance_encoder = AppearanceEncoder(config.appearance_channels)
+        self.correspondence = Correspondence(config.temperature, config.ops)
+        self.gates = nn.ModuleList([
+            GeometryAwareGate(config.geometry_channels[level], config.appearance_channels[level],
+                              config.gate_hidden_channels)
+            for level in range(NUM_LEVELS)
+        ])
+        self.decoder = SPADEDecoder(
+            config.appearance_channels, config.geometry_channels[2], config.decoder_channels,
+            config.spade_hidden_channels, config.decoder_blocks)
+
+    @property
+    def ops(self):
+        """The name of the ops in use: "fused" or "reference"."""
+        return self.correspondence.ops.name
+
+    def set_ops(self, ops):
+        """Switch every op of the model to "fused" or "reference" (same weights)."""
+        self.correspondence.set_ops(ops)
+        return self
+
+    def forward(self, source_image, source_pncc, driving_pncc):
+        """
+        Args:
+            source_image: (B, 3, H, W) in [-1, 1], H = W = config.resolution.
+            source_pncc: (B, 3, H, W) in [0, 1], P_s.
+            driving_pncc: (B, 3, H, W) in [0, 1], P_d' (source identity, driving expression
+                and pose).
+
+        Returns:
+            dict with
+              "output": (B, 3, H, W) in [-1, 1], the reenacted face;
+              "warped": (B, 3, h, w), the source image warped by the correspondence, at the
+                  correspondence level (h = H/4 by default, H/2 with correspondence_level 1;
+                  the warp loss compares it with the driving frame);
+              "warped_pncc": (B, 3, h, w), P_s warped the same way;
+              "flow": (B, 2, h, w), the source position (x, y) of every driving position, in
+                  grid_sample coordinates (reenact.model.correspondence);
+              "gates": tuple of 3 gates (B, 1, H/2^l, W/2^l) in (0, 1), levels l = 0, 1, 2.
+        """
+        resolution = self.config.resolution
+        shape = (None, 3, resolution, resolution)
+        _check_image(source_image, "source_image", shape)
+        batch = source_image.shape[0]
+        _check_image(source_pncc, "source_pncc", (batch,) + shape[1:])
+        _check_image(driving_pncc, "driving_pncc", (batch,) + shape[1:])
+
+        geometry = self.geometry_encoder(torch.cat((source_pncc, driving_pncc), dim=0))
+        source_correspondence, driving_correspondence = geometry.correspondence.chunk(2)
+        driving_pyramid = [level[batch:] for level in geometry.pyramid]
+        appearance = self.appearance_encoder(source_image, source_pncc)
+
+        correspondence_level = self.config.correspondence_level
+        source_features = appearance[correspondence_level]
+        size = source_features.shape[-2:]
+        values = torch.cat((
+            source_features,
+            F.adaptive_avg_pool2d(source_image, size).to(source_features.dtype),
+            resize_pncc(source_pncc, size).to(source_features.dtype),
+        ), dim=1)
+        warped_values, flow = self.correspondence(
+            driving_correspondence, source_correspondence, values)
+        channels = source_features.shape[1]
+        warped_source_features = warped_values[:, :channels]
+        warped_image = warped_values[:, channels:channels + 3]
+        warped_pncc = warped_values[:, channels + 3:]
+
+        gated_skips, gates = [], []
+        for level in range(NUM_LEVELS):
+            size = appearance[level].shape[-2:]
+            if level == correspondence_level:
+                warped_features, warped_source_pncc = warped_source_features, warped_pncc
+            else:
+                level_flow = resize_flow(flow, size)
+                warped_features = warp_with_flow(appearance[level], level_flow)
+                warped_source_pncc = warp_with_flow(resize_pncc(source_pncc, size), level_flow)
+            disagreement = (resize_pncc(driving_pncc, size) - warped_source_pncc).abs()
+            gate = self.gates[level](driving_pyramid[level], warped_features, disagreement)
+            gates.append(gate)
+            gated_skips.append(gate * warped_features)
+
+        output = self.decoder(gated_skips, driving_pyramid[2], driving_pncc)
+        return {
+            "output": output,
+            "warped": warped_image,
+            "warped_pncc": warped_pncc,
+            "flow": flow,
+            "gates": tuple(gates),
+        }
+
+
+def build_discriminator(config):
+    """The MultiScaleDiscriminator of a ModelConfig."""
+    if not isinstance(config, ModelConfig):
+        raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+    return MultiScaleDiscriminator(config.discriminator_channels, config.discriminator_layers,
+                                   config.discriminator_scales,
+                                   config.discriminator_spectral_norm)
+
+
+def preview_panels(source_image, driving_image, driving_pncc, outputs):
+    """The logging/demo row: source | driving | P_d' | warped source | output, side by side.
+
+    Args:
+        source_image, driving_image: (B, 3, H, W) in [-1, 1].
+        driving_pncc: (B, 3, H, W) in [0, 1].
+        outputs: the dict of Reenactor.forward; the source is warped at full resolution along
+            its upsampled flow.
+
+    Returns:
+        (B, 3, H, 5 W) float32 in [0, 1], detached.
+    """
+    with torch.no_grad():
+        warped = warp_image(source_image.float(), outputs["flow"].float())
+        panels = [(source_image.float() + 1) / 2, (driving_image.float() + 1) / 2,
+                  driving_pncc.float(), (warped + 1) / 2, (outputs["output"].float() + 1) / 2]
+        return torch.cat(panels, dim=3).clamp(0, 1)
