@@ -398,6 +398,10 @@ def _worker_context():
             del os.environ["PYTHONPATH"]
         else:
             os.environ["PYTHONPATH"] = previous
+    # Wait for the server's imports here, so that they never count against a file's timeout.
+    warm_up = context.Process(target=os.getpid)
+    warm_up.start()
+    warm_up.join()
     return context
 
 
