@@ -155,8 +155,15 @@ def add_pncc_parser(subparsers):
     parser.set_defaults(func=run_pncc)
 
 
+def _data_parsers(subparsers):
+    from .data.commands import add_prepare_parser, add_synth_parser
+
+    add_synth_parser(subparsers)
+    add_prepare_parser(subparsers)
+
+
 #: Subcommand registrars; later issues append theirs (train, reenact, eval, demo, synth, prepare).
-COMMANDS = [add_pncc_parser]
+COMMANDS = [add_pncc_parser, _data_parsers]
 
 
 def build_parser():

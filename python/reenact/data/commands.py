@@ -1,0 +1,115 @@
+"""The data subcommands of ``reenact``: ``synth`` and ``prepare`` (registered in reenact/cli.py)."""
+import pathlib
+
+from .progress import progress_bar
+
+
+def _error(message):
+    from ..cli import CommandError
+
+    return CommandError(message)
+
+
+def run_synth(args):
+    """``reenact synth OUT_DIR --clips N``: a synthetic toy-head dataset (or raw videos with --raw)."""
+    from .synth import synth_dataset
+
+    out_dir = pathlib.Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise _error(f"OUT_DIR must be a directory: {out_dir}")
+    if not args.raw and (out_dir / "manifest.jsonl").exists() and not args.overwrite:
+        raise _error(f"{out_dir} already holds a dataset (manifest.jsonl); pass --overwrite to replace it")
+    bar = progress_bar(args.clips, "synth", "clip", not args.quiet)
+    try:
+        results = synth_dataset(out_dir, args.clips, frames=args.frames, size=args.size, fps=args.fps,
+                                codec=args.codec, identities=args.identities, seed=args.seed, raw=args.raw,
+                                progress=bar.update)
+    except (ValueError, ImportError, OSError) as err:
+        raise _error(str(err)) from None
+    finally:
+        bar.close()
+    what = "raw videos with .landmarks.npy" if args.raw else "clips"
+    print(f"wrote {len(results)} synthetic toy-head {what} ({args.frames} frames, {args.size}px, "
+          f"{args.codec}) to {out_dir} [synthetic model]")
+    return 0
+
+
+def add_synth_parser(subparsers):
+    parser = subparsers.add_parser(
+        "synth", help="render a synthetic toy-head dataset with ground-truth parameters",
+        description="Render clips of the built-in synthetic toy head (random identities, expression "
+                    "trajectories and head motion) in the prepared-dataset format, with exact parameters.")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="output directory (created if needed)")
+    parser.add_argument("--clips", type=int, required=True, help="number of clips")
+    parser.add_argument("--frames", type=int, default=32, help="frames per clip (default 32)")
+    parser.add_argument("--size", type=int, default=256, help="clip height and width in pixels (default 256)")
+    parser.add_argument("--fps", type=float, default=25.0)
+    parser.add_argument("--codec", default="vp9", choices=["vp9", "h264"])
+    parser.add_argument("--identities", type=int, default=None,
+                        help="distinct identities, shared round-robin by the clips (default: one per clip)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--raw", action="store_true",
+                        help="write uncropped raw videos plus <name>.landmarks.npy (input for `reenact prepare`)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset's manifest")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_synth)
+
+
+def run_prepare(args):
+    """``reenact prepare RAW_VIDEO_DIR OUT_DIR``."""
+    from .dataset import SkipBudgetExceeded
+    from .prepare import PrepareOptions, prepare
+
+    options = PrepareOptions(size=args.size, codec=args.codec, clip_length=args.clip_length,
+                             min_clip_length=args.min_clip_length, crop_scale=args.crop_scale,
+                             smooth_sigma=args.smooth, model=args.model, detector=args.detector,
+                             landmarks_from=args.landmarks_from)
+    if options.landmarks_from is None:
+        # Checked without creating a detector: mediapipe objects must not exist before the fork.
+        import importlib.util
+
+        module = {"mediapipe": "mediapipe", "dlib": "dlib"}[options.detector]
+        if importlib.util.find_spec(module) is None:
+            raise _error(f"the {options.detector} detector is not installed (`pip install "
+                         f"{'mediapipe==0.10.21' if module == 'mediapipe' else 'dlib'}`), "
+                         f"or pass --landmarks-from DIR")
+    try:
+        report = prepare(args.raw_dir, args.out_dir, options, workers=args.workers, timeout=args.timeout,
+                         max_skip_fraction=args.max_skip_fraction, retry_skipped=args.retry_skipped,
+                         progress=not args.quiet)
+    except SkipBudgetExceeded as err:
+        report_path = pathlib.Path(args.out_dir) / "prepare_report.json"
+        raise _error(f"{err} (the manifest of the good files and {report_path} were written)") from None
+    except (ValueError, FileNotFoundError, ImportError, OSError) as err:
+        raise _error(str(err)) from None
+    print(report.summary())
+    return 0
+
+
+def add_prepare_parser(subparsers):
+    parser = subparsers.add_parser(
+        "prepare", help="turn raw videos into a training dataset (face crops, fitted parameters)",
+        description="Detect and track the face, crop it stably, fit the morphable model (one identity "
+                    "per clip), encode 256x256 clips and write manifest.jsonl. Resumable; broken files "
+                    "are skipped and reported.")
+    parser.add_argument("raw_dir", metavar="RAW_VIDEO_DIR", help="directory of input videos (searched recursively)")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="dataset directory (created; reruns resume)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per file before its worker is killed")
+    parser.add_argument("--max-skip-fraction", type=float, default=0.2,
+                        help="fail (exit 1) when more than this fraction of files is skipped (default 0.2)")
+    parser.add_argument("--retry-skipped", action="store_true", help="retry files a previous run skipped")
+    parser.add_argument("--size", type=int, default=256, help="crop size in pixels (default 256)")
+    parser.add_argument("--codec", default="vp9", choices=["vp9", "h264"],
+                        help="vp9 (default; DALI decodes it on CPU and GPU) or h264 (GPU-only training)")
+    parser.add_argument("--clip-length", type=int, default=150, help="longest clip in frames; longer runs are split")
+    parser.add_argument("--min-clip-length", type=int, default=8, help="shorter face runs are dropped")
+    parser.add_argument("--crop-scale", type=float, default=1.7, help="crop side over the landmark box side")
+    parser.add_argument("--smooth", type=float, default=2.0, help="crop smoothing (Gaussian sigma in frames)")
+    parser.add_argument("--model", default="toy", help="'toy', a model .npz, or 3DDFA_V2's bfm .pkl")
+    parser.add_argument("--detector", default="mediapipe", choices=["mediapipe", "dlib"])
+    parser.add_argument("--landmarks-from", metavar="DIR",
+                        help="read landmarks instead of detecting: DIR/<video name>.landmarks.npy (or .npy/.npz/.txt), "
+                             "as written by `reenact synth --raw`")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_prepare)

@@ -1,0 +1,196 @@
+"""The prepared dataset format: ``manifest.jsonl`` plus one video and one ``.npz`` per clip.
+
+See ``FORMAT.md`` next to this file for the description users read. This module is the one place
+that writes and validates it; ``reenact prepare``, ``reenact synth`` and both loaders go through it.
+"""
+import dataclasses
+import json
+import os
+import pathlib
+import zipfile
+
+import numpy as np
+
+from ..face3d.morphable import read_npz
+
+#: Bumped whenever a field changes meaning; readers refuse versions they do not know.
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.jsonl"
+
+#: Per-frame arrays of a clip's ``.npz`` (leading dimension T = frame count).
+FRAME_KEYS = ("pose", "beta", "landmarks", "crop_box", "valid")
+#: Per-clip arrays of a clip's ``.npz``.
+CLIP_KEYS = ("alpha", "identity", "model_name", "image_size", "format_version")
+
+
+class DatasetError(ValueError):
+    """A prepared dataset (manifest, clip or parameter file) is missing or malformed."""
+
+
+@dataclasses.dataclass
+class ClipRecord:
+    """One manifest line. Paths are relative to the dataset root (POSIX separators)."""
+
+    clip: str
+    params: str
+    frames: int
+    fps: float
+    identity: str
+    source: str
+    codec: str
+    size: int
+    synthetic: bool = False
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, line, where="manifest"):
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{where}: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise DatasetError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise DatasetError(f"{where}: format_version {version!r} is not supported "
+                               f"(this reader knows version {FORMAT_VERSION})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(n for n in names if n not in data and n != "synthetic")
+        if missing:
+            raise DatasetError(f"{where}: missing fields {missing}")
+        record = cls(**{k: v for k, v in data.items() if k in names})
+        if not isinstance(record.frames, int) or record.frames < 1:
+            raise DatasetError(f"{where}: frames must be a positive integer, got {record.frames!r}")
+        if not isinstance(record.size, int) or record.size < 1:
+            raise DatasetError(f"{where}: size must be a positive integer, got {record.size!r}")
+        for name in ("clip", "params"):
+            value = getattr(record, name)
+            if not isinstance(value, str) or not value or pathlib.PurePosixPath(value).is_absolute() \
+                    or ".." in pathlib.PurePosixPath(value).parts:
+                raise DatasetError(f"{where}: {name} must be a relative path inside the dataset, got {value!r}")
+        return record
+
+
+def read_manifest(root):
+    """All records of ``root/manifest.jsonl``, in file order. Raises DatasetError naming the line."""
+    path = pathlib.Path(os.fspath(root)) / MANIFEST_NAME
+    if not path.is_file():
+        raise DatasetError(f"no {MANIFEST_NAME} in {root}: not a prepared dataset")
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                records.append(ClipRecord.from_json(line, where=f"{path}:{number}"))
+    return records
+
+
+def append_manifest(root, record):
+    """Append one record and flush it to disk (so an interrupted run keeps finished clips)."""
+    path = pathlib.Path(os.fspath(root)) / MANIFEST_NAME
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(record.to_json() + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_manifest(root, records):
+    """Write the whole manifest atomically (temporary file, then rename)."""
+    path = pathlib.Path(os.fspath(root)) / MANIFEST_NAME
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(record.to_json() + "\n")
+    os.replace(temporary, path)
+
+
+def save_params(path, *, alpha, pose, beta, landmarks, crop_box, valid, identity, model_name, image_size):
+    """Write a clip's parameter file atomically; validates shapes (T frames, Ki, Ke)."""
+    arrays = {
+        "alpha": np.asarray(alpha, dtype=np.float32), "pose": np.asarray(pose, dtype=np.float32),
+        "beta": np.asarray(beta, dtype=np.float32), "landmarks": np.asarray(landmarks, dtype=np.float32),
+        "crop_box": np.asarray(crop_box, dtype=np.float32), "valid": np.asarray(valid, dtype=bool),
+        "identity": np.array(str(identity)), "model_name": np.array(str(model_name)),
+        "image_size": np.array(int(image_size), dtype=np.int64),
+        "format_version": np.array(FORMAT_VERSION, dtype=np.int64),
+    }
+    check_params(arrays, where=str(path))
+    path = pathlib.Path(os.fspath(path))
+    temporary = path.with_name(path.stem + ".tmp.npz")
+    np.savez(temporary, **arrays)
+    os.replace(temporary, path)
+
+
+def check_params(arrays, where="params", frames=None):
+    """Validate a parameter mapping; returns the frame count T. Raises DatasetError."""
+    missing = [k for k in FRAME_KEYS + CLIP_KEYS if k not in arrays]
+    if missing:
+        raise DatasetError(f"{where}: missing arrays {missing}")
+    version = int(arrays["format_version"])
+    if version != FORMAT_VERSION:
+        raise DatasetError(f"{where}: format_version {version} is not supported (expected {FORMAT_VERSION})")
+    pose, beta, alpha = arrays["pose"], arrays["beta"], arrays["alpha"]
+    count = pose.shape[0] if pose.ndim == 3 else -1
+    expected = {"pose": (count, 3, 4), "beta": (count, beta.shape[-1] if beta.ndim == 2 else -1),
+                "landmarks": (count, 68, 2), "crop_box": (count, 4), "valid": (count,),
+                "alpha": (alpha.shape[0] if alpha.ndim == 1 else -1,)}
+    for key, shape in expected.items():
+        if arrays[key].shape != shape or -1 in shape:
+            raise DatasetError(f"{where}: {key} must have shape {_shape_text(key)}, got {arrays[key].shape}")
+    if count < 1:
+        raise DatasetError(f"{where}: a clip needs at least one frame")
+    if frames is not None and count != frames:
+        raise DatasetError(f"{where}: has {count} frames of parameters but the manifest says {frames}")
+    for key in ("pose", "beta", "alpha"):
+        if not np.isfinite(arrays[key]).all():
+            raise DatasetError(f"{where}: {key} has NaN or infinite values")
+    return count
+
+
+def _shape_text(key):
+    return {"pose": "(T, 3, 4)", "beta": "(T, Ke)", "landmarks": "(T, 68, 2)", "crop_box": "(T, 4)",
+            "valid": "(T,)", "alpha": "(Ki,)"}[key]
+
+
+def load_params(path, frames=None):
+    """Read and validate a clip's ``.npz`` -> dict of numpy arrays (never unpickles)."""
+    try:
+        arrays = read_npz(path, "parameter")
+    except (FileNotFoundError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DatasetError(str(err)) from None
+    check_params(arrays, where=str(path), frames=frames)
+    return arrays
+
+
+# iBUG-68 index of each point's mirror image (left <-> right), used when a frame is flipped.
+IBUG68_MIRROR = np.array(
+    list(range(16, -1, -1))                                   # outline 0-16
+    + list(range(26, 16, -1))                                 # brows 17-26
+    + [27, 28, 29, 30] + [35, 34, 33, 32, 31]                 # nose
+    + [45, 44, 43, 42, 47, 46] + [39, 38, 37, 36, 41, 40]     # eyes
+    + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55]        # outer lips
+    + [64, 63, 62, 61, 60, 67, 66, 65]                        # inner lips
+)
+
+
+def mirror_params(pose, landmarks, width):
+    """Parameters of a horizontally flipped frame (image x -> width - 1 - x).
+
+    The flipped image shows the mirror image of the face, ``D @ mesh`` with D = diag(-1, 1, 1) in
+    model space. The pose becomes ``[D A D | D t + (width - 1, 0, 0)]``, which is again a valid
+    ``s * F @ R`` pose (``D R D`` is a proper rotation). Identity and expression coefficients are
+    kept: that is exact for models whose bases are left-right symmetric (the toy head) and the
+    usual approximation for others. Landmarks are mirrored and re-indexed (left eye <-> right eye).
+
+    Args: pose (..., 3, 4), landmarks (..., 68, 2) numpy arrays; width in pixels.
+    Returns: (pose, landmarks) new arrays.
+    """
+    mirror = np.array([-1.0, 1.0, 1.0], dtype=pose.dtype)
+    pose = pose.copy()
+    pose[..., :3] = mirror[:, None] * pose[..., :3] * mirror[None, :]
+    pose[..., 0, 3] = (width - 1) - pose[..., 0, 3]
+    landmarks = landmarks[..., IBUG68_MIRROR, :].copy()
+    landmarks[..., 0] = (width - 1) - landmarks[..., 0]
+    return pose, landmarks

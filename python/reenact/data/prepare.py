@@ -1,0 +1,429 @@
+"""``reenact prepare``: raw videos -> the prepared dataset (FORMAT.md).
+
+Per raw video, in its own worker process (so a decoder that hangs or crashes in native code costs
+that one file, never the run):
+
+1. decode (PyAV) and find 68 landmarks per frame: a face3d detector (mediapipe by default) or
+   landmarks read from files (``landmarks_from``; synthetic toy heads, or landmarks computed by
+   another tool);
+2. cut the frames with a face into runs, and long runs into clips of at most ``clip_length``;
+3. per clip: a stable square crop box (landmark box centre and size, Gaussian-smoothed over time),
+   landmarks mapped into the crop, and a face3d fit with one identity shared by the clip's frames;
+4. decode again, crop, resample to ``size`` x ``size`` and encode each clip (VP9 by default).
+
+The parent keeps ``workers`` such processes running, kills one that exceeds ``timeout`` seconds,
+records every finished file under ``OUT_DIR/.prepare/`` (so a rerun resumes, skipping finished
+files), rewrites ``manifest.jsonl`` and ends with a report of the skipped files and reasons. More
+skips than ``max_skip_fraction`` of the files raise :class:`SkipBudgetExceeded` after the report.
+"""
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing
+import multiprocessing.connection
+from multiprocessing import forkserver
+import os
+import pathlib
+import re
+import sys
+import time
+import traceback
+
+import numpy as np
+
+from . import format as fmt
+from .dataset import SkipBudgetExceeded, check_skip_fraction
+from .progress import progress_bar
+from .video import CODECS, MediaError, check_codec, encode_video, iter_frames, probe
+
+log = logging.getLogger("reenact.data")
+
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv", ".ts"}
+STATE_DIR = ".prepare"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareOptions:
+    """Settings of one ``prepare`` run (all per-file work reads these)."""
+
+    size: int = 256
+    codec: str = "vp9"
+    clip_length: int = 150
+    min_clip_length: int = 8
+    crop_scale: float = 1.7
+    smooth_sigma: float = 2.0
+    model: str = "toy"
+    detector: str = "mediapipe"
+    landmarks_from: str = None
+
+    def check(self):
+        check_codec(self.codec)
+        if not (isinstance(self.size, int) and self.size >= 16 and self.size % 2 == 0):
+            raise ValueError(f"size must be an even int >= 16, got {self.size!r}")
+        if not (isinstance(self.min_clip_length, int) and 2 <= self.min_clip_length <= self.clip_length):
+            raise ValueError(f"need integers 2 <= min_clip_length <= clip_length, got "
+                             f"{self.min_clip_length!r}, {self.clip_length!r}")
+        if not self.crop_scale > 0 or not self.smooth_sigma >= 0:
+            raise ValueError("crop_scale must be > 0 and smooth_sigma >= 0")
+        if self.landmarks_from is not None and not pathlib.Path(self.landmarks_from).is_dir():
+            raise FileNotFoundError(f"landmarks_from must be a directory: {self.landmarks_from}")
+
+
+@dataclasses.dataclass
+class PrepareReport:
+    files: int
+    prepared: int
+    resumed: int
+    clips: int
+    frames_in: int
+    seconds: float
+    skipped: list
+
+    def summary(self):
+        rate = self.frames_in / self.seconds if self.seconds > 0 else 0.0
+        lines = [f"prepared {self.prepared} of {self.files} file(s) ({self.resumed} already done), "
+                 f"{self.clips} clip(s); {self.frames_in} input frames in {self.seconds:.1f} s ({rate:.1f} frames/s)"]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} file(s):")
+            lines += [f"  {name}: {reason}" for name, reason in self.skipped]
+        return "\n".join(lines)
+
+
+# -- per-file work (runs in a worker process) ------------------------------------------------------
+
+def _gaussian_smooth(values, sigma):
+    """Smooth (T, C) along T with a Gaussian (edges reflected)."""
+    if sigma <= 0 or len(values) < 2:
+        return values
+    radius = int(3 * sigma + 0.5)
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    kernel /= kernel.sum()
+    padded = np.pad(values, ((radius, radius), (0, 0)), mode="reflect" if len(values) > radius else "edge")
+    return np.stack([np.convolve(padded[:, c], kernel, mode="valid") for c in range(values.shape[1])], 1)
+
+
+def crop_boxes(landmarks, scale, sigma):
+    """Square crop boxes (T, 4) x0, y0, x1, y1 from landmarks (T, 68, 2): box centre and size,
+    smoothed over time so the crop does not jitter with the landmarks."""
+    low, high = landmarks.min(1), landmarks.max(1)
+    centre = (low + high) / 2
+    side = scale * (high - low).max(1, keepdims=True)
+    smooth = _gaussian_smooth(np.concatenate([centre, side], 1), sigma)
+    centre, half = smooth[:, :2], smooth[:, 2:] / 2
+    return np.concatenate([centre - half, centre + half], 1)
+
+
+def to_crop(points, boxes, size):
+    """Map source-image points (T, N, 2) into the crops (pixel centres on integers, both sides)."""
+    step = (boxes[:, 2] - boxes[:, 0]) / size  # source pixels per crop pixel
+    origin = boxes[:, :2] + 0.5 * step[:, None] - 0.5  # source point of crop pixel (0, 0)
+    return (points - origin[:, None]) / step[:, None, None]
+
+
+def crop_frame(frame, box, size):
+    """Resample the square ``box`` of an (H, W, 3) uint8 frame to (size, size, 3) (bilinear, edges replicated)."""
+    import torch
+
+    step = (box[2] - box[0]) / size
+    coords = box[0] + (np.arange(size) + 0.5) * step - 0.5, box[1] + (np.arange(size) + 0.5) * step - 0.5
+    height, width = frame.shape[:2]
+    gx = torch.from_numpy((2 * coords[0] + 1) / width - 1).float()
+    gy = torch.from_numpy((2 * coords[1] + 1) / height - 1).float()
+    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], -1)[None]
+    image = torch.from_numpy(frame).permute(2, 0, 1)[None].float()
+    out = torch.nn.functional.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _segments(found, clip_length, min_length):
+    """Runs of consecutive found frames, split evenly into pieces of at most clip_length."""
+    runs, start = [], None
+    for index, ok in enumerate(list(found) + [False]):
+        if ok and start is None:
+            start = index
+        elif not ok and start is not None:
+            runs.append((start, index))
+            start = None
+    pieces = []
+    for first, stop in runs:
+        count = -(-(stop - first) // clip_length)
+        edges = np.linspace(first, stop, count + 1).round().astype(int)
+        pieces += [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b - a >= min_length]
+    return pieces
+
+
+def _safe_stem(path):
+    stem = re.sub(r"[^A-Za-z0-9_.]+", "_", pathlib.Path(path).stem).strip("._-") or "video"
+    return stem[:40]
+
+
+def _landmarks_for(options, relative):
+    from ..face3d.detectors import load_landmarks_file
+
+    base = pathlib.Path(options.landmarks_from) / relative
+    for candidate in (base.with_name(base.stem + ".landmarks.npy"), base.with_suffix(".npy"),
+                      base.with_suffix(".npz"), base.with_suffix(".txt")):
+        if candidate.is_file():
+            return load_landmarks_file(candidate)
+    raise FileNotFoundError(f"no landmark file for {relative} in {options.landmarks_from} "
+                            f"(looked for <name>.landmarks.npy, .npy, .npz, .txt)")
+
+
+def process_file(path, relative, out_dir, options, decode=iter_frames, model=None):
+    """Prepare one raw video -> (list of ClipRecord, frames decoded). Raises MediaError/ValueError
+    (and the detector's errors) to skip the file. ``model``: the loaded face model (default: load
+    ``options.model``)."""
+    import torch
+
+    from ..face3d import detectors as det
+    from ..face3d.fit import fit_landmarks
+    from ..face3d.morphable import load_model
+
+    fps = probe(path)[1]  # also rejects unreadable files before any decoding
+    model = model if model is not None else load_model(options.model)
+    if options.landmarks_from is not None:
+        given = _landmarks_for(options, relative)
+        detector = None
+    else:
+        detector = det.make_detector(options.detector, video=True)
+    landmarks = []
+    try:
+        for index, frame in enumerate(decode(path)):
+            if detector is None:
+                points = given[index] if index < len(given) else np.full((68, 2), np.nan)
+            else:
+                found = detector.detect(frame)
+                points = found.landmarks if found is not None else np.full((68, 2), np.nan)
+            landmarks.append(points)
+    finally:
+        if detector is not None:
+            detector.close()
+    if not landmarks:
+        raise MediaError("no frame decodes")
+    landmarks = np.asarray(landmarks, dtype=np.float64)
+    found = np.isfinite(landmarks).all((1, 2))
+    if not found.any():
+        raise MediaError(f"no face found in any of {len(found)} frames")
+    pieces = _segments(found, options.clip_length, options.min_clip_length)
+    if not pieces:
+        raise MediaError(f"no run of >= {options.min_clip_length} consecutive frames with a face "
+                         f"({int(found.sum())} of {len(found)} frames have one)")
+
+    key = hashlib.sha1(str(relative).encode("utf-8")).hexdigest()[:8]
+    stem = f"{_safe_stem(relative)}_{key}"
+    clips_dir = pathlib.Path(out_dir) / "clips"
+    clips_dir.mkdir(parents=True, exist_ok=True)
+    plans = []
+    for number, (first, stop) in enumerate(pieces):
+        boxes = crop_boxes(landmarks[first:stop], options.crop_scale, options.smooth_sigma)
+        crop_points = to_crop(landmarks[first:stop], boxes, options.size)
+        fit = fit_landmarks(model, torch.from_numpy(crop_points))
+        plans.append((number, first, stop, boxes, crop_points, fit))
+
+    records, frames_of = [], {n: [] for n, *_ in plans}
+    starts = {plan[1]: plan for plan in plans}
+    active = None
+    for index, frame in enumerate(decode(path)):
+        if index in starts:
+            active = starts[index]
+        if active is not None and active[1] <= index < active[2]:
+            frames_of[active[0]].append(crop_frame(frame, active[3][index - active[1]], options.size))
+        if active is not None and index + 1 == active[2]:
+            records.append(_write_clip(out_dir, stem, active, frames_of.pop(active[0]), fps, relative, model, options))
+            active = None
+    if len(records) != len(plans):
+        raise MediaError("the video decoded differently the second time (frames missing)")
+    return records, len(landmarks)
+
+
+def _write_clip(out_dir, stem, plan, frames, fps, relative, model, options):
+    number, first, stop, boxes, crop_points, fit = plan
+    if len(frames) != stop - first:
+        raise MediaError(f"clip {number}: {len(frames)} frames decoded, {stop - first} expected")
+    name = f"{stem}_{number:03d}"
+    clip_rel, params_rel = f"clips/{name}{CODECS[options.codec][1]}", f"clips/{name}.npz"
+    identity = pathlib.PurePath(relative).stem
+    encode_video(pathlib.Path(out_dir) / clip_rel, np.stack(frames), fps=fps, codec=options.codec)
+    fmt.save_params(pathlib.Path(out_dir) / params_rel, alpha=fit.clip_alpha[0].numpy(), pose=fit.pose.numpy(),
+                    beta=fit.beta.numpy(), landmarks=crop_points, crop_box=boxes, valid=fit.ok.numpy(),
+                    identity=identity, model_name=model.name, image_size=options.size)
+    return fmt.ClipRecord(clip=clip_rel, params=params_rel, frames=len(frames), fps=float(fps),
+                          identity=identity, source=str(pathlib.PurePosixPath(*pathlib.PurePath(relative).parts)),
+                          codec=options.codec, size=options.size, synthetic=model.synthetic)
+
+
+def _worker(connection, path, relative, out_dir, options, decode, model):
+    """Worker process entry: one file; sends ("ok", records, frames) or ("skip", reason)."""
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        records, frames = process_file(path, relative, out_dir, options, decode, model)
+        connection.send(("ok", [dataclasses.asdict(r) for r in records], frames))
+    except (MediaError, ValueError, FileNotFoundError, ImportError, OSError) as err:
+        connection.send(("skip", f"{type(err).__name__}: {err}", 0))
+    except Exception as err:  # noqa: BLE001 - any other failure costs this file, with its trace logged
+        connection.send(("skip", f"unexpected {type(err).__name__}: {err} | {traceback.format_exc(limit=3)}", 0))
+    finally:
+        connection.close()
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+def find_videos(raw_dir):
+    """Video files under raw_dir (recursive, sorted, hidden files and our sidecars excluded)."""
+    raw_dir = pathlib.Path(os.fspath(raw_dir))
+    if not raw_dir.is_dir():
+        raise FileNotFoundError(f"raw video directory not found: {raw_dir}")
+    files = [p for p in raw_dir.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
+             and not any(part.startswith(".") for part in p.relative_to(raw_dir).parts)]
+    return sorted(files, key=lambda p: str(p.relative_to(raw_dir)))
+
+
+def _state_file(state_dir, relative, path):
+    stat = path.stat()
+    key = hashlib.sha1(f"{relative}\0{stat.st_size}\0{stat.st_mtime_ns}".encode("utf-8")).hexdigest()
+    return state_dir / f"{key}.json"
+
+
+def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=1800.0, max_skip_fraction=0.2,
+            retry_skipped=False, progress=True, decode=iter_frames):
+    """Run ``prepare``; returns a :class:`PrepareReport` (also written to ``prepare_report.json``).
+
+    ``decode`` (path -> iterator of RGB frames) is the decoding function the workers use; tests
+    swap in decoders that hang or crash. Raises SkipBudgetExceeded after writing the manifest and
+    the report when too many files were skipped.
+    """
+    options.check()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    raw_dir, out_dir = pathlib.Path(os.fspath(raw_dir)), pathlib.Path(os.fspath(out_dir))
+    videos = find_videos(raw_dir)
+    if out_dir.resolve() == raw_dir.resolve() or raw_dir.resolve() in out_dir.resolve().parents:
+        raise ValueError(f"OUT_DIR must not be inside RAW_VIDEO_DIR ({out_dir} is in {raw_dir})")
+    state_dir = out_dir / STATE_DIR
+    state_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    pending, results, resumed = [], {}, 0
+    for path in videos:
+        relative = str(path.relative_to(raw_dir))
+        state = _state_file(state_dir, relative, path)
+        if state.is_file():
+            done = json.loads(state.read_text(encoding="utf-8"))
+            if done["status"] == "ok" or not retry_skipped:
+                results[relative] = done
+                resumed += 1
+                continue
+        pending.append((path, relative, state))
+
+    from ..face3d.morphable import load_model
+
+    model = load_model(options.model)
+    bar = progress_bar(len(pending), "prepare", "file", progress)
+    context = _worker_context()
+    running = {}  # receiving end -> (process, relative, state, start)
+    queue = list(pending)
+    frames_in = 0
+    while queue or running:
+        while queue and len(running) < workers:
+            path, relative, state = queue.pop(0)
+            receive, send = context.Pipe(duplex=False)
+            process = context.Process(target=_worker, args=(send, path, relative, out_dir, options, decode, model), daemon=True)
+            process.start()
+            send.close()  # the worker holds the only sending end: its death reads as EOF here
+            running[receive] = (process, relative, state, time.monotonic())
+        deadline = min(start + timeout for *_, start in running.values())
+        ready = multiprocessing.connection.wait(list(running), timeout=max(0.0, deadline - time.monotonic()))
+        now = time.monotonic()
+        for receive in list(running):
+            process, relative, state, start = running[receive]
+            if receive in ready:
+                done = _collect(process, receive)
+            elif now - start >= timeout:
+                process.kill()
+                process.join()
+                done = {"status": "skip", "reason": f"timed out after {timeout:g} s (decoder or fit hung); worker killed"}
+            else:
+                continue
+            del running[receive]
+            receive.close()
+            frames_in += done.get("frames", 0)
+            state.write_text(json.dumps(done, ensure_ascii=False), encoding="utf-8")
+            results[relative] = done
+            if done["status"] == "ok":
+                for record in done["records"]:
+                    fmt.append_manifest(out_dir, fmt.ClipRecord(**record))
+            else:
+                log.warning("skipped %s: %s", relative, done["reason"])
+            bar.update(1)
+    bar.close()
+
+    records = [fmt.ClipRecord(**r) for relative in sorted(results) if results[relative]["status"] == "ok"
+               for r in results[relative]["records"]]
+    fmt.write_manifest(out_dir, records)
+    skipped = [(relative, results[relative]["reason"]) for relative in sorted(results)
+               if results[relative]["status"] != "ok"]
+    report = PrepareReport(files=len(videos), prepared=len(videos) - len(skipped), resumed=resumed,
+                           clips=len(records), frames_in=frames_in, seconds=time.perf_counter() - started,
+                           skipped=skipped)
+    (out_dir / "prepare_report.json").write_text(json.dumps(dataclasses.asdict(report), ensure_ascii=False, indent=1),
+                                                 encoding="utf-8")
+    check_skip_fraction(skipped, len(videos), max_skip_fraction, what="files")
+    return report
+
+
+def _worker_context():
+    """Workers start from a fork server: a clean single-threaded process that imported the heavy
+    modules once. Forking this (possibly multi-threaded: DALI, DataLoader, OpenMP) process instead
+    can deadlock the child on a lock some thread held at the fork; spawning imports torch per file.
+
+    The server gets this process's ``sys.path`` through PYTHONPATH (Python 3.11's fork server does
+    not apply the path it is handed), so it imports the same ``reenact`` and decode functions.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "av", "reenact.face3d.fit", "reenact.face3d.detectors",
+                                    "reenact.data.prepare"])
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    try:
+        forkserver.ensure_running()
+    finally:
+        if previous is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = previous
+    # Wait for the server's imports here, so that they never count against a file's timeout.
+    warm_up = context.Process(target=os.getpid)
+    warm_up.start()
+    warm_up.join()
+    return context
+
+
+def _collect(process, receive):
+    """The worker's message, or a skip naming how it died."""
+    try:
+        message = receive.recv()
+    except (EOFError, OSError):
+        message = None
+    process.join(timeout=60)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    if message is None:
+        code = process.exitcode
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        return {"status": "skip", "reason": f"worker crashed ({how}) while decoding or fitting"}
+    status, payload, frames = message
+    if status == "ok":
+        return {"status": "ok", "records": payload, "frames": frames}
+    return {"status": "skip", "reason": payload}
+
+
+__all__ = ["PrepareOptions", "PrepareReport", "prepare", "process_file", "find_videos", "crop_boxes",
+           "to_crop", "crop_frame", "SkipBudgetExceeded", "VIDEO_SUFFIXES"]
