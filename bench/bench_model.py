@@ -128,7 +128,7 @@ def markdown(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=pathlib.Path, required=True, help="output directory")
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "out", help="output directory")
     parser.add_argument("--smoke", action="store_true", help="64x64, batch 1, one repeat")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--config", default="small", choices=("small", "paper"))
