@@ -83,7 +83,7 @@ def test_one_pixel_noise_keeps_rotation_within_two_degrees(name):
     clip = fit_landmarks(model, noisy)
     errors = rotation_errors(clip, pose)
     # The MAP estimate is limited by the identity/expression vs pitch ambiguity of 2D landmarks:
-    # typical frames are well under 2 degrees, a rare frame reaches ~2.3 (bench/RESULTS_fit.md).
+    # typical frames are well under 2 degrees, a rare frame reaches ~2.3 (bench/RESULTS.md, landmark fitting).
     assert errors.mean() < 1.0
     assert torch.quantile(errors, 0.9) < 2.0
     assert errors.max() < 3.0

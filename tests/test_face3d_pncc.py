@@ -108,7 +108,7 @@ def test_refitting_a_reconstructed_pncc_recovers_source_identity_and_driving_mot
     identity_error = (fit.clip_alpha[0] - alpha_src).norm()
     assert identity_error < 0.35 * (fit.clip_alpha[0] - alpha_drv).norm()
     # Global head size trades off against the pose scale and head depth is weakly observable
-    # from 68 points, so the identity comes back to about 40% (see bench/RESULTS_fit.md).
+    # from 68 points, so the identity comes back to about 40% (see bench/RESULTS.md, landmark fitting).
     assert identity_error < 0.5 * alpha_src.norm()
     assert (fit.beta - beta).abs().mean() < 0.15
     assert rotation_angle_between(fit.rotation.double(), decompose_pose(pose.double())[0]).max() < 1.5
