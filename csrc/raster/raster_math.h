@@ -21,35 +21,36 @@ constexpr uint64_t kEmptyKey = ~uint64_t(0);
 // Edge functions
 // ---------------------------------------------------------------------------------------------
 
-// One triangle edge, stored with its endpoints in a canonical order.
+// One triangle edge from a to b, evaluated from a canonically chosen endpoint.
 //
 // The two triangles that share an edge traverse it in opposite directions. Evaluating
 // `cross(b - a, p - a)` in each triangle's own order would round differently, and a pixel
-// within one rounding error of the edge could then be covered twice or not at all. Ordering the
-// endpoints canonically (by y, then x) and flipping the sign afterwards makes the two values
-// exact negatives of each other, which is what makes shared edges watertight.
+// within one rounding error of the edge could then be covered twice or not at all. Measuring
+// p from the endpoint that comes first in (y, x) order, whichever order the caller gave, makes
+// the two triangles' values exact negatives of each other (b - a is exactly -(a - b) in floating
+// point), which is what makes shared edges watertight. This equals evaluating the edge with both
+// endpoints sorted and flipping the sign afterwards, bit for bit, which is how
+// pncc_cuda.reference states it.
 template <typename T>
 struct Edge {
-  T ax, ay;  // canonical first endpoint
-  T dx, dy;  // canonical second endpoint minus the first
-  T sign;    // +1 or -1: the value for the caller's (a, b) order is sign * cross(d, p - a)
+  T dx, dy;  // b - a, in the caller's order
+  T rx, ry;  // the canonical endpoint: a or b, whichever is first in (y, x) order
 
   Edge() = default;
 
   // The edge from (x0, y0) to (x1, y1) as the caller orders it.
   HOST_DEVICE_INLINE Edge(T x0, T y0, T x1, T y1) {
-    const bool swap = (y1 < y0) || (y1 == y0 && x1 < x0);
-    ax = swap ? x1 : x0;
-    ay = swap ? y1 : y0;
-    dx = (swap ? x0 : x1) - ax;
-    dy = (swap ? y0 : y1) - ay;
-    sign = swap ? T(-1) : T(1);
+    const bool second_first = (y1 < y0) || (y1 == y0 && x1 < x0);
+    dx = x1 - x0;
+    dy = y1 - y0;
+    rx = second_first ? x1 : x0;
+    ry = second_first ? y1 : y0;
   }
 
   // cross(b - a, p - a) for the caller's (a, b). Products are rounded separately (mul_rn) so
   // that every backend, and the PyTorch reference, computes the same bits.
   HOST_DEVICE_INLINE T operator()(T px, T py) const {
-    return sign * (mul_rn(dx, py - ay) - mul_rn(dy, px - ax));
+    return mul_rn(dx, py - ry) - mul_rn(dy, px - rx);
   }
 };
 
@@ -182,8 +183,7 @@ HOST_DEVICE_INLINE bool setup_triangle(const T* v0, const T* v1, const T* v2,
 template <typename T>
 HOST_DEVICE_INLINE bool owns_edge(const Triangle<T>& tri, int i) {
   const Edge<T>& e = tri.edge[i];
-  const T s = tri.orient * e.sign;  // the canonical direction, flipped to positive orientation
-  const T dx = s * e.dx, dy = s * e.dy;
+  const T dx = tri.orient * e.dx, dy = tri.orient * e.dy;  // flipped to positive orientation
   return (dy < T(0)) | ((dy == T(0)) & (dx > T(0)));
 }
 
