@@ -33,33 +33,22 @@ def _resolve(ops_name, op):
         ) from error
     fused_name, reference_name = _OP_NAMES[op]
     if ops_name == "fused":
-        function, where = getattr(package, fused_name, None), f"pncc_cuda.{fused_name}"
-    else:
-        function = getattr(package.reference, reference_name, None)
-        where = f"pncc_cuda.reference.{reference_name}"
-    if not callable(function):
-        raise NotImplementedError(f"{where} is not available in this pncc_cuda build")
-    return function
+        return getattr(package, fused_name)
+    return getattr(package.reference, reference_name)
 
 
 class Ops:
     """The ops of one implementation ("fused" or "reference"), with the pncc_cuda signatures.
 
     The functions are looked up once, here, so that calls made inside `torch.compile` see plain
-    function attributes. An op missing from the installed pncc_cuda raises NotImplementedError
-    when it is called, not when the other ops are selected.
+    function attributes.
     """
 
     def __init__(self, name):
         if name not in OPS_CHOICES:
             raise ValueError(f"ops must be one of {OPS_CHOICES}, got {name!r}")
         self.name = name
-        self._functions = {}
-        for op in _OP_NAMES:
-            try:
-                self._functions[op] = _resolve(name, op)
-            except NotImplementedError as error:
-                self._functions[op] = _Missing(str(error))
+        self._functions = {op: _resolve(name, op) for op in _OP_NAMES}
 
     def corr_warp(self, query, key, value, temperature, normalize=True, eps=1e-6):
         """softmax(q^ k^T / temperature) @ value; (B,Nq,C), (B,Nk,C), (B,Nk,Cv) -> (B,Nq,Cv)."""
@@ -71,16 +60,6 @@ class Ops:
 
     def __repr__(self):
         return f"Ops({self.name!r})"
-
-
-class _Missing:
-    """Stands in for an op that the installed pncc_cuda lacks; raises when called."""
-
-    def __init__(self, message):
-        self.message = message
-
-    def __call__(self, *args, **kwargs):
-        raise NotImplementedError(self.message)
 
 
 def get_ops(name):
