@@ -40,7 +40,7 @@ struct BandBuffer {
     return buffer;
   }
 
-  RasterizedBand<T> rasterize(const MeshView<T>& mesh_in, int64_t b, int row_begin,
+  HOST_DEVICE_INLINE RasterizedBand<T> rasterize(const MeshView<T>& mesh_in, int64_t b, int row_begin,
                               int row_end) {
     // A local copy: stores through `slots` and `values` cannot alias it, so the compiler keeps
     // its fields in registers across the triangle loop instead of reloading them per triangle.
