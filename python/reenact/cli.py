@@ -162,8 +162,14 @@ def _data_parsers(subparsers):
     add_prepare_parser(subparsers)
 
 
+def _train_parser(subparsers):
+    from .train import add_train_parser
+
+    add_train_parser(subparsers)
+
+
 #: Subcommand registrars; later issues append theirs (train, reenact, eval, demo, synth, prepare).
-COMMANDS = [add_pncc_parser, _data_parsers]
+COMMANDS = [add_pncc_parser, _data_parsers, _train_parser]
 
 
 def build_parser():

@@ -1,0 +1,203 @@
+"""`reenact train`: checkpoints, exact resume, keep-last, non-finite losses, pickle-free loading."""
+import json
+import pathlib
+import pickle
+import random
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from reenact import cli, train as training
+from reenact.data import synth
+from reenact.model import ReenactmentLoss
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    synth.synth_dataset(root, 3, frames=8, size=SIZE, codec="vp9", seed=0, identities=2)
+    return root
+
+
+def options(dataset, out, **kwargs):
+    values = dict(data=str(dataset), out=str(out), steps=4, batch_size=2, resolution=SIZE,
+                  checkpoint_every=2, keep_last=10, seed=3, loader="fallback", device="cpu",
+                  perceptual=False, progress=False)
+    values.update(kwargs)
+    return training.TrainOptions(**values)
+
+
+def log_entries(run_dir):
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def losses_of(entry):
+    return {k: v for k, v in entry.items() if k.startswith(("G/", "D/"))}
+
+
+def checkpoint_steps(run_dir):
+    return [step for step, _ in training.list_checkpoints(run_dir)]
+
+
+def test_cli_train_writes_checkpoints_log_and_grid(dataset, tmp_path):
+    run = tmp_path / "run"
+    status = cli.main(["train", "--data", str(dataset), "--out", str(run), "--steps", "4", "--batch-size", "2",
+                       "--resolution", "64", "--checkpoint-every", "2", "--loader", "fallback",
+                       "--device", "cpu", "--no-perceptual", "--quiet"])
+    assert status == 0
+    assert checkpoint_steps(run) == [2, 4]
+    entries = log_entries(run)
+    assert [e["step"] for e in entries] == [1, 2, 3, 4]
+    for entry in entries:
+        assert entry["it_s"] > 0 and np.isfinite(entry["G/total"]) and np.isfinite(entry["D/total"])
+        assert {"G/reconstruction", "G/warp", "G/adversarial", "D/real_logit"} <= set(entry)
+    with Image.open(run / "samples" / "step-00000004.png") as grid:
+        assert grid.size == (5 * SIZE, 2 * SIZE)  # 5 panels per row, one row per pair
+    assert json.loads((run / "config.json").read_text())["model"]["resolution"] == SIZE
+    generator, config = training.load_generator(training.checkpoint_path(run, 4))
+    assert config.model.resolution == SIZE and not generator.training
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("every, killed_after, steps", [(2, 3, 4), (3, 4, 5)])
+def test_resume_after_a_kill_matches_an_uninterrupted_run(dataset, tmp_path, monkeypatch, every, killed_after, steps):
+    # 3 clips, batch 2: 2 batches per epoch, so (2, 3, 4) resumes at an epoch boundary and
+    # (3, 4, 5) in the middle of epoch 1.
+    stepping = training.Trainer.train_step
+
+    def draws_random_numbers(self):  # every RNG is used, so each must be restored exactly
+        torch.rand(1), np.random.rand(), random.random()
+        return stepping(self)
+
+    monkeypatch.setattr(training.Trainer, "train_step", draws_random_numbers)
+    straight = tmp_path / "straight"
+    training.train(options(dataset, straight, steps=steps, checkpoint_every=every))
+
+    original = training.Trainer.train_step
+
+    def dies_after(self):
+        if self.step == killed_after:  # step `killed_after` is logged, its checkpoint is not due
+            raise _Killed
+        return original(self)
+
+    interrupted = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        patch.setattr(training.Trainer, "train_step", dies_after)
+        with pytest.raises(_Killed):
+            training.train(options(dataset, interrupted, steps=steps, checkpoint_every=every))
+    assert checkpoint_steps(interrupted) == [every]
+    assert len(log_entries(interrupted)) == killed_after
+    training.train(options(dataset, interrupted, steps=steps, checkpoint_every=every, resume=True))
+
+    a, b = log_entries(straight), log_entries(interrupted)
+    assert [e["step"] for e in b] == list(range(1, steps + 1))
+    for x, y in zip(a, b):
+        assert losses_of(x) == losses_of(y), f"step {x['step']}"
+    tensors_a, meta_a = training.read_checkpoint(training.checkpoint_path(straight, steps))
+    tensors_b, meta_b = training.read_checkpoint(training.checkpoint_path(interrupted, steps))
+    assert sorted(tensors_a) == sorted(tensors_b)
+    assert any(k.startswith("optim_G/state/") for k in tensors_a) and "rng/torch" in tensors_a
+    for name in tensors_a:
+        assert torch.equal(tensors_a[name], tensors_b[name]), name
+    for key in ("step", "data", "optim_G", "optim_D", "rng", "config"):
+        assert meta_a[key] == meta_b[key], key
+
+
+def test_resume_refuses_a_changed_data_order_or_missing_checkpoint(dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["train", "--data", str(dataset), "--out", str(run), "--steps", "2", "--resolution", "64",
+            "--loader", "fallback", "--device", "cpu", "--quiet"]
+    assert cli.main(base + ["--batch-size", "2", "--resume"]) == 1
+    assert "--resume: no checkpoint" in capsys.readouterr().err
+    assert cli.main(base + ["--batch-size", "2"]) == 0
+    assert cli.main(base + ["--batch-size", "2"]) == 1
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert cli.main(base + ["--batch-size", "3", "--steps", "3", "--resume"]) == 1
+    assert "--batch-size 3 differs" in capsys.readouterr().err
+    assert cli.main(base + ["--batch-size", "2", "--keep-last", "0"]) == 1
+    assert "--keep-last must be" in capsys.readouterr().err
+
+
+def test_keep_last_keeps_the_newest_k_checkpoints(dataset, tmp_path):
+    run = tmp_path / "run"
+    training.train(options(dataset, run, steps=5, checkpoint_every=1, keep_last=2))
+    assert checkpoint_steps(run) == [4, 5]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "ckpt-00000004.safetensors", "ckpt-00000005.safetensors"]  # no temporary files left
+
+
+@pytest.mark.parametrize("method, term", [("generator_loss", "G/warp"), ("discriminator_loss", "D/total")])
+def test_non_finite_loss_stops_naming_step_and_term(dataset, tmp_path, monkeypatch, method, term):
+    original = getattr(ReenactmentLoss, method)
+    calls = []
+
+    def poisoned(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            nan = torch.tensor(float("nan"))
+            if method == "generator_loss":
+                return result._replace(total=result.total * nan, terms=dict(result.terms, warp=nan))
+            return result._replace(total=result.total * nan)
+        return result
+
+    monkeypatch.setattr(ReenactmentLoss, method, poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(training.NonFiniteLoss, match=f"step 3: {term} = nan") as error:
+        training.train(options(dataset, run, steps=5, checkpoint_every=1))
+    assert (error.value.step, error.value.term) == (3, term)
+    assert checkpoint_steps(run) == [1, 2]  # the broken state of step 3 was not written
+    assert [e["step"] for e in log_entries(run)] == [1, 2]
+
+
+class _Payload:
+    """Unpickling this creates the marker file: the proof that something was unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoints_are_safetensors_and_loading_never_unpickles(dataset, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    training.train(options(dataset, run, steps=2, checkpoint_every=2))
+    path = training.checkpoint_path(run, 2)
+    raw = path.read_bytes()
+    (header_size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + header_size])
+    assert json.loads(header["__metadata__"]["reenact_train"])["step"] == 2
+    groups = {name.split("/")[0] for name in header if name != "__metadata__"}
+    assert groups == {"G", "D", "optim_G", "optim_D", "rng"}
+
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Payload(marker))
+    for name in ("ckpt-00000099.pt", "latest.pt", "ckpt-00000099.safetensors.pt", "ckpt-00000099.pth"):
+        (run / "checkpoints" / name).write_bytes(payload)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("checkpoint loading unpickled something")
+
+    with monkeypatch.context() as patch:
+        for module, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
+            patch.setattr(module, name, refuse)
+        training.train(options(dataset, run, steps=3, checkpoint_every=1, resume=True))
+        with pytest.raises(training.TrainingError, match="refusing to read"):
+            training.read_checkpoint(run / "checkpoints" / "latest.pt")
+        forged = run / "checkpoints" / "ckpt-00000100.safetensors"
+        forged.write_bytes(payload)
+        with pytest.raises(training.TrainingError, match="cannot read checkpoint"):
+            training.train(options(dataset, run, steps=101, resume=True))
+    assert not marker.exists()
+    assert checkpoint_steps(run) == [2, 3, 100]
+    assert [e["step"] for e in log_entries(run)] == [1, 2, 3]
+    assert pathlib.Path(run / "checkpoints" / "latest.pt").read_bytes() == payload
