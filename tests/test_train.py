@@ -67,8 +67,19 @@ class _Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("every, killed_after, steps", [(2, 3, 4), (3, 4, 5)])
-def test_resume_after_a_kill_matches_an_uninterrupted_run(dataset, tmp_path, monkeypatch, every, killed_after, steps):
+def _dali_installed():
+    from reenact.data.loaders import dali_available
+
+    return dali_available()
+
+
+DALI = pytest.mark.skipif(not _dali_installed(), reason="nvidia-dali is not installed")
+
+
+@pytest.mark.parametrize("every, killed_after, steps, loader", [
+    (2, 3, 4, "fallback"), (3, 4, 5, "fallback"), pytest.param(2, 3, 4, "dali", marks=DALI),
+])
+def test_resume_after_a_kill_matches_an_uninterrupted_run(dataset, tmp_path, monkeypatch, every, killed_after, steps, loader):
     # 3 clips, batch 2: 2 batches per epoch, so (2, 3, 4) resumes at an epoch boundary and
     # (3, 4, 5) in the middle of epoch 1.
     stepping = training.Trainer.train_step
@@ -79,7 +90,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(dataset, tmp_path, mon
 
     monkeypatch.setattr(training.Trainer, "train_step", draws_random_numbers)
     straight = tmp_path / "straight"
-    training.train(options(dataset, straight, steps=steps, checkpoint_every=every))
+    training.train(options(dataset, straight, steps=steps, checkpoint_every=every, loader=loader))
 
     original = training.Trainer.train_step
 
@@ -92,10 +103,11 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(dataset, tmp_path, mon
     with monkeypatch.context() as patch:
         patch.setattr(training.Trainer, "train_step", dies_after)
         with pytest.raises(_Killed):
-            training.train(options(dataset, interrupted, steps=steps, checkpoint_every=every))
+            training.train(options(dataset, interrupted, steps=steps, checkpoint_every=every, loader=loader))
     assert checkpoint_steps(interrupted) == [every]
     assert len(log_entries(interrupted)) == killed_after
-    training.train(options(dataset, interrupted, steps=steps, checkpoint_every=every, resume=True))
+    training.train(options(dataset, interrupted, steps=steps, checkpoint_every=every, resume=True,
+                           loader=loader))
 
     a, b = log_entries(straight), log_entries(interrupted)
     assert [e["step"] for e in b] == list(range(1, steps + 1))

@@ -165,8 +165,13 @@ class DataStream:
         loader.set_epoch(self.epoch)
         loader.__dict__.pop("schedule", None)
         if self.position:
-            full, skip = loader.schedule, self.position
-            loader.schedule = lambda: full()[skip:]
+            remaining = loader.schedule()[self.position:]
+            if not remaining:
+                # The state was saved after the epoch's last batch: start the next epoch here,
+                # because DALI refuses an empty schedule where the fallback would just stop.
+                self.epoch, self.position = self.epoch + 1, 0
+                return self._start_epoch()
+            loader.schedule = lambda: remaining
         self._iterator = iter(loader)
 
     def next(self):
