@@ -196,4 +196,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this copy's: subcommands import `reenact.cli` and raise
+    # its CommandError, which a `python -m reenact.cli` copy of the class would not catch.
+    from reenact.cli import main as _main
+
+    sys.exit(_main())
