@@ -10,6 +10,7 @@
 when no face is found. Coordinates follow the project convention: pixel (row i, col j) is the
 point (x=j, y=i).
 """
+import abc
 import dataclasses
 import os
 import pathlib
@@ -57,13 +58,14 @@ class DetectorUnavailable(ImportError):
     """A detector's optional dependency is missing; the message says what to install."""
 
 
-class LandmarkDetector:
+class LandmarkDetector(abc.ABC):
     """Interface: ``detect(image_rgb) -> Detection | None``; ``close()`` frees resources."""
 
     name = "detector"
 
+    @abc.abstractmethod
     def detect(self, image_rgb):
-        raise NotImplementedError
+        """68 landmarks of the most prominent face of an RGB image, or None when there is none."""
 
     def close(self):
         """Release native resources (no-op by default)."""

@@ -73,7 +73,12 @@ def reconstruct_pncc(model, alpha_src, beta_drv, pose_drv, pose_src=None, pose_r
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise ValueError(f"size must be a positive int, got {size!r}")
     vertices = reconstruct_vertices(model, alpha_src, beta_drv, pose_drv, pose_src, pose_ref, mode)
-    return _ops().render_pncc(vertices.contiguous(), model.faces, model.ncc, size, size)
+    return render_model_pncc(model, vertices, size, size)
+
+
+def render_model_pncc(model, vertices, height, width):
+    """PNCC (B, 3, H, W) and mask (B, 1, H, W) of image-space vertices (B, V, 3) of `model`."""
+    return _ops().render_pncc(vertices.contiguous(), model.faces, model.ncc, int(height), int(width))
 
 
 def render_colors(model, vertices, size, colors=None):

@@ -1,13 +1,12 @@
 """Overlays for checking fits by eye: PNCC blended over the photo, landmarks drawn on top."""
 import numpy as np
 
-from .pncc import _ops
+from .pncc import render_model_pncc
 
 
 def render_fit_pncc(model, alpha, beta, pose, height, width):
     """PNCC (B, 3, H, W) and mask (B, 1, H, W) of fitted parameters in the input image's pixels."""
-    vertices = model.image_vertices(alpha, beta, pose)
-    return _ops().render_pncc(vertices.contiguous(), model.faces, model.ncc, int(height), int(width))
+    return render_model_pncc(model, model.image_vertices(alpha, beta, pose), height, width)
 
 
 def _draw_points(canvas, points, color, radius):
