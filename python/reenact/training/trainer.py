@@ -1,27 +1,7 @@
-"""``reenact train``: single-process training of the reenactment model with exact resume.
-
-One step is a generator step then a discriminator step (Adam for both)::
-
-    batch -> P_s, P_d' (batch_pncc, on the training device) -> G(source, P_s, P_d')
-          -> generator_loss -> G step -> discriminator_loss(output.detach()) -> D step
-
-Run directory (``--out``):
-
-- ``config.json``: the ReenactorConfig of the run;
-- ``checkpoints/ckpt-<step>.safetensors``: one file per checkpoint, written atomically (temp file
-  in the same directory, fsync, ``os.replace``). Its tensors are the weights of G and D
-  (``G/...``, ``D/...``), the flattened Adam states (``optim_G/state/<param>/<key>``) and the
-  tensor parts of the RNG states (``rng/...``); its safetensors metadata holds one small JSON
-  document (key ``reenact_train``): step, data position (epoch and batches consumed in it), the
-  optimisers' param groups, the non-tensor RNG state, the config and the run options that fix the
-  data order. The last ``--keep-last`` checkpoints are kept.
-- ``log.jsonl``: one JSON object per step (step, epoch, losses, it/s);
-- ``samples/step-<step>.png``: source | driving | P_d' | warped | output, one row per pair.
-
-``--resume`` continues from the newest checkpoint exactly: same step, weights, optimiser state,
-torch/numpy/python RNG states and data order. Checkpoints are only ever read with safetensors;
-nothing here unpickles.
-"""
+"""The trainer of ``reenact train``: one generator step then one discriminator step per batch,
+on one process or on every rank of a ``torchrun`` run (see :mod:`reenact.training` for the run
+directory, the checkpoint layout, the batch semantics and what rank 0 owns)."""
+import contextlib
 import dataclasses
 import json
 import logging
@@ -29,7 +9,6 @@ import math
 import os
 import pathlib
 import random
-import re
 import sys
 import time
 
@@ -37,26 +16,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import distributed
+from .checkpoints import (
+    CHECKPOINT_DIR,
+    FORMAT_VERSION,
+    _atomic_write,
+    _module_state,
+    _unflatten_optimizer,
+    checkpoint_path,
+    list_checkpoints,
+    prune_checkpoints,
+    read_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+    saved_world_size,
+)
+from .errors import NonFiniteLoss, TrainingError
+
 log = logging.getLogger("reenact.train")
 
-CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d{8})\.safetensors$")
-METADATA_KEY = "reenact_train"
-FORMAT_VERSION = 1
 RESOLUTIONS = (64, 128, 256)
-
-
-class TrainingError(Exception):
-    """A user-facing training failure (bad arguments, incompatible checkpoint, non-finite loss)."""
-
-
-class NonFiniteLoss(TrainingError):
-    """A loss became NaN or infinite; ``step`` and ``term`` name where."""
-
-    def __init__(self, step, term, value):
-        super().__init__(f"non-finite loss at step {step}: {term} = {value} "
-                         f"(stopped; no checkpoint of this state was written)")
-        self.step, self.term, self.value = step, term, value
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclasses.dataclass
@@ -84,6 +65,9 @@ class TrainOptions:
     betas: tuple = (0.5, 0.999)
     num_workers: int = 0
     progress: bool = True
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
 
     def validate(self):
         def positive_int(name, minimum=1):
@@ -103,6 +87,8 @@ class TrainOptions:
             raise TrainingError(f"--resolution must be one of {RESOLUTIONS}, got {self.resolution!r}")
         if self.ops is not None and self.ops not in ("fused", "reference"):
             raise TrainingError(f"--ops must be 'fused' or 'reference', got {self.ops!r}")
+        if self.precision not in PRECISIONS:
+            raise TrainingError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.loader not in ("auto", "dali", "fallback"):
             raise TrainingError(f"--loader must be 'auto', 'dali' or 'fallback', got {self.loader!r}")
         for name in ("lr_g", "lr_d"):
@@ -121,7 +107,7 @@ class TrainOptions:
 def build_config(options):
     """The ReenactorConfig of a fresh run: ``--config`` (or the small preset) with the command-line
     overrides (``--resolution``, ``--ops``, ``--no-perceptual``) applied."""
-    from .model import ReenactorConfig
+    from ..model import ReenactorConfig
 
     if options.config is not None:
         try:
@@ -206,7 +192,7 @@ def _resize(images, size, mode):
 def prepare_batch(batch, face_model, resolution, device):
     """(source, driving, P_s, P_d') on ``device`` at ``resolution``. PNCCs are rendered at the
     dataset's crop size (the poses are in its pixels) and resized with the images."""
-    from .data.pncc import batch_pncc
+    from ..data.pncc import batch_pncc
 
     size = int(batch["source"].shape[-1])
     pncc = batch_pncc(face_model, batch, size=size, device=device)
@@ -214,174 +200,6 @@ def prepare_batch(batch, face_model, resolution, device):
     driving = _resize(batch["driving"].to(device), resolution, "bilinear")
     return (source, driving, _resize(pncc["pncc_source"], resolution, "bilinear"),
             _resize(pncc["pncc_driving"], resolution, "bilinear"))
-
-
-# -- checkpoints -----------------------------------------------------------------------------------
-
-def _flatten_optimizer(optimizer, prefix):
-    state = optimizer.state_dict()
-    tensors, extra = {}, {}
-    for index, entry in state["state"].items():
-        for key, value in entry.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{prefix}/state/{index}/{key}"] = value
-            else:
-                extra[f"{index}/{key}"] = value
-    return tensors, {"param_groups": state["param_groups"], "state_extra": extra}
-
-
-def _unflatten_optimizer(tensors, prefix, meta):
-    state = {}
-    start = prefix + "/state/"
-    for name, value in tensors.items():
-        if name.startswith(start):
-            index, key = name[len(start):].split("/", 1)
-            state.setdefault(int(index), {})[key] = value
-    for name, value in meta["state_extra"].items():
-        index, key = name.split("/", 1)
-        state.setdefault(int(index), {})[key] = value
-    groups = []
-    for group in meta["param_groups"]:
-        group = dict(group)
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
-        groups.append(group)
-    return {"state": state, "param_groups": groups}
-
-
-def _rng_state():
-    tensors = {"rng/torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for index, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng/cuda/{index}"] = state
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    tensors["rng/numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).view(np.int32).copy())
-    version, internal, gauss = random.getstate()
-    meta = {"numpy": [kind, int(pos), int(has_gauss), float(cached)],
-            "python": [version, list(internal), gauss]}
-    return tensors, meta
-
-
-def _set_rng_state(tensors, meta):
-    torch.set_rng_state(tensors["rng/torch"])
-    cuda = sorted((name for name in tensors if name.startswith("rng/cuda/")), key=lambda n: int(n.rsplit("/", 1)[1]))
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[name] for name in cuda])
-    kind, pos, has_gauss, cached = meta["numpy"]
-    keys = tensors["rng/numpy_keys"].numpy().view(np.uint32)
-    np.random.set_state((kind, keys, pos, has_gauss, cached))
-    version, internal, gauss = meta["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _atomic_write(path, data):
-    path = pathlib.Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    try:
-        directory = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(directory)
-    except OSError:
-        pass
-    finally:
-        os.close(directory)
-
-
-def checkpoint_path(run_dir, step):
-    return pathlib.Path(run_dir) / CHECKPOINT_DIR / f"ckpt-{step:08d}.safetensors"
-
-
-def list_checkpoints(run_dir):
-    """The run's checkpoint files, oldest first -> list of (step, path). Only ``.safetensors``
-    files named ``ckpt-<8 digits>.safetensors`` count; anything else in the directory is ignored."""
-    directory = pathlib.Path(run_dir) / CHECKPOINT_DIR
-    if not directory.is_dir():
-        return []
-    found = []
-    for path in directory.iterdir():
-        match = CHECKPOINT_PATTERN.match(path.name)
-        if match and path.is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def save_checkpoint(path, generator, discriminator, optimizer_g, optimizer_d, meta):
-    """Write one checkpoint file atomically (see the module docstring for its layout)."""
-    from safetensors.torch import save
-
-    tensors = {}
-    for prefix, module in (("G", generator), ("D", discriminator)):
-        for name, value in module.state_dict().items():
-            tensors[f"{prefix}/{name}"] = value
-    meta = dict(meta)
-    for prefix, optimizer in (("optim_G", optimizer_g), ("optim_D", optimizer_d)):
-        flat, extra = _flatten_optimizer(optimizer, prefix)
-        tensors.update(flat)
-        meta[prefix] = extra
-    rng_tensors, meta["rng"] = _rng_state()
-    tensors.update(rng_tensors)
-    tensors = {name: value.detach().to("cpu").contiguous().clone() for name, value in tensors.items()}
-    data = save(tensors, metadata={METADATA_KEY: json.dumps(meta)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, data)
-
-
-def read_checkpoint(path):
-    """(tensors, meta) of a checkpoint file, read with safetensors only (never unpickled)."""
-    from safetensors import SafetensorError
-    from safetensors import safe_open
-
-    path = pathlib.Path(path)
-    if path.suffix != ".safetensors":
-        raise TrainingError(f"refusing to read {path}: checkpoints are .safetensors files")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except (SafetensorError, OSError) as err:
-        raise TrainingError(f"cannot read checkpoint {path}: {err}") from None
-    if METADATA_KEY not in metadata:
-        raise TrainingError(f"{path} is not a reenact training checkpoint (no '{METADATA_KEY}' metadata)")
-    meta = json.loads(metadata[METADATA_KEY])
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise TrainingError(f"{path} has checkpoint format {meta.get('format_version')!r}; "
-                            f"this version reads {FORMAT_VERSION}")
-    return tensors, meta
-
-
-def _module_state(tensors, prefix):
-    start = prefix + "/"
-    return {name[len(start):]: value for name, value in tensors.items() if name.startswith(start)}
-
-
-def load_generator(path, device="cpu", ops=None):
-    """The generator of a training checkpoint, in eval mode -> (Reenactor, ReenactorConfig)."""
-    from .model import Reenactor, ReenactorConfig
-
-    tensors, meta = read_checkpoint(path)
-    config = ReenactorConfig.from_dict(meta["config"])
-    generator = Reenactor(config.model)
-    generator.load_state_dict(_module_state(tensors, "G"))
-    if ops is not None:
-        generator.set_ops(ops)
-    return generator.to(device).eval(), config
-
-
-def prune_checkpoints(run_dir, keep_last):
-    """Delete all but the newest ``keep_last`` checkpoints."""
-    for _, path in list_checkpoints(run_dir)[:-keep_last]:
-        path.unlink()
 
 
 # -- logging ---------------------------------------------------------------------------------------
@@ -405,7 +223,7 @@ def save_sample_grid(path, source, driving, driving_pncc, outputs, max_rows=8):
     """A PNG of :func:`preview_panels` rows (source | driving | P_d' | warped | output)."""
     from PIL import Image
 
-    from .model import preview_panels
+    from ..model import preview_panels
 
     panels = preview_panels(source[:max_rows], driving[:max_rows], driving_pncc[:max_rows],
                             {key: outputs[key][:max_rows] for key in ("flow", "output")})
@@ -435,18 +253,68 @@ def _progress(total, initial, enabled):
     return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr)
 
 
-# -- training --------------------------------------------------------------------------------------
+# -- precision, layout, compilation ---------------------------------------------------------------
 
-def _check_finite(step, result, prefix):
-    values = {f"{prefix}/{name}": value for name, value in result.terms.items()}
-    values[f"{prefix}/total"] = result.total.detach()
-    stacked = torch.stack([v.float().reshape(()) for v in values.values()])
-    if bool(torch.isfinite(stacked).all()):
+def _cpu_bf16_autocast_works():
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            probe = F.conv2d(torch.ones(1, 1, 3, 3), torch.ones(1, 1, 1, 1))
+    except RuntimeError:
+        return False
+    return probe.dtype == torch.bfloat16
+
+
+def autocast_dtype(precision, device):
+    """The autocast dtype of ``--precision`` on ``device`` (None: fp32, no autocast)."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_bf16_supported():
+            raise TrainingError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support "
+                                f"(compute capability 8.0 or newer is needed); use --precision fp32")
+    elif device.type == "cpu":
+        if not _cpu_bf16_autocast_works():
+            raise TrainingError("--precision bf16: this torch build cannot autocast to bfloat16 on the CPU; "
+                                "use --precision fp32")
+    else:
+        raise TrainingError(f"--precision bf16 runs on CUDA or the CPU, not on {device}")
+    return torch.bfloat16
+
+
+def check_compile_available(device):
+    """Raise TrainingError when ``torch.compile`` (TorchInductor) cannot run on ``device``."""
+    try:
+        import torch._dynamo
+        from torch._inductor import cpp_builder
+    except ImportError as err:
+        raise TrainingError(f"--compile: this torch has no TorchInductor ({err}); leave --compile out") from None
+    if not torch._dynamo.is_dynamo_supported():
+        raise TrainingError(f"--compile: torch.compile does not support Python {sys.version.split()[0]} with "
+                            f"torch {torch.__version__}; leave --compile out")
+    if device.type == "cpu":
+        try:
+            cpp_builder.get_cpp_compiler()
+        except (RuntimeError, OSError) as err:
+            raise TrainingError(f"--compile on the CPU needs a C++ compiler for TorchInductor ({err}); "
+                                f"install one (g++) or leave --compile out") from None
+
+
+@contextlib.contextmanager
+def _compile_errors(enabled):
+    """Turn a TorchInductor/Dynamo failure of the first compiled call into a TrainingError."""
+    if not enabled:
+        yield
         return
-    for name, value in values.items():
-        if not bool(torch.isfinite(value).all()):
-            raise NonFiniteLoss(step, name, float(value))
+    from torch._dynamo.exc import BackendCompilerFailed
 
+    try:
+        yield
+    except BackendCompilerFailed as err:
+        raise TrainingError(f"--compile: torch.compile failed ({str(err).splitlines()[0]}); "
+                            f"leave --compile out") from None
+
+
+# -- training --------------------------------------------------------------------------------------
 
 def _seed_everything(seed):
     random.seed(seed)
@@ -454,22 +322,46 @@ def _seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def _seed_rank(seed, rank, step=0):
+    """Seed this process's torch, numpy and python RNGs for training-time randomness.
+
+    The models are built from ``seed`` alone, so every rank starts from the same weights; then
+    each rank takes its own streams, derived from (seed, rank, step), so that random draws
+    inside a step (dropout, noise, augmentation on the device) are independent between ranks,
+    not the same numbers applied to different samples.
+    """
+    words = np.random.SeedSequence([seed, rank, step]).generate_state(2)
+    value = (int(words[0]) << 32) | int(words[1])
+    random.seed(value)
+    np.random.seed(words)
+    torch.manual_seed(value)
+
+
 #: Options that fix the data order and the model; a resumed run must use the same values.
 _FIXED_ON_RESUME = ("batch_size", "seed")
 
 
 class Trainer:
-    """Holds the models, optimisers, data stream and step of one run (see :func:`train`)."""
+    """Holds the models, optimisers, data stream and step of one process of a run (see :func:`train`).
 
-    def __init__(self, options):
-        from .data.loaders import make_loader
-        from .face3d.morphable import load_model
-        from .model import Reenactor, ReenactmentLoss, build_discriminator
+    ``generator`` and ``discriminator`` are the plain modules (their weights are what checkpoints
+    hold); ``generator_step_module`` and ``discriminator_step_module`` are what a step calls: the
+    same modules wrapped in DDP under torchrun and in ``torch.compile`` with ``--compile``.
+    """
 
+    def __init__(self, options, world=None):
         options.validate()
         self.options = options
+        self.world = world or distributed.World.from_env()
+        if options.batch_size % self.world.size:
+            raise TrainingError(f"--batch-size {options.batch_size} is the global batch; it must be a multiple of "
+                                f"the world size {self.world.size} (each rank takes batch-size / world size)")
+        self.rank_batch = options.batch_size // self.world.size
         self.run_dir = pathlib.Path(options.out)
-        self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = distributed.training_device(options.device, self.world)
+        self.autocast_dtype = autocast_dtype(options.precision, self.device)
+        if options.compile:
+            check_compile_available(self.device)
         existing = list_checkpoints(self.run_dir)
         self.resumed_from = None
         if options.resume:
@@ -485,26 +377,43 @@ class Trainer:
             tensors, meta = None, None
             config = build_config(options)
         self.config = config
+        self._owns_group = distributed.init_process_group(self.world, self.device)
+        try:
+            self._build(tensors, meta)
+        except BaseException:
+            self.close()
+            raise
 
-        _seed_everything(options.seed)
+    def _build(self, tensors, meta):
+        from ..data.loaders import make_loader
+        from ..face3d.morphable import load_model
+        from ..model import Reenactor, ReenactmentLoss, build_discriminator
+
+        options, config, world = self.options, self.config, self.world
+        _seed_everything(options.seed)  # the same initial weights on every rank
         try:
             self.face_model = load_model(options.face_model).to(self.device)
         except (FileNotFoundError, ValueError, ImportError) as err:
             raise TrainingError(f"--face-model: {err}") from None
         self.generator = Reenactor(config.model).to(self.device).train()
         self.discriminator = build_discriminator(config.model).to(self.device).train()
+        if options.channels_last:
+            self.generator.to(memory_format=torch.channels_last)
+            self.discriminator.to(memory_format=torch.channels_last)
         try:
             self.losses = ReenactmentLoss(config.loss).to(self.device)
         except (FileNotFoundError, ValueError, OSError) as err:
             raise TrainingError(f"the perceptual loss cannot be built ({err}); set "
                                 f"loss.perceptual_weights_path in --config or pass --no-perceptual") from None
+        _seed_rank(options.seed, world.rank)
         betas = tuple(options.betas)
         self.optimizer_g = torch.optim.Adam(self.generator.parameters(), lr=options.lr_g, betas=betas)
         self.optimizer_d = torch.optim.Adam(self.discriminator.parameters(), lr=options.lr_d, betas=betas)
 
         try:
-            loader = make_loader(options.data, backend=options.loader, batch_size=options.batch_size,
-                                 seed=options.seed, device="cpu", num_workers=options.num_workers)
+            loader = make_loader(options.data, backend=options.loader, batch_size=self.rank_batch,
+                                 seed=options.seed, device="cpu", num_workers=options.num_workers,
+                                 shard_id=world.rank, num_shards=world.size)
         except ImportError as err:
             raise TrainingError(f"--loader {options.loader}: {err}") from None
         except ValueError as err:
@@ -518,9 +427,27 @@ class Trainer:
         if meta is not None:
             epoch, position = self._restore(tensors, meta)
         self.stream = DataStream(loader, epoch, position)
+        self.generator_step_module = self._wrap(self.generator)
+        self.discriminator_step_module = self._wrap(self.discriminator)
+
+    def _wrap(self, module):
+        if self.world.distributed:
+            module = distributed.wrap_ddp(module, self.device)
+        if self.options.compile:
+            module = torch.compile(module)
+        return module
+
+    def close(self):
+        """Release the data stream and, when this trainer created it, the process group."""
+        stream = getattr(self, "stream", None)
+        if stream is not None:
+            stream.close()
+        if self._owns_group:
+            distributed.destroy_process_group()
+            self._owns_group = False
 
     def _resumed_config(self, meta):
-        from .model import ReenactorConfig
+        from ..model import ReenactorConfig
 
         options = self.options
         for name in _FIXED_ON_RESUME:
@@ -547,8 +474,17 @@ class Trainer:
             self.optimizer_d.load_state_dict(_unflatten_optimizer(tensors, "optim_D", meta["optim_D"]))
         except (RuntimeError, ValueError, KeyError) as err:
             raise TrainingError(f"checkpoint {self.resumed_from} does not fit the model: {err}") from None
-        _set_rng_state(tensors, meta["rng"])
         self.step = int(meta["step"])
+        saved = saved_world_size(meta)
+        if saved == self.world.size:
+            restore_rng_state(tensors, meta, self.world.rank)
+        else:
+            # The data order survives (--batch-size is global), the per-rank RNG streams cannot.
+            if self.world.is_main:
+                log.warning("%s was written by %d process(es), this run has %d: the data order continues "
+                            "exactly, but each rank's RNG streams are re-derived from (seed, rank, step)",
+                            self.resumed_from, saved, self.world.size)
+            _seed_rank(self.options.seed, self.world.rank, self.step)
         return int(meta["data"]["epoch"]), int(meta["data"]["position"])
 
     def _meta(self):
@@ -559,59 +495,98 @@ class Trainer:
             "data": {"epoch": self.stream.epoch, "position": self.stream.position, "loader": options.loader,
                      "dataset": str(pathlib.Path(options.data).resolve())},
             "config": self.config.to_dict(),
-            "options": {"batch_size": options.batch_size, "seed": options.seed, "face_model": options.face_model},
+            "options": {"batch_size": options.batch_size, "seed": options.seed, "face_model": options.face_model,
+                        "world_size": self.world.size, "precision": options.precision,
+                        "channels_last": options.channels_last, "compile": options.compile},
             "time": time.time(),
         }
 
     def save(self):
+        """Write a checkpoint of this step (collective under torchrun: every rank sends its RNG
+        state; rank 0 writes the file and prunes) -> its path."""
         path = checkpoint_path(self.run_dir, self.step)
-        save_checkpoint(path, self.generator, self.discriminator, self.optimizer_g, self.optimizer_d, self._meta())
-        prune_checkpoints(self.run_dir, self.options.keep_last)
+        states = distributed.gather_objects(rng_state(), self.world)
+        if self.world.is_main:
+            save_checkpoint(path, self.generator, self.discriminator, self.optimizer_g, self.optimizer_d,
+                            self._meta(), states)
+            prune_checkpoints(self.run_dir, self.options.keep_last)
         return path
 
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
+    def _loss_values(self, step, result, prefix):
+        """The loss terms and total of ``result``, averaged over the ranks (the global batch's
+        values) -> {"<prefix>/<term>": float}; NonFiniteLoss on every rank alike when one is not
+        finite."""
+        names = [f"{prefix}/{name}" for name in result.terms] + [f"{prefix}/total"]
+        values = list(result.terms.values()) + [result.total.detach()]
+        stacked = torch.stack([value.float().reshape(()).to(self.device) for value in values])
+        floats = distributed.mean_over_ranks(stacked, self.world).tolist()
+        for name, value in zip(names, floats):
+            if not math.isfinite(value):
+                raise NonFiniteLoss(step, name, value)
+        return dict(zip(names, floats))
+
     def train_step(self):
-        """One G step then one D step -> (log entry, (source, driving, P_d', outputs))."""
+        """One G step then one D step -> (log entry, (source, driving, P_d', outputs)).
+
+        The entry's losses are the means over the global batch (all ranks)."""
         step = self.step + 1
         batch = self.stream.next()
-        source, driving, pncc_source, pncc_driving = prepare_batch(
-            batch, self.face_model, self.config.model.resolution, self.device)
-        outputs = self.generator(source, pncc_source, pncc_driving)
-        g = self.losses.generator_loss(outputs, driving, pncc_driving, self.discriminator)
-        _check_finite(step, g, "G")
-        self.optimizer_g.zero_grad(set_to_none=True)
-        g.total.backward()
-        self.optimizer_g.step()
-        d = self.losses.discriminator_loss(self.discriminator, outputs["output"].detach(), driving, pncc_driving)
-        _check_finite(step, d, "D")
-        self.optimizer_d.zero_grad(set_to_none=True)
-        d.total.backward()
-        self.optimizer_d.step()
+        images = prepare_batch(batch, self.face_model, self.config.model.resolution, self.device)
+        if self.options.channels_last:
+            images = [image.contiguous(memory_format=torch.channels_last) for image in images]
+        source, driving, pncc_source, pncc_driving = images
+        with _compile_errors(self.options.compile):
+            with self._autocast():
+                outputs = self.generator_step_module(source, pncc_source, pncc_driving)
+                # The plain discriminator: generator_loss runs it with detached parameters.
+                g = self.losses.generator_loss(outputs, driving, pncc_driving, self.discriminator)
+            g_values = self._loss_values(step, g, "G")
+            self.optimizer_g.zero_grad(set_to_none=True)
+            g.total.backward()
+            self.optimizer_g.step()
+            with self._autocast():
+                d = self.losses.discriminator_loss(self.discriminator_step_module, outputs["output"].detach(),
+                                                   driving, pncc_driving)
+            d_values = self._loss_values(step, d, "D")
+            self.optimizer_d.zero_grad(set_to_none=True)
+            d.total.backward()
+            self.optimizer_d.step()
         self.step = step
-        entry = {"step": step, "epoch": self.stream.epoch, "G/total": float(g.total.detach())}
-        entry.update({f"G/{k}": float(v) for k, v in g.terms.items()})
-        entry["D/total"] = float(d.total.detach())
-        entry.update({f"D/{k}": float(v) for k, v in d.terms.items() if k != "discriminator"})
+        entry = {"step": step, "epoch": self.stream.epoch, "G/total": g_values.pop("G/total")}
+        entry.update(g_values)
+        entry["D/total"] = d_values.pop("D/total")
+        entry.update({k: v for k, v in d_values.items() if k != "D/discriminator"})
         return entry, (source, driving, pncc_driving, outputs)
 
 
 def train(options):
-    """Run (or resume) training to ``options.steps`` -> the path of the last checkpoint."""
+    """Run (or resume) training to ``options.steps`` -> the path of the last checkpoint.
+
+    Under torchrun every rank calls this; rank 0 alone writes config.json, log.jsonl, samples,
+    TensorBoard events and checkpoints."""
     trainer = Trainer(options)
+    main = trainer.world.is_main
     run_dir = trainer.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trainer.config.to_json(run_dir / "config.json")
     log_path = run_dir / "log.jsonl"
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        trainer.config.to_json(run_dir / "config.json")
+        if trainer.resumed_from is not None:
+            _truncate_log(log_path, trainer.step)
+        elif log_path.exists():
+            log_path.unlink()
     if trainer.resumed_from is not None:
-        _truncate_log(log_path, trainer.step)
-        log.info("resumed from %s at step %d", trainer.resumed_from, trainer.step)
-    elif log_path.exists():
-        log_path.unlink()
+        log.info("rank %d resumed from %s at step %d", trainer.world.rank, trainer.resumed_from, trainer.step)
     sample_every = options.sample_every or options.checkpoint_every
-    writer = _tensorboard(run_dir)
-    bar = _progress(options.steps, trainer.step, options.progress)
+    writer = _tensorboard(run_dir) if main else None
+    bar = _progress(options.steps, trainer.step, options.progress and main)
     last = trainer.resumed_from
     try:
-        with open(log_path, "a") as log_file:
+        with (open(log_path, "a") if main else contextlib.nullcontext()) as log_file:
             started, timed = time.perf_counter(), 0
             while trainer.step < options.steps:
                 tick = time.perf_counter()
@@ -622,81 +597,30 @@ def train(options):
                 timed += 1
                 entry["it_s"] = timed / max(now - started, 1e-9)
                 entry["step_s"] = now - tick
-                log_file.write(json.dumps(entry) + "\n")
-                log_file.flush()
                 step = trainer.step
-                if writer is not None:
-                    for key, value in entry.items():
-                        if key not in ("step", "epoch"):
-                            writer.add_scalar(key, value, step)
-                if step % sample_every == 0 or step == options.steps:
-                    save_sample_grid(run_dir / "samples" / f"step-{step:08d}.png", *sample)
+                if main:
+                    log_file.write(json.dumps(entry) + "\n")
+                    log_file.flush()
                     if writer is not None:
-                        from .model import preview_panels
+                        for key, value in entry.items():
+                            if key not in ("step", "epoch"):
+                                writer.add_scalar(key, value, step)
+                    if step % sample_every == 0 or step == options.steps:
+                        save_sample_grid(run_dir / "samples" / f"step-{step:08d}.png", *sample)
+                        if writer is not None:
+                            from ..model import preview_panels
 
-                        panels = preview_panels(*sample[:3], sample[3])
-                        writer.add_images("preview", panels[:8], step)
+                            panels = preview_panels(*sample[:3], sample[3])
+                            writer.add_images("preview", panels[:8], step)
                 if step % options.checkpoint_every == 0 or step == options.steps:
                     last = trainer.save()
                 if bar is not None:
                     bar.set_postfix({"G": f"{entry['G/total']:.3f}", "D": f"{entry['D/total']:.3f}"}, refresh=False)
                     bar.update(1)
     finally:
-        trainer.stream.close()
+        trainer.close()
         if bar is not None:
             bar.close()
         if writer is not None:
             writer.close()
     return last
-
-
-# -- command line ----------------------------------------------------------------------------------
-
-def run_train(args):
-    from .cli import CommandError
-
-    options = TrainOptions(
-        data=args.data, out=args.out, config=args.config, steps=args.steps, batch_size=args.batch_size,
-        resolution=args.resolution, ops=args.ops, perceptual=not args.no_perceptual, resume=args.resume,
-        keep_last=args.keep_last, checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
-        seed=args.seed, loader=args.loader, device=args.device, face_model=args.face_model,
-        lr_g=args.lr_g, lr_d=args.lr_d, num_workers=args.num_workers, progress=not args.quiet)
-    try:
-        last = train(options)
-    except TrainingError as err:
-        raise CommandError(str(err)) from None
-    except RuntimeError as err:
-        if options.device and "cuda" in str(err).lower():
-            raise CommandError(f"--device {options.device}: {err}") from None
-        raise
-    print(f"trained to step {options.steps}; last checkpoint {last}")
-    return 0
-
-
-def add_train_parser(subparsers):
-    parser = subparsers.add_parser(
-        "train", help="train the reenactment model (single process; --resume continues exactly)",
-        description="Train the generator and discriminator on a prepared dataset (`reenact prepare` or "
-                    "`reenact synth`). Writes safetensors checkpoints, log.jsonl and sample grids to --out.")
-    parser.add_argument("--data", required=True, help="dataset directory (with manifest.jsonl)")
-    parser.add_argument("--out", required=True, help="run directory (created if needed)")
-    parser.add_argument("--config", help="ReenactorConfig JSON file (default: the small preset)")
-    parser.add_argument("--steps", type=int, default=1000, help="train until this step (default 1000)")
-    parser.add_argument("--batch-size", type=int, default=8, help="pairs per step (default 8)")
-    parser.add_argument("--resolution", type=int, choices=RESOLUTIONS,
-                        help="training resolution (default: the config's; 64 for the small preset)")
-    parser.add_argument("--ops", choices=["fused", "reference"], help="correspondence ops (default: the config's)")
-    parser.add_argument("--no-perceptual", action="store_true", help="switch the VGG-19 perceptual loss off")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    parser.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep (default 3)")
-    parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
-    parser.add_argument("--sample-every", type=int, help="steps between sample grids (default: --checkpoint-every)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--loader", default="auto", choices=["auto", "dali", "fallback"])
-    parser.add_argument("--num-workers", type=int, default=0, help="fallback loader worker processes (default 0)")
-    parser.add_argument("--device", help="training device (default: cuda when available, else cpu)")
-    parser.add_argument("--face-model", default="toy", help="the face model the dataset was fitted with (default toy)")
-    parser.add_argument("--lr-g", type=float, default=1e-4, help="generator Adam learning rate (default 1e-4)")
-    parser.add_argument("--lr-d", type=float, default=4e-4, help="discriminator Adam learning rate (default 4e-4)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run_train)
