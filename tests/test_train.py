@@ -10,38 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
+from model_fixtures import single_thread  # noqa: F401  (autouse: one intra-op thread)
 from reenact import cli, train as training
-from reenact.data import synth
 from reenact.model import ReenactmentLoss
-
-SIZE = 64
+from train_support import SIZE, checkpoint_steps, log_entries, losses_of, make_dataset, options
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data")
-    synth.synth_dataset(root, 3, frames=8, size=SIZE, codec="vp9", seed=0, identities=2)
-    return root
-
-
-def options(dataset, out, **kwargs):
-    values = dict(data=str(dataset), out=str(out), steps=4, batch_size=2, resolution=SIZE,
-                  checkpoint_every=2, keep_last=10, seed=3, loader="fallback", device="cpu",
-                  perceptual=False, progress=False)
-    values.update(kwargs)
-    return training.TrainOptions(**values)
-
-
-def log_entries(run_dir):
-    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-
-
-def losses_of(entry):
-    return {k: v for k, v in entry.items() if k.startswith(("G/", "D/"))}
-
-
-def checkpoint_steps(run_dir):
-    return [step for step, _ in training.list_checkpoints(run_dir)]
+    return make_dataset(tmp_path_factory.mktemp("train_data"))
 
 
 def test_cli_train_writes_checkpoints_log_and_grid(dataset, tmp_path):
