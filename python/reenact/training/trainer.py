@@ -3,6 +3,7 @@ on one process or on every rank of a ``torchrun`` run (see :mod:`reenact.trainin
 directory, the checkpoint layout, the batch semantics and what rank 0 owns)."""
 import contextlib
 import dataclasses
+import importlib
 import json
 import logging
 import math
@@ -284,17 +285,17 @@ def autocast_dtype(precision, device):
 def check_compile_available(device):
     """Raise TrainingError when ``torch.compile`` (TorchInductor) cannot run on ``device``."""
     try:
-        import torch._dynamo
-        from torch._inductor import cpp_builder
+        dynamo = importlib.import_module("torch._dynamo")
+        cpp_builder = importlib.import_module("torch._inductor.cpp_builder")
     except ImportError as err:
         raise TrainingError(f"--compile: this torch has no TorchInductor ({err}); leave --compile out") from None
-    if not torch._dynamo.is_dynamo_supported():
+    if not dynamo.is_dynamo_supported():
         raise TrainingError(f"--compile: torch.compile does not support Python {sys.version.split()[0]} with "
                             f"torch {torch.__version__}; leave --compile out")
     if device.type == "cpu":
         try:
             cpp_builder.get_cpp_compiler()
-        except (RuntimeError, OSError) as err:
+        except (RuntimeError, OSError, ImportError) as err:
             raise TrainingError(f"--compile on the CPU needs a C++ compiler for TorchInductor ({err}); "
                                 f"install one (g++) or leave --compile out") from None
 
