@@ -60,6 +60,7 @@ class Case:
     channels_last: bool
     warmup: int
     repeats: int
+    correspondence_level: int = 2
 
 
 CASES = {
@@ -95,7 +96,10 @@ def make_trainers(case, workdir):
     if not data.exists():
         synth.synth_dataset(data, 2 * case.batch, frames=8, size=case.resolution, codec="vp9", seed=0)
     config = ReenactorConfig.small(case.resolution) if case.config == "small" else ReenactorConfig.paper()
-    config_path = workdir / f"{case.config}-{case.resolution}.json"
+    # replace() re-runs the config's validation for the new resolution and level.
+    config.model = dataclasses.replace(config.model, resolution=case.resolution,
+                                       correspondence_level=case.correspondence_level)
+    config_path = workdir / f"{case.config}-{case.resolution}-level{case.correspondence_level}.json"
     config.to_json(config_path)
     trainers, batches = {}, None
     for ops in OPS:
@@ -137,6 +141,7 @@ def run_case(case, workdir):
         seconds = statistics.median(times[ops])
         rows.append(dict(
             ops=ops, device=case.device, config=case.config, resolution=case.resolution, batch=case.batch,
+            correspondence_size=case.resolution >> case.correspondence_level,
             precision=case.precision, channels_last=case.channels_last, threads=torch.get_num_threads(),
             ms=seconds * 1e3, it_per_s=1.0 / seconds, pairs_per_s=case.batch / seconds,
             cpu_ms=statistics.median(cpu_times[ops]) * 1e3,
@@ -151,13 +156,14 @@ def run_case(case, workdir):
 
 
 def markdown(rows):
-    lines = ["| device | ops | config | res | batch | precision | threads | ms/it | it/s | CPU ms/it | peak MiB | "
-             "speed vs ref | CPU time vs ref | memory vs ref |",
-             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| device | ops | config | res | corr | batch | precision | threads | ms/it | it/s | CPU ms/it | "
+             "peak MiB | speed vs ref | CPU time vs ref | memory vs ref |",
+             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         precision = r["precision"] + (", NHWC" if r["channels_last"] else "")
         lines.append(
-            f"| {r['device']} | {r['ops']} | {r['config']} | {r['resolution']} | {r['batch']} | {precision} | "
+            f"| {r['device']} | {r['ops']} | {r['config']} | {r['resolution']} | {r['correspondence_size']}^2 | "
+            f"{r['batch']} | {precision} | "
             f"{r['threads']} | {r['ms']:.1f} | {r['it_per_s']:.2f} | {r['cpu_ms']:.1f} | {r['peak_mib']:.1f} | "
             f"{r['speed_vs_reference']:.2f}x | {r['cpu_time_vs_reference']:.2f}x | {r['memory_vs_reference']:.2f}x |")
     return "\n".join(lines) + "\n"
@@ -169,7 +175,8 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['device']} {r['resolution']}px B={r['batch']}\n{r['ops']}" for r in rows]
+    labels = [f"{r['device']} {r['resolution']}px corr {r['correspondence_size']}^2 B={r['batch']}\n{r['ops']}"
+              for r in rows]
     colours = ["tab:gray" if r["ops"] == "reference" else "tab:blue" for r in rows]
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 0.5 * len(rows) + 1.2))
     for ax, key, label in ((speed, "it_per_s", "training iterations / s"), (memory, "peak_mib", "peak MiB / iteration")):
@@ -198,6 +205,8 @@ def main(argv=None):
                         help="default: cpu, plus cuda when a CUDA device is visible")
     parser.add_argument("--repeats", type=int, help="timed iterations per row (default: 9 CPU, 30 CUDA)")
     parser.add_argument("--threads", type=int, help="CPU intra-op threads (default: torch's)")
+    parser.add_argument("--correspondence-level", type=int, choices=(1, 2),
+                        help="pyramid level of corr_warp: 2 = 1/4 resolution (the configs' default), 1 = 1/2")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -210,6 +219,8 @@ def main(argv=None):
             case = smoke(CASES[device]) if args.smoke else CASES[device]
             if args.repeats is not None:
                 case = dataclasses.replace(case, repeats=args.repeats)
+            if args.correspondence_level is not None:
+                case = dataclasses.replace(case, correspondence_level=args.correspondence_level)
             rows += run_case(case, pathlib.Path(workdir))
     table = markdown(rows)
     print(table, end="")

@@ -2,6 +2,7 @@
 TensorBoard events, and resuming after a real SIGKILL of the training process."""
 import functools
 import io
+import logging
 import math
 import os
 import shutil
@@ -61,7 +62,7 @@ def _relative(a, b):
 # -- DDP -------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_torchrun_two_processes_follow_the_one_process_curve_and_resume_exactly(dataset, tmp_path):
+def test_torchrun_two_processes_follow_the_one_process_curve_and_resume_exactly(dataset, tmp_path, caplog):
     two = tmp_path / "two"
     result = _torchrun(cli_args(dataset, two, DDP_STEPS, checkpoint_every=10))
     assert result.stdout.count("trained to step") == 1  # rank 0 alone reports (and writes)
@@ -101,6 +102,17 @@ def test_torchrun_two_processes_follow_the_one_process_curve_and_resume_exactly(
     assert [e["step"] for e in c] == list(range(11, DDP_STEPS + 1))
     for x, y in zip(b[10:], c):
         assert losses_of(x) == losses_of(y), x["step"]
+    # A single process continues the 2-rank run: same data order (global batches), RNG streams
+    # re-derived with a warning; the curve follows the 2-rank one.
+    single = tmp_path / "single"
+    (single / "checkpoints").mkdir(parents=True)
+    shutil.copy(training.checkpoint_path(two, 10), single / "checkpoints")
+    with caplog.at_level(logging.WARNING, logger="reenact.train"):
+        training.train(options(dataset, single, steps=13, checkpoint_every=10, resume=True))
+    assert "written by 2 process(es), this run has 1" in caplog.text
+    for x, y in zip(b[10:13], log_entries(single)):
+        assert x["step"] == y["step"] and _relative(x["G/total"], y["G/total"]) < CURVE_RTOL, x["step"]
+
     final, final_meta = training.read_checkpoint(training.checkpoint_path(resumed, DDP_STEPS))
     assert sorted(final) == sorted(tensors)
     for name in tensors:

@@ -270,7 +270,7 @@ def autocast_dtype(precision, device):
     if precision == "fp32":
         return None
     if device.type == "cuda":
-        if not torch.cuda.is_bf16_supported():
+        if torch.cuda.get_device_capability(device) < (8, 0):  # native bf16 from Ampere on
             raise TrainingError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support "
                                 f"(compute capability 8.0 or newer is needed); use --precision fp32")
     elif device.type == "cpu":
