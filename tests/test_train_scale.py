@@ -219,6 +219,18 @@ def test_compile_without_inductor_is_a_clear_error(dataset, tmp_path, monkeypatc
     assert not (tmp_path / "run").exists()
 
 
+def test_a_failing_compiler_is_a_clear_error(dataset, tmp_path, monkeypatch):
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no code generator here")
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=broken_backend))
+    torch._dynamo.reset()
+    with pytest.raises(training.TrainingError, match="--compile: torch.compile failed.*no code generator here"):
+        training.train(options(dataset, tmp_path / "run", steps=1, compile=True))
+    torch._dynamo.reset()
+    assert training.list_checkpoints(tmp_path / "run") == []
+
+
 def _expected_names(prefix, module):
     return {f"{prefix}/{name}" for name in module.state_dict()}
 

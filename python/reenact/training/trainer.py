@@ -311,7 +311,9 @@ def _compile_errors(enabled):
     try:
         yield
     except BackendCompilerFailed as err:
-        raise TrainingError(f"--compile: torch.compile failed ({str(err).splitlines()[0]}); "
+        cause = getattr(err, "inner_exception", None) or err
+        reason = (str(cause).strip().splitlines() or [""])[0]
+        raise TrainingError(f"--compile: torch.compile failed ({type(cause).__name__}: {reason}); "
                             f"leave --compile out") from None
 
 
