@@ -66,6 +66,9 @@ def test_torchrun_two_processes_follow_the_one_process_curve_and_resume_exactly(
     two = tmp_path / "two"
     result = _torchrun(cli_args(dataset, two, DDP_STEPS, checkpoint_every=10))
     assert result.stdout.count("trained to step") == 1  # rank 0 alone reports (and writes)
+    assert len(list((two / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == [
+        "ckpt-00000010.safetensors", "ckpt-00000020.safetensors"]
     one = tmp_path / "one"
     training.train(options(dataset, one, steps=DDP_STEPS, checkpoint_every=10))
 
