@@ -124,6 +124,23 @@ def test_torchrun_two_processes_follow_the_one_process_curve_and_resume_exactly(
         assert meta[key] == final_meta[key], key
 
 
+@pytest.mark.parametrize("world_size, rank_batch", [(2, 1), (2, 3), (3, 2), (4, 2)])
+def test_the_ranks_global_batches_are_the_one_process_batches(world_size, rank_batch):
+    # What --batch-size as the global batch relies on: N ranks x b pairs see, step by step, the
+    # pairs one process sees with N*b (padding included), whatever N is.
+    from reenact.data.pairs import epoch_schedule
+
+    counts = [8, 9, 10, 11, 12, 13, 14]
+    for epoch in (0, 1):
+        single = epoch_schedule(counts, world_size * rank_batch, seed=5, epoch=epoch)
+        shards = [epoch_schedule(counts, rank_batch, seed=5, epoch=epoch, shard_id=r, num_shards=world_size)
+                  for r in range(world_size)]
+        assert {len(shard) for shard in shards} == {len(single)}
+        for step, batch in enumerate(single):
+            union = [spec for shard in shards for spec in shard[step]]
+            assert sorted(union, key=repr) == sorted(batch, key=repr), (epoch, step)
+
+
 def test_a_global_batch_the_world_size_does_not_divide_is_refused(dataset, tmp_path):
     world = training.World(rank=1, size=3, local_rank=1)
     with pytest.raises(training.TrainingError, match="--batch-size 2 is the global batch.*world size 3"):
