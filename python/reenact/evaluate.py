@@ -311,3 +311,295 @@ def pose_expression_errors(face_model, records):
             fits["frame"][0][pick["frame"]], fits["frame"][1][pick["frame"]],
             torch.from_numpy(records["landmarks_frame"][both]), iod[torch.from_numpy(both)])
     return result
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+class EvalError(Exception):
+    """A user-facing evaluation failure (bad checkpoint, dataset or option)."""
+
+
+@dataclasses.dataclass
+class EvalOptions:
+    """The options of ``reenact eval`` (see :func:`add_eval_parser`)."""
+
+    checkpoint: str
+    data: str
+    out: str = None
+    max_clips: int = 0
+    batch_size: int = 8
+    device: str = None
+    source_frame: int = 0
+    detector: str = "mediapipe"
+    face_model: str = "toy"
+    id_model: str = None
+    inception: str = None
+    progress: bool = True
+
+    def validate(self):
+        for name, minimum in (("max_clips", 0), ("batch_size", 1), ("source_frame", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise EvalError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+        if self.detector not in ("mediapipe", "dlib", "none"):
+            raise EvalError(f"--detector must be 'mediapipe', 'dlib' or 'none', got {self.detector!r}")
+        checkpoint = pathlib.Path(self.checkpoint)
+        if not checkpoint.is_file():
+            raise EvalError(f"--checkpoint: no such file: {checkpoint}")
+        if not pathlib.Path(self.data).is_dir():
+            raise EvalError(f"--data is not a directory: {self.data}")
+        for flag, value in (("--id-model", self.id_model), ("--inception", self.inception)):
+            if value is not None and not pathlib.Path(value).is_file():
+                raise EvalError(f"{flag}: no such file: {value}")
+
+    def out_dir(self):
+        if self.out is not None:
+            return pathlib.Path(self.out)
+        checkpoint = pathlib.Path(self.checkpoint)
+        return checkpoint.parent / f"{checkpoint.stem}-eval"
+
+
+def _device(name):
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise EvalError(f"--device {name!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _open(options, device):
+    """(generator, step, face model, dataset, feature networks) or EvalError."""
+    from .data.dataset import ClipDataset
+    from .data.format import DatasetError
+    from .data.video import MediaError
+    from .face3d.morphable import load_model
+    from .train import TrainingError, load_generator, read_checkpoint
+
+    try:
+        generator, _ = load_generator(options.checkpoint, device=device)
+        step = int(read_checkpoint(options.checkpoint)[1]["step"])
+    except TrainingError as err:
+        raise EvalError(f"--checkpoint: {err}") from None
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        raise EvalError(f"--checkpoint {options.checkpoint}: not a usable generator checkpoint "
+                        f"({str(err).splitlines()[0]})") from None
+    try:
+        face_model = load_model(options.face_model)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise EvalError(f"--face-model: {err}") from None
+    try:
+        dataset = ClipDataset(options.data, max_skip_fraction=1.0)
+    except (DatasetError, MediaError) as err:
+        raise EvalError(f"--data {options.data}: {err}") from None
+    names = {str(clip.params["model_name"]) for clip in dataset.clips}
+    if names != {face_model.name}:
+        raise EvalError(f"the dataset was fitted with face model {sorted(names)}, but --face-model gives "
+                        f"{face_model.name!r}")
+    networks = {}
+    for kind, flag, path in (("identity", "--id-model", options.id_model), ("inception", "--inception", options.inception)):
+        if path is not None:
+            from .eval_networks import load_feature_network
+
+            try:
+                networks[kind] = load_feature_network(kind, path).to(device)
+            except (FileNotFoundError, ValueError, ImportError) as err:
+                raise EvalError(f"{flag}: {err}") from None
+    return generator, step, face_model, dataset, networks
+
+
+def _detector(name):
+    """(detector or None, reason when None)."""
+    if name == "none":
+        return None, "not computed (--detector none)"
+    from .face3d.detectors import make_detector
+
+    try:
+        return make_detector(name), None
+    except (ImportError, FileNotFoundError, ValueError) as err:
+        return None, f"not computed ({name} detector unavailable: {err})"
+
+
+def _summary(values):
+    values = np.asarray(values, dtype=np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std()), "count": int(values.size)}
+
+
+def evaluate(options):
+    """Run the evaluation -> the results dict (also written to eval.json and eval.md under --out)."""
+    options.validate()
+    device = _device(options.device)
+    started = time.perf_counter()
+    generator, step, face_model, dataset, networks = _open(options, device)
+    face_model = face_model.to(device)
+    clips = dataset.clips if options.max_clips == 0 else dataset.clips[:options.max_clips]
+    specs, skipped = self_reenactment_pairs([clip.frames for clip in clips], options.source_frame)
+    skipped = [(clips[number].record.clip, reason) for number, reason in skipped]
+    skipped += list(dataset.skipped)
+    if not specs:
+        raise EvalError(f"no pairs to evaluate in {options.data}: " + "; ".join(f"{c}: {r}" for c, r in skipped))
+    detector, pose_reason = _detector(options.detector)
+    from .data.progress import progress_bar
+
+    bar = progress_bar(len(specs), "eval", "frame", options.progress)
+    collected = {key: [] for key in ("clip", "frame_driving", "beta_driving", "pose_driving", "landmarks_driving",
+                                     "landmarks_output", "landmarks_frame", "id_output", "id_driving")}
+    scores = {"l1": [], "psnr": [], "ssim": []}
+    statistics = {"output": GaussianStatistics(), "driving": GaussianStatistics()}
+    try:
+        for batch in generate(generator, face_model, dataset, specs, options.batch_size, device):
+            for name, values in image_metrics(batch["output"], batch["driving"]).items():
+                scores[name].append(values.numpy())
+            for key in ("clip", "frame_driving", "beta_driving", "pose_driving", "landmarks_driving"):
+                collected[key].append(batch[key])
+            if detector is not None:
+                for role, images in (("output", batch["output"]), ("frame", batch["driving"])):
+                    collected[f"landmarks_{role}"].append(detect_landmarks(detector, images, dataset.size)[0])
+            with torch.no_grad():
+                if "identity" in networks:
+                    embed = networks["identity"]
+                    source = embed(batch["source"])
+                    collected["id_output"].append(cosine_similarity(embed(batch["output"]), source).cpu().numpy())
+                    collected["id_driving"].append(cosine_similarity(embed(batch["driving"]), source).cpu().numpy())
+                if "inception" in networks:
+                    statistics["output"].add(networks["inception"](batch["output"]))
+                    statistics["driving"].add(networks["inception"](batch["driving"]))
+            bar.update(len(batch["clip"]))
+    finally:
+        bar.close()
+        if detector is not None:
+            detector.close()
+    records = {key: np.concatenate(values) for key, values in collected.items() if values}
+    scores = {name: np.concatenate(values) for name, values in scores.items()}
+    metrics = {name: _summary(values) for name, values in scores.items()}
+    if detector is not None:
+        metrics["pose"] = dict(pose_expression_errors(face_model.to("cpu"), records), detector=options.detector)
+    else:
+        metrics["pose"] = {"status": pose_reason}
+    if "identity" in networks:
+        metrics["id_similarity"] = dict(_summary(records["id_output"]),
+                                        driving_frame=float(records["id_driving"].mean()))
+    else:
+        metrics["id_similarity"] = {"status": NOT_COMPUTED_NO_WEIGHTS}
+    if "inception" in networks:
+        if statistics["output"].count < 2:
+            metrics["fid"] = {"status": "not computed (FID needs at least 2 pairs)"}
+        else:
+            metrics["fid"] = {"value": frechet_distance(*statistics["output"].mean_and_covariance(),
+                                                        *statistics["driving"].mean_and_covariance()),
+                              "samples": statistics["output"].count}
+    else:
+        metrics["fid"] = {"status": NOT_COMPUTED_NO_WEIGHTS}
+    per_clip = []
+    for number in np.unique(records["clip"]):
+        rows = records["clip"] == number
+        per_clip.append(dict({"clip": clips[int(number)].record.clip, "pairs": int(rows.sum())},
+                             **{name: float(values[rows].mean()) for name, values in scores.items()}))
+    results = {
+        "checkpoint": str(options.checkpoint), "step": step, "data": str(options.data),
+        "resolution": generator.config.resolution, "dataset_size": dataset.size,
+        "synthetic": all(clip.record.synthetic for clip in clips), "face_model": face_model.name,
+        "protocol": f"self-reenactment: source frame {options.source_frame} of each clip, driven by every "
+                    f"other frame of the same clip",
+        "clips": len(per_clip), "pairs": int(scores["l1"].size),
+        "skipped_clips": [{"clip": c, "reason": r} for c, r in skipped],
+        "metrics": metrics, "per_clip": per_clip, "seconds": time.perf_counter() - started,
+    }
+    write_report(results, options.out_dir(), inputs=[pathlib.Path(options.checkpoint)])
+    return results
+
+
+def _number(value, digits):
+    return f"{value:.{digits}f}"
+
+
+def markdown_table(results):
+    """The eval.md text of a results dict."""
+    m = results["metrics"]
+    lines = [f"# reenact eval: {results['checkpoint']} (step {results['step']})", "",
+             f"- data: `{results['data']}`{' [synthetic]' if results['synthetic'] else ''}; "
+             f"{results['clips']} clips, {results['pairs']} pairs; {results['protocol']}",
+             f"- compared at {results['resolution']}x{results['resolution']} over the whole face crop "
+             f"(dataset crops: {results['dataset_size']} px); face model: {results['face_model']}", "",
+             "| metric | value | notes |", "|---|---|---|",
+             f"| L1 (lower is better) | {_number(m['l1']['mean'], 4)} | mean abs. difference, images in [0, 1] |",
+             f"| PSNR dB (higher is better) | {_number(m['psnr']['mean'], 2)} | per image, capped at {PSNR_CAP_DB:.0f} dB |",
+             f"| SSIM (higher is better) | {_number(m['ssim']['mean'], 4)} | Gaussian window 11, sigma 1.5 |"]
+    pose = m["pose"]
+    if "status" in pose:
+        lines.append(f"| pose / expression error | {pose['status']} | |")
+    else:
+        lines.append(f"| landmark detection rate: output / driving frame | "
+                     f"{pose['detection_rate_output']:.0%} / {pose['detection_rate_driving_frame']:.0%} | "
+                     f"{pose['detector']}, on images upsampled to {DETECT_SIZE} px |")
+        labels = (("rotation_deg", "rotation error (deg)", 2), ("expression_abs", "expression error (mean abs. coeff.)", 4),
+                  ("landmarks_iod", "landmark error / inter-ocular distance", 4))
+        for key, label, digits in labels:
+            cells = []
+            for name in ("output_vs_params", "driving_frame_vs_params", "output_vs_driving_frame"):
+                cells.append(_number(pose[name][key], digits) if name in pose else "n/a (no detections)")
+            lines.append(f"| {label}: output vs driving params | {cells[0]} | floor (driving frame's own re-fit vs "
+                         f"params): {cells[1]}; output vs driving frame's re-fit: {cells[2]} |")
+    ident = m["id_similarity"]
+    lines.append(f"| identity cosine similarity to the source | "
+                 + (ident["status"] + " | |" if "status" in ident else
+                    f"{_number(ident['mean'], 4)} | driving frame vs source: {_number(ident['driving_frame'], 4)} |"))
+    fid = m["fid"]
+    lines.append("| FID (output vs driving frames) | "
+                 + (fid["status"] + " | |" if "status" in fid else
+                    f"{_number(fid['value'], 3)} | {fid['samples']} samples; torchvision Inception-v3 layout |"))
+    if results["skipped_clips"]:
+        lines += ["", "Skipped clips:"] + [f"- {s['clip']}: {s['reason']}" for s in results["skipped_clips"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results, out_dir, inputs=()):
+    """Write eval.json and eval.md under ``out_dir`` (created); never over one of ``inputs``."""
+    from .cli import _output_path
+
+    out_dir = pathlib.Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EvalError(f"--out must be a directory: {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _output_path(out_dir, "eval.json", list(inputs)).write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    _output_path(out_dir, "eval.md", list(inputs)).write_text(markdown_table(results))
+
+
+def run_eval(args):
+    from .cli import CommandError
+
+    options = EvalOptions(checkpoint=args.checkpoint, data=args.data, out=args.out, max_clips=args.max_clips,
+                          batch_size=args.batch_size, device=args.device, source_frame=args.source_frame,
+                          detector=args.detector, face_model=args.face_model, id_model=args.id_model,
+                          inception=args.inception, progress=not args.quiet)
+    try:
+        results = evaluate(options)
+    except EvalError as err:
+        raise CommandError(str(err)) from None
+    m = results["metrics"]
+    print(f"{results['pairs']} pairs of {results['clips']} clips: L1 {m['l1']['mean']:.4f}, "
+          f"PSNR {m['psnr']['mean']:.2f} dB, SSIM {m['ssim']['mean']:.4f}; wrote {options.out_dir()}")
+    return 0
+
+
+def add_eval_parser(subparsers):
+    parser = subparsers.add_parser(
+        "eval", help="self-reenactment metrics of a checkpoint (SSIM, PSNR, L1, pose/expression error)",
+        description="For each clip, reenact its source frame with every other frame of the clip and compare "
+                    "with the real frame. Writes eval.md and eval.json. Identity similarity and FID need "
+                    "user-supplied weights (.safetensors or weights-only torch files; no code is loaded).")
+    parser.add_argument("--checkpoint", required=True, help="a training checkpoint (.safetensors)")
+    parser.add_argument("--data", required=True, help="dataset directory (with manifest.jsonl), e.g. held-out clips")
+    parser.add_argument("--out", help="output directory (default: <checkpoint>-eval next to the checkpoint)")
+    parser.add_argument("--max-clips", type=int, default=0, help="evaluate only the first N clips (default: all)")
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs per generator batch (default 8)")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--source-frame", type=int, default=0, help="the source frame of each clip (default 0)")
+    parser.add_argument("--detector", default="mediapipe", choices=["mediapipe", "dlib", "none"],
+                        help="landmark detector of the pose/expression re-fit (default mediapipe)")
+    parser.add_argument("--face-model", default="toy", help="the face model the dataset was fitted with (default toy)")
+    parser.add_argument("--id-model", help="ArcFace IResNet weights (.safetensors or weights-only torch file)")
+    parser.add_argument("--inception", help="torchvision Inception-v3 weights (.safetensors or weights-only torch file)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_eval)
