@@ -188,6 +188,7 @@ class IResNet(nn.Module):
     Args:
         blocks: IBasicBlocks per stage, e.g. (3, 4, 14, 3) for r50; :meth:`blocks_of` reads them
             from a state dict.
+        embedding: embedding size (512 for ArcFace; read from ``fc.weight`` when loading).
     """
 
     input_size = 112
@@ -256,5 +257,6 @@ def load_feature_network(kind, path):
         blocks = IResNet.blocks_of(state)
         if min(blocks) < 1:
             raise ValueError(f"{path} does not hold IResNet weights: no layer1..layer4 blocks found")
-        return _load_into(IResNet(blocks), state, path)
+        embedding = state["fc.weight"].shape[0] if state.get("fc.weight", torch.zeros(0)).dim() == 2 else 512
+        return _load_into(IResNet(blocks, embedding), state, path)
     raise ValueError(f"unknown feature network {kind!r}")

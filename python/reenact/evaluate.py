@@ -359,6 +359,10 @@ class EvalOptions:
         return checkpoint.parent / f"{checkpoint.stem}-eval"
 
 
+def _first_line(text):
+    return str(text).strip().splitlines()[0] if str(text).strip() else repr(text)
+
+
 def _device(name):
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -381,18 +385,18 @@ def _open(options, device):
         generator, _ = load_generator(options.checkpoint, device=device)
         step = int(read_checkpoint(options.checkpoint)[1]["step"])
     except TrainingError as err:
-        raise EvalError(f"--checkpoint: {err}") from None
+        raise EvalError(f"--checkpoint: {_first_line(err)}") from None
     except (RuntimeError, KeyError, ValueError, TypeError) as err:
         raise EvalError(f"--checkpoint {options.checkpoint}: not a usable generator checkpoint "
-                        f"({str(err).splitlines()[0]})") from None
+                        f"({_first_line(err)})") from None
     try:
         face_model = load_model(options.face_model)
     except (FileNotFoundError, ValueError, ImportError) as err:
-        raise EvalError(f"--face-model: {err}") from None
+        raise EvalError(f"--face-model: {_first_line(err)}") from None
     try:
         dataset = ClipDataset(options.data, max_skip_fraction=1.0)
     except (DatasetError, MediaError) as err:
-        raise EvalError(f"--data {options.data}: {err}") from None
+        raise EvalError(f"--data {options.data}: {_first_line(err)}") from None
     names = {str(clip.params["model_name"]) for clip in dataset.clips}
     if names != {face_model.name}:
         raise EvalError(f"the dataset was fitted with face model {sorted(names)}, but --face-model gives "
@@ -405,7 +409,11 @@ def _open(options, device):
             try:
                 networks[kind] = load_feature_network(kind, path).to(device)
             except (FileNotFoundError, ValueError, ImportError) as err:
-                raise EvalError(f"{flag}: {err}") from None
+                text = str(err)
+                if text.startswith("could not read"):  # torch's weights-only refusal, many lines
+                    text = (f"{path} is neither .safetensors nor a weights-only torch.save state dict; eval never "
+                            f"unpickles other objects (convert the weights to .safetensors)")
+                raise EvalError(f"{flag}: {_first_line(text)}") from None
     return generator, step, face_model, dataset, networks
 
 
