@@ -577,10 +577,8 @@ def write_report(results, out_dir, inputs=()):
 def run_eval(args):
     from .cli import CommandError
 
-    options = EvalOptions(checkpoint=args.checkpoint, data=args.data, out=args.out, max_clips=args.max_clips,
-                          batch_size=args.batch_size, device=args.device, source_frame=args.source_frame,
-                          detector=args.detector, face_model=args.face_model, id_model=args.id_model,
-                          inception=args.inception, progress=not args.quiet)
+    names = [field.name for field in dataclasses.fields(EvalOptions) if field.name != "progress"]
+    options = EvalOptions(**{name: getattr(args, name) for name in names}, progress=not args.quiet)
     try:
         results = evaluate(options)
     except EvalError as err:
