@@ -232,3 +232,9 @@ def test_eval_errors_are_one_line(run, tmp_path, capsys, case, message):
     assert err.startswith("reenact: error: ") and message in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "eval.json").exists()
+
+
+def test_default_out_dir_is_in_the_run_directory(run):
+    root, data, checkpoint = run
+    options = evaluate.EvalOptions(checkpoint=str(checkpoint), data=str(data))
+    assert options.out_dir() == checkpoint.parent.parent / f"eval-{checkpoint.stem}"

@@ -205,7 +205,8 @@ def generate(generator, face_model, dataset, specs, batch_size=8, device="cpu"):
     Yields:
         dicts with source, driving, output (B, 3, R, R) in [-1, 1] at the generator's resolution R
         and the batch's parameters (numpy: clip, frame_source, frame_driving, beta_driving,
-        pose_driving, landmarks_driving, ...).
+        pose_driving, landmarks_driving, ...). Pairs whose clip failed to decode (the loader
+        substitutes another clip and flags them ``pad``) are dropped.
     """
     from .train import prepare_batch
 
@@ -218,7 +219,13 @@ def generate(generator, face_model, dataset, specs, batch_size=8, device="cpu"):
                 source, driving, pncc_source, pncc_driving = prepare_batch(batch, face_model, resolution, device)
                 output = generator(source, pncc_source, pncc_driving)["output"]
                 params = {k: v.numpy() for k, v in batch.items() if k not in ("source", "driving")}
-                yield dict(params, source=source, driving=driving, output=output)
+                keep = ~params["pad"]  # a clip that broke while decoding was replaced: not its pair
+                if not keep.all():
+                    mask = torch.from_numpy(keep).to(output.device)
+                    params = {k: v[keep] for k, v in params.items()}
+                    source, driving, output = source[mask], driving[mask], output[mask]
+                if keep.any():
+                    yield dict(params, source=source, driving=driving, output=output)
     finally:
         generator.train(was_training)
 
@@ -356,7 +363,8 @@ class EvalOptions:
         if self.out is not None:
             return pathlib.Path(self.out)
         checkpoint = pathlib.Path(self.checkpoint)
-        return checkpoint.parent / f"{checkpoint.stem}-eval"
+        run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+        return run_dir / f"eval-{checkpoint.stem}"
 
 
 def _first_line(text):
@@ -597,7 +605,7 @@ def add_eval_parser(subparsers):
                     "user-supplied weights (.safetensors or weights-only torch files; no code is loaded).")
     parser.add_argument("--checkpoint", required=True, help="a training checkpoint (.safetensors)")
     parser.add_argument("--data", required=True, help="dataset directory (with manifest.jsonl), e.g. held-out clips")
-    parser.add_argument("--out", help="output directory (default: <checkpoint>-eval next to the checkpoint)")
+    parser.add_argument("--out", help="output directory (default: eval-<checkpoint name> in the run directory)")
     parser.add_argument("--max-clips", type=int, default=0, help="evaluate only the first N clips (default: all)")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per generator batch (default 8)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
