@@ -168,8 +168,14 @@ def _train_parser(subparsers):
     add_train_parser(subparsers)
 
 
+def _eval_parser(subparsers):
+    from .evaluate import add_eval_parser
+
+    add_eval_parser(subparsers)
+
+
 #: Subcommand registrars; later issues append theirs (train, reenact, eval, demo, synth, prepare).
-COMMANDS = [add_pncc_parser, _data_parsers, _train_parser]
+COMMANDS = [add_pncc_parser, _data_parsers, _train_parser, _eval_parser]
 
 
 def build_parser():

@@ -1,0 +1,619 @@
+"""``reenact eval``: self-reenactment metrics of a trained generator on a prepared dataset.
+
+Protocol (DESIGN-NOTES.md, "Evaluation"): for every clip, the source is one frame (``--source-frame``,
+the first by default) and every other frame of the same clip drives it. ``P_s`` and ``P_d'`` come
+from the dataset's stored parameters, exactly as in training (:func:`reenact.train.prepare_batch`):
+the clip's identity with the driving frame's expression and pose. The driving frame itself is the
+ground truth. Images are compared at the generator's resolution, over the whole face crop.
+
+Metrics (images mapped from [-1, 1] to [0, 1]):
+
+- ``l1``: mean absolute difference, in [0, 1] units (half the training loss's [-1, 1] units);
+- ``psnr``: ``10 log10(1 / MSE)`` per image, in dB, capped at :data:`PSNR_CAP_DB`;
+- ``ssim``: Wang et al. 2004 with an 11-tap Gaussian window (sigma 1.5), K1 0.01, K2 0.03, data
+  range 1, per channel, over the positions where the window fits (no padding), averaged;
+- pose and expression error: the output and the driving frame are both re-fitted by our own
+  reconstruction (a landmark detector, then :func:`reenact.face3d.fit.fit_landmarks`, one identity
+  per clip) and compared with the driving parameters: rotation error in degrees, mean absolute
+  expression-coefficient error, and the detected landmarks' mean distance to the driving frame's
+  landmarks over its inter-ocular distance. The driving frame's own re-fit is the floor that the
+  detector and fitter set;
+- identity cosine similarity (``--id-model``) and FID (``--inception``): only with user-supplied
+  weights (:mod:`reenact.eval_networks`), otherwise reported as not computed.
+
+Outputs under ``--out``: ``eval.md`` (a markdown table) and ``eval.json`` (every number, per clip).
+"""
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+#: PSNR of identical images is infinite; it is reported as this many dB (MSE floor 1e-10).
+PSNR_CAP_DB = 100.0
+#: Images are upsampled to this size before landmark detection (detectors want large faces).
+DETECT_SIZE = 256
+NOT_COMPUTED_NO_WEIGHTS = "not computed (no weights given)"
+
+
+# -- image metrics (torch, images in [0, 1], shape (B, C, H, W)) ------------------------------------
+
+def _check_pair(x, y):
+    if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+        raise TypeError("images must be torch tensors")
+    if x.shape != y.shape or x.dim() != 4:
+        raise ValueError(f"images must be two (B, C, H, W) tensors of one shape, got {tuple(x.shape)} "
+                         f"and {tuple(y.shape)}")
+
+
+def gaussian_window(size=11, sigma=1.5, dtype=torch.float64, device=None):
+    """A normalised 1D Gaussian (size,): ``exp(-d^2 / (2 sigma^2))`` at d = -size//2 .. size//2."""
+    offsets = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
+    window = torch.exp(-offsets.square() / (2 * sigma * sigma))
+    return window / window.sum()
+
+
+def _gaussian_filter(images, window):
+    """Separable 'valid' Gaussian filtering of (B, C, H, W), one channel at a time."""
+    channels = images.shape[1]
+    size = window.numel()
+    rows = window.reshape(1, 1, size, 1).expand(channels, 1, size, 1)
+    cols = window.reshape(1, 1, 1, size).expand(channels, 1, 1, size)
+    return F.conv2d(F.conv2d(images, rows, groups=channels), cols, groups=channels)
+
+
+def ssim(x, y, data_range=1.0, window_size=11, sigma=1.5, k1=0.01, k2=0.03):
+    """Structural similarity per image -> (B,), the mean of the SSIM map over channels and positions.
+
+    The map is computed where the Gaussian window fits inside the image (no padding), with
+    population (not sample) statistics; this equals skimage's ``structural_similarity(...,
+    gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=data_range)``.
+    Computed in float64.
+    """
+    _check_pair(x, y)
+    if min(x.shape[-2:]) < window_size:
+        raise ValueError(f"images must be at least {window_size} pixels a side for SSIM, got {tuple(x.shape[-2:])}")
+    x, y = x.double(), y.double()
+    window = gaussian_window(window_size, sigma, torch.float64, x.device)
+    mu_x, mu_y = _gaussian_filter(x, window), _gaussian_filter(y, window)
+    var_x = _gaussian_filter(x * x, window) - mu_x.square()
+    var_y = _gaussian_filter(y * y, window) - mu_y.square()
+    cov = _gaussian_filter(x * y, window) - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x.square() + mu_y.square() + c1) * (var_x + var_y + c2))
+    return value.flatten(1).mean(1)
+
+
+def psnr(x, y, data_range=1.0):
+    """Peak signal-to-noise ratio per image in dB -> (B,), capped at :data:`PSNR_CAP_DB`."""
+    _check_pair(x, y)
+    mse = (x.double() - y.double()).square().flatten(1).mean(1)
+    floor = data_range ** 2 * 10.0 ** (-PSNR_CAP_DB / 10)
+    return 10.0 * torch.log10(data_range ** 2 / mse.clamp_min(floor))
+
+
+def l1(x, y):
+    """Mean absolute difference per image -> (B,)."""
+    _check_pair(x, y)
+    return (x.double() - y.double()).abs().flatten(1).mean(1)
+
+
+def image_metrics(output, target):
+    """{"l1", "psnr", "ssim"}: per-image (B,) float64 CPU tensors of images in [-1, 1]."""
+    a, b = ((t.detach().float().clamp(-1, 1) + 1) / 2 for t in (output, target))
+    return {"l1": l1(a, b).cpu(), "psnr": psnr(a, b).cpu(), "ssim": ssim(a, b).cpu()}
+
+
+# -- feature statistics (FID) ----------------------------------------------------------------------
+
+class GaussianStatistics:
+    """Running mean and covariance of feature vectors, accumulated in float64."""
+
+    def __init__(self):
+        self.count, self._sum, self._outer = 0, None, None
+
+    def add(self, features):
+        features = features.detach().double().cpu().reshape(features.shape[0], -1)
+        if self._sum is None:
+            self._sum = torch.zeros(features.shape[1], dtype=torch.float64)
+            self._outer = torch.zeros(features.shape[1], features.shape[1], dtype=torch.float64)
+        self.count += features.shape[0]
+        self._sum += features.sum(0)
+        self._outer += features.T @ features
+
+    def mean_and_covariance(self):
+        """(mean (D,), unbiased covariance (D, D)); needs at least 2 vectors."""
+        if self.count < 2:
+            raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.count}")
+        mean = self._sum / self.count
+        covariance = (self._outer - self.count * torch.outer(mean, mean)) / (self.count - 1)
+        return mean, covariance
+
+
+def _sqrt_psd(matrix):
+    values, vectors = torch.linalg.eigh(0.5 * (matrix + matrix.T))
+    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+
+
+def frechet_distance(mean_a, cov_a, mean_b, cov_b):
+    """Fréchet distance between N(mean_a, cov_a) and N(mean_b, cov_b):
+
+        |mean_a - mean_b|^2 + tr(cov_a) + tr(cov_b) - 2 tr((cov_a cov_b)^(1/2)).
+
+    ``tr((A B)^(1/2))`` is computed as the sum of the square roots of the eigenvalues of the
+    symmetric ``A^(1/2) B A^(1/2)`` (which has the same spectrum as ``A B``), so no non-symmetric
+    matrix square root and no complex parts are needed. float64.
+    """
+    mean_a, cov_a, mean_b, cov_b = (torch.as_tensor(t, dtype=torch.float64) for t in (mean_a, cov_a, mean_b, cov_b))
+    root_a = _sqrt_psd(cov_a)
+    middle = root_a @ cov_b @ root_a
+    cross = torch.linalg.eigvalsh(0.5 * (middle + middle.T)).clamp_min(0).sqrt().sum()
+    return float((mean_a - mean_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+
+
+def cosine_similarity(a, b):
+    """Cosine similarity of matching rows of (B, D) embeddings -> (B,) float64."""
+    return F.cosine_similarity(a.double(), b.double(), dim=-1, eps=1e-12)
+
+
+# -- pairs and generation --------------------------------------------------------------------------
+
+def self_reenactment_pairs(frame_counts, source_frame=0):
+    """Per clip, ``source_frame`` driven by every other frame -> (list of PairSpec, skipped list).
+
+    Clips with no frame besides ``source_frame`` are skipped: ``skipped`` lists (clip number,
+    reason). Pairs carry no augmentation (no flip, no colour jitter).
+    """
+    from .data.pairs import PairSpec
+
+    specs, skipped = [], []
+    for clip, frames in enumerate(int(n) for n in frame_counts):
+        if source_frame >= frames:
+            skipped.append((clip, f"{frames} frames: the source frame {source_frame} is past its end"))
+            continue
+        specs += [PairSpec(clip, source_frame, driving, False, (1.0, 1.0, 1.0), 0.0, False)
+                  for driving in range(frames) if driving != source_frame]
+    return specs, skipped
+
+
+def _fixed_pair_loader(dataset, specs, batch_size):
+    """A fallback loader (PyAV decoding, no augmentation) that yields ``specs`` in order, once."""
+    from .data.loaders import FallbackLoader
+    from .data.pairs import NO_AUGMENTATION
+
+    class FixedPairs(FallbackLoader):
+        def schedule(self):
+            return [specs[i:i + batch_size] for i in range(0, len(specs), batch_size)]
+
+    return FixedPairs(dataset, batch_size=batch_size, config=NO_AUGMENTATION, device="cpu", num_workers=0)
+
+
+def generate(generator, face_model, dataset, specs, batch_size=8, device="cpu"):
+    """Run the generator (eval mode, no gradients) on fixed pairs of a dataset, batch by batch.
+
+    Args:
+        generator: a :class:`~reenact.model.Reenactor`; it runs in eval mode and its previous mode
+            is restored afterwards.
+        face_model: the MorphableModel the dataset's parameters belong to.
+        dataset: a :class:`~reenact.data.dataset.ClipDataset` or a dataset directory.
+        specs: PairSpecs (:func:`self_reenactment_pairs`, or any fixed pairs).
+    Yields:
+        dicts with source, driving, output (B, 3, R, R) in [-1, 1] at the generator's resolution R
+        and the batch's parameters (numpy: clip, frame_source, frame_driving, beta_driving,
+        pose_driving, landmarks_driving, ...). Pairs whose clip failed to decode (the loader
+        substitutes another clip and flags them ``pad``) are dropped.
+    """
+    from .train import prepare_batch
+
+    resolution = generator.config.resolution
+    was_training = generator.training
+    generator.eval()
+    try:
+        with torch.no_grad():
+            for batch in _fixed_pair_loader(dataset, list(specs), batch_size):
+                source, driving, pncc_source, pncc_driving = prepare_batch(batch, face_model, resolution, device)
+                output = generator(source, pncc_source, pncc_driving)["output"]
+                params = {k: v.numpy() for k, v in batch.items() if k not in ("source", "driving")}
+                keep = ~params["pad"]  # a clip that broke while decoding was replaced: not its pair
+                if not keep.all():
+                    mask = torch.from_numpy(keep).to(output.device)
+                    params = {k: v[keep] for k, v in params.items()}
+                    source, driving, output = source[mask], driving[mask], output[mask]
+                if keep.any():
+                    yield dict(params, source=source, driving=driving, output=output)
+    finally:
+        generator.train(was_training)
+
+
+def reenactment_scores(generator, face_model, dataset, specs, batch_size=8, device="cpu"):
+    """:func:`image_metrics` of every pair -> dict of (N,) float64 numpy arrays (l1, psnr, ssim)."""
+    scores = {"l1": [], "psnr": [], "ssim": []}
+    for batch in generate(generator, face_model, dataset, specs, batch_size, device):
+        for name, values in image_metrics(batch["output"], batch["driving"]).items():
+            scores[name].append(values.numpy())
+    return {name: np.concatenate(values) for name, values in scores.items()}
+
+
+# -- pose and expression error through our own reconstruction ----------------------------------------
+
+def detect_landmarks(detector, images, dataset_size):
+    """Landmarks of (B, 3, R, R) images in [-1, 1], upsampled to :data:`DETECT_SIZE` for the detector.
+
+    Returns (landmarks (B, 68, 2) float64 in dataset crop pixels, NaN where no face was found,
+    found (B,) bool).
+    """
+    up = F.interpolate(images.detach().float().cpu().clamp(-1, 1), size=(DETECT_SIZE, DETECT_SIZE),
+                       mode="bicubic", align_corners=False)
+    pixels = ((up.clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    landmarks = np.full((len(pixels), 68, 2), np.nan)
+    for index, image in enumerate(pixels):
+        detection = detector.detect(np.ascontiguousarray(image))
+        if detection is not None:
+            # Pixel centres on integers in both images: x_dataset = (x_up + 0.5) * S / U - 0.5.
+            landmarks[index] = (detection.landmarks + 0.5) * dataset_size / DETECT_SIZE - 0.5
+    return landmarks, np.isfinite(landmarks).all(axis=(1, 2))
+
+
+def _refit(face_model, landmarks, clips):
+    """Fit the found frames (one identity per clip) -> (rotation (N, 3, 3), beta (N, Ke)) float64."""
+    from .face3d.fit import fit_landmarks
+
+    fit = fit_landmarks(face_model.to("cpu"), torch.from_numpy(landmarks), clip_index=torch.from_numpy(clips))
+    return fit.rotation.double(), fit.beta.double()
+
+
+def pose_expression_errors(face_model, records):
+    """Re-fit outputs and driving frames and compare them with the driving parameters.
+
+    Args:
+        records: dict of numpy arrays over N pairs: clip (N,), beta_driving (N, Ke), pose_driving
+            (N, 3, 4), landmarks_driving (N, 68, 2) (the dataset's), landmarks_output and
+            landmarks_frame (N, 68, 2) detected on the output and on the driving frame (NaN where
+            not found).
+    Returns:
+        dict: detection rates, then per comparison ("output_vs_params", "driving_frame_vs_params",
+        "output_vs_driving_frame") the frames used and the means of rotation_deg,
+        expression_abs and landmarks_iod.
+    """
+    from .face3d.fit import inter_ocular_distance
+    from .face3d.pose import decompose_pose, rotation_angle_between
+
+    true_rotation = decompose_pose(torch.from_numpy(records["pose_driving"]).double())[0]
+    true_beta = torch.from_numpy(records["beta_driving"]).double()
+    true_landmarks = torch.from_numpy(records["landmarks_driving"]).double()
+    iod = inter_ocular_distance(true_landmarks)
+    fits, found = {}, {}
+    for role in ("output", "frame"):
+        landmarks = records[f"landmarks_{role}"]
+        found[role] = np.isfinite(landmarks).all(axis=(1, 2))
+        if found[role].any():
+            fits[role] = _refit(face_model, landmarks[found[role]], records["clip"][found[role]])
+
+    def compare(rotation, beta, landmarks, reference_rotation, reference_beta, reference_landmarks, scale):
+        return {"frames": int(rotation.shape[0]),
+                "rotation_deg": float(rotation_angle_between(rotation, reference_rotation).mean()),
+                "expression_abs": float((beta - reference_beta).abs().mean()),
+                "landmarks_iod": float(((landmarks - reference_landmarks).norm(dim=-1).mean(-1) / scale).mean())}
+
+    result = {"detection_rate_output": float(found["output"].mean()),
+              "detection_rate_driving_frame": float(found["frame"].mean())}
+    for role, name in (("output", "output_vs_params"), ("frame", "driving_frame_vs_params")):
+        if role in fits:
+            mask = torch.from_numpy(found[role])
+            detected = torch.from_numpy(records[f"landmarks_{role}"][found[role]])
+            result[name] = compare(*fits[role], detected, true_rotation[mask], true_beta[mask],
+                                   true_landmarks[mask], iod[mask])
+    both = found["output"] & found["frame"]
+    if both.any():
+        # Rows of each fit that belong to frames found in both images.
+        pick = {role: torch.from_numpy(both[found[role]]) for role in ("output", "frame")}
+        result["output_vs_driving_frame"] = compare(
+            fits["output"][0][pick["output"]], fits["output"][1][pick["output"]],
+            torch.from_numpy(records["landmarks_output"][both]),
+            fits["frame"][0][pick["frame"]], fits["frame"][1][pick["frame"]],
+            torch.from_numpy(records["landmarks_frame"][both]), iod[torch.from_numpy(both)])
+    return result
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+class EvalError(Exception):
+    """A user-facing evaluation failure (bad checkpoint, dataset or option)."""
+
+
+@dataclasses.dataclass
+class EvalOptions:
+    """The options of ``reenact eval`` (see :func:`add_eval_parser`)."""
+
+    checkpoint: str
+    data: str
+    out: str = None
+    max_clips: int = 0
+    batch_size: int = 8
+    device: str = None
+    source_frame: int = 0
+    detector: str = "mediapipe"
+    face_model: str = "toy"
+    id_model: str = None
+    inception: str = None
+    progress: bool = True
+
+    def validate(self):
+        for name, minimum in (("max_clips", 0), ("batch_size", 1), ("source_frame", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise EvalError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+        if self.detector not in ("mediapipe", "dlib", "none"):
+            raise EvalError(f"--detector must be 'mediapipe', 'dlib' or 'none', got {self.detector!r}")
+        checkpoint = pathlib.Path(self.checkpoint)
+        if not checkpoint.is_file():
+            raise EvalError(f"--checkpoint: no such file: {checkpoint}")
+        if not pathlib.Path(self.data).is_dir():
+            raise EvalError(f"--data is not a directory: {self.data}")
+        for flag, value in (("--id-model", self.id_model), ("--inception", self.inception)):
+            if value is not None and not pathlib.Path(value).is_file():
+                raise EvalError(f"{flag}: no such file: {value}")
+
+    def out_dir(self):
+        if self.out is not None:
+            return pathlib.Path(self.out)
+        checkpoint = pathlib.Path(self.checkpoint)
+        run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+        return run_dir / f"eval-{checkpoint.stem}"
+
+
+def _first_line(text):
+    return str(text).strip().splitlines()[0] if str(text).strip() else repr(text)
+
+
+def _device(name):
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise EvalError(f"--device {name!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _open(options, device):
+    """(generator, step, face model, dataset, feature networks) or EvalError."""
+    from .data.dataset import ClipDataset
+    from .data.format import DatasetError
+    from .data.video import MediaError
+    from .face3d.morphable import load_model
+    from .train import TrainingError, load_generator, read_checkpoint
+
+    try:
+        generator, _ = load_generator(options.checkpoint, device=device)
+        step = int(read_checkpoint(options.checkpoint)[1]["step"])
+    except TrainingError as err:
+        raise EvalError(f"--checkpoint: {_first_line(err)}") from None
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        raise EvalError(f"--checkpoint {options.checkpoint}: not a usable generator checkpoint "
+                        f"({_first_line(err)})") from None
+    try:
+        face_model = load_model(options.face_model)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise EvalError(f"--face-model: {_first_line(err)}") from None
+    try:
+        dataset = ClipDataset(options.data, max_skip_fraction=1.0)
+    except (DatasetError, MediaError) as err:
+        raise EvalError(f"--data {options.data}: {_first_line(err)}") from None
+    names = {str(clip.params["model_name"]) for clip in dataset.clips}
+    if names != {face_model.name}:
+        raise EvalError(f"the dataset was fitted with face model {sorted(names)}, but --face-model gives "
+                        f"{face_model.name!r}")
+    networks = {}
+    for kind, flag, path in (("identity", "--id-model", options.id_model), ("inception", "--inception", options.inception)):
+        if path is not None:
+            from .eval_networks import load_feature_network
+
+            try:
+                networks[kind] = load_feature_network(kind, path).to(device)
+            except (FileNotFoundError, ValueError, ImportError) as err:
+                text = str(err)
+                if text.startswith("could not read"):  # torch's weights-only refusal, many lines
+                    text = (f"{path} is neither .safetensors nor a weights-only torch.save state dict; eval never "
+                            f"unpickles other objects (convert the weights to .safetensors)")
+                raise EvalError(f"{flag}: {_first_line(text)}") from None
+    return generator, step, face_model, dataset, networks
+
+
+def _detector(name):
+    """(detector or None, reason when None)."""
+    if name == "none":
+        return None, "not computed (--detector none)"
+    from .face3d.detectors import make_detector
+
+    try:
+        return make_detector(name), None
+    except (ImportError, FileNotFoundError, ValueError) as err:
+        return None, f"not computed ({name} detector unavailable: {err})"
+
+
+def _summary(values):
+    values = np.asarray(values, dtype=np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std()), "count": int(values.size)}
+
+
+def evaluate(options):
+    """Run the evaluation -> the results dict (also written to eval.json and eval.md under --out)."""
+    options.validate()
+    device = _device(options.device)
+    started = time.perf_counter()
+    generator, step, face_model, dataset, networks = _open(options, device)
+    face_model = face_model.to(device)
+    clips = dataset.clips if options.max_clips == 0 else dataset.clips[:options.max_clips]
+    specs, skipped = self_reenactment_pairs([clip.frames for clip in clips], options.source_frame)
+    skipped = [(clips[number].record.clip, reason) for number, reason in skipped]
+    skipped += list(dataset.skipped)
+    if not specs:
+        raise EvalError(f"no pairs to evaluate in {options.data}: " + "; ".join(f"{c}: {r}" for c, r in skipped))
+    detector, pose_reason = _detector(options.detector)
+    from .data.progress import progress_bar
+
+    bar = progress_bar(len(specs), "eval", "frame", options.progress)
+    collected = {key: [] for key in ("clip", "frame_driving", "beta_driving", "pose_driving", "landmarks_driving",
+                                     "landmarks_output", "landmarks_frame", "id_output", "id_driving")}
+    scores = {"l1": [], "psnr": [], "ssim": []}
+    statistics = {"output": GaussianStatistics(), "driving": GaussianStatistics()}
+    try:
+        for batch in generate(generator, face_model, dataset, specs, options.batch_size, device):
+            for name, values in image_metrics(batch["output"], batch["driving"]).items():
+                scores[name].append(values.numpy())
+            for key in ("clip", "frame_driving", "beta_driving", "pose_driving", "landmarks_driving"):
+                collected[key].append(batch[key])
+            if detector is not None:
+                for role, images in (("output", batch["output"]), ("frame", batch["driving"])):
+                    collected[f"landmarks_{role}"].append(detect_landmarks(detector, images, dataset.size)[0])
+            with torch.no_grad():
+                if "identity" in networks:
+                    embed = networks["identity"]
+                    source = embed(batch["source"])
+                    collected["id_output"].append(cosine_similarity(embed(batch["output"]), source).cpu().numpy())
+                    collected["id_driving"].append(cosine_similarity(embed(batch["driving"]), source).cpu().numpy())
+                if "inception" in networks:
+                    statistics["output"].add(networks["inception"](batch["output"]))
+                    statistics["driving"].add(networks["inception"](batch["driving"]))
+            bar.update(len(batch["clip"]))
+    finally:
+        bar.close()
+        if detector is not None:
+            detector.close()
+    records = {key: np.concatenate(values) for key, values in collected.items() if values}
+    scores = {name: np.concatenate(values) for name, values in scores.items()}
+    metrics = {name: _summary(values) for name, values in scores.items()}
+    if detector is not None:
+        metrics["pose"] = dict(pose_expression_errors(face_model.to("cpu"), records), detector=options.detector)
+    else:
+        metrics["pose"] = {"status": pose_reason}
+    if "identity" in networks:
+        metrics["id_similarity"] = dict(_summary(records["id_output"]),
+                                        driving_frame=float(records["id_driving"].mean()))
+    else:
+        metrics["id_similarity"] = {"status": NOT_COMPUTED_NO_WEIGHTS}
+    if "inception" in networks:
+        if statistics["output"].count < 2:
+            metrics["fid"] = {"status": "not computed (FID needs at least 2 pairs)"}
+        else:
+            metrics["fid"] = {"value": frechet_distance(*statistics["output"].mean_and_covariance(),
+                                                        *statistics["driving"].mean_and_covariance()),
+                              "samples": statistics["output"].count}
+    else:
+        metrics["fid"] = {"status": NOT_COMPUTED_NO_WEIGHTS}
+    per_clip = []
+    for number in np.unique(records["clip"]):
+        rows = records["clip"] == number
+        per_clip.append(dict({"clip": clips[int(number)].record.clip, "pairs": int(rows.sum())},
+                             **{name: float(values[rows].mean()) for name, values in scores.items()}))
+    results = {
+        "checkpoint": str(options.checkpoint), "step": step, "data": str(options.data),
+        "resolution": generator.config.resolution, "dataset_size": dataset.size,
+        "synthetic": all(clip.record.synthetic for clip in clips), "face_model": face_model.name,
+        "protocol": f"self-reenactment: source frame {options.source_frame} of each clip, driven by every "
+                    f"other frame of the same clip",
+        "clips": len(per_clip), "pairs": int(scores["l1"].size),
+        "skipped_clips": [{"clip": c, "reason": r} for c, r in skipped],
+        "metrics": metrics, "per_clip": per_clip, "seconds": time.perf_counter() - started,
+    }
+    write_report(results, options.out_dir(), inputs=[pathlib.Path(options.checkpoint)])
+    return results
+
+
+def _number(value, digits):
+    return f"{value:.{digits}f}"
+
+
+def markdown_table(results):
+    """The eval.md text of a results dict."""
+    m = results["metrics"]
+    lines = [f"# reenact eval: {results['checkpoint']} (step {results['step']})", "",
+             f"- data: `{results['data']}`{' [synthetic]' if results['synthetic'] else ''}; "
+             f"{results['clips']} clips, {results['pairs']} pairs; {results['protocol']}",
+             f"- compared at {results['resolution']}x{results['resolution']} over the whole face crop "
+             f"(dataset crops: {results['dataset_size']} px); face model: {results['face_model']}", "",
+             "| metric | value | notes |", "|---|---|---|",
+             f"| L1 (lower is better) | {_number(m['l1']['mean'], 4)} | mean abs. difference, images in [0, 1] |",
+             f"| PSNR dB (higher is better) | {_number(m['psnr']['mean'], 2)} | per image, capped at {PSNR_CAP_DB:.0f} dB |",
+             f"| SSIM (higher is better) | {_number(m['ssim']['mean'], 4)} | Gaussian window 11, sigma 1.5 |"]
+    pose = m["pose"]
+    if "status" in pose:
+        lines.append(f"| pose / expression error | {pose['status']} | |")
+    else:
+        lines.append(f"| landmark detection rate: output / driving frame | "
+                     f"{pose['detection_rate_output']:.0%} / {pose['detection_rate_driving_frame']:.0%} | "
+                     f"{pose['detector']}, on images upsampled to {DETECT_SIZE} px |")
+        labels = (("rotation_deg", "rotation error (deg)", 2), ("expression_abs", "expression error (mean abs. coeff.)", 4),
+                  ("landmarks_iod", "landmark error / inter-ocular distance", 4))
+        for key, label, digits in labels:
+            cells = []
+            for name in ("output_vs_params", "driving_frame_vs_params", "output_vs_driving_frame"):
+                cells.append(_number(pose[name][key], digits) if name in pose else "n/a (no detections)")
+            lines.append(f"| {label}: output vs driving params | {cells[0]} | floor (driving frame's own re-fit vs "
+                         f"params): {cells[1]}; output vs driving frame's re-fit: {cells[2]} |")
+    ident = m["id_similarity"]
+    lines.append(f"| identity cosine similarity to the source | "
+                 + (ident["status"] + " | |" if "status" in ident else
+                    f"{_number(ident['mean'], 4)} | driving frame vs source: {_number(ident['driving_frame'], 4)} |"))
+    fid = m["fid"]
+    lines.append("| FID (output vs driving frames) | "
+                 + (fid["status"] + " | |" if "status" in fid else
+                    f"{_number(fid['value'], 3)} | {fid['samples']} samples; torchvision Inception-v3 layout |"))
+    if results["skipped_clips"]:
+        lines += ["", "Skipped clips:"] + [f"- {s['clip']}: {s['reason']}" for s in results["skipped_clips"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results, out_dir, inputs=()):
+    """Write eval.json and eval.md under ``out_dir`` (created); never over one of ``inputs``."""
+    from .cli import _output_path
+
+    out_dir = pathlib.Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EvalError(f"--out must be a directory: {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _output_path(out_dir, "eval.json", list(inputs)).write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    _output_path(out_dir, "eval.md", list(inputs)).write_text(markdown_table(results))
+
+
+def run_eval(args):
+    from .cli import CommandError
+
+    names = [field.name for field in dataclasses.fields(EvalOptions) if field.name != "progress"]
+    options = EvalOptions(**{name: getattr(args, name) for name in names}, progress=not args.quiet)
+    try:
+        results = evaluate(options)
+    except EvalError as err:
+        raise CommandError(str(err)) from None
+    m = results["metrics"]
+    print(f"{results['pairs']} pairs of {results['clips']} clips: L1 {m['l1']['mean']:.4f}, "
+          f"PSNR {m['psnr']['mean']:.2f} dB, SSIM {m['ssim']['mean']:.4f}; wrote {options.out_dir()}")
+    return 0
+
+
+def add_eval_parser(subparsers):
+    parser = subparsers.add_parser(
+        "eval", help="self-reenactment metrics of a checkpoint (SSIM, PSNR, L1, pose/expression error)",
+        description="For each clip, reenact its source frame with every other frame of the clip and compare "
+                    "with the real frame. Writes eval.md and eval.json. Identity similarity and FID need "
+                    "user-supplied weights (.safetensors or weights-only torch files; no code is loaded).")
+    parser.add_argument("--checkpoint", required=True, help="a training checkpoint (.safetensors)")
+    parser.add_argument("--data", required=True, help="dataset directory (with manifest.jsonl), e.g. held-out clips")
+    parser.add_argument("--out", help="output directory (default: eval-<checkpoint name> in the run directory)")
+    parser.add_argument("--max-clips", type=int, default=0, help="evaluate only the first N clips (default: all)")
+    parser.add_argument("--batch-size", type=int, default=8, help="pairs per generator batch (default 8)")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--source-frame", type=int, default=0, help="the source frame of each clip (default 0)")
+    parser.add_argument("--detector", default="mediapipe", choices=["mediapipe", "dlib", "none"],
+                        help="landmark detector of the pose/expression re-fit (default mediapipe)")
+    parser.add_argument("--face-model", default="toy", help="the face model the dataset was fitted with (default toy)")
+    parser.add_argument("--id-model", help="ArcFace IResNet weights (.safetensors or weights-only torch file)")
+    parser.add_argument("--inception", help="torchvision Inception-v3 weights (.safetensors or weights-only torch file)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_eval)
