@@ -168,8 +168,20 @@ def _train_parser(subparsers):
     add_train_parser(subparsers)
 
 
+def _reenact_parser(subparsers):
+    from .inference import add_reenact_parser
+
+    add_reenact_parser(subparsers)
+
+
+def _demo_parser(subparsers):
+    from .demo import add_demo_parser
+
+    add_demo_parser(subparsers)
+
+
 #: Subcommand registrars; later issues append theirs (train, reenact, eval, demo, synth, prepare).
-COMMANDS = [add_pncc_parser, _data_parsers, _train_parser]
+COMMANDS = [add_pncc_parser, _data_parsers, _train_parser, _reenact_parser, _demo_parser]
 
 
 def build_parser():
