@@ -345,12 +345,12 @@ def run_reenact(args):
     for flag, path in (("--source", source), ("--driving", driving)):
         if not path.is_file():
             raise CommandError(f"{flag} not found: {path}")
-    codec = OUTPUT_CODECS.get(out.suffix.lower())
-    if codec is None:
-        raise CommandError(f"--out must end in {' or '.join(OUTPUT_CODECS)}, got {out.name!r}")
     inputs = [source, driving, pathlib.Path(args.checkpoint)]
     inputs += [pathlib.Path(p) for p in (args.source_landmarks, args.driving_landmarks) if p]
     out = _output_path(out.parent, out.name, inputs)
+    codec = OUTPUT_CODECS.get(out.suffix.lower())
+    if codec is None:
+        raise CommandError(f"--out must end in {' or '.join(OUTPUT_CODECS)}, got {out.name!r}")
     if out.parent.exists() and not out.parent.is_dir():
         raise CommandError(f"--out's folder is not a directory: {out.parent}")
     if args.batch_size < 1:
@@ -372,7 +372,7 @@ def run_reenact(args):
         if found.fit is None:
             raise CommandError(f"no face found in the source image {source}")
         even = _even(image)
-        if even.shape != image.shape and verbose:
+        if even.shape != image.shape:
             print(f"note: the source is {image.shape[1]}x{image.shape[0]}; the video is "
                   f"{even.shape[1]}x{even.shape[0]} (H.264/VP9 4:2:0 needs even sizes)")
         fit = found.fit
@@ -380,7 +380,7 @@ def run_reenact(args):
                          "landmarks": found.landmarks[0]}
         driving_params, count, faceless = _fit_driving(
             args, model, driving, progress_bar(None, f"fit {driving.name}", "frame", verbose))
-        if faceless and verbose:
+        if faceless:
             print(f"{faceless} of {count} driving frame(s) had no face; each holds the last good frame's "
                   f"pose and expression")
         bar = progress_bar(count, "reenact", "frame", verbose)
@@ -428,5 +428,5 @@ def add_reenact_parser(subparsers):
                         help=f"face crop side over the landmark box side (default {DEFAULT_CROP_SCALE}, "
                              f"the framing of `reenact prepare`)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (reports are still printed)")
     parser.set_defaults(func=run_reenact)
