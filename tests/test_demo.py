@@ -6,7 +6,7 @@ from PIL import Image
 from reenact import cli, demo, train as training
 from reenact.data.video import probe
 
-TINY = demo.DemoRecipe(clips=2, frames=8, steps=2, batch_size=2)
+TINY = demo.DemoRecipe(clips=2, frames=8, heldout_frames=8, steps=2, batch_size=2)
 
 
 def _generator_state(checkpoint):
@@ -18,9 +18,9 @@ def test_demo_writes_a_video_and_a_grid_deterministically(tmp_path):
     first = demo.run_demo(tmp_path / "a", recipe=TINY, seed=1, quiet=True)
     frames, _, codec, width, height = probe(first["video"])
     scale, size = demo.DISPLAY_SCALE, TINY.resolution
-    assert (frames, codec, width, height) == (TINY.frames, "h264", 4 * size * scale, size * scale)
+    assert (frames, codec, width, height) == (TINY.heldout_frames, "h264", 4 * size * scale, size * scale)
     with Image.open(first["grid"]) as grid:
-        rows = min(demo.GRID_ROWS, TINY.frames)
+        rows = min(demo.GRID_ROWS, TINY.heldout_frames)
         assert grid.size == (4 * size * scale, rows * size * scale + 24)
         pixels = np.asarray(grid.convert("RGB"))
     assert first["steps"] == 2 and first["checkpoint"].name == "ckpt-00000002.safetensors"
@@ -46,3 +46,11 @@ def test_demo_options_are_checked(tmp_path, capsys):
     blocker.write_text("x")
     assert cli.main(["demo", "--out", str(blocker)]) == 1
     assert "--out must be a directory" in capsys.readouterr().err
+
+
+def test_grid_rows_spread_over_the_driving_motion():
+    pose = np.tile(np.array([[1.0, 0, 0, 0], [0, -1.0, 0, 0], [0, 0, 1.0, 0]]), (10, 1, 1))
+    beta = np.zeros((10, 2))
+    beta[4, 0], beta[7, 1] = 1.0, 1.0  # only frames 4 and 7 differ from frame 0
+    assert demo.diverse_frames(pose, beta, 3) == [0, 4, 7]
+    assert demo.diverse_frames(pose, beta, 20) == list(range(10))

@@ -41,6 +41,7 @@ class DemoRecipe:
     resolution: int = 64
     clips: int = 48
     frames: int = 32
+    heldout_frames: int = 64
     steps: int = 1200
     batch_size: int = 8
     lr_g: float = 4e-4
@@ -64,7 +65,7 @@ def make_data(out_dir, recipe, seed):
     train_dir, heldout_dir = data / "train", data / "heldout"
     synth.synth_dataset(train_dir, recipe.clips, frames=recipe.frames, size=recipe.resolution, seed=seed)
     # Another seed gives other identities (drawn from the seed's generator): unseen in training.
-    synth.synth_dataset(heldout_dir, 2, frames=recipe.frames, size=recipe.resolution, seed=seed + 7919)
+    synth.synth_dataset(heldout_dir, 2, frames=recipe.heldout_frames, size=recipe.resolution, seed=seed + 7919)
     return train_dir, heldout_dir
 
 
@@ -123,9 +124,29 @@ def _panel(image):
                                                     Image.NEAREST))
 
 
+def diverse_frames(pose, beta, count):
+    """``count`` frame indices, in order, whose head rotations and expressions differ most (greedy
+    farthest-point sampling from frame 0 over rotation vectors in units of 10 degrees and the
+    expression coefficients): grid rows that show the motion rather than near-repeats."""
+    import torch
+
+    from .face3d.pose import decompose_pose, matrix_to_axis_angle
+
+    rotation = decompose_pose(torch.as_tensor(np.asarray(pose, dtype=np.float64)))[0]
+    features = np.concatenate([np.degrees(matrix_to_axis_angle(rotation).numpy()) / 10.0,
+                               np.asarray(beta, dtype=np.float64)], axis=1)
+    chosen = [0]
+    distance = np.linalg.norm(features - features[0], axis=1)
+    while len(chosen) < min(count, len(features)):
+        distance[chosen] = -1.0  # never pick a frame twice, even among identical ones
+        chosen.append(int(distance.argmax()))
+        distance = np.minimum(distance, np.linalg.norm(features - features[chosen[-1]], axis=1))
+    return sorted(chosen)
+
+
 def reenact_heldout(checkpoint, heldout_dir, quiet=False):
-    """Animate held-out clip 0's first frame by held-out clip 1 -> list of (H, 4W, 3) uint8 rows
-    (source | driving | P_d' | output), one per driving frame."""
+    """Animate held-out clip 0's first frame by held-out clip 1 -> (list of (H, 4W, 3) uint8 rows
+    (source | driving | P_d' | output), one per driving frame; the driving parameters)."""
     from .face3d.morphable import load_model
     from .inference import animate, side_by_side
     from .train import load_generator
@@ -143,14 +164,14 @@ def reenact_heldout(checkpoint, heldout_dir, quiet=False):
            f"({len(driving_frames)} frames, absolute pose)", quiet)
     frames = animate(generator, model, source_frames[0], source_params, driving_params, pose_mode="absolute",
                      source_box=whole, driving_boxes=np.tile(whole, (len(driving_frames), 1)))
-    return [side_by_side(source_frames[0], drv, f.pncc, f.image) for f, drv in zip(frames, driving_frames)]
+    rows = [side_by_side(source_frames[0], drv, f.pncc, f.image) for f, drv in zip(frames, driving_frames)]
+    return rows, driving_params
 
 
-def write_grid(path, rows, steps, seed):
-    """A few rows (evenly spaced driving frames) of source | driving | P_d' | output, with a caption."""
+def write_grid(path, rows, picks, steps, seed):
+    """Rows ``picks`` of source | driving | P_d' | output, with a caption."""
     from PIL import Image, ImageDraw
 
-    picks = np.linspace(0, len(rows) - 1, min(GRID_ROWS, len(rows))).round().astype(int)
     body = np.concatenate([_panel(rows[i]) for i in picks], axis=0)
     caption = 24
     canvas = Image.new("RGB", (body.shape[1], body.shape[0] + caption), "white")
@@ -217,10 +238,11 @@ def _run_demo(out, recipe, steps, minutes, seed, quiet):
     train_dir, heldout_dir = make_data(out_dir, recipe, seed)
     _stage(f"training the small model ({'~%g min' % minutes if minutes else f'{recipe.steps} steps'}, CPU)", quiet)
     checkpoint, trained = train_model(out_dir, train_dir, recipe, seed, minutes=minutes, quiet=quiet)
-    rows = reenact_heldout(checkpoint, heldout_dir, quiet)
+    rows, driving = reenact_heldout(checkpoint, heldout_dir, quiet)
     video = out_dir / "result.mp4"
     encode_video(video, (_panel(row) for row in rows), fps=12.5, codec="h264")
-    grid = write_grid(out_dir / "grid.png", rows, trained, seed)
+    picks = diverse_frames(driving["pose"], driving["beta"], GRID_ROWS)
+    grid = write_grid(out_dir / "grid.png", rows, picks, trained, seed)
     loss = write_loss_plot(out_dir / "loss.png", checkpoint.parent.parent / "log.jsonl")
     _stage(f"wrote {video}, {grid}" + (f", {loss}" if loss else " (no loss plot: matplotlib is not installed)")
            + f" in {time.perf_counter() - started:.0f} s", quiet)
