@@ -39,15 +39,15 @@ class DemoRecipe:
     """The training recipe of the demo (DESIGN-NOTES.md, "Demo recipe", says why each value)."""
 
     resolution: int = 64
-    clips: int = 48
+    clips: int = 128
     frames: int = 32
     heldout_frames: int = 64
-    steps: int = 1200
+    steps: int = 1100
     batch_size: int = 8
-    lr_g: float = 4e-4
+    lr_g: float = 1e-3
     lr_d: float = 4e-4
     reconstruction: float = 1.0
-    warp: float = 10.0
+    warp: float = 20.0
     adversarial: float = 0.0
     feature_matching: float = 0.0
 
