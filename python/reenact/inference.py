@@ -25,6 +25,7 @@ Pipeline (DESIGN.md, steps 1-5, per driving frame):
 demo and other callers need no detector.
 """
 import dataclasses
+import json
 import pathlib
 
 import numpy as np
@@ -156,14 +157,13 @@ def animate(generator, face_model, source_image, source_params, driving_params, 
             smoothed over time like ``reenact prepare``'s.
         progress: optional callable, called with the number of frames finished after each batch.
     """
+    from .face3d.detectors import check_image
     from .face3d.pncc import reconstruct_pncc
 
     if pose_mode not in POSE_MODES:
         raise ValueError(f"pose_mode must be one of {POSE_MODES}, got {pose_mode!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    from .face3d.detectors import check_image
-
     source_image = check_image(source_image, "source_image")
     if not source_image.flags.writeable:
         source_image = source_image.copy()  # torch.from_numpy warns on read-only arrays
@@ -249,8 +249,6 @@ def _checkpoint_meta(path):
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError) as err:
         raise TrainingError(f"cannot read checkpoint {path}: {err}") from None
-    import json
-
     try:
         return json.loads(metadata.get(METADATA_KEY, "{}"))
     except json.JSONDecodeError:
