@@ -210,3 +210,11 @@ def test_animate_relative_pose_starts_at_the_source_pose():
         next(animate(generator, model, image, source, driving, pose_mode="sideways"))
     with pytest.raises(ValueError, match="lacks 'pose'"):
         next(animate(generator, model, image, source, {"beta": beta}))
+
+
+def test_faceless_frames_hold_the_last_good_parameters():
+    from reenact.inference import _fill_missing
+
+    found = np.array([False, True, False, False, True, False])
+    values = np.array([[1.0], [2.0]])
+    np.testing.assert_array_equal(_fill_missing(found, values)[:, 0], [1, 1, 1, 1, 2, 2])
