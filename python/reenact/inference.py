@@ -291,10 +291,8 @@ def _detector(args, landmarks, video):
 def _fill_missing(found, values):
     """Values (N, ...) of the found frames -> (T, ...) where a frame without a face holds the last
     good frame's value (the first good one's before it)."""
-    index = np.maximum.accumulate(np.where(found, np.arange(len(found)), -1))
-    index = np.where(index < 0, np.flatnonzero(found)[0], index)
-    position = np.cumsum(found) - 1
-    return values[np.maximum(position[index], 0)]
+    last_good = np.cumsum(found) - 1  # row of `values` of the last found frame at or before each frame
+    return values[np.maximum(last_good, 0)]
 
 
 def _fit_driving(args, model, path, bar):
