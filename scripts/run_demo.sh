@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The README's main-job command (offline, built-in data): sets up a fresh machine, renders PNCC
-# images of a built-in face mesh at several poses to out/pncc_demo.png, and prints the rasterizer
-# benchmark table.
+# The README's main-job command (offline, built-in data): sets up a fresh machine, then
+#  1. `reenact demo --out demo`: synthesises toy-head clips, trains the small model for a few minutes
+#     on the CPU, reenacts a held-out identity and writes demo/result.mp4, demo/grid.png, demo/loss.png
+#     (extra arguments go to it, e.g. --steps 400 or --seed 3);
+#  2. renders PNCC images of a built-in face mesh at several poses to out/pncc_demo.png;
+#  3. prints the rasterizer benchmark table (out/bench/raster.{json,png}).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-"${PYTHON:-python3}" -m reenact.pncc_demo --out out "$@"
+"${PYTHON:-python3}" -m reenact demo --out demo "$@"
+"${PYTHON:-python3}" -m reenact.pncc_demo --out out
 exec "${PYTHON:-python3}" bench/bench_raster.py --repeats 7 --out out/bench

@@ -155,27 +155,28 @@ def add_pncc_parser(subparsers):
     parser.set_defaults(func=run_pncc)
 
 
-def _data_parsers(subparsers):
-    from .data.commands import add_prepare_parser, add_synth_parser
+def _lazy(module, *registrars):
+    """A registrar that imports ``reenact.<module>`` only when the parser is built, so that
+    ``reenact --help`` and each command import no more than they need at module load."""
+    def register(subparsers):
+        import importlib
 
-    add_synth_parser(subparsers)
-    add_prepare_parser(subparsers)
+        loaded = importlib.import_module(f"{__package__}.{module}")
+        for name in registrars:
+            getattr(loaded, name)(subparsers)
 
-
-def _train_parser(subparsers):
-    from .train import add_train_parser
-
-    add_train_parser(subparsers)
-
-
-def _eval_parser(subparsers):
-    from .evaluate import add_eval_parser
-
-    add_eval_parser(subparsers)
+    return register
 
 
-#: Subcommand registrars; later issues append theirs (train, reenact, eval, demo, synth, prepare).
-COMMANDS = [add_pncc_parser, _data_parsers, _train_parser, _eval_parser]
+#: Subcommand registrars, in the order of `reenact --help`.
+COMMANDS = [
+    add_pncc_parser,
+    _lazy("data.commands", "add_synth_parser", "add_prepare_parser"),
+    _lazy("train", "add_train_parser"),
+    _lazy("inference", "add_reenact_parser"),
+    _lazy("evaluate", "add_eval_parser"),
+    _lazy("demo", "add_demo_parser"),
+]
 
 
 def build_parser():

@@ -1,0 +1,428 @@
+"""``reenact reenact``: animate a source image with the pose and expression of a driving video.
+
+    reenact reenact --checkpoint run/checkpoints/ckpt-00002000.safetensors \\
+        --source face.png --driving talk.mp4 --out out.mp4 [--pose relative|absolute] [--side-by-side]
+
+Pipeline (DESIGN.md, steps 1-5, per driving frame):
+
+1. detect 68 landmarks in the source image and in every driving frame (mediapipe or dlib, or
+   ``--source-landmarks`` / ``--driving-landmarks`` files) and fit the face model: one identity for
+   the source, one shared identity for the driving clip. A driving frame without a face holds the
+   last good frame's parameters (the first good one's before it); the count is reported.
+2. crop the source face to the model's resolution: a square box of ``--crop-scale`` times the
+   landmark box, the framing ``reenact prepare`` uses for its clips;
+3. reconstruct ``P_s`` (the source's own PNCC) and ``P_d'`` (source identity, driving expression,
+   driving pose): ``relative`` applies the driving head motion since the first driving frame to the
+   source pose; ``absolute`` uses the driving pose as seen in a crop of the driving face;
+4. generate in batches of ``--batch-size``;
+5. paste each generated crop back into the source image under a feathered mask (the union of the
+   source and driving face masks, dilated and blurred, fading out at the crop's border), so the
+   video has the source image's size; encode it with PyAV (H.264 .mp4, or VP9 .webm).
+
+``--side-by-side`` writes source | driving | P_d' | result panels, all at the source's height.
+
+:func:`animate` is the library entry point behind the command: it takes known parameters, so the
+demo and other callers need no detector.
+"""
+import dataclasses
+import json
+import pathlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data.prepare import PrepareOptions, crop_boxes, crop_frame
+
+#: The crop framing of ``reenact prepare``: a square of this many landmark-box sides.
+DEFAULT_CROP_SCALE = PrepareOptions.crop_scale
+POSE_MODES = ("relative", "absolute")
+OUTPUT_CODECS = {".mp4": "h264", ".webm": "vp9"}
+
+
+@dataclasses.dataclass
+class ReenactedFrame:
+    """One animated frame: ``image`` the result in the source image's frame (H, W, 3) uint8;
+    ``pncc`` P_d' pasted into that frame (H, W, 3) uint8, black outside the face; ``face`` the
+    generator's crop (R, R, 3) uint8; ``box`` the source crop box (x0, y0, x1, y1)."""
+
+    image: np.ndarray
+    pncc: np.ndarray
+    face: np.ndarray
+    box: np.ndarray
+
+
+# -- geometry ------------------------------------------------------------------------------------
+
+def pose_to_crop(pose, box, size):
+    """Map image-space poses (B, 3, 4) into the pixels of a ``size`` x ``size`` crop of the square
+    ``box`` (x0, y0, x1, y1) -> (B, 3, 4). The same mapping as ``prepare.to_crop`` for points; z is
+    scaled with x and y so the pose stays a scaled rotation."""
+    pose = torch.as_tensor(pose, dtype=torch.float32)
+    box = torch.as_tensor(np.asarray(box, dtype=np.float64)).to(pose)
+    step = (box[..., 2] - box[..., 0]) / size
+    origin = box[..., :2] + 0.5 * step[..., None] - 0.5
+    shifted = pose.clone()
+    shifted[..., :2, 3] = shifted[..., :2, 3] - origin
+    return shifted / step[..., None, None]
+
+
+def _landmark_box(landmarks, crop_scale):
+    """One square crop box (4,) from landmarks (68, 2)."""
+    return crop_boxes(np.asarray(landmarks, dtype=np.float64)[None], crop_scale, 0.0)[0]
+
+
+def feathered_mask(*masks, softness=None):
+    """The paste-back mask of a crop: the union of face masks (B|1, 1, R, R), dilated and blurred
+    by ``softness`` pixels (default R/16), and faded to 0 over that many pixels at the crop border.
+    Returns (B, 1, R, R) in [0, 1]."""
+    union = torch.stack(torch.broadcast_tensors(*masks)).amax(0).float()
+    size = union.shape[-1]
+    radius = max(1, round(size / 16)) if softness is None else int(softness)
+    kernel = 2 * radius + 1
+    grown = F.max_pool2d(union, kernel, stride=1, padding=radius)
+    soft = F.avg_pool2d(F.pad(grown, (radius,) * 4, mode="replicate"), kernel, stride=1)
+    ramp = ((torch.arange(size, dtype=soft.dtype) + 0.5) / (radius + 1)).clamp(max=1.0)
+    ramp = torch.minimum(ramp, ramp.flip(0))
+    return soft * ramp[None, :] * ramp[:, None]
+
+
+def paste_back(frame, crops, masks, box):
+    """Blend crops (B, 3, R, R) in [0, 1] into copies of ``frame`` (H, W, 3) uint8 at the square
+    ``box`` under masks (B, 1, R, R) -> (B, H, W, 3) uint8. Pixels outside the box are the frame's."""
+    batch, _, size, _ = crops.shape
+    height, width = frame.shape[:2]
+    x0, y0, x1, y1 = (float(v) for v in box)
+    step = (x1 - x0) / size
+    ox, oy = x0 + 0.5 * step - 0.5, y0 + 0.5 * step - 0.5
+    c0, c1 = max(int(np.floor(x0)), 0), min(int(np.ceil(x1)) + 1, width)
+    r0, r1 = max(int(np.floor(y0)), 0), min(int(np.ceil(y1)) + 1, height)
+    out = np.repeat(frame[None], batch, axis=0)
+    if c0 >= c1 or r0 >= r1:
+        return out
+    gx = torch.from_numpy((2 * (np.arange(c0, c1) - ox) / step + 1) / size - 1).float()
+    gy = torch.from_numpy((2 * (np.arange(r0, r1) - oy) / step + 1) / size - 1).float()
+    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], -1)[None].expand(batch, -1, -1, -1)
+    crops, masks = crops.float().cpu(), masks.float().cpu()
+    color = F.grid_sample(crops, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    alpha = F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    region = torch.from_numpy(frame[r0:r1, c0:c1]).permute(2, 0, 1)[None].float() / 255.0
+    blended = region * (1 - alpha) + color.clamp(0, 1) * alpha
+    out[:, r0:r1, c0:c1] = (blended * 255 + 0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
+
+
+def _to_uint8(images):
+    """(B, 3, H, W) in [0, 1] -> (B, H, W, 3) uint8."""
+    return (images.detach().float().clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# -- animation -----------------------------------------------------------------------------------
+
+def _params(params, key, where, ndim):
+    if key not in params:
+        raise ValueError(f"{where} lacks '{key}'")
+    value = torch.as_tensor(np.asarray(params[key], dtype=np.float32))
+    if value.ndim != ndim:
+        raise ValueError(f"{where}['{key}'] must have {ndim} dimension(s), got shape {tuple(value.shape)}")
+    return value
+
+
+def _landmarks(face_model, alpha, beta, pose):
+    from .face3d.synthetic import project_landmarks
+
+    return project_landmarks(face_model, alpha.to(face_model.device), beta.to(face_model.device),
+                             pose.to(face_model.device)).cpu().numpy()
+
+
+def animate(generator, face_model, source_image, source_params, driving_params, *, pose_mode="relative",
+            batch_size=8, crop_scale=DEFAULT_CROP_SCALE, source_box=None, driving_boxes=None, progress=None):
+    """Animate ``source_image`` with known parameters; yields one :class:`ReenactedFrame` per
+    driving frame, in order.
+
+    Args:
+        generator: a :class:`~reenact.model.Reenactor` (its device is used; put it in eval mode).
+        face_model: the MorphableModel the parameters belong to.
+        source_image: (H, W, 3) uint8 RGB.
+        source_params: dict with ``alpha`` (Ki,), ``beta`` (Ke,), ``pose`` (3, 4) in the source
+            image's pixels, and optionally ``landmarks`` (68, 2) (else projected from the params).
+        driving_params: dict with ``beta`` (T, Ke) and ``pose`` (T, 3, 4) in the driving frames'
+            pixels; for ``pose_mode="absolute"`` without ``driving_boxes`` also ``landmarks``
+            (T, 68, 2) or the driving identity ``alpha`` (Ki,) to project them.
+        pose_mode: "relative" (driving motion since its first frame, on top of the source pose) or
+            "absolute" (the driving pose in a crop of the driving face, used as it is).
+        crop_scale: crop side over the landmark box side (``reenact prepare``'s framing).
+        source_box: the source crop (x0, y0, x1, y1), square; default from the landmarks.
+        driving_boxes: (T, 4) driving crops for "absolute"; default from the driving landmarks,
+            smoothed over time like ``reenact prepare``'s.
+        progress: optional callable, called with the number of frames finished after each batch.
+    """
+    from .face3d.detectors import check_image
+    from .face3d.pncc import reconstruct_pncc
+
+    if pose_mode not in POSE_MODES:
+        raise ValueError(f"pose_mode must be one of {POSE_MODES}, got {pose_mode!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    source_image = check_image(source_image, "source_image")
+    if not source_image.flags.writeable:
+        source_image = source_image.copy()  # torch.from_numpy warns on read-only arrays
+    resolution = generator.config.resolution
+    device = next(generator.parameters()).device
+    model = face_model.to(device) if face_model.device != device else face_model
+    alpha = _params(source_params, "alpha", "source_params", 1)
+    beta_src = _params(source_params, "beta", "source_params", 1)
+    pose_src = _params(source_params, "pose", "source_params", 2)
+    beta_drv = _params(driving_params, "beta", "driving_params", 2)
+    pose_drv = _params(driving_params, "pose", "driving_params", 3)
+    frames = beta_drv.shape[0]
+    if pose_drv.shape[0] != frames:
+        raise ValueError(f"driving_params has {frames} expressions but {pose_drv.shape[0]} poses")
+
+    if source_box is None:
+        landmarks = source_params.get("landmarks")
+        if landmarks is None:
+            landmarks = _landmarks(model, alpha[None], beta_src[None], pose_src[None])[0]
+        source_box = _landmark_box(landmarks, crop_scale)
+    source_box = np.asarray(source_box, dtype=np.float64)
+    if pose_mode == "absolute" and driving_boxes is None:
+        landmarks = driving_params.get("landmarks")
+        if landmarks is None:
+            if "alpha" not in driving_params:
+                raise ValueError("pose_mode='absolute' needs driving_boxes, driving_params['landmarks'] "
+                                 "or driving_params['alpha']")
+            landmarks = _landmarks(model, _params(driving_params, "alpha", "driving_params", 1)[None],
+                                   beta_drv, pose_drv)
+        driving_boxes = crop_boxes(np.asarray(landmarks, dtype=np.float64), crop_scale,
+                                   PrepareOptions.smooth_sigma)
+
+    crop = torch.from_numpy(crop_frame(source_image, source_box, resolution)).permute(2, 0, 1)[None]
+    crop = (crop.float().to(device) / 127.5 - 1.0)
+    pose_src_crop = pose_to_crop(pose_src[None], source_box, resolution).to(device)
+    alpha, beta_drv, pose_drv = alpha[None].to(device), beta_drv.to(device), pose_drv.to(device)
+    with torch.no_grad():
+        pncc_src, mask_src = reconstruct_pncc(model, alpha, beta_src[None].to(device), pose_src_crop, size=resolution)
+        black = np.zeros_like(source_image)
+        for start in range(0, frames, batch_size):
+            stop = min(start + batch_size, frames)
+            if pose_mode == "relative":
+                pncc, mask = reconstruct_pncc(model, alpha, beta_drv[start:stop], pose_drv[start:stop],
+                                              pose_src=pose_src_crop, pose_ref=pose_drv[:1], mode="relative",
+                                              size=resolution)
+            else:
+                pose = pose_to_crop(pose_drv[start:stop].cpu(), driving_boxes[start:stop], resolution)
+                pncc, mask = reconstruct_pncc(model, alpha, beta_drv[start:stop], pose.to(device), size=resolution)
+            count = stop - start
+            output = generator(crop.expand(count, -1, -1, -1), pncc_src.expand(count, -1, -1, -1), pncc)["output"]
+            face = (output + 1) / 2
+            images = paste_back(source_image, face, feathered_mask(mask_src, mask), source_box)
+            panels = paste_back(black, pncc, mask, source_box)
+            faces = _to_uint8(face)
+            for k in range(count):
+                yield ReenactedFrame(images[k], panels[k], faces[k], source_box)
+            if progress is not None:
+                progress(count)
+
+
+# -- command line --------------------------------------------------------------------------------
+
+def side_by_side(source, driving, pncc, result):
+    """source | driving | P_d' | result, every panel at the source's height -> (H, W', 3) uint8.
+    The driving frame keeps its aspect ratio (width rounded to even)."""
+    height = source.shape[0]
+    if driving.shape[0] != height:
+        from PIL import Image
+
+        width = max(2, int(round(driving.shape[1] * height / driving.shape[0] / 2)) * 2)
+        driving = np.asarray(Image.fromarray(driving).resize((width, height), Image.BILINEAR))
+    return np.concatenate([source, driving, pncc, result], axis=1)
+
+
+def _checkpoint_meta(path):
+    """The training metadata of a checkpoint (no tensors are read)."""
+    from safetensors import SafetensorError, safe_open
+
+    from .train import METADATA_KEY, TrainingError
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise TrainingError(f"cannot read checkpoint {path}: {err}") from None
+    try:
+        return json.loads(metadata.get(METADATA_KEY, "{}"))
+    except json.JSONDecodeError:
+        raise TrainingError(f"{path}: its '{METADATA_KEY}' metadata is not JSON") from None
+
+
+def load_checkpoint(path, device="cpu"):
+    """(generator in eval mode, face model name) of a training checkpoint; raises CommandError
+    naming the problem when the file is not a compatible reenact checkpoint."""
+    from .cli import CommandError
+    from .train import TrainingError, load_generator
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CommandError(f"checkpoint not found: {path}")
+    try:
+        generator, _ = load_generator(path, device=device)
+        face_model = _checkpoint_meta(path).get("options", {}).get("face_model", "toy")
+    except TrainingError as err:
+        raise CommandError(f"--checkpoint: {err}") from None
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CommandError(f"--checkpoint {path}: its weights do not fit its model config ({first})") from None
+    return generator, face_model
+
+
+def _even(image):
+    height, width = image.shape[:2]
+    return image[:height - height % 2, :width - width % 2]
+
+
+def _detector(args, landmarks, video):
+    from .face3d import detectors as det
+
+    if landmarks:
+        return det.FileLandmarks(landmarks)
+    return det.make_detector(args.detector, video=video)
+
+
+def _fill_missing(found, values):
+    """Values (N, ...) of the found frames -> (T, ...) where a frame without a face holds the last
+    good frame's value (the first good one's before it)."""
+    last_good = np.cumsum(found) - 1  # row of `values` of the last found frame at or before each frame
+    return values[np.maximum(last_good, 0)]
+
+
+def _fit_driving(args, model, path, bar):
+    """Detect and fit every driving frame -> (driving_params, frame count, faceless count)."""
+    from .data.video import iter_frames
+    from .face3d.pipeline import reconstruct
+
+    detector = _detector(args, args.driving_landmarks, video=True)
+    try:
+        frames = iter_frames(path)
+        if args.driving_landmarks:
+            frames = _checked_count(frames, len(detector), args.driving_landmarks)
+        result = reconstruct(frames, model, detector, progress=bar.update)
+    finally:
+        detector.close()
+        bar.close()
+    if result.fit is None:
+        raise ValueError(f"no face found in any of the {len(result.found)} driving frames of {path}")
+    found = result.found
+    fit = result.fit
+    params = {"beta": _fill_missing(found, fit.beta.numpy()), "pose": _fill_missing(found, fit.pose.numpy()),
+              "landmarks": _fill_missing(found, result.landmarks[found])}
+    return params, len(found), int((~found).sum())
+
+
+def _checked_count(frames, expected, landmarks_path):
+    count = 0
+    for frame in frames:
+        count += 1
+        if count > expected:
+            raise ValueError(f"the driving landmark file {landmarks_path} has {expected} frames; the video has more")
+        yield frame
+    if count != expected:
+        raise ValueError(f"the driving landmark file {landmarks_path} has {expected} frames; the video has {count}")
+
+
+def run_reenact(args):
+    """``reenact reenact``: see the module docstring."""
+    from .cli import CommandError, _output_path
+    from .data.progress import progress_bar
+    from .data.video import MediaError, encode_video, iter_frames, probe
+    from .face3d.morphable import load_model
+    from .face3d.pipeline import read_image, reconstruct
+
+    source, driving, out = (pathlib.Path(p) for p in (args.source, args.driving, args.out))
+    for flag, path in (("--source", source), ("--driving", driving)):
+        if not path.is_file():
+            raise CommandError(f"{flag} not found: {path}")
+    inputs = [source, driving, pathlib.Path(args.checkpoint)]
+    inputs += [pathlib.Path(p) for p in (args.source_landmarks, args.driving_landmarks) if p]
+    out = _output_path(out.parent, out.name, inputs)
+    codec = OUTPUT_CODECS.get(out.suffix.lower())
+    if codec is None:
+        raise CommandError(f"--out must end in {' or '.join(OUTPUT_CODECS)}, got {out.name!r}")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise CommandError(f"--out's folder is not a directory: {out.parent}")
+    if args.batch_size < 1:
+        raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not args.crop_scale > 0:
+        raise CommandError(f"--crop-scale must be > 0, got {args.crop_scale}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    generator, model_name = load_checkpoint(args.checkpoint, device)
+    verbose = not args.quiet
+    try:
+        model = load_model(args.face_model or model_name)
+        image = read_image(source)
+        fps = probe(driving)[1]
+        detector = _detector(args, args.source_landmarks, video=False)
+        try:
+            found = reconstruct([image], model, detector)
+        finally:
+            detector.close()
+        if found.fit is None:
+            raise CommandError(f"no face found in the source image {source}")
+        even = _even(image)
+        if even.shape != image.shape:
+            print(f"note: the source is {image.shape[1]}x{image.shape[0]}; the video is "
+                  f"{even.shape[1]}x{even.shape[0]} (H.264/VP9 4:2:0 needs even sizes)")
+        fit = found.fit
+        source_params = {"alpha": fit.alpha[0], "beta": fit.beta[0], "pose": fit.pose[0],
+                         "landmarks": found.landmarks[0]}
+        driving_params, count, faceless = _fit_driving(
+            args, model, driving, progress_bar(None, f"fit {driving.name}", "frame", verbose))
+        if faceless:
+            print(f"{faceless} of {count} driving frame(s) had no face; each holds the last good frame's "
+                  f"pose and expression")
+        bar = progress_bar(count, "reenact", "frame", verbose)
+        frames = animate(generator, model, even, source_params, driving_params, pose_mode=args.pose,
+                         batch_size=args.batch_size, crop_scale=args.crop_scale, progress=bar.update)
+        if args.side_by_side:
+            frames = (side_by_side(even, _even(drv), f.pncc, f.image)
+                      for f, drv in zip(frames, iter_frames(driving)))
+        else:
+            frames = (f.image for f in frames)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            written = encode_video(out, frames, fps=fps, codec=codec)
+        finally:
+            bar.close()
+    except MediaError as err:
+        raise CommandError(str(err)) from None
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise CommandError(str(err)) from None
+    label = " [synthetic face model]" if model.synthetic else ""
+    print(f"wrote {out}: {written} frame(s), {args.pose} pose{label}")
+    return 0
+
+
+def add_reenact_parser(subparsers):
+    parser = subparsers.add_parser(
+        "reenact", help="animate a source image with a driving video",
+        description="Detect and fit the source and every driving frame, reconstruct identity-matched "
+                    "PNCCs, generate the animated face and paste it back into the source image; "
+                    "writes an H.264 .mp4 (or VP9 .webm) of the source image's size.")
+    parser.add_argument("--checkpoint", required=True, help="a training checkpoint (.safetensors)")
+    parser.add_argument("--source", required=True, help="source image")
+    parser.add_argument("--driving", required=True, help="driving video")
+    parser.add_argument("--out", required=True, help="output video (.mp4 or .webm)")
+    parser.add_argument("--pose", default="relative", choices=POSE_MODES,
+                        help="relative: the driving head motion since its first frame, applied to the "
+                             "source pose (default); absolute: the driving pose as it is")
+    parser.add_argument("--side-by-side", action="store_true", help="write source | driving | P_d' | result")
+    parser.add_argument("--batch-size", type=int, default=8, help="frames per generator call (default 8)")
+    parser.add_argument("--detector", default="mediapipe", choices=["mediapipe", "dlib"])
+    parser.add_argument("--source-landmarks", help="read the source's 68 landmarks from this file instead of detecting")
+    parser.add_argument("--driving-landmarks", help="read the driving frames' landmarks from this file (one set per frame)")
+    parser.add_argument("--face-model", help="face model (default: the one the checkpoint was trained with)")
+    parser.add_argument("--crop-scale", type=float, default=DEFAULT_CROP_SCALE,
+                        help=f"face crop side over the landmark box side (default {DEFAULT_CROP_SCALE}, "
+                             f"the framing of `reenact prepare`)")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (reports are still printed)")
+    parser.set_defaults(func=run_reenact)
