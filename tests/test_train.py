@@ -123,6 +123,24 @@ def test_keep_last_keeps_the_newest_k_checkpoints(dataset, tmp_path):
         "ckpt-00000004.safetensors", "ckpt-00000005.safetensors"]  # no temporary files left
 
 
+def test_without_gan_terms_the_discriminator_is_not_trained(dataset, tmp_path):
+    from reenact.model import ReenactorConfig
+
+    config = ReenactorConfig.small(SIZE).to_dict()
+    config["loss"].update(adversarial=0.0, feature_matching=0.0, perceptual=0.0)
+    path = tmp_path / "config.json"
+    ReenactorConfig.from_dict(config).to_json(path)
+    run = tmp_path / "run"
+    trainer = training.Trainer(options(dataset, run, config=str(path)))
+    before = {name: value.clone() for name, value in trainer.discriminator.state_dict().items()}
+    generator_before = next(trainer.generator.parameters()).clone()
+    entry, _ = trainer.train_step()
+    assert not any(key.startswith("D/") for key in entry), entry
+    assert all(torch.equal(before[name], value) for name, value in trainer.discriminator.state_dict().items())
+    assert not torch.equal(generator_before, next(trainer.generator.parameters()))
+    assert trainer.optimizer_d.state_dict()["state"] == {}
+
+
 @pytest.mark.parametrize("method, term", [("generator_loss", "G/warp"), ("discriminator_loss", "D/total")])
 def test_non_finite_loss_stops_naming_step_and_term(dataset, tmp_path, monkeypatch, method, term):
     original = getattr(ReenactmentLoss, method)

@@ -533,7 +533,8 @@ class Trainer:
         return dict(zip(names, floats))
 
     def train_step(self):
-        """One G step then one D step -> (log entry, (source, driving, P_d', outputs)).
+        """One G step then one D step (none when the loss has no GAN term) -> (log entry, (source,
+        driving, P_d', outputs)).
 
         The entry's losses are the means over the global batch (all ranks)."""
         step = self.step + 1
@@ -551,18 +552,23 @@ class Trainer:
             self.optimizer_g.zero_grad(set_to_none=True)
             g.total.backward()
             self.optimizer_g.step()
-            with self._autocast():
-                d = self.losses.discriminator_loss(self.discriminator_step_module, outputs["output"].detach(),
-                                                   driving, pncc_driving)
-            d_values = self._loss_values(step, d, "D")
-            self.optimizer_d.zero_grad(set_to_none=True)
-            d.total.backward()
-            self.optimizer_d.step()
+            d_values = {}
+            # With both GAN weights at 0 nothing reads the discriminator: training it would only
+            # cost time (a quarter of a step in the demo's L1-only recipe).
+            if self.losses.needs_discriminator:
+                with self._autocast():
+                    d = self.losses.discriminator_loss(self.discriminator_step_module, outputs["output"].detach(),
+                                                       driving, pncc_driving)
+                d_values = self._loss_values(step, d, "D")
+                self.optimizer_d.zero_grad(set_to_none=True)
+                d.total.backward()
+                self.optimizer_d.step()
         self.step = step
         entry = {"step": step, "epoch": self.stream.epoch, "G/total": g_values.pop("G/total")}
         entry.update(g_values)
-        entry["D/total"] = d_values.pop("D/total")
-        entry.update({k: v for k, v in d_values.items() if k != "D/discriminator"})
+        if d_values:
+            entry["D/total"] = d_values.pop("D/total")
+            entry.update({k: v for k, v in d_values.items() if k != "D/discriminator"})
         return entry, (source, driving, pncc_driving, outputs)
 
 
@@ -618,7 +624,8 @@ def train(options):
                 if step % options.checkpoint_every == 0 or step == options.steps:
                     last = trainer.save()
                 if bar is not None:
-                    bar.set_postfix({"G": f"{entry['G/total']:.3f}", "D": f"{entry['D/total']:.3f}"}, refresh=False)
+                    bar.set_postfix({name[0]: f"{entry[name]:.3f}" for name in ("G/total", "D/total") if name in entry},
+                                    refresh=False)
                     bar.update(1)
     finally:
         trainer.close()
