@@ -49,7 +49,7 @@ def media(tmp_path_factory):
             "driving_landmarks": clips[1].with_name("synth_00001.landmarks.npy"), "checkpoint": checkpoint}
 
 
-def _args(media, out, **overrides):
+def _args(media, out, crop_scale=2.0, **overrides):
     values = {"--checkpoint": media["checkpoint"], "--source": media["source"], "--driving": media["driving"],
               "--source-landmarks": media["source_landmarks"], "--driving-landmarks": media["driving_landmarks"],
               "--out": out}
@@ -58,7 +58,7 @@ def _args(media, out, **overrides):
     for flag, value in values.items():
         if value is not None:
             args += [flag, str(value)]
-    return args + ["--quiet", "--crop-scale", "2.0"]
+    return args + ["--quiet"] + ([] if crop_scale is None else ["--crop-scale", str(crop_scale)])
 
 
 def _fails(capsys, args, *fragments):
@@ -82,6 +82,19 @@ def test_cli_writes_a_video_of_the_source_size(media, tmp_path, capsys):
     # Outside the face crop the source is kept (up to H.264 error); inside, the generator painted.
     corner = np.abs(decoded[0][:8, :8].astype(int) - source[:8, :8]).mean()
     assert corner < 4, corner
+
+
+def test_crop_scale_defaults_to_the_framing_the_checkpoint_was_trained_on(media, tmp_path):
+    torch.manual_seed(0)
+    checkpoint = _save_checkpoint(tmp_path / "framed.safetensors", ReenactorConfig.small(64),
+                                  data={"crop_scale": 2.0})
+    videos = {}
+    for name, scale in (("recorded", None), ("explicit", 2.0), ("prepare", 1.7)):
+        out = tmp_path / f"{name}.mp4"
+        assert cli.main(_args(media, out, crop_scale=scale, **{"--checkpoint": checkpoint})) == 0
+        videos[name] = np.stack(list(iter_frames(out))).astype(int)
+    assert np.array_equal(videos["recorded"], videos["explicit"])
+    assert np.abs(videos["recorded"] - videos["prepare"]).mean() > 1
 
 
 def test_side_by_side_has_four_panels(media, tmp_path):

@@ -123,6 +123,18 @@ def test_keep_last_keeps_the_newest_k_checkpoints(dataset, tmp_path):
         "ckpt-00000004.safetensors", "ckpt-00000005.safetensors"]  # no temporary files left
 
 
+def test_checkpoints_record_the_datasets_face_framing(dataset, tmp_path):
+    run = tmp_path / "run"
+    last = training.train(options(dataset, run, steps=1, checkpoint_every=1))
+    framing = training.read_checkpoint_meta(last)["data"]["crop_scale"]
+    # reenact synth draws heads of 0.7 of the frame (x 0.9-1.05); the landmark box is a bit smaller.
+    assert 1.3 < framing < 2.5, framing
+    landmarks = np.concatenate([clip.params["landmarks"] for clip in
+                                training.Trainer(options(dataset, tmp_path / "other")).stream.loader.dataset.clips])
+    sides = (landmarks.max(1) - landmarks.min(1)).max(1)
+    assert framing == pytest.approx(float(np.median(SIZE / sides)), rel=1e-3)
+
+
 def test_without_gan_terms_the_discriminator_is_not_trained(dataset, tmp_path):
     from reenact.model import ReenactorConfig
 

@@ -25,7 +25,6 @@ Pipeline (DESIGN.md, steps 1-5, per driving frame):
 demo and other callers need no detector.
 """
 import dataclasses
-import json
 import pathlib
 
 import numpy as np
@@ -238,41 +237,24 @@ def side_by_side(source, driving, pncc, result):
     return np.concatenate([source, driving, pncc, result], axis=1)
 
 
-def _checkpoint_meta(path):
-    """The training metadata of a checkpoint (no tensors are read)."""
-    from safetensors import SafetensorError, safe_open
-
-    from .train import METADATA_KEY, TrainingError
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError) as err:
-        raise TrainingError(f"cannot read checkpoint {path}: {err}") from None
-    try:
-        return json.loads(metadata.get(METADATA_KEY, "{}"))
-    except json.JSONDecodeError:
-        raise TrainingError(f"{path}: its '{METADATA_KEY}' metadata is not JSON") from None
-
-
 def load_checkpoint(path, device="cpu"):
-    """(generator in eval mode, face model name) of a training checkpoint; raises CommandError
+    """(generator in eval mode, checkpoint metadata) of a training checkpoint; raises CommandError
     naming the problem when the file is not a compatible reenact checkpoint."""
     from .cli import CommandError
-    from .train import TrainingError, load_generator
+    from .train import TrainingError, load_generator, read_checkpoint_meta
 
     path = pathlib.Path(path)
     if not path.is_file():
         raise CommandError(f"checkpoint not found: {path}")
     try:
+        meta = read_checkpoint_meta(path)
         generator, _ = load_generator(path, device=device)
-        face_model = _checkpoint_meta(path).get("options", {}).get("face_model", "toy")
     except TrainingError as err:
         raise CommandError(f"--checkpoint: {err}") from None
     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CommandError(f"--checkpoint {path}: its weights do not fit its model config ({first})") from None
-    return generator, face_model
+    return generator, meta
 
 
 def _even(image):
@@ -351,10 +333,12 @@ def run_reenact(args):
         raise CommandError(f"--out's folder is not a directory: {out.parent}")
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not args.crop_scale > 0:
+    if args.crop_scale is not None and not args.crop_scale > 0:
         raise CommandError(f"--crop-scale must be > 0, got {args.crop_scale}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    generator, model_name = load_checkpoint(args.checkpoint, device)
+    generator, meta = load_checkpoint(args.checkpoint, device)
+    model_name = meta.get("options", {}).get("face_model", "toy")
+    crop_scale = args.crop_scale or meta.get("data", {}).get("crop_scale") or DEFAULT_CROP_SCALE
     verbose = not args.quiet
     try:
         model = load_model(args.face_model or model_name)
@@ -381,7 +365,7 @@ def run_reenact(args):
                   f"pose and expression")
         bar = progress_bar(count, "reenact", "frame", verbose)
         frames = animate(generator, model, even, source_params, driving_params, pose_mode=args.pose,
-                         batch_size=args.batch_size, crop_scale=args.crop_scale, progress=bar.update)
+                         batch_size=args.batch_size, crop_scale=crop_scale, progress=bar.update)
         if args.side_by_side:
             frames = (side_by_side(even, _even(drv), f.pncc, f.image)
                       for f, drv in zip(frames, iter_frames(driving)))
@@ -420,9 +404,9 @@ def add_reenact_parser(subparsers):
     parser.add_argument("--source-landmarks", help="read the source's 68 landmarks from this file instead of detecting")
     parser.add_argument("--driving-landmarks", help="read the driving frames' landmarks from this file (one set per frame)")
     parser.add_argument("--face-model", help="face model (default: the one the checkpoint was trained with)")
-    parser.add_argument("--crop-scale", type=float, default=DEFAULT_CROP_SCALE,
-                        help=f"face crop side over the landmark box side (default {DEFAULT_CROP_SCALE}, "
-                             f"the framing of `reenact prepare`)")
+    parser.add_argument("--crop-scale", type=float,
+                        help="face crop side over the landmark box side (default: the framing of the "
+                             f"checkpoint's training data, else {DEFAULT_CROP_SCALE}, `reenact prepare`'s)")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (reports are still printed)")
     parser.set_defaults(func=run_reenact)

@@ -50,6 +50,7 @@ from .checkpoints import (
     load_generator,
     prune_checkpoints,
     read_checkpoint,
+    read_checkpoint_meta,
     save_checkpoint,
 )
 from .command import add_train_parser, run_train
@@ -71,6 +72,6 @@ __all__ = [
     "CHECKPOINT_DIR", "CHECKPOINT_PATTERN", "FORMAT_VERSION", "METADATA_KEY", "PRECISIONS", "RESOLUTIONS",
     "DataStream", "NonFiniteLoss", "Trainer", "TrainOptions", "TrainingError", "World",
     "add_train_parser", "build_config", "checkpoint_path", "list_checkpoints", "load_generator",
-    "prepare_batch", "prune_checkpoints", "read_checkpoint", "run_train", "save_checkpoint",
+    "prepare_batch", "prune_checkpoints", "read_checkpoint", "read_checkpoint_meta", "run_train", "save_checkpoint",
     "save_sample_grid", "train",
 ]

@@ -170,8 +170,7 @@ def save_checkpoint(path, generator, discriminator, optimizer_g, optimizer_d, me
     _atomic_write(path, data)
 
 
-def read_checkpoint(path):
-    """(tensors, meta) of a checkpoint file, read with safetensors only (never unpickled)."""
+def _open_checkpoint(path, read_tensors):
     from safetensors import SafetensorError
     from safetensors import safe_open
 
@@ -181,16 +180,29 @@ def read_checkpoint(path):
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()} if read_tensors else None
     except (SafetensorError, OSError) as err:
         raise TrainingError(f"cannot read checkpoint {path}: {err}") from None
     if METADATA_KEY not in metadata:
         raise TrainingError(f"{path} is not a reenact training checkpoint (no '{METADATA_KEY}' metadata)")
-    meta = json.loads(metadata[METADATA_KEY])
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise TrainingError(f"{path} has checkpoint format {meta.get('format_version')!r}; "
-                            f"this version reads {FORMAT_VERSION}")
+    try:
+        meta = json.loads(metadata[METADATA_KEY])
+    except json.JSONDecodeError:
+        raise TrainingError(f"{path}: its '{METADATA_KEY}' metadata is not JSON") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise TrainingError(f"{path} has checkpoint format {version!r}; this version reads {FORMAT_VERSION}")
     return tensors, meta
+
+
+def read_checkpoint(path):
+    """(tensors, meta) of a checkpoint file, read with safetensors only (never unpickled)."""
+    return _open_checkpoint(path, read_tensors=True)
+
+
+def read_checkpoint_meta(path):
+    """The metadata of a checkpoint (step, config, options, data framing) without its tensors."""
+    return _open_checkpoint(path, read_tensors=False)[1]
 
 
 def _module_state(tensors, prefix):

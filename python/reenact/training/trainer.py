@@ -190,6 +190,24 @@ def _resize(images, size, mode):
     return F.interpolate(images, size=(size, size), mode=mode, align_corners=False)
 
 
+def dataset_crop_scale(clips):
+    """How the dataset frames its faces: the median over valid frames of crop side over landmark box
+    side (``reenact prepare``'s ``crop_scale``; about 2 for ``reenact synth``), or None without
+    landmarks. Checkpoints record it so that inference crops new faces the way training saw them."""
+    ratios = []
+    for clip in clips:
+        landmarks, size = clip.params.get("landmarks"), clip.params.get("image_size")
+        if landmarks is None or size is None:
+            continue
+        landmarks = np.asarray(landmarks, dtype=np.float64)
+        valid = np.asarray(clip.params.get("valid", np.ones(len(landmarks), bool)), dtype=bool)
+        side = (landmarks.max(1) - landmarks.min(1)).max(1)[valid]
+        ratios.append(float(size) / side[side > 0])
+    if not ratios:
+        return None
+    return round(float(np.median(np.concatenate(ratios))), 4)
+
+
 def prepare_batch(batch, face_model, resolution, device):
     """(source, driving, P_s, P_d') on ``device`` at ``resolution``. PNCCs are rendered at the
     dataset's crop size (the poses are in its pixels) and resized with the images."""
@@ -422,6 +440,7 @@ class Trainer:
         except ValueError as err:
             raise TrainingError(f"--data {options.data}: {err}") from None
         self.dataset_size = int(loader.dataset.size)
+        self.crop_scale = dataset_crop_scale(loader.dataset.clips)
         model_names = {str(clip.params["model_name"]) for clip in loader.dataset.clips if "model_name" in clip.params}
         if model_names and model_names != {self.face_model.name}:
             raise TrainingError(f"the dataset was fitted with face model {sorted(model_names)}, but --face-model "
@@ -496,7 +515,7 @@ class Trainer:
             "format_version": FORMAT_VERSION,
             "step": self.step,
             "data": {"epoch": self.stream.epoch, "position": self.stream.position, "loader": options.loader,
-                     "dataset": str(pathlib.Path(options.data).resolve())},
+                     "dataset": str(pathlib.Path(options.data).resolve()), "crop_scale": self.crop_scale},
             "config": self.config.to_dict(),
             "options": {"batch_size": options.batch_size, "seed": options.seed, "face_model": options.face_model,
                         "world_size": self.world.size, "precision": options.precision,
