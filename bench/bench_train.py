@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "python"), str(ROOT / "tests"), str(ROOT /
 import torch  # noqa: E402
 
 from bench_corr import peak_bytes  # noqa: E402  (CUDA allocator peak, or the CPU profiler's)
+from bench_raster import machine  # noqa: E402
 from reenact.data import synth  # noqa: E402
 from reenact.model import ReenactorConfig  # noqa: E402
 from reenact.training import Trainer, TrainOptions  # noqa: E402
@@ -187,14 +187,6 @@ def plot(rows, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def machine():
-    info = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def main(argv=None):
