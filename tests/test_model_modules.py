@@ -390,3 +390,23 @@ def test_compiles_as_one_graph():
     with torch.no_grad():
         torch.testing.assert_close(outputs["output"].detach(), model(*inputs)["output"],
                                    rtol=0, atol=1e-5)
+
+
+def test_a_nan_flow_backpropagates_without_crashing():
+    # torch's CPU grid_sample backward segfaults on NaN positions (border padding), so the check
+    # runs in a child process: a regression fails this test instead of killing the test session.
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from reenact.model.correspondence import warp_with_flow\n"
+        "features = torch.randn(2, 64, 64, 64, requires_grad=True)\n"
+        "flow = torch.full((2, 2, 64, 64), float('nan'), requires_grad=True)\n"
+        "warp_with_flow(features, flow).sum().backward()\n"
+        "assert torch.isfinite(features.grad).all()\n"
+    )
+    env = {"PYTHONPATH": ":".join(sys.path), "OMP_NUM_THREADS": "1", "PATH": ""}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])

@@ -59,6 +59,10 @@ def warp_with_flow(features, flow):
             f"{tuple(features.shape)} and {tuple(flow.shape)}"
         )
     grid = flow.permute(0, 2, 3, 1).to(features.dtype)
+    # torch's CPU grid_sample backward segfaults on NaN positions with border padding (torch
+    # 2.14): a diverged run must reach the trainer's non-finite-loss check, not kill the process.
+    # A NaN flow comes from NaN features, which reach the output through other paths anyway.
+    grid = torch.nan_to_num(grid, nan=0.0)
     return F.grid_sample(features, grid, mode="bilinear", padding_mode="border",
                          align_corners=False)
 
