@@ -54,3 +54,18 @@ def test_grid_rows_spread_over_the_driving_motion():
     beta[4, 0], beta[7, 1] = 1.0, 1.0  # only frames 4 and 7 differ from frame 0
     assert demo.diverse_frames(pose, beta, 3) == [0, 4, 7]
     assert demo.diverse_frames(pose, beta, 20) == list(range(10))
+
+
+def test_demo_never_replaces_a_folder_it_did_not_write(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "run").mkdir(parents=True)
+    (mine / "run" / "precious.txt").write_text("keep me")
+    assert cli.main(["demo", "--out", str(mine), "--steps", "1", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("reenact: error: ") and "non-empty folder that no earlier demo wrote" in err
+    assert (mine / "run" / "precious.txt").read_text() == "keep me"
+    assert not (mine / demo.MARKER).exists()
+    # Its own earlier output is replaced without complaint.
+    again = tmp_path / "again"
+    for _ in range(2):
+        assert demo.run_demo(again, recipe=TINY, seed=1, quiet=True)["steps"] == 2

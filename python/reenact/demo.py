@@ -52,6 +52,25 @@ class DemoRecipe:
     feature_matching: float = 0.0
 
 
+#: Written first into a demo's output folder. A rerun replaces the folder's demo files only when it
+#: finds this marker, so `--out` pointed at a folder of the user's never loses anything.
+MARKER = ".reenact-demo"
+
+
+class DemoError(ValueError):
+    """A demo that cannot run as asked (the message names the problem)."""
+
+
+def claim_output(out_dir):
+    """Create ``out_dir`` for the demo, or reuse an earlier demo's; refuse any other non-empty folder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker = out_dir / MARKER
+    if not marker.exists() and any(out_dir.iterdir()):
+        raise DemoError(f"--out {out_dir} is a non-empty folder that no earlier demo wrote; the demo replaces "
+                        f"its data/ and run/ subfolders, so choose a new or empty folder")
+    marker.write_text("written by `reenact demo`; a rerun may replace data/, run/ and the results here\n")
+
+
 def _stage(message, quiet):
     if not quiet:
         print(f"[demo] {message}", file=sys.stderr, flush=True)
@@ -63,6 +82,11 @@ def make_data(out_dir, recipe, seed):
 
     data = out_dir / "data"
     train_dir, heldout_dir = data / "train", data / "heldout"
+    for folder in (train_dir, heldout_dir):
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)  # an earlier demo's (claim_output checked the marker)
     synth.synth_dataset(train_dir, recipe.clips, frames=recipe.frames, size=recipe.resolution, seed=seed)
     # Another seed gives other identities (drawn from the seed's generator): unseen in training.
     synth.synth_dataset(heldout_dir, 2, frames=recipe.heldout_frames, size=recipe.resolution, seed=seed + 7919)
@@ -98,7 +122,7 @@ def train_model(out_dir, train_dir, recipe, seed, *, minutes=None, quiet=False):
     if run.exists():
         import shutil
 
-        shutil.rmtree(run)  # a demo always starts from scratch (deterministic)
+        shutil.rmtree(run)  # an earlier demo's run (claim_output checked the marker): start afresh
     options = dict(data=str(train_dir), out=str(run), config=str(_config_file(out_dir, recipe)),
                    batch_size=recipe.batch_size, perceptual=False, seed=seed, loader="fallback", device="cpu",
                    lr_g=recipe.lr_g, lr_d=recipe.lr_d, progress=not quiet, keep_last=1)
@@ -231,7 +255,7 @@ def _run_demo(out, recipe, steps, minutes, seed, quiet):
 
     recipe = dataclasses.replace(recipe or DemoRecipe(), **({"steps": steps} if steps else {}))
     out_dir = pathlib.Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_output(out_dir)
     started = time.perf_counter()
     _stage(f"synthesising {recipe.clips} training clips and 2 held-out clips (toy head, "
            f"{recipe.resolution}x{recipe.resolution})", quiet)
@@ -270,7 +294,7 @@ def _run(args):
     try:
         result = run_demo(out, recipe=recipe, steps=args.steps, minutes=args.minutes, seed=args.seed,
                           quiet=args.quiet)
-    except TrainingError as err:
+    except (TrainingError, DemoError) as err:
         raise CommandError(str(err)) from None
     print(f"demo: trained {result['steps']} steps; wrote {result['video']} and {result['grid']} "
           f"[synthetic toy heads]")
