@@ -124,6 +124,26 @@ def test_torchrun_two_processes_follow_the_one_process_curve_and_resume_exactly(
         assert meta[key] == final_meta[key], key
 
 
+@pytest.mark.slow
+def test_torchrun_with_the_dali_loader_reads_one_shard_per_rank(dataset, tmp_path):
+    from reenact.data.loaders import dali_available
+
+    if not dali_available():
+        pytest.skip("nvidia-dali is not installed")
+    steps = 6
+    two = tmp_path / "two"
+    _torchrun(cli_args(dataset, two, steps, checkpoint_every=steps, loader="dali"))
+    one = tmp_path / "one"
+    training.train(options(dataset, one, steps=steps, checkpoint_every=steps, loader="dali"))
+    a, b = log_entries(one), log_entries(two)
+    assert [e["step"] for e in b] == list(range(1, steps + 1))
+    # Each rank's DALI shard holds its half of every global batch: step 1 sees the same pairs.
+    for key, value in losses_of(a[0]).items():
+        assert _relative(value, b[0][key]) < 1e-5, key
+    for x, y in zip(a, b):
+        assert _relative(x["G/total"], y["G/total"]) < CURVE_RTOL, x["step"]
+
+
 @pytest.mark.parametrize("world_size, rank_batch", [(2, 1), (2, 3), (3, 2), (4, 2)])
 def test_the_ranks_global_batches_are_the_one_process_batches(world_size, rank_batch):
     # What --batch-size as the global batch relies on: N ranks x b pairs see, step by step, the
