@@ -1,0 +1,249 @@
+// AVX-512 kernels of corr_cpu_simd.h. This file alone is compiled for AVX-512F (the pragma
+// below); nothing in it runs unless simd::available() said the CPU supports it. It includes no
+// torch header and instantiates corr_math.h only with its own vector type, so no inline function
+// compiled here can be shared with (and picked by the linker for) the baseline-ISA files.
+#include "corr/corr_cpu_simd.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if !defined(__x86_64__) || !defined(__GNUC__)
+#error "corr_cpu_simd.cpp needs an x86-64 GCC-compatible compiler"
+#endif
+
+namespace pncc {
+namespace corr {
+namespace simd {
+
+bool available() {
+  static const bool ok = [] {
+    const char* env = std::getenv("PNCC_CORR_SIMD");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return ok;
+}
+
+}  // namespace simd
+}  // namespace corr
+}  // namespace pncc
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,fma")
+
+#include "corr/corr_math.h"
+
+namespace pncc {
+namespace corr {
+namespace simd {
+namespace {
+
+// 16 fp32 lanes with the arithmetic corr_math.h's templates use.
+struct F16 {
+  __m512 v;
+};
+inline F16 operator+(F16 a, F16 b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline F16 operator-(F16 a, F16 b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline F16 operator*(F16 a, F16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+
+inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
+}
+
+// exp on 16 lanes: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial for
+// e^r (Cephes' expf coefficients, < 2 ulp), and 2^n applied by scalef, which rounds gradual
+// underflow correctly. NaN propagates (min/max return their second operand on NaN); -inf gives 0.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x);
+  x = _mm512_max_ps(_mm512_set1_ps(-103.972084045410f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Sum of the 16 lanes in a fixed order (pairwise halves).
+inline float hsum(__m512 v) {
+  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v),
+                           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
+
+// Rows of the register tile. With two vectors (32 columns) a row, the tile keeps 24
+// accumulators, two B vectors and one broadcast in the 32 zmm registers.
+constexpr int kRows = 12;
+
+// C[0:rows, 0:32] (+)= Ap B for an A block packed as ap[kk * kRows + r] (rows >= `rows` are zero)
+// and B rows ldb apart; m0, m1 mask the two column vectors. Each C element is one fused
+// multiply-add chain over kk = 0..k-1, in order, added to the old C last.
+void micro(int64_t k, const float* ap, const float* b, int64_t ldb, float* c, int64_t ldc,
+           int rows, __mmask16 m0, __mmask16 m1, bool accumulate) {
+#define PNCC_ACC(r) __m512 x##r = _mm512_setzero_ps(), y##r = _mm512_setzero_ps();
+  PNCC_ACC(0) PNCC_ACC(1) PNCC_ACC(2) PNCC_ACC(3) PNCC_ACC(4) PNCC_ACC(5)
+  PNCC_ACC(6) PNCC_ACC(7) PNCC_ACC(8) PNCC_ACC(9) PNCC_ACC(10) PNCC_ACC(11)
+#undef PNCC_ACC
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const __m512 b0 = _mm512_maskz_loadu_ps(m0, b);
+    const __m512 b1 = _mm512_maskz_loadu_ps(m1, b + 16);
+    b += ldb;
+#define PNCC_FMA(r)                                \
+  {                                                \
+    const __m512 av = _mm512_set1_ps(ap[r]);       \
+    x##r = _mm512_fmadd_ps(av, b0, x##r);          \
+    y##r = _mm512_fmadd_ps(av, b1, y##r);          \
+  }
+    PNCC_FMA(0) PNCC_FMA(1) PNCC_FMA(2) PNCC_FMA(3) PNCC_FMA(4) PNCC_FMA(5)
+    PNCC_FMA(6) PNCC_FMA(7) PNCC_FMA(8) PNCC_FMA(9) PNCC_FMA(10) PNCC_FMA(11)
+#undef PNCC_FMA
+    ap += kRows;
+  }
+  const __m512 xs[kRows] = {x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11};
+  const __m512 ys[kRows] = {y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11};
+  for (int r = 0; r < rows; ++r) {
+    float* cr = c + r * ldc;
+    __m512 u = xs[r], v = ys[r];
+    if (accumulate) {
+      u = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, cr), u);
+      v = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, cr + 16), v);
+    }
+    _mm512_mask_storeu_ps(cr, m0, u);
+    _mm512_mask_storeu_ps(cr + 16, m1, v);
+  }
+}
+
+}  // namespace
+
+void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_t a_cs,
+          const float* b, int64_t ldb, int64_t b_panel_stride, float* c, int64_t ldc,
+          bool accumulate) {
+  if (m <= 0 || n <= 0) return;
+  // One block of kRows rows of A at a time, packed (and zero-padded) so that the kernel's
+  // broadcasts read consecutive floats; the block then meets every column panel of B.
+  thread_local std::vector<float> packed;
+  packed.resize(static_cast<size_t>(std::max<int64_t>(k, 1) * kRows));
+  for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, m - i0));
+    float* ap = packed.data();
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const float* src = a + i0 * a_rs + kk * a_cs;
+      for (int r = 0; r < rows; ++r) ap[kk * kRows + r] = src[r * a_rs];
+      for (int r = rows; r < kRows; ++r) ap[kk * kRows + r] = 0.0f;
+    }
+    for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
+      const int64_t nn = std::min(kPanel, n - j0);
+      micro(k, ap, b + (j0 / kPanel) * b_panel_stride, ldb, c + i0 * ldc + j0, ldc, rows,
+            tail_mask(nn), tail_mask(std::max<int64_t>(nn - 16, 0)), accumulate);
+    }
+  }
+}
+
+void pack_transposed(const float* x, int64_t n, int64_t k, int64_t ldx, float* out) {
+  for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
+    const int64_t nn = std::min(kPanel, n - j0);
+    float* panel = out + (j0 / kPanel) * k * kPanel;
+    for (int64_t kk = 0; kk < k; ++kk) {
+      float* dst = panel + kk * kPanel;
+      for (int64_t j = 0; j < nn; ++j) dst[j] = x[(j0 + j) * ldx + kk];
+      for (int64_t j = nn; j < kPanel; ++j) dst[j] = 0.0f;
+    }
+  }
+}
+
+float row_max(const float* x, int64_t n) {
+  const __m512 lowest = _mm512_set1_ps(-INFINITY);
+  __m512 acc[4] = {lowest, lowest, lowest, lowest};
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64)
+    for (int u = 0; u < 4; ++u) acc[u] = _mm512_max_ps(_mm512_loadu_ps(x + j + 16 * u), acc[u]);
+  for (; j < n; j += 16)
+    acc[0] = _mm512_max_ps(_mm512_mask_loadu_ps(lowest, tail_mask(n - j), x + j), acc[0]);
+  const __m512 m = _mm512_max_ps(_mm512_max_ps(acc[0], acc[1]), _mm512_max_ps(acc[2], acc[3]));
+  return _mm512_reduce_max_ps(m);
+}
+
+float exp_shifted_sum(float* x, int64_t n, float m) {
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                   _mm512_setzero_ps()};
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64)
+    for (int u = 0; u < 4; ++u) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j + 16 * u), mv));
+      _mm512_storeu_ps(x + j + 16 * u, e);
+      acc[u] = _mm512_add_ps(acc[u], e);
+    }
+  for (; j < n; j += 16) {
+    const __mmask16 mask = tail_mask(n - j);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x + j), mv));
+    _mm512_mask_storeu_ps(x + j, mask, e);
+    acc[0] = _mm512_add_ps(acc[0], _mm512_maskz_mov_ps(mask, e));
+  }
+  return hsum(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+
+void probs_from_lse(float* s, int64_t n, float lse_hi, float lse_lo) {
+  const SplitLse<F16> lse{{_mm512_set1_ps(lse_hi)}, {_mm512_set1_ps(lse_lo)}};
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mask = tail_mask(n - j);
+    const F16 t = score_minus_lse(F16{_mm512_maskz_loadu_ps(mask, s + j)}, lse);
+    _mm512_mask_storeu_ps(s + j, mask, exp16(t.v));
+  }
+}
+
+float row_dot(const float* x, const float* y, int64_t n) {
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                   _mm512_setzero_ps()};
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64)
+    for (int u = 0; u < 4; ++u)
+      acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 16 * u), _mm512_loadu_ps(y + j + 16 * u),
+                               acc[u]);
+  for (; j < n; j += 16) {
+    const __mmask16 mask = tail_mask(n - j);
+    acc[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + j), _mm512_maskz_loadu_ps(mask, y + j),
+                             acc[0]);
+  }
+  return hsum(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+
+void softmax_grad_row(const float* p, float* dp, int64_t n, float d) {
+  const F16 dv{_mm512_set1_ps(d)};
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mask = tail_mask(n - j);
+    const F16 g = softmax_grad(F16{_mm512_maskz_loadu_ps(mask, p + j)},
+                               F16{_mm512_maskz_loadu_ps(mask, dp + j)}, dv);
+    _mm512_mask_storeu_ps(dp + j, mask, g.v);
+  }
+}
+
+void scale_row(float* x, int64_t n, float s) {
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mask = tail_mask(n - j);
+    _mm512_mask_storeu_ps(x + j, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + j), sv));
+  }
+}
+
+}  // namespace simd
+}  // namespace corr
+}  // namespace pncc
+
+#pragma GCC pop_options
