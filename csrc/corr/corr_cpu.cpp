@@ -16,9 +16,11 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "corr/corr_check.h"
+#include "corr/corr_cpu_simd.h"
 #include "corr/corr_math.h"
 
 namespace pncc {
@@ -32,6 +34,7 @@ namespace {
 constexpr int64_t kFwdTileQ = 256;
 constexpr int64_t kTileQ = 128;
 constexpr int64_t kTileK = 512;
+static_assert(kTileK % simd::kPanel == 0, "key tiles must start on whole packed panels");
 // Upper bound, in elements, of the backward's per-chunk buffers: the chunk's P and dP and the
 // per-key-tile partials of D and dQ (4 MiB in fp32; a chunk is never less than one query tile).
 constexpr int64_t kChunkBudget = int64_t(1) << 20;
@@ -138,9 +141,139 @@ acc_t row_sum(const acc_t* x, int64_t n) {
   return row_dot<acc_t>(x, nullptr, n);
 }
 
-// A contiguous (rows, cols) view at the start of a scratch buffer, for tiles at the matrix edge.
-at::Tensor tile_view(const at::Tensor& scratch, int64_t rows, int64_t cols) {
-  return scratch.narrow(0, 0, rows * cols).view({rows, cols});
+// The row passes of the softmax, on the SIMD kernels when `fast` (fp32 only) and as the portable
+// loops above otherwise. exp_shifted_rows: row i of the (rows x n) tile x becomes exp(x - m[i]),
+// sums[i] its new sum.
+template <typename acc_t>
+acc_t row_max(bool fast, const acc_t* x, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    if (fast) return simd::row_max(x, n);
+  return row_max(x, n);
+}
+
+template <typename acc_t>
+void exp_shifted_rows(bool fast, acc_t* x, int64_t rows, int64_t n, const acc_t* m, acc_t* sums) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (fast) {
+      for (int64_t i = 0; i < rows; ++i) sums[i] = simd::exp_shifted_sum(x + i * n, n, m[i]);
+      return;
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < n; ++j) x[i * n + j] -= m[i];
+  // ATen's vectorised exp; the tile's shape is fixed by the partition, so the result does not
+  // depend on the thread count.
+  at::from_blob(x, {rows * n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value))
+      .exp_();
+  for (int64_t i = 0; i < rows; ++i) sums[i] = row_sum(x + i * n, n);
+}
+
+// Row i of the (rows x n) score tile s becomes softmax_prob(s, lse[i]).
+template <typename acc_t>
+void probs_from_lse(bool fast, acc_t* s, int64_t rows, int64_t n, const double* lse) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const SplitLse<acc_t> lse_i = split_lse<acc_t>(lse[i]);
+    acc_t* row = s + i * n;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (fast) {
+        simd::probs_from_lse(row, n, lse_i.hi, lse_i.lo);
+        continue;
+      }
+    }
+    for (int64_t j = 0; j < n; ++j) row[j] = score_minus_lse(row[j], lse_i);
+  }
+  if (!fast)  // ATen's vectorised exp over the whole tile (its shape depends on the sizes only)
+    at::from_blob(s, {rows * n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value))
+        .exp_();
+}
+
+template <typename acc_t>
+acc_t row_dot(bool fast, const acc_t* x, const acc_t* y, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    if (fast) return simd::row_dot(x, y, n);
+  return row_dot(x, y, n);
+}
+
+// dp[j] = softmax_grad(p[j], dp[j], d).
+template <typename acc_t>
+void softmax_grad_row(bool fast, const acc_t* p, acc_t* dp, int64_t n, acc_t d) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    if (fast) return simd::softmax_grad_row(p, dp, n, d);
+  for (int64_t j = 0; j < n; ++j) dp[j] = softmax_grad(p[j], dp[j], d);
+}
+
+template <typename acc_t>
+void scale_row(bool fast, acc_t* x, int64_t n, acc_t s) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    if (fast) return simd::scale_row(x, n, s);
+  for (int64_t j = 0; j < n; ++j) x[j] *= s;
+}
+
+// Whether the AVX-512 kernels of corr_cpu_simd.h run: fp32 accumulation on a CPU that has them.
+template <typename acc_t>
+bool use_simd() {
+  return std::is_same_v<acc_t, float> && simd::available();
+}
+
+// C (m x n, row stride ldc) = A B, or C + A B when `accumulate`, on raw pointers, where
+//   A(i, kk) = a[i * a_rs + kk * a_cs] and B(kk, j) = b[kk * b_rs + j * b_cs].
+// On the SIMD path a B with b_cs != 1 (the transpose of a row-major matrix) is read from
+// `b_packed`, its pack_transposed form; elsewhere ATen's GEMM (MKL) runs on views of the buffers.
+template <typename acc_t>
+void tile_gemm(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t a_rs, int64_t a_cs,
+               const acc_t* b, int64_t b_rs, int64_t b_cs, const acc_t* b_packed, acc_t* c,
+               int64_t ldc, bool accumulate) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (simd::available()) {
+      if (b_cs == 1)
+        simd::gemm(m, n, k, a, a_rs, a_cs, b, b_rs, simd::kPanel, c, ldc, accumulate);
+      else
+        simd::gemm(m, n, k, a, a_rs, a_cs, b_packed, simd::kPanel, k * simd::kPanel, c, ldc,
+                   accumulate);
+      return;
+    }
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor ta = at::from_blob(const_cast<acc_t*>(a), {m, k}, {a_rs, a_cs}, opts);
+  const at::Tensor tb = at::from_blob(const_cast<acc_t*>(b), {k, n}, {b_rs, b_cs}, opts);
+  at::Tensor tc = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  if (accumulate)
+    tc.addmm_(ta, tb);
+  else
+    at::mm_out(tc, ta, tb);
+}
+
+// pack_transposed of every (rows x cols) matrix of a contiguous (batch, rows, cols) fp32 tensor,
+// for the SIMD path's B operands (an undefined tensor elsewhere). O(batch * rows * cols) memory.
+template <typename acc_t>
+at::Tensor pack_rows_transposed(const at::Tensor& x) {
+  if (!use_simd<acc_t>()) return at::Tensor();
+  const int64_t rows = x.size(-2), cols = x.size(-1), batch = x.numel() / std::max<int64_t>(
+                                                                 rows * cols, 1);
+  const int64_t per = simd::packed_size(rows, cols), panels = ceil_div(rows, simd::kPanel);
+  at::Tensor out = at::empty({batch, per}, x.options());
+  const float* xp = x.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  at::parallel_for(0, batch * panels, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / panels, r0 = (t % panels) * simd::kPanel;
+      simd::pack_transposed(xp + (b * rows + r0) * cols, std::min(simd::kPanel, rows - r0), cols,
+                            cols, op + b * per + r0 * cols);
+    }
+  });
+  return out;
+}
+
+// Start of the packed B operand of the rows [r0, ...) of matrix `b` (r0 a multiple of kPanel),
+// or nullptr when nothing was packed.
+const float* packed_at(const at::Tensor& packed, int64_t b, int64_t r0, int64_t cols) {
+  return packed.defined() ? packed.const_data_ptr<float>() + b * packed.size(1) + r0 * cols
+                          : nullptr;
+}
+template <typename acc_t>
+const acc_t* packed_ptr(const at::Tensor& packed, int64_t b, int64_t r0, int64_t cols) {
+  if constexpr (std::is_same_v<acc_t, float>) return packed_at(packed, b, r0, cols);
+  return nullptr;
 }
 
 template <typename scalar_t>
@@ -148,55 +281,56 @@ void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
                             const at::Tensor& value, double temperature, bool normalize,
                             double eps, at::Tensor& out, at::Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = query.size(0), Nq = query.size(1), Nk = key.size(1), Cv = value.size(2);
+  const int64_t B = query.size(0), Nq = query.size(1), Nk = key.size(1);
+  const int64_t C = query.size(2), Cv = value.size(2);
   const auto acc_opts = query.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor qs = normalized_rows<scalar_t, acc_t>(query, 1.0 / temperature, normalize, eps);
   const at::Tensor kn = normalized_rows<scalar_t, acc_t>(key, 1.0, normalize, eps);
+  const at::Tensor kn_packed = pack_rows_transposed<acc_t>(kn);  // the B operand of q^ k^T
   const at::Tensor v = value.to(acc_opts.dtype());
   at::Tensor out_acc =
       out.scalar_type() == acc_opts.dtype() ? out : at::empty(out.sizes(), acc_opts);
+  const acc_t* qp = qs.const_data_ptr<acc_t>();
+  const acc_t* kp = kn.const_data_ptr<acc_t>();
+  const acc_t* vp = v.const_data_ptr<acc_t>();
+  acc_t* op = out_acc.mutable_data_ptr<acc_t>();
   double* lse_p = lse.mutable_data_ptr<double>();
+  const bool fast = use_simd<acc_t>();
   const int64_t n_qt = ceil_div(Nq, kFwdTileQ), n_kt = ceil_div(Nk, kTileK);
 
   at::parallel_for(0, B * n_qt, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor s_buf = at::empty({kFwdTileQ * kTileK}, acc_opts);
-    std::vector<acc_t> m(kFwdTileQ), l(kFwdTileQ), alpha(kFwdTileQ);
+    std::vector<acc_t> s_buf(kFwdTileQ * kTileK), m(kFwdTileQ), l(kFwdTileQ), alpha(kFwdTileQ),
+        tile_sum(kFwdTileQ);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_qt, q0 = (task % n_qt) * kFwdTileQ;
       const int64_t nq = std::min(kFwdTileQ, Nq - q0);
-      const at::Tensor q_tile = qs[b].narrow(0, q0, nq);
+      const acc_t* q_tile = qp + (b * Nq + q0) * C;
       // The output rows are the accumulator: they are owned by this task alone.
-      at::Tensor acc = out_acc[b].narrow(0, q0, nq);
-      acc.zero_();
+      acc_t* acc = op + (b * Nq + q0) * Cv;
       std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(l.begin(), l.end(), acc_t(0));
       for (int64_t kt = 0; kt < n_kt; ++kt) {
         const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
-        at::Tensor s = tile_view(s_buf, nq, nk);
-        at::mm_out(s, q_tile, kn[b].narrow(0, k0, nk).t());
-        acc_t* sp = s.mutable_data_ptr<acc_t>();
+        acc_t* sp = s_buf.data();
+        tile_gemm<acc_t>(nq, nk, C, q_tile, C, 1, kp + (b * Nk + k0) * C, 1, C,
+                         packed_ptr<acc_t>(kn_packed, b, k0, C), sp, nk, false);
         for (int64_t i = 0; i < nq; ++i) {
-          acc_t* row = sp + i * nk;
-          const OnlineSoftmaxStep<acc_t> st = online_softmax_step(m[i], row_max(row, nk));
+          const OnlineSoftmaxStep<acc_t> st =
+              online_softmax_step(m[i], row_max(fast, sp + i * nk, nk));
           m[i] = st.m_new;
           alpha[i] = st.alpha;
-          for (int64_t j = 0; j < nk; ++j) row[j] -= st.m_new;
         }
-        // ATen's vectorised exp; the tile is contiguous and its shape fixed by the partition, so
-        // the result does not depend on the thread count.
-        s.exp_();
-        acc_t* ap = acc.mutable_data_ptr<acc_t>();
+        exp_shifted_rows(fast, sp, nq, nk, m.data(), tile_sum.data());
         for (int64_t i = 0; i < nq; ++i) {
-          l[i] = l[i] * alpha[i] + row_sum(sp + i * nk, nk);
-          if (alpha[i] != acc_t(1))
-            for (int64_t c = 0; c < Cv; ++c) ap[i * Cv + c] *= alpha[i];
+          // Rescale the old sum and output row; the first tile overwrites them instead.
+          l[i] = kt == 0 ? tile_sum[i] : l[i] * alpha[i] + tile_sum[i];
+          if (kt > 0 && alpha[i] != acc_t(1)) scale_row(fast, acc + i * Cv, Cv, alpha[i]);
         }
-        acc.addmm_(s, v[b].narrow(0, k0, nk));
+        tile_gemm<acc_t>(nq, Cv, nk, sp, nk, 1, vp + (b * Nk + k0) * Cv, Cv, 1, nullptr, acc, Cv,
+                         /*accumulate=*/kt > 0);
       }
-      acc_t* ap = acc.mutable_data_ptr<acc_t>();
       for (int64_t i = 0; i < nq; ++i) {
-        const acc_t inv_l = acc_t(1) / l[i];
-        for (int64_t c = 0; c < Cv; ++c) ap[i * Cv + c] *= inv_l;
+        scale_row(fast, acc + i * Cv, Cv, acc_t(1) / l[i]);
         lse_p[b * Nq + q0 + i] = online_softmax_lse(m[i], l[i]);
       }
     }
@@ -266,18 +400,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
     sum_parts_in_order(dq_part.const_data_ptr<acc_t>(), n_kt, chunk * C, C,
                        pending.n * task / n_kt, pending.n * (task + 1) / n_kt, dst);
   };
+  const bool fast = use_simd<acc_t>();
+  const acc_t* dop = d_out.const_data_ptr<acc_t>();
+  acc_t* gkp = grad_kn.mutable_data_ptr<acc_t>();
+  acc_t* gvp = grad_v.mutable_data_ptr<acc_t>();
+  acc_t* p_base = p_store.mutable_data_ptr<acc_t>();
+  acc_t* dp_base = dp_store.mutable_data_ptr<acc_t>();
+  acc_t* d_base = d_part.mutable_data_ptr<acc_t>();
+  acc_t* dq_base = dq_part.mutable_data_ptr<acc_t>();
   for (int64_t b = 0; b < B; ++b) {
     // k^ of one batch entry and q^ of one chunk at a time: the backward's peak memory stays close
-    // to its outputs.
+    // to its outputs. The SIMD path also packs k^ and v of the entry as transposed B operands.
     const at::Tensor kn = normalized_rows<scalar_t, acc_t>(key[b], 1.0, normalize, eps);
+    const at::Tensor kn_packed = pack_rows_transposed<acc_t>(kn);
+    const at::Tensor v_packed = pack_rows_transposed<acc_t>(v[b]);
+    const acc_t* kp = kn.const_data_ptr<acc_t>();
+    const acc_t* vp = v.const_data_ptr<acc_t>() + b * Nk * Cv;
     for (int64_t c0 = 0; c0 < Nq; c0 += chunk) {
       const int64_t n_chunk = std::min(chunk, Nq - c0);
       const at::Tensor qs = normalized_rows<scalar_t, acc_t>(
           query[b].narrow(0, c0, n_chunk), 1.0 / temperature, normalize, eps, /*serial=*/true);
+      const acc_t* qp = qs.const_data_ptr<acc_t>();
       // The (nq x nk) tile of key tile kt and the chunk's rows [r0, r0 + nq), contiguous.
-      const auto tile = [&](const at::Tensor& store, int64_t kt, int64_t r0, int64_t nq) {
+      const auto tile = [&](acc_t* store, int64_t kt, int64_t r0) {
         const int64_t nk = std::min(kTileK, Nk - kt * kTileK);
-        return store[kt].narrow(0, r0 * nk, nq * nk).view({nq, nk});
+        return store + kt * chunk * kTileK + r0 * nk;
       };
       at::parallel_for(0, n_kt, 1, [&](int64_t begin, int64_t end) {  // phase 1
         for (int64_t kt = begin; kt < end; ++kt) {
@@ -285,20 +432,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
           const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
           for (int64_t r0 = 0; r0 < n_chunk; r0 += kTileQ) {
             const int64_t nq = std::min(kTileQ, n_chunk - r0), q0 = c0 + r0;
-            at::Tensor p = tile(p_store, kt, r0, nq);
-            at::Tensor dp = tile(dp_store, kt, r0, nq);
-            at::mm_out(p, qs.narrow(0, r0, nq), kn.narrow(0, k0, nk).t());
-            acc_t* pp = p.mutable_data_ptr<acc_t>();
-            for (int64_t i = 0; i < nq; ++i) {
-              const SplitLse<acc_t> lse_i = split_lse<acc_t>(lse_p[b * Nq + q0 + i]);
-              for (int64_t j = 0; j < nk; ++j)
-                pp[i * nk + j] = score_minus_lse(pp[i * nk + j], lse_i);
-            }
-            p.exp_();  // softmax_prob, with ATen's vectorised exp
-            at::mm_out(dp, d_out[b].narrow(0, q0, nq), v[b].narrow(0, k0, nk).t());
-            const acc_t* dpp = dp.const_data_ptr<acc_t>();
-            acc_t* dd = d_part[kt].mutable_data_ptr<acc_t>() + r0;
-            for (int64_t i = 0; i < nq; ++i) dd[i] = row_dot(pp + i * nk, dpp + i * nk, nk);
+            acc_t* pp = tile(p_base, kt, r0);
+            acc_t* dpp = tile(dp_base, kt, r0);
+            tile_gemm<acc_t>(nq, nk, C, qp + r0 * C, C, 1, kp + k0 * C, 1, C,
+                             packed_ptr<acc_t>(kn_packed, 0, k0, C), pp, nk, false);
+            probs_from_lse(fast, pp, nq, nk, lse_p + b * Nq + q0);
+            tile_gemm<acc_t>(nq, nk, Cv, dop + (b * Nq + q0) * Cv, Cv, 1, vp + k0 * Cv, 1, Cv,
+                             packed_ptr<acc_t>(v_packed, 0, k0, Cv), dpp, nk, false);
+            acc_t* dd = d_base + kt * chunk + r0;
+            for (int64_t i = 0; i < nq; ++i) dd[i] = row_dot(fast, pp + i * nk, dpp + i * nk, nk);
           }
         }
       });
@@ -310,22 +452,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
                            d_row.data());
         for (int64_t kt = begin; kt < end; ++kt) {
           const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
-          const at::Tensor k_tile = kn.narrow(0, k0, nk);
-          at::Tensor gk_tile = grad_kn[b].narrow(0, k0, nk);
-          at::Tensor gv_tile = grad_v[b].narrow(0, k0, nk);
+          acc_t* gk_tile = gkp + (b * Nk + k0) * C;
+          acc_t* gv_tile = gvp + (b * Nk + k0) * Cv;
           for (int64_t r0 = 0; r0 < n_chunk; r0 += kTileQ) {
             const int64_t nq = std::min(kTileQ, n_chunk - r0), q0 = c0 + r0;
-            const at::Tensor p = tile(p_store, kt, r0, nq);
-            at::Tensor ds = tile(dp_store, kt, r0, nq);
-            const acc_t* pp = p.const_data_ptr<acc_t>();
-            acc_t* dsp = ds.mutable_data_ptr<acc_t>();
+            const acc_t* pp = tile(p_base, kt, r0);
+            acc_t* dsp = tile(dp_base, kt, r0);
             for (int64_t i = 0; i < nq; ++i)
-              for (int64_t j = 0; j < nk; ++j)
-                dsp[i * nk + j] = softmax_grad(pp[i * nk + j], dsp[i * nk + j], d_row[r0 + i]);
-            gv_tile.addmm_(p.t(), d_out[b].narrow(0, q0, nq));
-            gk_tile.addmm_(ds.t(), qs.narrow(0, r0, nq));
-            at::Tensor part = dq_part[kt].narrow(0, r0, nq);
-            at::mm_out(part, ds, k_tile);
+              softmax_grad_row(fast, pp + i * nk, dsp + i * nk, nk, d_row[r0 + i]);
+            // dV += P^T dO and dK += dS^T q^ (A transposed: a_rs = 1, a_cs = nk).
+            tile_gemm<acc_t>(nk, Cv, nq, pp, 1, nk, dop + (b * Nq + q0) * Cv, Cv, 1, nullptr,
+                             gv_tile, Cv, true);
+            tile_gemm<acc_t>(nk, C, nq, dsp, 1, nk, qp + r0 * C, C, 1, nullptr, gk_tile, C, true);
+            tile_gemm<acc_t>(nq, C, nk, dsp, nk, 1, kp + k0 * C, C, 1, nullptr,
+                             dq_base + (kt * chunk + r0) * C, C, false);
           }
         }
       });

@@ -60,6 +60,9 @@ inline __mmask16 tail_mask(int64_t n) {
 // e^r (Cephes' expf coefficients, < 2 ulp), and 2^n applied by scalef, which rounds gradual
 // underflow correctly. NaN propagates (min/max return their second operand on NaN); -inf gives 0.
 inline __m512 exp16(__m512 x) {
+#ifdef PNCC_EXP_SCALAR
+  alignas(64) float t[16]; _mm512_store_ps(t, x); for (int i = 0; i < 16; ++i) t[i] = std::exp(t[i]); return _mm512_load_ps(t);
+#endif
   x = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x);
   x = _mm512_max_ps(_mm512_set1_ps(-103.972084045410f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -90,6 +93,11 @@ inline float hsum(__m512 v) {
 // Rows of the register tile. With two vectors (32 columns) a row, the tile keeps 24
 // accumulators, two B vectors and one broadcast in the 32 zmm registers.
 constexpr int kRows = 12;
+#ifdef PNCC_NOFMA
+#define PNCC_MADD(a, b, c) _mm512_add_ps(_mm512_mul_ps(a, b), c)
+#else
+#define PNCC_MADD(a, b, c) _mm512_fmadd_ps(a, b, c)
+#endif
 
 // C[0:rows, 0:32] (+)= Ap B for an A block packed as ap[kk * kRows + r] (rows >= `rows` are zero)
 // and B rows ldb apart; m0, m1 mask the two column vectors. Each C element is one fused
@@ -107,8 +115,8 @@ void micro(int64_t k, const float* ap, const float* b, int64_t ldb, float* c, in
 #define PNCC_FMA(r)                                \
   {                                                \
     const __m512 av = _mm512_set1_ps(ap[r]);       \
-    x##r = _mm512_fmadd_ps(av, b0, x##r);          \
-    y##r = _mm512_fmadd_ps(av, b1, y##r);          \
+    x##r = PNCC_MADD(av, b0, x##r);          \
+    y##r = PNCC_MADD(av, b1, y##r);          \
   }
     PNCC_FMA(0) PNCC_FMA(1) PNCC_FMA(2) PNCC_FMA(3) PNCC_FMA(4) PNCC_FMA(5)
     PNCC_FMA(6) PNCC_FMA(7) PNCC_FMA(8) PNCC_FMA(9) PNCC_FMA(10) PNCC_FMA(11)
