@@ -36,6 +36,11 @@ bool available() {
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,fma")
+// GCC 12's _mm512_undefined_ps (behind _mm512_max_ps, _mm512_set1_ps, ...) initialises a variable
+// from itself on purpose, which -Wall reports at every use.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include "corr/corr_math.h"
 
@@ -361,4 +366,5 @@ void scale_row(float* x, int64_t n, float s) {
 }  // namespace corr
 }  // namespace pncc
 
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
