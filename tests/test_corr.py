@@ -8,6 +8,9 @@ of a single rounding (two keys whose scores differ by 0.4 at temperature 0.001),
 measures the implementation.
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -319,6 +322,19 @@ def test_bitwise_identical_across_thread_counts(num_threads, shape):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_portable_cpu_path():
+    # On a CPU with AVX-512 the fp32 kernels run csrc/corr/corr_cpu_simd.cpp; PNCC_CORR_SIMD=0
+    # makes a fresh process take the portable path (ATen's GEMMs) that other CPUs take, and the
+    # accuracy, stress and determinism tests must hold there too.
+    env = dict(os.environ, PNCC_CORR_SIMD="0")
+    selection = "accuracy or stress or bitwise or layouts or reference_float64"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+         "-k", selection], env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 @pytest.mark.cuda
