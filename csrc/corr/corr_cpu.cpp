@@ -1,8 +1,13 @@
 // CPU kernels of corr_warp and _corr_warp_backward.
 //
-// Flash-style on tiles: the matrix products of a (query tile x key tile) block run as ATen GEMMs
-// (MKL) on views, the softmax bookkeeping runs on the tile in place, so no (Nq x Nk) tensor is
-// ever allocated. The per-element maths comes from corr_math.h.
+// Flash-style on tiles: the matrix products of a (query tile x key tile) block run as GEMMs on raw
+// pointers into the tile buffers, the softmax bookkeeping runs on the tile in place, so no
+// (Nq x Nk) tensor is ever allocated. The per-element maths comes from corr_math.h.
+//
+// Two implementations of the GEMMs and row passes, one loop structure: with fp32 accumulation on
+// a CPU with AVX-512F, the kernels of corr_cpu_simd.h (about twice MKL's speed on AMD, where MKL
+// runs its AVX2 code; see that header); otherwise (float64, other CPUs, PNCC_CORR_SIMD=0) ATen's
+// GEMMs (MKL) on views of the same buffers and ATen's vectorised exp.
 //
 // Determinism: the work partition depends on the sizes only, never on the thread count, and
 // every floating-point sum has a fixed order. The forward owns one (batch, query tile) per task.
@@ -29,15 +34,17 @@ namespace {
 
 // Query rows and keys per tile. A 256 x 512 fp32 score tile is 512 KiB: it stays in L2 between
 // the GEMM that writes it, the softmax passes and the GEMM that reads it; 256 rows measured ~5%
-// faster than 128 in the forward. The backward's tiles keep 128 rows: its chunk buffers hold
-// whole tiles and must stay small (see kChunkBudget).
+// faster than 128 in the forward. The backward's chunks of query rows are whole multiples of
+// kTileQ rows (see kChunkBudget).
 constexpr int64_t kFwdTileQ = 256;
 constexpr int64_t kTileQ = 128;
 constexpr int64_t kTileK = 512;
 static_assert(kTileK % simd::kPanel == 0, "key tiles must start on whole packed panels");
 // Upper bound, in elements, of the backward's per-chunk buffers: the chunk's P and dP and the
-// per-key-tile partials of D and dQ (4 MiB in fp32; a chunk is never less than one query tile).
-constexpr int64_t kChunkBudget = int64_t(1) << 20;
+// per-key-tile partials of D and dQ (16 MiB in fp32; a chunk is never less than one query tile).
+// Deeper chunks make deeper dV and dK GEMMs (k = chunk rows), whose accumulators are then read
+// and written fewer times: 384 rows instead of 128 at N = 4096 made the backward 7% faster.
+constexpr int64_t kChunkBudget = int64_t(1) << 22;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -357,6 +364,7 @@ void sum_parts_in_order(const acc_t* parts, int64_t n_parts, int64_t part_stride
 //      and sum D = rowsum(P * dP) (per key tile, then in key-tile order);
 //   2. dS = P * (dP - D); dV += P^T dO and dK += dS^T q^ into the tile's own rows; dS k^ into the
 //      tile's dQ partial, summed in key-tile order afterwards.
+// Each phase runs one GEMM per product over the whole chunk and key tile.
 // D comes from the very P and dP that dS uses, as in an unfused softmax backward, rather than from
 // rowsum(dO * out): on a saturated row dP - D cancels to a few ulps, and the rounding of `out`
 // would otherwise reach dS (and, times 1/temperature, dQ and dK) unattenuated. Keeping P and dP of
@@ -421,27 +429,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
       const at::Tensor qs = normalized_rows<scalar_t, acc_t>(
           query[b].narrow(0, c0, n_chunk), 1.0 / temperature, normalize, eps, /*serial=*/true);
       const acc_t* qp = qs.const_data_ptr<acc_t>();
-      // The (nq x nk) tile of key tile kt and the chunk's rows [r0, r0 + nq), contiguous.
-      const auto tile = [&](acc_t* store, int64_t kt, int64_t r0) {
-        const int64_t nk = std::min(kTileK, Nk - kt * kTileK);
-        return store + kt * chunk * kTileK + r0 * nk;
-      };
+      // The chunk's (n_chunk x nk) block of key tile kt, contiguous.
+      const auto tile = [&](acc_t* store, int64_t kt) { return store + kt * chunk * kTileK; };
       at::parallel_for(0, n_kt, 1, [&](int64_t begin, int64_t end) {  // phase 1
         for (int64_t kt = begin; kt < end; ++kt) {
           reduce_dq_share(kt);
+          // P and dP of the whole chunk against the key tile: one GEMM each.
           const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
-          for (int64_t r0 = 0; r0 < n_chunk; r0 += kTileQ) {
-            const int64_t nq = std::min(kTileQ, n_chunk - r0), q0 = c0 + r0;
-            acc_t* pp = tile(p_base, kt, r0);
-            acc_t* dpp = tile(dp_base, kt, r0);
-            tile_gemm<acc_t>(nq, nk, C, qp + r0 * C, C, 1, kp + k0 * C, 1, C,
-                             packed_ptr<acc_t>(kn_packed, 0, k0, C), pp, nk, false);
-            probs_from_lse(fast, pp, nq, nk, lse_p + b * Nq + q0);
-            tile_gemm<acc_t>(nq, nk, Cv, dop + (b * Nq + q0) * Cv, Cv, 1, vp + k0 * Cv, 1, Cv,
-                             packed_ptr<acc_t>(v_packed, 0, k0, Cv), dpp, nk, false);
-            acc_t* dd = d_base + kt * chunk + r0;
-            for (int64_t i = 0; i < nq; ++i) dd[i] = row_dot(fast, pp + i * nk, dpp + i * nk, nk);
-          }
+          acc_t* pp = tile(p_base, kt);
+          acc_t* dpp = tile(dp_base, kt);
+          tile_gemm<acc_t>(n_chunk, nk, C, qp, C, 1, kp + k0 * C, 1, C,
+                           packed_ptr<acc_t>(kn_packed, 0, k0, C), pp, nk, false);
+          probs_from_lse(fast, pp, n_chunk, nk, lse_p + b * Nq + c0);
+          tile_gemm<acc_t>(n_chunk, nk, Cv, dop + (b * Nq + c0) * Cv, Cv, 1, vp + k0 * Cv, 1, Cv,
+                           packed_ptr<acc_t>(v_packed, 0, k0, Cv), dpp, nk, false);
+          acc_t* dd = d_base + kt * chunk;
+          for (int64_t i = 0; i < n_chunk; ++i)
+            dd[i] = row_dot(fast, pp + i * nk, dpp + i * nk, nk);
         }
       });
       at::parallel_for(0, n_kt, 1, [&](int64_t begin, int64_t end) {  // phase 2
@@ -454,19 +458,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
           const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
           acc_t* gk_tile = gkp + (b * Nk + k0) * C;
           acc_t* gv_tile = gvp + (b * Nk + k0) * Cv;
-          for (int64_t r0 = 0; r0 < n_chunk; r0 += kTileQ) {
-            const int64_t nq = std::min(kTileQ, n_chunk - r0), q0 = c0 + r0;
-            const acc_t* pp = tile(p_base, kt, r0);
-            acc_t* dsp = tile(dp_base, kt, r0);
-            for (int64_t i = 0; i < nq; ++i)
-              softmax_grad_row(fast, pp + i * nk, dsp + i * nk, nk, d_row[r0 + i]);
-            // dV += P^T dO and dK += dS^T q^ (A transposed: a_rs = 1, a_cs = nk).
-            tile_gemm<acc_t>(nk, Cv, nq, pp, 1, nk, dop + (b * Nq + q0) * Cv, Cv, 1, nullptr,
-                             gv_tile, Cv, true);
-            tile_gemm<acc_t>(nk, C, nq, dsp, 1, nk, qp + r0 * C, C, 1, nullptr, gk_tile, C, true);
-            tile_gemm<acc_t>(nq, C, nk, dsp, nk, 1, kp + k0 * C, C, 1, nullptr,
-                             dq_base + (kt * chunk + r0) * C, C, false);
-          }
+          const acc_t* pp = tile(p_base, kt);
+          acc_t* dsp = tile(dp_base, kt);
+          for (int64_t i = 0; i < n_chunk; ++i)
+            softmax_grad_row(fast, pp + i * nk, dsp + i * nk, nk, d_row[i]);
+          // dV += P^T dO and dK += dS^T q^ over the chunk's rows (A transposed: a_rs = 1,
+          // a_cs = nk), and the chunk's dQ partial dS k^. Whole chunks keep the accumulating
+          // GEMMs deep (k = chunk rows), so their C tiles are read and written once a chunk.
+          tile_gemm<acc_t>(nk, Cv, n_chunk, pp, 1, nk, dop + (b * Nq + c0) * Cv, Cv, 1, nullptr,
+                           gv_tile, Cv, true);
+          tile_gemm<acc_t>(nk, C, n_chunk, dsp, 1, nk, qp, C, 1, nullptr, gk_tile, C, true);
+          tile_gemm<acc_t>(n_chunk, C, nk, dsp, nk, 1, kp + k0 * C, C, 1, nullptr,
+                           dq_base + kt * chunk * C, C, false);
         }
       });
       pending = Chunk{b, c0, n_chunk};
