@@ -41,10 +41,10 @@ constexpr int64_t kTileQ = 128;
 constexpr int64_t kTileK = 512;
 static_assert(kTileK % simd::kPanel == 0, "key tiles must start on whole packed panels");
 // Upper bound, in elements, of the backward's per-chunk buffers: the chunk's P and dP and the
-// per-key-tile partials of D and dQ (16 MiB in fp32; a chunk is never less than one query tile).
-// Deeper chunks make deeper dV and dK GEMMs (k = chunk rows), whose accumulators are then read
-// and written fewer times: 384 rows instead of 128 at N = 4096 made the backward 7% faster.
-constexpr int64_t kChunkBudget = int64_t(1) << 22;
+// per-key-tile partials of D and dQ (4 MiB in fp32; a chunk is never less than one query tile).
+// Deeper chunks would make the dV and dK GEMMs deeper (384 rows instead of 128 at N = 4096: 7%
+// faster backward), but cost the fwd+bwd peak-memory target (1/8 of unfused at B = 1).
+constexpr int64_t kChunkBudget = int64_t(1) << 20;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -175,38 +175,47 @@ void exp_shifted_rows(bool fast, acc_t* x, int64_t rows, int64_t n, const acc_t*
   for (int64_t i = 0; i < rows; ++i) sums[i] = row_sum(x + i * n, n);
 }
 
-// Row i of the (rows x n) score tile s becomes softmax_prob(s, lse[i]).
+// Column passes over the backward's (rows x cols) tiles, contiguous, whose columns are softmax
+// rows (see corr_cpu_simd.h). probs_from_lse_cols: column j becomes softmax_prob(s, lse j).
 template <typename acc_t>
-void probs_from_lse(bool fast, acc_t* s, int64_t rows, int64_t n, const double* lse) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const SplitLse<acc_t> lse_i = split_lse<acc_t>(lse[i]);
-    acc_t* row = s + i * n;
-    if constexpr (std::is_same_v<acc_t, float>) {
-      if (fast) {
-        simd::probs_from_lse(row, n, lse_i.hi, lse_i.lo);
-        continue;
-      }
-    }
-    for (int64_t j = 0; j < n; ++j) row[j] = score_minus_lse(row[j], lse_i);
+void probs_from_lse_cols(bool fast, acc_t* s, int64_t rows, int64_t cols, const acc_t* lse_hi,
+                         const acc_t* lse_lo) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (fast) return simd::probs_from_lse_cols(s, rows, cols, cols, lse_hi, lse_lo);
   }
-  if (!fast)  // ATen's vectorised exp over the whole tile (its shape depends on the sizes only)
-    at::from_blob(s, {rows * n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value))
-        .exp_();
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j)
+      s[i * cols + j] = score_minus_lse(s[i * cols + j], SplitLse<acc_t>{lse_hi[j], lse_lo[j]});
+  // ATen's vectorised exp over the whole tile (its shape depends on the sizes only).
+  at::from_blob(s, {rows * cols}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value))
+      .exp_();
 }
 
+// d[j] = sum_i p[i][j] * dp[i][j], as four partial sums over i mod 4 added pairwise.
 template <typename acc_t>
-acc_t row_dot(bool fast, const acc_t* x, const acc_t* y, int64_t n) {
-  if constexpr (std::is_same_v<acc_t, float>)
-    if (fast) return simd::row_dot(x, y, n);
-  return row_dot(x, y, n);
+void col_dots(bool fast, const acc_t* p, const acc_t* dp, int64_t rows, int64_t cols, acc_t* d) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (fast) return simd::col_dots(p, dp, rows, cols, cols, d);
+  }
+  std::vector<acc_t> part(4 * cols, acc_t(0));
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t* acc = part.data() + (i % 4) * cols;
+    for (int64_t j = 0; j < cols; ++j) acc[j] += p[i * cols + j] * dp[i * cols + j];
+  }
+  for (int64_t j = 0; j < cols; ++j)
+    d[j] = (part[j] + part[cols + j]) + (part[2 * cols + j] + part[3 * cols + j]);
 }
 
-// dp[j] = softmax_grad(p[j], dp[j], d).
+// dp[i][j] = softmax_grad(p[i][j], dp[i][j], d[j]).
 template <typename acc_t>
-void softmax_grad_row(bool fast, const acc_t* p, acc_t* dp, int64_t n, acc_t d) {
-  if constexpr (std::is_same_v<acc_t, float>)
-    if (fast) return simd::softmax_grad_row(p, dp, n, d);
-  for (int64_t j = 0; j < n; ++j) dp[j] = softmax_grad(p[j], dp[j], d);
+void softmax_grad_cols(bool fast, const acc_t* p, acc_t* dp, int64_t rows, int64_t cols,
+                       const acc_t* d) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (fast) return simd::softmax_grad_cols(p, dp, rows, cols, cols, d);
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j)
+      dp[i * cols + j] = softmax_grad(p[i * cols + j], dp[i * cols + j], d[j]);
 }
 
 template <typename acc_t>
@@ -232,11 +241,13 @@ void tile_gemm(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t a_rs, in
                int64_t ldc, bool accumulate) {
   if constexpr (std::is_same_v<acc_t, float>) {
     if (simd::available()) {
-      if (b_cs == 1)
+      if (b_cs == 1) {
         simd::gemm(m, n, k, a, a_rs, a_cs, b, b_rs, simd::kPanel, c, ldc, accumulate);
-      else
+      } else {
+        TORCH_INTERNAL_ASSERT_DEBUG_ONLY(b_packed != nullptr);
         simd::gemm(m, n, k, a, a_rs, a_cs, b_packed, simd::kPanel, k * simd::kPanel, c, ldc,
                    accumulate);
+      }
       return;
     }
   }
@@ -255,8 +266,8 @@ void tile_gemm(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t a_rs, in
 template <typename acc_t>
 at::Tensor pack_rows_transposed(const at::Tensor& x) {
   if (!use_simd<acc_t>()) return at::Tensor();
-  const int64_t rows = x.size(-2), cols = x.size(-1), batch = x.numel() / std::max<int64_t>(
-                                                                 rows * cols, 1);
+  const int64_t rows = x.size(-2), cols = x.size(-1);
+  const int64_t batch = x.numel() / std::max<int64_t>(rows * cols, 1);
   const int64_t per = simd::packed_size(rows, cols), panels = ceil_div(rows, simd::kPanel);
   at::Tensor out = at::empty({batch, per}, x.options());
   const float* xp = x.const_data_ptr<float>();
@@ -271,15 +282,12 @@ at::Tensor pack_rows_transposed(const at::Tensor& x) {
   return out;
 }
 
-// Start of the packed B operand of the rows [r0, ...) of matrix `b` (r0 a multiple of kPanel),
-// or nullptr when nothing was packed.
-const float* packed_at(const at::Tensor& packed, int64_t b, int64_t r0, int64_t cols) {
-  return packed.defined() ? packed.const_data_ptr<float>() + b * packed.size(1) + r0 * cols
-                          : nullptr;
-}
+// Start of the packed B operand of the rows [r0, ...) of matrix b of a pack_rows_transposed
+// result (r0 a multiple of kPanel), or nullptr when nothing was packed.
 template <typename acc_t>
-const acc_t* packed_ptr(const at::Tensor& packed, int64_t b, int64_t r0, int64_t cols) {
-  if constexpr (std::is_same_v<acc_t, float>) return packed_at(packed, b, r0, cols);
+const acc_t* packed_at(const at::Tensor& packed, int64_t b, int64_t r0, int64_t cols) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    if (packed.defined()) return packed.const_data_ptr<float>() + b * packed.size(1) + r0 * cols;
   return nullptr;
 }
 
@@ -320,7 +328,7 @@ void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
         const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
         acc_t* sp = s_buf.data();
         tile_gemm<acc_t>(nq, nk, C, q_tile, C, 1, kp + (b * Nk + k0) * C, 1, C,
-                         packed_ptr<acc_t>(kn_packed, b, k0, C), sp, nk, false);
+                         packed_at<acc_t>(kn_packed, b, k0, C), sp, nk, false);
         for (int64_t i = 0; i < nq; ++i) {
           const OnlineSoftmaxStep<acc_t> st =
               online_softmax_step(m[i], row_max(fast, sp + i * nk, nk));
@@ -364,7 +372,10 @@ void sum_parts_in_order(const acc_t* parts, int64_t n_parts, int64_t part_stride
 //      and sum D = rowsum(P * dP) (per key tile, then in key-tile order);
 //   2. dS = P * (dP - D); dV += P^T dO and dK += dS^T q^ into the tile's own rows; dS k^ into the
 //      tile's dQ partial, summed in key-tile order afterwards.
-// Each phase runs one GEMM per product over the whole chunk and key tile.
+// Each phase runs one GEMM per product over the whole chunk and key tile. The tiles are stored
+// transposed (keys down, the chunk's queries across): then every product reads k^, v, q^ and dO
+// in their own row-major layout except q^ and dO of the chunk, which the SIMD path packs once a
+// chunk (O(chunk * C)), instead of packing k^ and v of a whole batch entry (O(Nk * C) memory).
 // D comes from the very P and dP that dS uses, as in an unfused softmax backward, rather than from
 // rowsum(dO * out): on a saturated row dP - D cancels to a few ulps, and the rounding of `out`
 // would otherwise reach dS (and, times 1/temperature, dQ and dK) unattenuated. Keeping P and dP of
@@ -416,12 +427,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
   acc_t* dp_base = dp_store.mutable_data_ptr<acc_t>();
   acc_t* d_base = d_part.mutable_data_ptr<acc_t>();
   acc_t* dq_base = dq_part.mutable_data_ptr<acc_t>();
+  std::vector<acc_t> lse_hi(chunk), lse_lo(chunk);
   for (int64_t b = 0; b < B; ++b) {
     // k^ of one batch entry and q^ of one chunk at a time: the backward's peak memory stays close
-    // to its outputs. The SIMD path also packs k^ and v of the entry as transposed B operands.
+    // to its outputs.
     const at::Tensor kn = normalized_rows<scalar_t, acc_t>(key[b], 1.0, normalize, eps);
-    const at::Tensor kn_packed = pack_rows_transposed<acc_t>(kn);
-    const at::Tensor v_packed = pack_rows_transposed<acc_t>(v[b]);
     const acc_t* kp = kn.const_data_ptr<acc_t>();
     const acc_t* vp = v.const_data_ptr<acc_t>() + b * Nk * Cv;
     for (int64_t c0 = 0; c0 < Nq; c0 += chunk) {
@@ -429,23 +439,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
       const at::Tensor qs = normalized_rows<scalar_t, acc_t>(
           query[b].narrow(0, c0, n_chunk), 1.0 / temperature, normalize, eps, /*serial=*/true);
       const acc_t* qp = qs.const_data_ptr<acc_t>();
-      // The chunk's (n_chunk x nk) block of key tile kt, contiguous.
+      const acc_t* dop_chunk = dop + (b * Nq + c0) * Cv;
+      // q^T and dO^T of the chunk as packed B operands (SIMD path only).
+      const at::Tensor qs_packed = pack_rows_transposed<acc_t>(qs);
+      const at::Tensor do_packed = pack_rows_transposed<acc_t>(d_out[b].narrow(0, c0, n_chunk));
+      for (int64_t i = 0; i < n_chunk; ++i) {
+        const SplitLse<acc_t> split = split_lse<acc_t>(lse_p[b * Nq + c0 + i]);
+        lse_hi[i] = split.hi;
+        lse_lo[i] = split.lo;
+      }
+      // The (nk x n_chunk) tile of key tile kt: P^T (or dP^T, dS^T), contiguous.
       const auto tile = [&](acc_t* store, int64_t kt) { return store + kt * chunk * kTileK; };
       at::parallel_for(0, n_kt, 1, [&](int64_t begin, int64_t end) {  // phase 1
         for (int64_t kt = begin; kt < end; ++kt) {
           reduce_dq_share(kt);
-          // P and dP of the whole chunk against the key tile: one GEMM each.
+          // P^T = k^ q^T and dP^T = v dO^T of the key tile and the whole chunk: one GEMM each.
           const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
-          acc_t* pp = tile(p_base, kt);
-          acc_t* dpp = tile(dp_base, kt);
-          tile_gemm<acc_t>(n_chunk, nk, C, qp, C, 1, kp + k0 * C, 1, C,
-                           packed_ptr<acc_t>(kn_packed, 0, k0, C), pp, nk, false);
-          probs_from_lse(fast, pp, n_chunk, nk, lse_p + b * Nq + c0);
-          tile_gemm<acc_t>(n_chunk, nk, Cv, dop + (b * Nq + c0) * Cv, Cv, 1, vp + k0 * Cv, 1, Cv,
-                           packed_ptr<acc_t>(v_packed, 0, k0, Cv), dpp, nk, false);
-          acc_t* dd = d_base + kt * chunk;
-          for (int64_t i = 0; i < n_chunk; ++i)
-            dd[i] = row_dot(fast, pp + i * nk, dpp + i * nk, nk);
+          acc_t* pt = tile(p_base, kt);
+          acc_t* dpt = tile(dp_base, kt);
+          tile_gemm<acc_t>(nk, n_chunk, C, kp + k0 * C, C, 1, qp, 1, C,
+                           packed_at<acc_t>(qs_packed, 0, 0, C), pt, n_chunk, false);
+          probs_from_lse_cols(fast, pt, nk, n_chunk, lse_hi.data(), lse_lo.data());
+          tile_gemm<acc_t>(nk, n_chunk, Cv, vp + k0 * Cv, Cv, 1, dop_chunk, 1, Cv,
+                           packed_at<acc_t>(do_packed, 0, 0, Cv), dpt, n_chunk, false);
+          col_dots(fast, pt, dpt, nk, n_chunk, d_base + kt * chunk);
         }
       });
       at::parallel_for(0, n_kt, 1, [&](int64_t begin, int64_t end) {  // phase 2
@@ -458,17 +475,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
           const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
           acc_t* gk_tile = gkp + (b * Nk + k0) * C;
           acc_t* gv_tile = gvp + (b * Nk + k0) * Cv;
-          const acc_t* pp = tile(p_base, kt);
-          acc_t* dsp = tile(dp_base, kt);
-          for (int64_t i = 0; i < n_chunk; ++i)
-            softmax_grad_row(fast, pp + i * nk, dsp + i * nk, nk, d_row[i]);
-          // dV += P^T dO and dK += dS^T q^ over the chunk's rows (A transposed: a_rs = 1,
-          // a_cs = nk), and the chunk's dQ partial dS k^. Whole chunks keep the accumulating
-          // GEMMs deep (k = chunk rows), so their C tiles are read and written once a chunk.
-          tile_gemm<acc_t>(nk, Cv, n_chunk, pp, 1, nk, dop + (b * Nq + c0) * Cv, Cv, 1, nullptr,
-                           gv_tile, Cv, true);
-          tile_gemm<acc_t>(nk, C, n_chunk, dsp, 1, nk, qp, C, 1, nullptr, gk_tile, C, true);
-          tile_gemm<acc_t>(n_chunk, C, nk, dsp, nk, 1, kp + k0 * C, C, 1, nullptr,
+          const acc_t* pt = tile(p_base, kt);
+          acc_t* dst = tile(dp_base, kt);
+          softmax_grad_cols(fast, pt, dst, nk, n_chunk, d_row.data());
+          // dV += P^T dO and dK += dS^T q^ over the chunk's rows, and the chunk's dQ partial
+          // dS k^ (A transposed: a_rs = 1, a_cs = n_chunk).
+          tile_gemm<acc_t>(nk, Cv, n_chunk, pt, n_chunk, 1, dop_chunk, Cv, 1, nullptr, gv_tile,
+                           Cv, true);
+          tile_gemm<acc_t>(nk, C, n_chunk, dst, n_chunk, 1, qp, C, 1, nullptr, gk_tile, C, true);
+          tile_gemm<acc_t>(n_chunk, C, nk, dst, 1, n_chunk, kp + k0 * C, C, 1, nullptr,
                            dq_base + kt * chunk * C, C, false);
         }
       });

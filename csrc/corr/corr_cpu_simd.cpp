@@ -4,16 +4,22 @@
 // compiled here can be shared with (and picked by the linker for) the baseline-ISA files.
 #include "corr/corr_cpu_simd.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 
-#if !defined(__x86_64__) || !defined(__GNUC__)
-#error "corr_cpu_simd.cpp needs an x86-64 GCC-compatible compiler"
+// The kernels need GCC's `#pragma GCC target` on x86-64. Elsewhere this file only says that they
+// are unavailable, and corr_cpu.cpp takes its portable path.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PNCC_CORR_SIMD_BUILT 1
+#else
+#define PNCC_CORR_SIMD_BUILT 0
+#endif
+
+#if PNCC_CORR_SIMD_BUILT
+#include <immintrin.h>
 #endif
 
 namespace pncc {
@@ -24,8 +30,12 @@ bool available() {
   static const bool ok = [] {
     const char* env = std::getenv("PNCC_CORR_SIMD");
     if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-    __builtin_cpu_init();
+#if PNCC_CORR_SIMD_BUILT
+    __builtin_cpu_init();  // (GCC's check includes the OS's support for the zmm state)
     return __builtin_cpu_supports("avx512f") != 0;
+#else
+    return false;
+#endif
   }();
   return ok;
 }
@@ -33,6 +43,8 @@ bool available() {
 }  // namespace simd
 }  // namespace corr
 }  // namespace pncc
+
+#if PNCC_CORR_SIMD_BUILT
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,fma")
@@ -362,9 +374,76 @@ void scale_row(float* x, int64_t n, float s) {
   }
 }
 
+void probs_from_lse_cols(float* s, int64_t rows, int64_t cols, int64_t ld, const float* lse_hi,
+                         const float* lse_lo) {
+  for (int64_t j = 0; j < cols; j += 16) {
+    const __mmask16 mask = tail_mask(cols - j);
+    const SplitLse<F16> lse{{_mm512_maskz_loadu_ps(mask, lse_hi + j)},
+                            {_mm512_maskz_loadu_ps(mask, lse_lo + j)}};
+    for (int64_t i = 0; i < rows; ++i) {
+      float* x = s + i * ld + j;
+      const F16 t = score_minus_lse(F16{_mm512_maskz_loadu_ps(mask, x)}, lse);
+      _mm512_mask_storeu_ps(x, mask, exp16(t.v));
+    }
+  }
+}
+
+void col_dots(const float* p, const float* dp, int64_t rows, int64_t cols, int64_t ld, float* d) {
+  for (int64_t j = 0; j < cols; j += 16) {
+    const __mmask16 mask = tail_mask(cols - j);
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()};
+    for (int64_t i = 0; i < rows; ++i)
+      acc[i % 4] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, p + i * ld + j),
+                                   _mm512_maskz_loadu_ps(mask, dp + i * ld + j), acc[i % 4]);
+    _mm512_mask_storeu_ps(
+        d + j, mask,
+        _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+  }
+}
+
+void softmax_grad_cols(const float* p, float* dp, int64_t rows, int64_t cols, int64_t ld,
+                       const float* d) {
+  for (int64_t j = 0; j < cols; j += 16) {
+    const __mmask16 mask = tail_mask(cols - j);
+    const F16 dv{_mm512_maskz_loadu_ps(mask, d + j)};
+    for (int64_t i = 0; i < rows; ++i) {
+      float* x = dp + i * ld + j;
+      const F16 g = softmax_grad(F16{_mm512_maskz_loadu_ps(mask, p + i * ld + j)},
+                                 F16{_mm512_maskz_loadu_ps(mask, x)}, dv);
+      _mm512_mask_storeu_ps(x, mask, g.v);
+    }
+  }
+}
+
 }  // namespace simd
 }  // namespace corr
 }  // namespace pncc
 
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
+
+#else  // !PNCC_CORR_SIMD_BUILT: never called, since available() is false
+
+namespace pncc {
+namespace corr {
+namespace simd {
+
+void gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, int64_t,
+          float*, int64_t, bool) {}
+void pack_transposed(const float*, int64_t, int64_t, int64_t, float*) {}
+float row_max(const float*, int64_t) { return 0.0f; }
+float exp_shifted_sum(float*, int64_t, float) { return 0.0f; }
+void probs_from_lse(float*, int64_t, float, float) {}
+float row_dot(const float*, const float*, int64_t) { return 0.0f; }
+void softmax_grad_row(const float*, float*, int64_t, float) {}
+void scale_row(float*, int64_t, float) {}
+void probs_from_lse_cols(float*, int64_t, int64_t, int64_t, const float*, const float*) {}
+void col_dots(const float*, const float*, int64_t, int64_t, int64_t, float*) {}
+void softmax_grad_cols(const float*, float*, int64_t, int64_t, int64_t, const float*) {}
+
+}  // namespace simd
+}  // namespace corr
+}  // namespace pncc
+
+#endif  // PNCC_CORR_SIMD_BUILT

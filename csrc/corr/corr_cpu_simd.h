@@ -63,6 +63,18 @@ void softmax_grad_row(const float* p, float* dp, int64_t n, float d);
 // x[j] *= s.
 void scale_row(float* x, int64_t n, float s);
 
+// Column passes over a (rows x cols) tile of row stride ld whose columns are softmax rows (the
+// backward's transposed tiles, keys down and queries across):
+//   probs_from_lse_cols: s[i][j] = exp(score_minus_lse(s[i][j], {lse_hi[j], lse_lo[j]}));
+//   col_dots:            d[j] = sum_i p[i][j] * dp[i][j], as four partial sums over i mod 4
+//                        added pairwise;
+//   softmax_grad_cols:   dp[i][j] = softmax_grad(p[i][j], dp[i][j], d[j]).
+void probs_from_lse_cols(float* s, int64_t rows, int64_t cols, int64_t ld, const float* lse_hi,
+                         const float* lse_lo);
+void col_dots(const float* p, const float* dp, int64_t rows, int64_t cols, int64_t ld, float* d);
+void softmax_grad_cols(const float* p, float* dp, int64_t rows, int64_t cols, int64_t ld,
+                       const float* d);
+
 }  // namespace simd
 }  // namespace corr
 }  // namespace pncc
