@@ -331,41 +331,6 @@ float exp_shifted_sum(float* x, int64_t n, float m) {
   return hsum(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
 }
 
-void probs_from_lse(float* s, int64_t n, float lse_hi, float lse_lo) {
-  const SplitLse<F16> lse{{_mm512_set1_ps(lse_hi)}, {_mm512_set1_ps(lse_lo)}};
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 mask = tail_mask(n - j);
-    const F16 t = score_minus_lse(F16{_mm512_maskz_loadu_ps(mask, s + j)}, lse);
-    _mm512_mask_storeu_ps(s + j, mask, exp16(t.v));
-  }
-}
-
-float row_dot(const float* x, const float* y, int64_t n) {
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                   _mm512_setzero_ps()};
-  int64_t j = 0;
-  for (; j + 64 <= n; j += 64)
-    for (int u = 0; u < 4; ++u)
-      acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 16 * u), _mm512_loadu_ps(y + j + 16 * u),
-                               acc[u]);
-  for (; j < n; j += 16) {
-    const __mmask16 mask = tail_mask(n - j);
-    acc[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + j), _mm512_maskz_loadu_ps(mask, y + j),
-                             acc[0]);
-  }
-  return hsum(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-}
-
-void softmax_grad_row(const float* p, float* dp, int64_t n, float d) {
-  const F16 dv{_mm512_set1_ps(d)};
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 mask = tail_mask(n - j);
-    const F16 g = softmax_grad(F16{_mm512_maskz_loadu_ps(mask, p + j)},
-                               F16{_mm512_maskz_loadu_ps(mask, dp + j)}, dv);
-    _mm512_mask_storeu_ps(dp + j, mask, g.v);
-  }
-}
-
 void scale_row(float* x, int64_t n, float s) {
   const __m512 sv = _mm512_set1_ps(s);
   for (int64_t j = 0; j < n; j += 16) {
@@ -434,9 +399,6 @@ void gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float
 void pack_transposed(const float*, int64_t, int64_t, int64_t, float*) {}
 float row_max(const float*, int64_t) { return 0.0f; }
 float exp_shifted_sum(float*, int64_t, float) { return 0.0f; }
-void probs_from_lse(float*, int64_t, float, float) {}
-float row_dot(const float*, const float*, int64_t) { return 0.0f; }
-void softmax_grad_row(const float*, float*, int64_t, float) {}
 void scale_row(float*, int64_t, float) {}
 void probs_from_lse_cols(float*, int64_t, int64_t, int64_t, const float*, const float*) {}
 void col_dots(const float*, const float*, int64_t, int64_t, int64_t, float*) {}

@@ -51,15 +51,6 @@ float row_max(const float* x, int64_t n);
 // x[j] = exp(x[j] - m) in place; returns sum_j of the new x[j].
 float exp_shifted_sum(float* x, int64_t n, float m);
 
-// s[j] = exp(score_minus_lse(s[j], {lse_hi, lse_lo})) in place (corr_math.h's softmax_prob).
-void probs_from_lse(float* s, int64_t n, float lse_hi, float lse_lo);
-
-// sum_j x[j] * y[j].
-float row_dot(const float* x, const float* y, int64_t n);
-
-// dp[j] = softmax_grad(p[j], dp[j], d) in place (corr_math.h).
-void softmax_grad_row(const float* p, float* dp, int64_t n, float d);
-
 // x[j] *= s.
 void scale_row(float* x, int64_t n, float s);
 

@@ -95,7 +95,7 @@ TEST_CASE(gemm_result_does_not_depend_on_the_rows_around_it) {
   }
 }
 
-TEST_CASE(softmax_row_passes_match_double) {
+TEST_CASE(forward_row_passes_match_double) {
   if (!simd::available()) return;
   std::mt19937 rng(3);
   for (int64_t n : {1, 5, 16, 17, 63, 64, 65, 200}) {
@@ -112,31 +112,64 @@ TEST_CASE(softmax_row_passes_match_double) {
       CHECK(std::fabs(e[j] - exact) <= 1.2e-7 * exact + 1e-37);  // about one ulp
     }
     CHECK(std::fabs(sum - exact_sum) <= 1e-6 * exact_sum);
-    // Probabilities from a split log-sum-exp, as the backward recomputes them.
-    const double lse = double(m) + std::log(exact_sum);
-    const SplitLse<float> split = split_lse<float>(lse);
-    std::vector<float> p = s;
-    simd::probs_from_lse(p.data(), n, split.hi, split.lo);
-    double total = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      // The exponent itself is an fp32 difference (as on the portable path); the exp of it is
-      // within about one ulp.
-      const double exact = std::exp(double(score_minus_lse(s[j], split)));
-      CHECK(std::fabs(p[j] - exact) <= 1.2e-7 * exact + 1e-37);
-      total += p[j];
-    }
-    CHECK(std::fabs(total - 1.0) < 1e-6);
-    // softmax_grad_row, row_dot and scale_row.
-    const std::vector<float> dp = random_vector(rng, n);
-    double d = 0;
-    for (int64_t j = 0; j < n; ++j) d += double(p[j]) * dp[j];
-    CHECK(std::fabs(simd::row_dot(p.data(), dp.data(), n) - d) <= 1e-6 * (1 + std::fabs(d)));
-    std::vector<float> ds = dp;
-    simd::softmax_grad_row(p.data(), ds.data(), n, float(d));
-    for (int64_t j = 0; j < n; ++j) CHECK(ds[j] == softmax_grad(p[j], dp[j], float(d)));
-    simd::scale_row(ds.data(), n, 0.5f);
-    for (int64_t j = 0; j < n; ++j) CHECK(ds[j] == softmax_grad(p[j], dp[j], float(d)) * 0.5f);
+    std::vector<float> scaled = e;
+    simd::scale_row(scaled.data(), n, 0.25f);
+    for (int64_t j = 0; j < n; ++j) CHECK(scaled[j] == e[j] * 0.25f);
   }
+}
+
+TEST_CASE(backward_column_passes_match_double) {
+  // Tiles of `rows` keys x `cols` queries with row stride ld > cols: the padding must stay as is.
+  if (!simd::available()) return;
+  std::mt19937 rng(4);
+  for (int64_t rows : {1, 3, 4, 5, 70})
+    for (int64_t cols : {1, 15, 16, 17, 40}) {
+      const int64_t ld = cols + 3;
+      std::vector<float> s = random_vector(rng, rows * ld);
+      for (float& v : s) v *= 30.0f;
+      // The exact log-sum-exp of every column, split as the backward splits it.
+      std::vector<float> hi(cols), lo(cols);
+      for (int64_t j = 0; j < cols; ++j) {
+        double m = -INFINITY, sum = 0;
+        for (int64_t i = 0; i < rows; ++i) m = std::max(m, double(s[i * ld + j]));
+        for (int64_t i = 0; i < rows; ++i) sum += std::exp(double(s[i * ld + j]) - m);
+        const SplitLse<float> split = split_lse<float>(m + std::log(sum));
+        hi[j] = split.hi;
+        lo[j] = split.lo;
+      }
+      std::vector<float> p = s;
+      simd::probs_from_lse_cols(p.data(), rows, cols, ld, hi.data(), lo.data());
+      for (int64_t j = 0; j < cols; ++j) {
+        double total = 0;
+        for (int64_t i = 0; i < rows; ++i) {
+          // The exponent itself is an fp32 difference (as on the portable path); the exp of it
+          // is within about one ulp.
+          const double exact = std::exp(double(score_minus_lse(s[i * ld + j], {hi[j], lo[j]})));
+          CHECK(std::fabs(p[i * ld + j] - exact) <= 1.2e-7 * exact + 1e-37);
+          total += p[i * ld + j];
+        }
+        CHECK(std::fabs(total - 1.0) < 1e-6);
+      }
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = cols; j < ld; ++j) CHECK(p[i * ld + j] == s[i * ld + j]);
+      const std::vector<float> dp = random_vector(rng, rows * ld);
+      std::vector<float> d(cols);
+      simd::col_dots(p.data(), dp.data(), rows, cols, ld, d.data());
+      for (int64_t j = 0; j < cols; ++j) {
+        double exact = 0, magnitude = 0;
+        for (int64_t i = 0; i < rows; ++i) {
+          exact += double(p[i * ld + j]) * dp[i * ld + j];
+          magnitude += std::fabs(double(p[i * ld + j]) * dp[i * ld + j]);
+        }
+        CHECK(std::fabs(d[j] - exact) <= 1e-6 * (1e-30 + magnitude));
+      }
+      std::vector<float> ds = dp;
+      simd::softmax_grad_cols(p.data(), ds.data(), rows, cols, ld, d.data());
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < ld; ++j)
+          CHECK(ds[i * ld + j] ==
+                (j < cols ? softmax_grad(p[i * ld + j], dp[i * ld + j], d[j]) : dp[i * ld + j]));
+    }
 }
 
 TEST_CASE(exp_handles_the_ends_of_the_range) {
