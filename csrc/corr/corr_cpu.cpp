@@ -1,8 +1,13 @@
 // CPU kernels of corr_warp and _corr_warp_backward.
 //
-// Flash-style on tiles: the matrix products of a (query tile x key tile) block run as ATen GEMMs
-// (MKL) on views, the softmax bookkeeping runs on the tile in place, so no (Nq x Nk) tensor is
-// ever allocated. The per-element maths comes from corr_math.h.
+// Flash-style on tiles: the matrix products of a (query tile x key tile) block run as GEMMs on raw
+// pointers into the tile buffers, the softmax bookkeeping runs on the tile in place, so no
+// (Nq x Nk) tensor is ever allocated. The per-element maths comes from corr_math.h.
+//
+// Two implementations of the GEMMs and row passes, one loop structure: with fp32 accumulation on
+// a CPU with AVX-512F, the kernels of corr_cpu_simd.h (about twice MKL's speed on AMD, where MKL
+// runs its AVX2 code; see that header); otherwise (float64, other CPUs, PNCC_CORR_SIMD=0) ATen's
+// GEMMs (MKL) on views of the same buffers and ATen's vectorised exp.
 //
 // Determinism: the work partition depends on the sizes only, never on the thread count, and
 // every floating-point sum has a fixed order. The forward owns one (batch, query tile) per task.
@@ -16,9 +21,11 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "corr/corr_check.h"
+#include "corr/corr_cpu_simd.h"
 #include "corr/corr_math.h"
 
 namespace pncc {
@@ -27,13 +34,16 @@ namespace {
 
 // Query rows and keys per tile. A 256 x 512 fp32 score tile is 512 KiB: it stays in L2 between
 // the GEMM that writes it, the softmax passes and the GEMM that reads it; 256 rows measured ~5%
-// faster than 128 in the forward. The backward's tiles keep 128 rows: its chunk buffers hold
-// whole tiles and must stay small (see kChunkBudget).
+// faster than 128 in the forward. The backward's chunks of query rows are whole multiples of
+// kTileQ rows (see kChunkBudget).
 constexpr int64_t kFwdTileQ = 256;
 constexpr int64_t kTileQ = 128;
 constexpr int64_t kTileK = 512;
+static_assert(kTileK % simd::kPanel == 0, "key tiles must start on whole packed panels");
 // Upper bound, in elements, of the backward's per-chunk buffers: the chunk's P and dP and the
 // per-key-tile partials of D and dQ (4 MiB in fp32; a chunk is never less than one query tile).
+// Deeper chunks would make the dV and dK GEMMs deeper (384 rows instead of 128 at N = 4096: 7%
+// faster backward), but cost the fwd+bwd peak-memory target (1/8 of unfused at B = 1).
 constexpr int64_t kChunkBudget = int64_t(1) << 20;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -138,9 +148,147 @@ acc_t row_sum(const acc_t* x, int64_t n) {
   return row_dot<acc_t>(x, nullptr, n);
 }
 
-// A contiguous (rows, cols) view at the start of a scratch buffer, for tiles at the matrix edge.
-at::Tensor tile_view(const at::Tensor& scratch, int64_t rows, int64_t cols) {
-  return scratch.narrow(0, 0, rows * cols).view({rows, cols});
+// The row passes of the softmax, on the SIMD kernels when `fast` (fp32 only) and as the portable
+// loops above otherwise. exp_shifted_rows: row i of the (rows x n) tile x becomes exp(x - m[i]),
+// sums[i] its new sum.
+template <typename acc_t>
+acc_t row_max(bool fast, const acc_t* x, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    if (fast) return simd::row_max(x, n);
+  return row_max(x, n);
+}
+
+template <typename acc_t>
+void exp_shifted_rows(bool fast, acc_t* x, int64_t rows, int64_t n, const acc_t* m, acc_t* sums) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (fast) {
+      for (int64_t i = 0; i < rows; ++i) sums[i] = simd::exp_shifted_sum(x + i * n, n, m[i]);
+      return;
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < n; ++j) x[i * n + j] -= m[i];
+  // ATen's vectorised exp; the tile's shape is fixed by the partition, so the result does not
+  // depend on the thread count.
+  at::from_blob(x, {rows * n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value))
+      .exp_();
+  for (int64_t i = 0; i < rows; ++i) sums[i] = row_sum(x + i * n, n);
+}
+
+// Column passes over the backward's (rows x cols) tiles, contiguous, whose columns are softmax
+// rows (see corr_cpu_simd.h). probs_from_lse_cols: column j becomes softmax_prob(s, lse j).
+template <typename acc_t>
+void probs_from_lse_cols(bool fast, acc_t* s, int64_t rows, int64_t cols, const acc_t* lse_hi,
+                         const acc_t* lse_lo) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (fast) return simd::probs_from_lse_cols(s, rows, cols, cols, lse_hi, lse_lo);
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j)
+      s[i * cols + j] = score_minus_lse(s[i * cols + j], SplitLse<acc_t>{lse_hi[j], lse_lo[j]});
+  // ATen's vectorised exp over the whole tile (its shape depends on the sizes only).
+  at::from_blob(s, {rows * cols}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value))
+      .exp_();
+}
+
+// d[j] = sum_i p[i][j] * dp[i][j], as four partial sums over i mod 4 added pairwise.
+template <typename acc_t>
+void col_dots(bool fast, const acc_t* p, const acc_t* dp, int64_t rows, int64_t cols, acc_t* d) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (fast) return simd::col_dots(p, dp, rows, cols, cols, d);
+  }
+  std::vector<acc_t> part(4 * cols, acc_t(0));
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t* acc = part.data() + (i % 4) * cols;
+    for (int64_t j = 0; j < cols; ++j) acc[j] += p[i * cols + j] * dp[i * cols + j];
+  }
+  for (int64_t j = 0; j < cols; ++j)
+    d[j] = (part[j] + part[cols + j]) + (part[2 * cols + j] + part[3 * cols + j]);
+}
+
+// dp[i][j] = softmax_grad(p[i][j], dp[i][j], d[j]).
+template <typename acc_t>
+void softmax_grad_cols(bool fast, const acc_t* p, acc_t* dp, int64_t rows, int64_t cols,
+                       const acc_t* d) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (fast) return simd::softmax_grad_cols(p, dp, rows, cols, cols, d);
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j)
+      dp[i * cols + j] = softmax_grad(p[i * cols + j], dp[i * cols + j], d[j]);
+}
+
+template <typename acc_t>
+void scale_row(bool fast, acc_t* x, int64_t n, acc_t s) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    if (fast) return simd::scale_row(x, n, s);
+  for (int64_t j = 0; j < n; ++j) x[j] *= s;
+}
+
+// Whether the AVX-512 kernels of corr_cpu_simd.h run: fp32 accumulation on a CPU that has them.
+template <typename acc_t>
+bool use_simd() {
+  return std::is_same_v<acc_t, float> && simd::available();
+}
+
+// C (m x n, row stride ldc) = A B, or C + A B when `accumulate`, on raw pointers, where
+//   A(i, kk) = a[i * a_rs + kk * a_cs] and B(kk, j) = b[kk * b_rs + j * b_cs].
+// On the SIMD path a B with b_cs != 1 (the transpose of a row-major matrix) is read from
+// `b_packed`, its pack_transposed form; elsewhere ATen's GEMM (MKL) runs on views of the buffers.
+template <typename acc_t>
+void tile_gemm(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t a_rs, int64_t a_cs,
+               const acc_t* b, int64_t b_rs, int64_t b_cs, const acc_t* b_packed, acc_t* c,
+               int64_t ldc, bool accumulate) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (simd::available()) {
+      if (b_cs == 1) {
+        simd::gemm(m, n, k, a, a_rs, a_cs, b, b_rs, simd::kPanel, c, ldc, accumulate);
+      } else {
+        TORCH_INTERNAL_ASSERT_DEBUG_ONLY(b_packed != nullptr);
+        simd::gemm(m, n, k, a, a_rs, a_cs, b_packed, simd::kPanel, k * simd::kPanel, c, ldc,
+                   accumulate);
+      }
+      return;
+    }
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor ta = at::from_blob(const_cast<acc_t*>(a), {m, k}, {a_rs, a_cs}, opts);
+  const at::Tensor tb = at::from_blob(const_cast<acc_t*>(b), {k, n}, {b_rs, b_cs}, opts);
+  at::Tensor tc = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  if (accumulate)
+    tc.addmm_(ta, tb);
+  else
+    at::mm_out(tc, ta, tb);
+}
+
+// pack_transposed of every (rows x cols) matrix of a contiguous (batch, rows, cols) fp32 tensor,
+// for the SIMD path's B operands (an undefined tensor elsewhere). O(batch * rows * cols) memory.
+template <typename acc_t>
+at::Tensor pack_rows_transposed(const at::Tensor& x) {
+  if (!use_simd<acc_t>()) return at::Tensor();
+  const int64_t rows = x.size(-2), cols = x.size(-1);
+  const int64_t batch = x.numel() / std::max<int64_t>(rows * cols, 1);
+  const int64_t per = simd::packed_size(rows, cols), panels = ceil_div(rows, simd::kPanel);
+  at::Tensor out = at::empty({batch, per}, x.options());
+  const float* xp = x.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  at::parallel_for(0, batch * panels, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / panels, r0 = (t % panels) * simd::kPanel;
+      simd::pack_transposed(xp + (b * rows + r0) * cols, std::min(simd::kPanel, rows - r0), cols,
+                            cols, op + b * per + r0 * cols);
+    }
+  });
+  return out;
+}
+
+// Start of the packed B operand of the rows [r0, ...) of matrix b of a pack_rows_transposed
+// result (r0 a multiple of kPanel), or nullptr when nothing was packed.
+template <typename acc_t>
+const acc_t* packed_at(const at::Tensor& packed, int64_t b, int64_t r0, int64_t cols) {
+  if constexpr (std::is_same_v<acc_t, float>)
+    if (packed.defined()) return packed.const_data_ptr<float>() + b * packed.size(1) + r0 * cols;
+  return nullptr;
 }
 
 template <typename scalar_t>
@@ -148,55 +296,56 @@ void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
                             const at::Tensor& value, double temperature, bool normalize,
                             double eps, at::Tensor& out, at::Tensor& lse) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = query.size(0), Nq = query.size(1), Nk = key.size(1), Cv = value.size(2);
+  const int64_t B = query.size(0), Nq = query.size(1), Nk = key.size(1);
+  const int64_t C = query.size(2), Cv = value.size(2);
   const auto acc_opts = query.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor qs = normalized_rows<scalar_t, acc_t>(query, 1.0 / temperature, normalize, eps);
   const at::Tensor kn = normalized_rows<scalar_t, acc_t>(key, 1.0, normalize, eps);
+  const at::Tensor kn_packed = pack_rows_transposed<acc_t>(kn);  // the B operand of q^ k^T
   const at::Tensor v = value.to(acc_opts.dtype());
   at::Tensor out_acc =
       out.scalar_type() == acc_opts.dtype() ? out : at::empty(out.sizes(), acc_opts);
+  const acc_t* qp = qs.const_data_ptr<acc_t>();
+  const acc_t* kp = kn.const_data_ptr<acc_t>();
+  const acc_t* vp = v.const_data_ptr<acc_t>();
+  acc_t* op = out_acc.mutable_data_ptr<acc_t>();
   double* lse_p = lse.mutable_data_ptr<double>();
+  const bool fast = use_simd<acc_t>();
   const int64_t n_qt = ceil_div(Nq, kFwdTileQ), n_kt = ceil_div(Nk, kTileK);
 
   at::parallel_for(0, B * n_qt, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor s_buf = at::empty({kFwdTileQ * kTileK}, acc_opts);
-    std::vector<acc_t> m(kFwdTileQ), l(kFwdTileQ), alpha(kFwdTileQ);
+    std::vector<acc_t> s_buf(kFwdTileQ * kTileK), m(kFwdTileQ), l(kFwdTileQ), alpha(kFwdTileQ),
+        tile_sum(kFwdTileQ);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_qt, q0 = (task % n_qt) * kFwdTileQ;
       const int64_t nq = std::min(kFwdTileQ, Nq - q0);
-      const at::Tensor q_tile = qs[b].narrow(0, q0, nq);
+      const acc_t* q_tile = qp + (b * Nq + q0) * C;
       // The output rows are the accumulator: they are owned by this task alone.
-      at::Tensor acc = out_acc[b].narrow(0, q0, nq);
-      acc.zero_();
+      acc_t* acc = op + (b * Nq + q0) * Cv;
       std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(l.begin(), l.end(), acc_t(0));
       for (int64_t kt = 0; kt < n_kt; ++kt) {
         const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
-        at::Tensor s = tile_view(s_buf, nq, nk);
-        at::mm_out(s, q_tile, kn[b].narrow(0, k0, nk).t());
-        acc_t* sp = s.mutable_data_ptr<acc_t>();
+        acc_t* sp = s_buf.data();
+        tile_gemm<acc_t>(nq, nk, C, q_tile, C, 1, kp + (b * Nk + k0) * C, 1, C,
+                         packed_at<acc_t>(kn_packed, b, k0, C), sp, nk, false);
         for (int64_t i = 0; i < nq; ++i) {
-          acc_t* row = sp + i * nk;
-          const OnlineSoftmaxStep<acc_t> st = online_softmax_step(m[i], row_max(row, nk));
+          const OnlineSoftmaxStep<acc_t> st =
+              online_softmax_step(m[i], row_max(fast, sp + i * nk, nk));
           m[i] = st.m_new;
           alpha[i] = st.alpha;
-          for (int64_t j = 0; j < nk; ++j) row[j] -= st.m_new;
         }
-        // ATen's vectorised exp; the tile is contiguous and its shape fixed by the partition, so
-        // the result does not depend on the thread count.
-        s.exp_();
-        acc_t* ap = acc.mutable_data_ptr<acc_t>();
+        exp_shifted_rows(fast, sp, nq, nk, m.data(), tile_sum.data());
         for (int64_t i = 0; i < nq; ++i) {
-          l[i] = l[i] * alpha[i] + row_sum(sp + i * nk, nk);
-          if (alpha[i] != acc_t(1))
-            for (int64_t c = 0; c < Cv; ++c) ap[i * Cv + c] *= alpha[i];
+          // Rescale the old sum and output row; the first tile overwrites them instead.
+          l[i] = kt == 0 ? tile_sum[i] : l[i] * alpha[i] + tile_sum[i];
+          if (kt > 0 && alpha[i] != acc_t(1)) scale_row(fast, acc + i * Cv, Cv, alpha[i]);
         }
-        acc.addmm_(s, v[b].narrow(0, k0, nk));
+        tile_gemm<acc_t>(nq, Cv, nk, sp, nk, 1, vp + (b * Nk + k0) * Cv, Cv, 1, nullptr, acc, Cv,
+                         /*accumulate=*/kt > 0);
       }
-      acc_t* ap = acc.mutable_data_ptr<acc_t>();
       for (int64_t i = 0; i < nq; ++i) {
-        const acc_t inv_l = acc_t(1) / l[i];
-        for (int64_t c = 0; c < Cv; ++c) ap[i * Cv + c] *= inv_l;
+        scale_row(fast, acc + i * Cv, Cv, acc_t(1) / l[i]);
         lse_p[b * Nq + q0 + i] = online_softmax_lse(m[i], l[i]);
       }
     }
@@ -223,6 +372,10 @@ void sum_parts_in_order(const acc_t* parts, int64_t n_parts, int64_t part_stride
 //      and sum D = rowsum(P * dP) (per key tile, then in key-tile order);
 //   2. dS = P * (dP - D); dV += P^T dO and dK += dS^T q^ into the tile's own rows; dS k^ into the
 //      tile's dQ partial, summed in key-tile order afterwards.
+// Each phase runs one GEMM per product over the whole chunk and key tile. The tiles are stored
+// transposed (keys down, the chunk's queries across): then every product reads k^, v, q^ and dO
+// in their own row-major layout except q^ and dO of the chunk, which the SIMD path packs once a
+// chunk (O(chunk * C)), instead of packing k^ and v of a whole batch entry (O(Nk * C) memory).
 // D comes from the very P and dP that dS uses, as in an unfused softmax backward, rather than from
 // rowsum(dO * out): on a saturated row dP - D cancels to a few ulps, and the rounding of `out`
 // would otherwise reach dS (and, times 1/temperature, dQ and dK) unattenuated. Keeping P and dP of
@@ -266,40 +419,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
     sum_parts_in_order(dq_part.const_data_ptr<acc_t>(), n_kt, chunk * C, C,
                        pending.n * task / n_kt, pending.n * (task + 1) / n_kt, dst);
   };
+  const bool fast = use_simd<acc_t>();
+  const acc_t* dop = d_out.const_data_ptr<acc_t>();
+  acc_t* gkp = grad_kn.mutable_data_ptr<acc_t>();
+  acc_t* gvp = grad_v.mutable_data_ptr<acc_t>();
+  acc_t* p_base = p_store.mutable_data_ptr<acc_t>();
+  acc_t* dp_base = dp_store.mutable_data_ptr<acc_t>();
+  acc_t* d_base = d_part.mutable_data_ptr<acc_t>();
+  acc_t* dq_base = dq_part.mutable_data_ptr<acc_t>();
+  std::vector<acc_t> lse_hi(chunk), lse_lo(chunk);
   for (int64_t b = 0; b < B; ++b) {
     // k^ of one batch entry and q^ of one chunk at a time: the backward's peak memory stays close
     // to its outputs.
     const at::Tensor kn = normalized_rows<scalar_t, acc_t>(key[b], 1.0, normalize, eps);
+    const acc_t* kp = kn.const_data_ptr<acc_t>();
+    const acc_t* vp = v.const_data_ptr<acc_t>() + b * Nk * Cv;
     for (int64_t c0 = 0; c0 < Nq; c0 += chunk) {
       const int64_t n_chunk = std::min(chunk, Nq - c0);
       const at::Tensor qs = normalized_rows<scalar_t, acc_t>(
           query[b].narrow(0, c0, n_chunk), 1.0 / temperature, normalize, eps, /*serial=*/true);
-      // The (nq x nk) tile of key tile kt and the chunk's rows [r0, r0 + nq), contiguous.
-      const auto tile = [&](const at::Tensor& store, int64_t kt, int64_t r0, int64_t nq) {
-        const int64_t nk = std::min(kTileK, Nk - kt * kTileK);
-        return store[kt].narrow(0, r0 * nk, nq * nk).view({nq, nk});
-      };
+      const acc_t* qp = qs.const_data_ptr<acc_t>();
+      const acc_t* dop_chunk = dop + (b * Nq + c0) * Cv;
+      // q^T and dO^T of the chunk as packed B operands (SIMD path only).
+      const at::Tensor qs_packed = pack_rows_transposed<acc_t>(qs);
+      const at::Tensor do_packed = pack_rows_transposed<acc_t>(d_out[b].narrow(0, c0, n_chunk));
+      for (int64_t i = 0; i < n_chunk; ++i) {
+        const SplitLse<acc_t> split = split_lse<acc_t>(lse_p[b * Nq + c0 + i]);
+        lse_hi[i] = split.hi;
+        lse_lo[i] = split.lo;
+      }
+      // The (nk x n_chunk) tile of key tile kt: P^T (or dP^T, dS^T), contiguous.
+      const auto tile = [&](acc_t* store, int64_t kt) { return store + kt * chunk * kTileK; };
       at::parallel_for(0, n_kt, 1, [&](int64_t begin, int64_t end) {  // phase 1
         for (int64_t kt = begin; kt < end; ++kt) {
           reduce_dq_share(kt);
+          // P^T = k^ q^T and dP^T = v dO^T of the key tile and the whole chunk: one GEMM each.
           const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
-          for (int64_t r0 = 0; r0 < n_chunk; r0 += kTileQ) {
-            const int64_t nq = std::min(kTileQ, n_chunk - r0), q0 = c0 + r0;
-            at::Tensor p = tile(p_store, kt, r0, nq);
-            at::Tensor dp = tile(dp_store, kt, r0, nq);
-            at::mm_out(p, qs.narrow(0, r0, nq), kn.narrow(0, k0, nk).t());
-            acc_t* pp = p.mutable_data_ptr<acc_t>();
-            for (int64_t i = 0; i < nq; ++i) {
-              const SplitLse<acc_t> lse_i = split_lse<acc_t>(lse_p[b * Nq + q0 + i]);
-              for (int64_t j = 0; j < nk; ++j)
-                pp[i * nk + j] = score_minus_lse(pp[i * nk + j], lse_i);
-            }
-            p.exp_();  // softmax_prob, with ATen's vectorised exp
-            at::mm_out(dp, d_out[b].narrow(0, q0, nq), v[b].narrow(0, k0, nk).t());
-            const acc_t* dpp = dp.const_data_ptr<acc_t>();
-            acc_t* dd = d_part[kt].mutable_data_ptr<acc_t>() + r0;
-            for (int64_t i = 0; i < nq; ++i) dd[i] = row_dot(pp + i * nk, dpp + i * nk, nk);
-          }
+          acc_t* pt = tile(p_base, kt);
+          acc_t* dpt = tile(dp_base, kt);
+          tile_gemm<acc_t>(nk, n_chunk, C, kp + k0 * C, C, 1, qp, 1, C,
+                           packed_at<acc_t>(qs_packed, 0, 0, C), pt, n_chunk, false);
+          probs_from_lse_cols(fast, pt, nk, n_chunk, lse_hi.data(), lse_lo.data());
+          tile_gemm<acc_t>(nk, n_chunk, Cv, vp + k0 * Cv, Cv, 1, dop_chunk, 1, Cv,
+                           packed_at<acc_t>(do_packed, 0, 0, Cv), dpt, n_chunk, false);
+          col_dots(fast, pt, dpt, nk, n_chunk, d_base + kt * chunk);
         }
       });
       at::parallel_for(0, n_kt, 1, [&](int64_t begin, int64_t end) {  // phase 2
@@ -310,23 +473,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
                            d_row.data());
         for (int64_t kt = begin; kt < end; ++kt) {
           const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
-          const at::Tensor k_tile = kn.narrow(0, k0, nk);
-          at::Tensor gk_tile = grad_kn[b].narrow(0, k0, nk);
-          at::Tensor gv_tile = grad_v[b].narrow(0, k0, nk);
-          for (int64_t r0 = 0; r0 < n_chunk; r0 += kTileQ) {
-            const int64_t nq = std::min(kTileQ, n_chunk - r0), q0 = c0 + r0;
-            const at::Tensor p = tile(p_store, kt, r0, nq);
-            at::Tensor ds = tile(dp_store, kt, r0, nq);
-            const acc_t* pp = p.const_data_ptr<acc_t>();
-            acc_t* dsp = ds.mutable_data_ptr<acc_t>();
-            for (int64_t i = 0; i < nq; ++i)
-              for (int64_t j = 0; j < nk; ++j)
-                dsp[i * nk + j] = softmax_grad(pp[i * nk + j], dsp[i * nk + j], d_row[r0 + i]);
-            gv_tile.addmm_(p.t(), d_out[b].narrow(0, q0, nq));
-            gk_tile.addmm_(ds.t(), qs.narrow(0, r0, nq));
-            at::Tensor part = dq_part[kt].narrow(0, r0, nq);
-            at::mm_out(part, ds, k_tile);
-          }
+          acc_t* gk_tile = gkp + (b * Nk + k0) * C;
+          acc_t* gv_tile = gvp + (b * Nk + k0) * Cv;
+          const acc_t* pt = tile(p_base, kt);
+          acc_t* dst = tile(dp_base, kt);
+          softmax_grad_cols(fast, pt, dst, nk, n_chunk, d_row.data());
+          // dV += P^T dO and dK += dS^T q^ over the chunk's rows, and the chunk's dQ partial
+          // dS k^ (A transposed: a_rs = 1, a_cs = n_chunk).
+          tile_gemm<acc_t>(nk, Cv, n_chunk, pt, n_chunk, 1, dop_chunk, Cv, 1, nullptr, gv_tile,
+                           Cv, true);
+          tile_gemm<acc_t>(nk, C, n_chunk, dst, n_chunk, 1, qp, C, 1, nullptr, gk_tile, C, true);
+          tile_gemm<acc_t>(n_chunk, C, nk, dst, 1, n_chunk, kp + k0 * C, C, 1, nullptr,
+                           dq_base + kt * chunk * C, C, false);
         }
       });
       pending = Chunk{b, c0, n_chunk};

@@ -1,0 +1,71 @@
+// AVX-512 building blocks of the CPU corr_warp kernels (fp32 only), torch-free.
+//
+// Why our own GEMM: MKL, which torch's CPU matmul and SDPA call, runs its AVX2 code on AMD CPUs,
+// so on the AVX-512 EPYCs this project benchmarks on it reaches about 45% of the FMA peak. The
+// small register-blocked kernel below reaches more than that on the tile shapes of corr_warp. It is
+// used when the CPU has AVX-512F (checked at run time; the rest of the extension is compiled for
+// the baseline ISA). Otherwise, and for float64, corr_cpu.cpp calls ATen's GEMMs instead.
+//
+// Determinism: every function here computes each output with a summation order fixed by the
+// sizes alone, so the results do not depend on the thread count (they may differ from the
+// portable path's MKL results in the last bits).
+#pragma once
+
+#include <cstdint>
+
+namespace pncc {
+namespace corr {
+namespace simd {
+
+// True when the AVX-512 kernels may run: the CPU has AVX-512F and the environment variable
+// PNCC_CORR_SIMD is not "0" (which forces the portable path, for tests and comparisons).
+bool available();
+
+// Columns per panel of a B operand (see gemm).
+constexpr int64_t kPanel = 32;
+
+// C = A B (accumulate = false) or C = C + A B (accumulate = true), fp32, where
+//   A(i, kk) = a[i * a_rs + kk * a_cs], i < m, kk < k; one of a_rs, a_cs must be 1;
+//   B(kk, j) = b[(j / kPanel) * b_panel_stride + kk * ldb + j % kPanel], j < n;
+//   C(i, j)  = c[i * ldc + j].
+// A row-major B (ldb = its row stride) has b_panel_stride = kPanel; a B packed by
+// pack_transposed has ldb = kPanel and b_panel_stride = k * kPanel. Elements of B outside j < n
+// are never read.
+void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_t a_cs,
+          const float* b, int64_t ldb, int64_t b_panel_stride, float* c, int64_t ldc,
+          bool accumulate);
+
+// Number of floats of pack_transposed's output for an (n x k) matrix.
+inline int64_t packed_size(int64_t n, int64_t k) {
+  return (n + kPanel - 1) / kPanel * kPanel * k;
+}
+
+// Packs X^T, for a row-major (n x k) X with row stride ldx, as the B operand (k x n) of gemm:
+// out[(j / kPanel) * k * kPanel + kk * kPanel + j % kPanel] = X(j, kk), zero-padded to whole
+// panels.
+void pack_transposed(const float* x, int64_t n, int64_t k, int64_t ldx, float* out);
+
+// max_j x[j] (n >= 1); NaNs are skipped like the portable path's `x > m ? x : m`.
+float row_max(const float* x, int64_t n);
+
+// x[j] = exp(x[j] - m) in place; returns sum_j of the new x[j].
+float exp_shifted_sum(float* x, int64_t n, float m);
+
+// x[j] *= s.
+void scale_row(float* x, int64_t n, float s);
+
+// Column passes over a (rows x cols) tile of row stride ld whose columns are softmax rows (the
+// backward's transposed tiles, keys down and queries across):
+//   probs_from_lse_cols: s[i][j] = exp(score_minus_lse(s[i][j], {lse_hi[j], lse_lo[j]}));
+//   col_dots:            d[j] = sum_i p[i][j] * dp[i][j], as four partial sums over i mod 4
+//                        added pairwise;
+//   softmax_grad_cols:   dp[i][j] = softmax_grad(p[i][j], dp[i][j], d[j]).
+void probs_from_lse_cols(float* s, int64_t rows, int64_t cols, int64_t ld, const float* lse_hi,
+                         const float* lse_lo);
+void col_dots(const float* p, const float* dp, int64_t rows, int64_t cols, int64_t ld, float* d);
+void softmax_grad_cols(const float* p, float* dp, int64_t rows, int64_t cols, int64_t ld,
+                       const float* d);
+
+}  // namespace simd
+}  // namespace corr
+}  // namespace pncc
