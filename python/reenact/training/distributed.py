@@ -95,6 +95,14 @@ def init_process_group(world, device):
     return True
 
 
+def barrier(world):
+    """Wait until every rank gets here (nothing to wait for in a world of one)."""
+    if world.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def destroy_process_group():
     import torch.distributed as dist
 
