@@ -309,8 +309,8 @@ def add_demo_parser(subparsers):
                     "OUT/result.mp4, OUT/grid.png and OUT/loss.png. Everything is synthetic.")
     parser.add_argument("--out", default="demo", help="output directory (default: demo)")
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, help=f"training steps (default {DemoRecipe.steps}: about 4.5 minutes "
-                                                  f"in all on one busy CPU core)")
+    budget.add_argument("--steps", type=int, help=f"training steps (default {DemoRecipe.steps}: about 2.5 minutes "
+                                                  f"in all on one idle CPU core)")
     budget.add_argument("--minutes", type=float, help="train for about this long instead (step count from the "
                                                       "measured speed; less repeatable than --steps)")
     parser.add_argument("--clips", type=int, help=f"training clips (default {DemoRecipe.clips})")
