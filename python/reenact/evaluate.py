@@ -387,16 +387,13 @@ def _open(options, device):
     from .data.format import DatasetError
     from .data.video import MediaError
     from .face3d.morphable import load_model
-    from .train import TrainingError, load_generator, read_checkpoint
+    from .train import TrainingError, load_generator, read_checkpoint_meta
 
     try:
+        step = int(read_checkpoint_meta(options.checkpoint)["step"])
         generator, _ = load_generator(options.checkpoint, device=device)
-        step = int(read_checkpoint(options.checkpoint)[1]["step"])
     except TrainingError as err:
         raise EvalError(f"--checkpoint: {_first_line(err)}") from None
-    except (RuntimeError, KeyError, ValueError, TypeError) as err:
-        raise EvalError(f"--checkpoint {options.checkpoint}: not a usable generator checkpoint "
-                        f"({_first_line(err)})") from None
     try:
         face_model = load_model(options.face_model)
     except (FileNotFoundError, ValueError, ImportError) as err:

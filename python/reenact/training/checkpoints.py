@@ -170,7 +170,8 @@ def save_checkpoint(path, generator, discriminator, optimizer_g, optimizer_d, me
     _atomic_write(path, data)
 
 
-def _open_checkpoint(path, read_tensors):
+def _open_checkpoint(path, tensor_prefix):
+    """(tensors whose names start with ``tensor_prefix``, or None when it is None; meta)."""
     from safetensors import SafetensorError
     from safetensors import safe_open
 
@@ -180,7 +181,8 @@ def _open_checkpoint(path, read_tensors):
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()} if read_tensors else None
+            tensors = None if tensor_prefix is None else {
+                name: handle.get_tensor(name) for name in handle.keys() if name.startswith(tensor_prefix)}
     except (SafetensorError, OSError) as err:
         raise TrainingError(f"cannot read checkpoint {path}: {err}") from None
     if METADATA_KEY not in metadata:
@@ -197,12 +199,12 @@ def _open_checkpoint(path, read_tensors):
 
 def read_checkpoint(path):
     """(tensors, meta) of a checkpoint file, read with safetensors only (never unpickled)."""
-    return _open_checkpoint(path, read_tensors=True)
+    return _open_checkpoint(path, tensor_prefix="")
 
 
 def read_checkpoint_meta(path):
     """The metadata of a checkpoint (step, config, options, data framing) without its tensors."""
-    return _open_checkpoint(path, read_tensors=False)[1]
+    return _open_checkpoint(path, tensor_prefix=None)[1]
 
 
 def _module_state(tensors, prefix):
@@ -219,13 +221,21 @@ def _module_state(tensors, prefix):
 
 
 def load_generator(path, device="cpu", ops=None):
-    """The generator of a training checkpoint, in eval mode -> (Reenactor, ReenactorConfig)."""
+    """The generator of a training checkpoint, in eval mode -> (Reenactor, ReenactorConfig).
+
+    Reads only the generator's tensors (not D's or the optimisers'). Any file that is not a
+    compatible checkpoint, weights that do not fit the recorded config included, raises
+    TrainingError naming the problem."""
     from ..model import Reenactor, ReenactorConfig
 
-    tensors, meta = read_checkpoint(path)
-    config = ReenactorConfig.from_dict(meta["config"])
-    generator = Reenactor(config.model)
-    generator.load_state_dict(_module_state(tensors, "G"))
+    tensors, meta = _open_checkpoint(path, tensor_prefix="G/")
+    try:
+        config = ReenactorConfig.from_dict(meta["config"])
+        generator = Reenactor(config.model)
+        generator.load_state_dict(_module_state(tensors, "G"))
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainingError(f"{path}: its weights do not fit its model config ({first})") from None
     if ops is not None:
         generator.set_ops(ops)
     return generator.to(device).eval(), config
