@@ -439,7 +439,6 @@ class Trainer:
             raise TrainingError(f"--loader {options.loader}: {err}") from None
         except ValueError as err:
             raise TrainingError(f"--data {options.data}: {err}") from None
-        self.dataset_size = int(loader.dataset.size)
         self.crop_scale = dataset_crop_scale(loader.dataset.clips)
         model_names = {str(clip.params["model_name"]) for clip in loader.dataset.clips if "model_name" in clip.params}
         if model_names and model_names != {self.face_model.name}:
