@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from reenact import cli, train as training
+from reenact import cli, inference, train as training
 from reenact.data import synth
 from reenact.data.prepare import to_crop
 from reenact.data.video import iter_frames, probe
@@ -84,16 +84,26 @@ def test_cli_writes_a_video_of_the_source_size(media, tmp_path, capsys):
     assert corner < 4, corner
 
 
-def test_crop_scale_defaults_to_the_framing_the_checkpoint_was_trained_on(media, tmp_path):
+def test_crop_scale_defaults_to_the_framing_the_checkpoint_was_trained_on(media, tmp_path, monkeypatch):
     torch.manual_seed(0)
     checkpoint = _save_checkpoint(tmp_path / "framed.safetensors", ReenactorConfig.small(64),
                                   data={"crop_scale": 2.0})
+    used = {}
+
+    def recording_animate(*args, **kwargs):
+        used[name] = kwargs["crop_scale"]
+        return animate(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "animate", recording_animate)
     videos = {}
     for name, scale in (("recorded", None), ("explicit", 2.0), ("prepare", 1.7)):
         out = tmp_path / f"{name}.mp4"
         assert cli.main(_args(media, out, crop_scale=scale, **{"--checkpoint": checkpoint})) == 0
         videos[name] = np.stack(list(iter_frames(out))).astype(int)
-    assert np.array_equal(videos["recorded"], videos["explicit"])
+    assert used == {"recorded": 2.0, "explicit": 2.0, "prepare": 1.7}
+    # Not bit-equal: BLAS results may depend on buffer alignment from one call to the next (seen
+    # in CI), and one ulp can flip a rounded pixel. Another framing moves every pixel.
+    assert np.abs(videos["recorded"] - videos["explicit"]).mean() < 0.05
     assert np.abs(videos["recorded"] - videos["prepare"]).mean() > 1
 
 
