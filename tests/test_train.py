@@ -153,6 +153,35 @@ def test_without_gan_terms_the_discriminator_is_not_trained(dataset, tmp_path):
     assert trainer.optimizer_d.state_dict()["state"] == {}
 
 
+def test_ops_reference_swaps_every_op_including_the_training_pnccs(dataset, tmp_path, monkeypatch):
+    import pncc_cuda
+    import pncc_cuda.reference as reference
+
+    calls = {"fused": 0, "reference": 0}
+
+    def counting(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(pncc_cuda, "render_pncc", counting("fused", pncc_cuda.render_pncc))
+    monkeypatch.setattr(reference, "render_pncc_reference", counting("reference", reference.render_pncc_reference))
+    entries = {}
+    for ops in ("fused", "reference"):
+        trainer = training.Trainer(options(dataset, tmp_path / ops, ops=ops))
+        try:
+            before = dict(calls)
+            entries[ops], _ = trainer.train_step()
+            assert trainer.generator.ops == ops
+            other = "reference" if ops == "fused" else "fused"
+            assert calls[ops] - before[ops] == 2 and calls[other] == before[other], calls  # P_s and P_d'
+        finally:
+            trainer.close()
+    # Same data, same initial weights: the two implementations give the same step-1 losses.
+    assert entries["fused"]["G/total"] == pytest.approx(entries["reference"]["G/total"], rel=1e-4)
+
+
 @pytest.mark.parametrize("method, term", [("generator_loss", "G/warp"), ("discriminator_loss", "D/total")])
 def test_non_finite_loss_stops_naming_step_and_term(dataset, tmp_path, monkeypatch, method, term):
     original = getattr(ReenactmentLoss, method)

@@ -4,7 +4,7 @@ import torch
 from ..face3d.pncc import reconstruct_pncc
 
 
-def batch_pncc(model, batch, size=None, device=None):
+def batch_pncc(model, batch, size=None, device=None, ops=None):
     """Render ``P_s`` and ``P_d'`` for a loader batch.
 
     ``P_s`` is the source frame's PNCC (its identity, expression and pose). ``P_d'`` is the
@@ -17,6 +17,7 @@ def batch_pncc(model, batch, size=None, device=None):
         batch: a dict from a loader (keys alpha, beta_source, pose_source, beta_driving, pose_driving).
         size: output size (default: the batch images' size).
         device: where to render (default: the device of ``batch["source"]``).
+        ops: what renders (see :func:`~reenact.face3d.pncc.reconstruct_pncc`); default the fused op.
     Returns:
         dict with pncc_source, pncc_driving (B, 3, S, S) in [0, 1] and mask_source, mask_driving
         (B, 1, S, S).
@@ -29,7 +30,7 @@ def batch_pncc(model, batch, size=None, device=None):
     model = model.to(device) if model.device != device else model
     alpha = batch["alpha"].to(device)
     pncc_s, mask_s = reconstruct_pncc(model, alpha, batch["beta_source"].to(device),
-                                      batch["pose_source"].to(device), size=size)
+                                      batch["pose_source"].to(device), size=size, ops=ops)
     pncc_d, mask_d = reconstruct_pncc(model, alpha, batch["beta_driving"].to(device),
-                                      batch["pose_driving"].to(device), size=size)
+                                      batch["pose_driving"].to(device), size=size, ops=ops)
     return {"pncc_source": pncc_s, "mask_source": mask_s, "pncc_driving": pncc_d, "mask_driving": mask_d}

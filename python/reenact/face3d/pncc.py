@@ -51,7 +51,7 @@ def reconstruct_vertices(model, alpha_src, beta_drv, pose_drv, pose_src=None, po
 
 
 def reconstruct_pncc(model, alpha_src, beta_drv, pose_drv, pose_src=None, pose_ref=None,
-                     mode="absolute", size=256):
+                     mode="absolute", size=256, ops=None):
     """Render the PNCC of the source identity with the driving expression and pose.
 
     Args:
@@ -66,6 +66,8 @@ def reconstruct_pncc(model, alpha_src, beta_drv, pose_drv, pose_src=None, pose_r
             from ``pose_ref`` to ``pose_drv`` (rotation, scale, translation; see
             :func:`reenact.face3d.pose.relative_pose`) on top of ``pose_src``.
         size: output height and width in pixels.
+        ops: what renders: anything with ``render_pncc`` of pncc_cuda's signature, e.g.
+            ``reenact.model.get_ops("reference")`` for A/B runs; default the fused pncc_cuda op.
     Returns:
         pncc (B, 3, size, size) float32 in [0, 1] (0 on the background) and
         mask (B, 1, size, size) float32 coverage. Differentiable w.r.t. the coefficients and poses.
@@ -73,12 +75,14 @@ def reconstruct_pncc(model, alpha_src, beta_drv, pose_drv, pose_src=None, pose_r
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
         raise ValueError(f"size must be a positive int, got {size!r}")
     vertices = reconstruct_vertices(model, alpha_src, beta_drv, pose_drv, pose_src, pose_ref, mode)
-    return render_model_pncc(model, vertices, size, size)
+    return render_model_pncc(model, vertices, size, size, ops)
 
 
-def render_model_pncc(model, vertices, height, width):
-    """PNCC (B, 3, H, W) and mask (B, 1, H, W) of image-space vertices (B, V, 3) of `model`."""
-    return _ops().render_pncc(vertices.contiguous(), model.faces, model.ncc, int(height), int(width))
+def render_model_pncc(model, vertices, height, width, ops=None):
+    """PNCC (B, 3, H, W) and mask (B, 1, H, W) of image-space vertices (B, V, 3) of `model`,
+    rendered by ``ops.render_pncc`` (default: the fused pncc_cuda op)."""
+    ops = _ops() if ops is None else ops
+    return ops.render_pncc(vertices.contiguous(), model.faces, model.ncc, int(height), int(width))
 
 
 def render_colors(model, vertices, size, colors=None):

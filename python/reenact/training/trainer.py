@@ -208,13 +208,14 @@ def dataset_crop_scale(clips):
     return round(float(np.median(np.concatenate(ratios))), 4)
 
 
-def prepare_batch(batch, face_model, resolution, device):
+def prepare_batch(batch, face_model, resolution, device, ops=None):
     """(source, driving, P_s, P_d') on ``device`` at ``resolution``. PNCCs are rendered at the
-    dataset's crop size (the poses are in its pixels) and resized with the images."""
+    dataset's crop size (the poses are in its pixels) and resized with the images, by
+    ``ops.render_pncc`` (default: the fused op; ``--ops reference`` renders with the reference)."""
     from ..data.pncc import batch_pncc
 
     size = int(batch["source"].shape[-1])
-    pncc = batch_pncc(face_model, batch, size=size, device=device)
+    pncc = batch_pncc(face_model, batch, size=size, device=device, ops=ops)
     source = _resize(batch["source"].to(device), resolution, "bilinear")
     driving = _resize(batch["driving"].to(device), resolution, "bilinear")
     return (source, driving, _resize(pncc["pncc_source"], resolution, "bilinear"),
@@ -408,7 +409,7 @@ class Trainer:
     def _build(self, tensors, meta):
         from ..data.loaders import make_loader
         from ..face3d.morphable import load_model
-        from ..model import Reenactor, ReenactmentLoss, build_discriminator
+        from ..model import Reenactor, ReenactmentLoss, build_discriminator, get_ops
 
         options, config, world = self.options, self.config, self.world
         _seed_everything(options.seed)  # the same initial weights on every rank
@@ -417,6 +418,8 @@ class Trainer:
         except (FileNotFoundError, ValueError, ImportError) as err:
             raise TrainingError(f"--face-model: {err}") from None
         self.generator = Reenactor(config.model).to(self.device).train()
+        # The training PNCCs are rendered by the model's ops too: --ops reference swaps every op.
+        self.pncc_ops = get_ops(config.model.ops)
         self.discriminator = build_discriminator(config.model).to(self.device).train()
         if options.channels_last:
             self.generator.to(memory_format=torch.channels_last)
@@ -557,7 +560,8 @@ class Trainer:
         The entry's losses are the means over the global batch (all ranks)."""
         step = self.step + 1
         batch = self.stream.next()
-        images = prepare_batch(batch, self.face_model, self.config.model.resolution, self.device)
+        images = prepare_batch(batch, self.face_model, self.config.model.resolution, self.device,
+                               self.pncc_ops)
         if self.options.channels_last:
             images = [image.contiguous(memory_format=torch.channels_last) for image in images]
         source, driving, pncc_source, pncc_driving = images
