@@ -1,4 +1,6 @@
-"""Reenactor forward+backward: time and peak memory, fused ops against the reference ops.
+"""Reenactor forward+backward: time and peak memory, fused ops against the reference ops; and the
+generator's inference throughput as `reenact reenact` runs it, source encoded once against forward
+per batch.
 
     python bench/bench_model.py --out bench/out            # CPU, 128x128, small config
     python bench/bench_model.py --smoke --out /tmp/bench   # seconds: 64x64, 1 repeat
@@ -12,7 +14,17 @@ rounds, after a warm-up. The time is the median; the peak memory is the most mem
 during one step above what existed before it (CUDA: the allocator's peak; CPU: the profiler's
 allocation timeline replayed). On a shared CPU machine the wall time swings with other users'
 load; the median CPU time of the process (all threads) swings much less, so it is reported too.
-Prints a markdown table and writes it with a JSON of the rows.
+
+Inference (`--animate-batch`, 8 by default; the model in eval mode, no_grad, fused ops): one
+round generates one batch of driving frames of a single source, the inner loop of
+`reenact.inference.animate`. "forward per batch" calls `forward` on the source crop and P_s
+expanded to the batch (animate before the source stage was split out); "encode once + drive"
+calls `drive` on a batch-1 `encode_source` made once before the rounds, as animate does now (its
+one-off cost per clip is reported as "encode ms"). Both run on the same weights and inputs, in
+interleaved rounds after a warm-up; frames/s = batch / median time per batch. "per-round speed"
+is the median over rounds of the two calls' time ratio within a round, steadier under drifting load.
+
+Prints markdown tables and writes them with a JSON of the rows.
 """
 import argparse
 import dataclasses
@@ -110,6 +122,116 @@ def run(config_name, resolution, batch_size, dtype_name, device, repeats, warmup
     return rows
 
 
+ANIMATE_MODES = ("forward per batch", "encode once + drive")
+
+
+def run_animate(config_name, resolution, batch_size, dtype_name, device, repeats, warmup,
+                correspondence_level):
+    """Rows of the inference comparison (module docstring), the same config as `run`."""
+    torch.manual_seed(0)
+    config = (ReenactorConfig.small(resolution) if config_name == "small"
+              else ReenactorConfig.paper())
+    config.model = dataclasses.replace(config.model, resolution=resolution,
+                                       correspondence_level=correspondence_level, ops="fused")
+    model = Reenactor(config.model).to(device).eval()
+    channels_last = device == "cuda"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    batch = {k: v.to(device).contiguous(memory_format=memory_format)
+             for k, v in synthetic_batch(batch_size, resolution, seed=1).items()}
+    # One source, batch_size driving frames: the source of the first pair, as animate's crop.
+    source_image, source_pncc = batch["source_image"][:1], batch["source_pncc"][:1]
+    driving_pncc = batch["driving_pncc"]
+    autocast_dtype = DTYPES[dtype_name]
+
+    def autocast():
+        return torch.autocast(device, dtype=autocast_dtype or torch.float32,
+                              enabled=autocast_dtype is not None)
+
+    def encode():
+        with torch.no_grad(), autocast():
+            return model.encode_source(source_image, source_pncc)
+
+    encoding = encode()
+
+    def forward_per_batch():
+        with torch.no_grad(), autocast():
+            return model(source_image.expand(batch_size, -1, -1, -1),
+                         source_pncc.expand(batch_size, -1, -1, -1), driving_pncc)["output"]
+
+    def drive():
+        with torch.no_grad(), autocast():
+            return model.drive(encoding, driving_pncc)["output"]
+
+    steps = dict(zip(ANIMATE_MODES, (forward_per_batch, drive)))
+    max_difference = (steps[ANIMATE_MODES[0]]().float()
+                      - steps[ANIMATE_MODES[1]]().float()).abs().max().item()
+    times = {mode: [] for mode in ANIMATE_MODES}
+    cpu_times = {mode: [] for mode in ANIMATE_MODES}
+    encode_times = []
+    for _ in range(warmup):
+        encode()
+        for step in steps.values():
+            step()
+    for _ in range(repeats):  # interleaved rounds, so drifting machine load hits both alike
+        _sync(device)
+        start = time.perf_counter()
+        encode()
+        _sync(device)
+        encode_times.append(time.perf_counter() - start)
+        for mode, step in steps.items():
+            _sync(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            step()
+            _sync(device)
+            times[mode].append(time.perf_counter() - start)
+            cpu_times[mode].append(time.process_time() - cpu_start)
+    rows = []
+    for mode, step in steps.items():
+        seconds = statistics.median(times[mode])
+        rows.append(dict(
+            mode=mode, device=device, config=config_name, resolution=resolution,
+            correspondence_size=resolution >> correspondence_level,
+            batch=batch_size, dtype=dtype_name, channels_last=channels_last,
+            ms=seconds * 1e3, ms_per_frame=seconds * 1e3 / batch_size,
+            frames_per_s=batch_size / seconds,
+            cpu_ms=statistics.median(cpu_times[mode]) * 1e3,
+            encode_ms=(statistics.median(encode_times) * 1e3
+                       if mode == "encode once + drive" else None),
+            peak_mib=peak_bytes(step, device) / 2**20,
+            max_abs_difference=max_difference, repeats=repeats,
+        ))
+    baseline = rows[0]
+    for row in rows:
+        row["speedup_vs_forward"] = baseline["ms"] / row["ms"]
+        row["cpu_time_vs_forward"] = baseline["cpu_ms"] / row["cpu_ms"]
+        # Each round times both calls back to back: the median of the per-round ratios cancels
+        # load that drifts between rounds, which the ratio of the two medians does not.
+        row["paired_speedup_vs_forward"] = statistics.median(
+            f / t for f, t in zip(times[ANIMATE_MODES[0]], times[row["mode"]]))
+    return rows
+
+
+def markdown_animate(rows):
+    lines = [
+        "| generator call | device | config | res | batch | dtype | ms/batch | ms/frame | frames/s | "
+        "CPU ms/batch | encode ms (once per clip) | peak MiB | speed vs forward | "
+        "CPU time vs forward | per-round speed vs forward |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        encode = "-" if r["encode_ms"] is None else f"{r['encode_ms']:.1f}"
+        lines.append(
+            f"| {r['mode']} | {r['device']} | {r['config']} | {r['resolution']} | {r['batch']} | "
+            f"{r['dtype']} | {r['ms']:.1f} | {r['ms_per_frame']:.2f} | {r['frames_per_s']:.1f} | "
+            f"{r['cpu_ms']:.1f} | {encode} | {r['peak_mib']:.1f} | "
+            f"{r['speedup_vs_forward']:.2f}x | {r['cpu_time_vs_forward']:.2f}x | "
+            f"{r['paired_speedup_vs_forward']:.2f}x |")
+    lines.append(f"\nlargest |output difference| between the two: "
+                 f"{rows[0]['max_abs_difference']:.2e}")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows):
     lines = [
         "| ops | device | config | res | corr | batch | dtype | ms/step | it/s | CPU ms/step | "
@@ -129,11 +251,14 @@ def markdown(rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "out", help="output directory")
-    parser.add_argument("--smoke", action="store_true", help="64x64, batch 1, one repeat")
+    parser.add_argument("--smoke", action="store_true",
+                        help="64x64, batch 1 (inference: 2), one repeat")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--config", default="small", choices=("small", "paper"))
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--animate-batch", type=int, default=8,
+                        help="driving frames per generator call of the inference rows (0: skip them)")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     parser.add_argument("--correspondence-level", type=int, default=2, choices=(1, 2),
                         help="pyramid level of corr_warp: 2 = 1/4 resolution, 1 = 1/2")
@@ -148,9 +273,19 @@ def main(argv=None):
         parser.error("--device cuda, but no CUDA device is visible")
     if args.smoke:
         args.resolution, args.batch, args.repeats, args.warmup = 64, 1, 1, 1
+        args.animate_batch = min(args.animate_batch, 2)
+    if args.animate_batch < 0:
+        parser.error(f"--animate-batch must be >= 0, got {args.animate_batch}")
     rows = run(args.config, args.resolution, args.batch, args.dtype, args.device, args.repeats,
                args.warmup, args.correspondence_level)
     table = markdown(rows)
+    animate_rows = []
+    if args.animate_batch:
+        animate_rows = run_animate(args.config, args.resolution, args.animate_batch, args.dtype,
+                                   args.device, args.repeats, args.warmup,
+                                   args.correspondence_level)
+        table += "\nInference (`reenact reenact`'s generator calls), one source:\n\n"
+        table += markdown_animate(animate_rows)
     args.out.mkdir(parents=True, exist_ok=True)
     machine = (torch.cuda.get_device_name() if args.device == "cuda"
                else f"{platform.processor() or platform.machine()}, "
@@ -162,7 +297,8 @@ def main(argv=None):
     (args.out / f"{stem}.md").write_text(f"Machine: {machine}; torch {torch.__version__}\n\n"
                                          + table)
     (args.out / f"{stem}.json").write_text(json.dumps(
-        {"machine": machine, "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+        {"machine": machine, "torch": torch.__version__, "rows": rows,
+         "animate_rows": animate_rows}, indent=2) + "\n")
     print(table, end="")
 
 

@@ -235,6 +235,67 @@ def test_animate_relative_pose_starts_at_the_source_pose():
         next(animate(generator, model, image, source, {"beta": beta}))
 
 
+class PerBatchForward(Reenactor):
+    """animate's loop before the source was encoded once: `forward` on the source crop and P_s
+    expanded to every batch of driving frames. The source is the test's own, not what animate
+    passes to encode_source, so a wrong source there shows too."""
+
+    def __init__(self, config, source_image, source_pncc):
+        super().__init__(config)
+        self.source = (source_image, source_pncc)
+
+    def encode_source(self, source_image, source_pncc):
+        return None
+
+    def drive(self, encoding, driving_pncc):
+        count = driving_pncc.shape[0]
+        return self(*(x.expand(count, -1, -1, -1) for x in self.source), driving_pncc)
+
+
+@pytest.mark.parametrize("pose_mode", ["relative", "absolute"])
+def test_animate_encodes_the_source_once_and_matches_per_batch_forward(pose_mode, monkeypatch):
+    from reenact.face3d.pncc import reconstruct_pncc
+
+    model = load_model("toy")
+    rng = np.random.default_rng(2)
+    alpha, beta, pose = synth.random_clip_parameters(model, rng, 5, (64, 64))
+    source = {"alpha": alpha, "beta": beta[0], "pose": pose[0]}
+    driving = {"alpha": alpha, "beta": beta, "pose": pose}
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # the output depends on every pixel
+    whole = np.array([0.0, 0.0, 64.0, 64.0])
+    # With the whole 64x64 image as the source box, the crop is the image and the crop's pose is
+    # the image's.
+    crop = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        pncc_src, _ = reconstruct_pncc(model, torch.from_numpy(alpha)[None], torch.from_numpy(beta[:1]),
+                                       torch.from_numpy(pose[:1]), size=64)
+    torch.manual_seed(0)
+    config = ReenactorConfig.small(64)
+    generator = Reenactor(config.model).eval()
+    per_batch = PerBatchForward(config.model, crop, pncc_src).eval()
+    per_batch.load_state_dict(generator.state_dict())
+    kwargs = dict(pose_mode=pose_mode, batch_size=2, source_box=whole, driving_boxes=np.tile(whole, (5, 1)))
+    calls = {"encode_source": 0, "drive": 0}
+    for name in calls:
+        def counting(self, *args, _original=getattr(Reenactor, name), _name=name):
+            calls[_name] += 1
+            return _original(self, *args)
+        monkeypatch.setattr(Reenactor, name, counting)
+
+    frames = list(animate(generator, model, image, source, driving, **kwargs))
+    assert calls == {"encode_source": 1, "drive": 3}  # batches of 2, 2 and 1 frames
+    expected = list(animate(per_batch, model, image, source, driving, **kwargs))
+    assert len(frames) == len(expected) == 5
+    assert np.abs(frames[0].face.astype(int) - frames[3].face).mean() > 1  # the frames differ
+    for frame, reference in zip(frames, expected):
+        np.testing.assert_array_equal(frame.pncc, reference.pncc)
+        # The batch-1 encoding runs E_a and E_g(P_s) at batch 1 instead of 2: float32 results
+        # differ by about 1e-6, which can move a rounded pixel by one level.
+        assert np.abs(frame.face.astype(int) - reference.face).max() <= 1
+        assert np.abs(frame.image.astype(int) - reference.image).max() <= 1
+        assert np.mean(frame.face != reference.face) < 0.01
+
+
 def test_faceless_frames_hold_the_last_good_parameters():
     from reenact.inference import _fill_missing
 

@@ -14,7 +14,8 @@ Pipeline (DESIGN.md, steps 1-5, per driving frame):
 3. reconstruct ``P_s`` (the source's own PNCC) and ``P_d'`` (source identity, driving expression,
    driving pose): ``relative`` applies the driving head motion since the first driving frame to the
    source pose; ``absolute`` uses the driving pose as seen in a crop of the driving face;
-4. generate in batches of ``--batch-size``;
+4. encode the source once (``Reenactor.encode_source``), then generate in batches of ``--batch-size``
+   (``Reenactor.drive``);
 5. paste each generated crop back into the source image under a feathered mask (the union of the
    source and driving face masks, dilated and blurred, fading out at the crop's border), so the
    video has the source image's size; encode it with PyAV (H.264 .mp4, or VP9 .webm).
@@ -201,6 +202,9 @@ def animate(generator, face_model, source_image, source_params, driving_params, 
     alpha, beta_drv, pose_drv = alpha[None].to(device), beta_drv.to(device), pose_drv.to(device)
     with torch.no_grad():
         pncc_src, mask_src = reconstruct_pncc(model, alpha, beta_src[None].to(device), pose_src_crop, size=resolution)
+        # The source stage (E_a, E_g(P_s), the corr_warp values) once for the whole clip; each
+        # batch runs only the driving stage, with the batch-1 encoding expanded to it.
+        encoding = generator.encode_source(crop, pncc_src)
         black = np.zeros_like(source_image)
         for start in range(0, frames, batch_size):
             stop = min(start + batch_size, frames)
@@ -212,7 +216,7 @@ def animate(generator, face_model, source_image, source_params, driving_params, 
                 pose = pose_to_crop(pose_drv[start:stop].cpu(), driving_boxes[start:stop], resolution)
                 pncc, mask = reconstruct_pncc(model, alpha, beta_drv[start:stop], pose.to(device), size=resolution)
             count = stop - start
-            output = generator(crop.expand(count, -1, -1, -1), pncc_src.expand(count, -1, -1, -1), pncc)["output"]
+            output = generator.drive(encoding, pncc)["output"]
             face = (output + 1) / 2
             images = paste_back(source_image, face, feathered_mask(mask_src, mask), source_box)
             panels = paste_back(black, pncc, mask, source_box)

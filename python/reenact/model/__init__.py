@@ -16,6 +16,11 @@ A training step, in full:
                                   driving_pncc)
     d.total.backward(); d_optimizer.step()
 
+Inference on many driving frames of one source encodes the source once:
+`encoding = generator.encode_source(source_image, source_pncc)`, then
+`generator.drive(encoding, driving_pncc)` per batch of frames (an encoding of batch 1 serves any
+batch).
+
 Images are (B, 3, H, W) in [-1, 1]; PNCCs are (B, 3, H, W) in [0, 1] (DESIGN.md, Conventions).
 """
 from .config import LossConfig, ModelConfig, ReenactorConfig
@@ -31,11 +36,11 @@ from .encoders import AppearanceEncoder, GeometryEncoder
 from .generator import GeometryAwareGate, SPADEDecoder
 from .losses import LossResult, PerceptualLoss, ReenactmentLoss
 from .ops import get_ops
-from .reenactor import Reenactor, build_discriminator, preview_panels
+from .reenactor import Reenactor, SourceEncoding, build_discriminator, preview_panels
 
 __all__ = [
     "ReenactorConfig", "ModelConfig", "LossConfig",
-    "Reenactor", "build_discriminator", "preview_panels",
+    "Reenactor", "SourceEncoding", "build_discriminator", "preview_panels",
     "ReenactmentLoss", "LossResult", "PerceptualLoss",
     "GeometryEncoder", "AppearanceEncoder", "Correspondence", "GeometryAwareGate",
     "SPADEDecoder", "MultiScaleDiscriminator", "PatchDiscriminator",

@@ -4,6 +4,10 @@
     outputs = model(source_image, source_pncc, driving_pncc)
     outputs["output"]        # (B, 3, H, W) in [-1, 1]
 
+    # Many driving frames of one source (inference): encode the source once.
+    encoding = model.encode_source(source_image[:1], source_pncc[:1])
+    outputs = model.drive(encoding, driving_pncc)   # any batch of driving frames
+
 Data flow (levels: 0 = full, 1 = 1/2, 2 = 1/4 resolution; c = config.correspondence_level, 2 by
 default):
 
@@ -16,7 +20,15 @@ default):
 4. The other levels warp A_s and P_s with grid_sample along the resized flow.
 5. At every level a geometry-aware gate weighs the warped features; the SPADE decoder, conditioned
    on P_d', decodes the gated skips.
+
+Steps 2 and the source half of 1 and 3 depend on the source alone: `encode_source` computes them
+into a `SourceEncoding`, and `drive` runs the rest for a batch of driving PNCCs. `forward` is the
+same two stages, except that E_g encodes P_s and P_d' in one batched call as it always did (E_g
+has no batch-dependent layers, so this is the same maths; it keeps training bit for bit as it was
+and is one call instead of two).
 """
+import typing
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,10 +36,10 @@ from torch import nn
 from .config import NUM_LEVELS, ModelConfig
 from .correspondence import Correspondence, resize_flow, warp_image, warp_with_flow
 from .discriminator import MultiScaleDiscriminator
-from .encoders import AppearanceEncoder, GeometryEncoder
+from .encoders import AppearanceEncoder, GeometryEncoder, GeometryFeatures
 from .generator import GeometryAwareGate, SPADEDecoder, resize_pncc
 
-__all__ = ["Reenactor", "build_discriminator", "preview_panels"]
+__all__ = ["Reenactor", "SourceEncoding", "build_discriminator", "preview_panels"]
 
 
 def _check_image(x, name, shape):
@@ -39,6 +51,40 @@ def _check_image(x, name, shape):
             shape[0] is not None and x.shape[0] != shape[0]):
         expected = "(" + ", ".join("B" if s is None else str(s) for s in shape) + ")"
         raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
+
+
+class SourceEncoding(typing.NamedTuple):
+    """What the driving stage needs of a source (`Reenactor.encode_source`); Bs = source batch.
+
+    correspondence: (Bs, correspondence_channels, h, w), E_g(P_s) at the correspondence level,
+        the corr_warp key.
+    values: (Bs, appearance_channels[c] + 6, h, w), what corr_warp warps (less the pixel grid
+        it appends): [A_s at level c, source RGB at level c, P_s at level c].
+    appearance: tuple of 3 (Bs, appearance_channels[l], H/2^l, W/2^l), the pyramid A_s.
+    pncc: tuple of 3 (Bs, 3, H/2^l, W/2^l), P_s at each level (level 0 is P_s itself).
+    """
+
+    correspondence: torch.Tensor
+    values: torch.Tensor
+    appearance: tuple
+    pncc: tuple
+
+    @property
+    def batch(self):
+        return self.correspondence.shape[0]
+
+    def expand(self, batch):
+        """The encoding for `batch` driving frames: itself when it has that batch, views of its
+        tensors expanded along the batch when it has batch 1 (no copy)."""
+        if self.batch == batch:
+            return self
+
+        def grow(x):
+            return x.expand(batch, *x.shape[1:])
+
+        return SourceEncoding(grow(self.correspondence), grow(self.values),
+                              tuple(grow(x) for x in self.appearance),
+                              tuple(grow(x) for x in self.pncc))
 
 
 class Reenactor(nn.Module):
@@ -77,6 +123,72 @@ class Reenactor(nn.Module):
         self.correspondence.set_ops(ops)
         return self
 
+    def _check_source(self, source_image, source_pncc):
+        resolution = self.config.resolution
+        shape = (None, 3, resolution, resolution)
+        _check_image(source_image, "source_image", shape)
+        _check_image(source_pncc, "source_pncc", (source_image.shape[0],) + shape[1:])
+
+    def _check_encoding(self, encoding, driving_pncc):
+        if not isinstance(encoding, SourceEncoding):
+            raise TypeError(f"encoding must be a SourceEncoding (from Reenactor.encode_source), "
+                            f"got {type(encoding).__name__}")
+        config = self.config
+        resolution = config.resolution
+        level = config.correspondence_level
+        side = resolution >> level
+        expected = {
+            "correspondence": (config.correspondence_channels, side, side),
+            "values": (config.appearance_channels[level] + 6, side, side),
+        }
+        for name, shape in expected.items():
+            x = getattr(encoding, name)
+            if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != shape:
+                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(
+                    f"encoding.{name} must have shape (Bs, {', '.join(map(str, shape))}) for this "
+                    f"model, got {got}: was the encoding made by a model of another config?")
+        batch = driving_pncc.shape[0]
+        if encoding.batch not in (1, batch):
+            raise ValueError(
+                f"driving_pncc must have the batch of the source encoding ({encoding.batch}), or "
+                f"any batch for an encoding of batch 1, got {tuple(driving_pncc.shape)}")
+        if encoding.correspondence.device != driving_pncc.device:
+            raise ValueError(f"encoding is on {encoding.correspondence.device} but driving_pncc "
+                             f"is on {driving_pncc.device}")
+
+    def encode_source(self, source_image, source_pncc):
+        """The source stage: everything that depends on the source alone.
+
+        Args:
+            source_image: (Bs, 3, H, W) in [-1, 1], H = W = config.resolution.
+            source_pncc: (Bs, 3, H, W) in [0, 1], P_s.
+
+        Returns:
+            a SourceEncoding of batch Bs, for `drive`. It holds the graph of its tensors: under
+            `torch.no_grad` (inference) it holds none.
+        """
+        self._check_source(source_image, source_pncc)
+        geometry = self.geometry_encoder(source_pncc)
+        return self._encode_source(source_image, source_pncc, geometry.correspondence)
+
+    def drive(self, encoding, driving_pncc):
+        """The driving stage: the outputs of `forward` for the encoded source and each P_d'.
+
+        Args:
+            encoding: a SourceEncoding of `encode_source`, of batch B or 1; batch 1 serves all
+                B driving frames (expanded views; only corr_warp's row layout copies its key and
+                values per frame).
+            driving_pncc: (B, 3, H, W) in [0, 1], P_d'.
+
+        Returns:
+            the dict of `forward`.
+        """
+        resolution = self.config.resolution
+        _check_image(driving_pncc, "driving_pncc", (None, 3, resolution, resolution))
+        self._check_encoding(encoding, driving_pncc)
+        return self._drive(encoding, driving_pncc, self.geometry_encoder(driving_pncc))
+
     def forward(self, source_image, source_pncc, driving_pncc):
         """
         Args:
@@ -95,49 +207,60 @@ class Reenactor(nn.Module):
               "flow": (B, 2, h, w), the source position (x, y) of every driving position, in
                   grid_sample coordinates (reenact.model.correspondence);
               "gates": tuple of 3 gates (B, 1, H/2^l, W/2^l) in (0, 1), levels l = 0, 1, 2.
+
+        The same as `drive(encode_source(source_image, source_pncc), driving_pncc)`, but E_g
+        encodes P_s and P_d' in one batched call (see the module docstring).
         """
-        resolution = self.config.resolution
-        shape = (None, 3, resolution, resolution)
-        _check_image(source_image, "source_image", shape)
-        batch = source_image.shape[0]
-        _check_image(source_pncc, "source_pncc", (batch,) + shape[1:])
-        _check_image(driving_pncc, "driving_pncc", (batch,) + shape[1:])
+        self._check_source(source_image, source_pncc)
+        batch, resolution = source_image.shape[0], self.config.resolution
+        _check_image(driving_pncc, "driving_pncc", (batch, 3, resolution, resolution))
 
         geometry = self.geometry_encoder(torch.cat((source_pncc, driving_pncc), dim=0))
         source_correspondence, driving_correspondence = geometry.correspondence.chunk(2)
-        driving_pyramid = [level[batch:] for level in geometry.pyramid]
-        appearance = self.appearance_encoder(source_image, source_pncc)
+        driving_geometry = GeometryFeatures(tuple(level[batch:] for level in geometry.pyramid),
+                                            driving_correspondence)
+        encoding = self._encode_source(source_image, source_pncc, source_correspondence)
+        return self._drive(encoding, driving_pncc, driving_geometry)
 
-        correspondence_level = self.config.correspondence_level
-        source_features = appearance[correspondence_level]
-        size = source_features.shape[-2:]
+    def _encode_source(self, source_image, source_pncc, source_correspondence):
+        """The source stage after E_g(P_s): E_a and the corr_warp values -> SourceEncoding."""
+        appearance = self.appearance_encoder(source_image, source_pncc)
+        pncc = tuple(resize_pncc(source_pncc, features.shape[-2:]) for features in appearance)
+        level = self.config.correspondence_level
+        source_features = appearance[level]
         values = torch.cat((
             source_features,
-            F.adaptive_avg_pool2d(source_image, size).to(source_features.dtype),
-            resize_pncc(source_pncc, size).to(source_features.dtype),
+            F.adaptive_avg_pool2d(source_image, source_features.shape[-2:]).to(source_features.dtype),
+            pncc[level].to(source_features.dtype),
         ), dim=1)
+        return SourceEncoding(source_correspondence, values, appearance, pncc)
+
+    def _drive(self, encoding, driving_pncc, driving_geometry):
+        """The driving stage after E_g(P_d'): steps 3-5 of the module docstring -> outputs."""
+        encoding = encoding.expand(driving_pncc.shape[0])
         warped_values, flow = self.correspondence(
-            driving_correspondence, source_correspondence, values)
-        channels = source_features.shape[1]
+            driving_geometry.correspondence, encoding.correspondence, encoding.values)
+        correspondence_level = self.config.correspondence_level
+        channels = encoding.appearance[correspondence_level].shape[1]
         warped_source_features = warped_values[:, :channels]
         warped_image = warped_values[:, channels:channels + 3]
         warped_pncc = warped_values[:, channels + 3:]
 
         gated_skips, gates = [], []
         for level in range(NUM_LEVELS):
-            size = appearance[level].shape[-2:]
+            size = encoding.appearance[level].shape[-2:]
             if level == correspondence_level:
                 warped_features, warped_source_pncc = warped_source_features, warped_pncc
             else:
                 level_flow = resize_flow(flow, size)
-                warped_features = warp_with_flow(appearance[level], level_flow)
-                warped_source_pncc = warp_with_flow(resize_pncc(source_pncc, size), level_flow)
+                warped_features = warp_with_flow(encoding.appearance[level], level_flow)
+                warped_source_pncc = warp_with_flow(encoding.pncc[level], level_flow)
             disagreement = (resize_pncc(driving_pncc, size) - warped_source_pncc).abs()
-            gate = self.gates[level](driving_pyramid[level], warped_features, disagreement)
+            gate = self.gates[level](driving_geometry.pyramid[level], warped_features, disagreement)
             gates.append(gate)
             gated_skips.append(gate * warped_features)
 
-        output = self.decoder(gated_skips, driving_pyramid[2], driving_pncc)
+        output = self.decoder(gated_skips, driving_geometry.pyramid[2], driving_pncc)
         return {
             "output": output,
             "warped": warped_image,
