@@ -55,6 +55,9 @@ constexpr int kKC = 32;      // channels per chunk of a score product
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxBatchPerLaunch = 65535;  // gridDim.z limit
+static_assert(kBR % 16 == 0 && kBC % 16 == 0 && kKC % 16 == 0,
+              "tiles are whole wmma fragments (and even-sized, as TileMma<float> needs)");
+static_assert(kThreads >= kBR && kThreads >= kBC, "one thread per row or column of statistics");
 
 enum class Mode { kFwd, kD, kDq, kDk, kDv };
 
@@ -126,6 +129,9 @@ struct TileMma {
 };
 
 // float32: no tensor cores (TF32 would lose the accuracy of a plain fp32 implementation).
+// Even and odd products go to separate sums (K is even: kKC or kBC), as in the CPU GEMM
+// (corr_cpu_simd.cpp): one FMA chain per score had a larger error than an unfused GEMM and, on
+// tools/cuda_emu, failed the 3x gradient rule of test_stress_sizes[2]; two chains pass it.
 template <>
 struct TileMma<float> {
   template <bool kBT>
@@ -133,9 +139,12 @@ struct TileMma<float> {
                              int M, int N, int K) {
     for (int e = threadIdx.x; e < M * N; e += kThreads) {
       const int i = e / N, j = e % N;
-      float sum = C[i * ldc + j];
-      for (int k = 0; k < K; ++k) sum = fmaf(A[i * lda + k], B[b_offset<kBT>(j, k, ldb)], sum);
-      C[i * ldc + j] = sum;
+      float even = 0.f, odd = 0.f;
+      for (int k = 0; k < K; k += 2) {
+        even = fmaf(A[i * lda + k], B[b_offset<kBT>(j, k, ldb)], even);
+        odd = fmaf(A[i * lda + k + 1], B[b_offset<kBT>(j, k + 1, ldb)], odd);
+      }
+      C[i * ldc + j] += even + odd;
     }
   }
 };
