@@ -142,7 +142,6 @@ inline bool use_os_threads() {
 struct FiberScheduler {
   ucontext_t main;
   std::vector<ucontext_t> contexts;
-  std::vector<std::unique_ptr<char[]>> stacks;
   std::vector<char> done;
   std::vector<ThreadState> states;
   std::function<void(int)> body;
@@ -159,15 +158,16 @@ struct FiberScheduler {
 
   void run(int n) {
     constexpr size_t kStack = 256 * 1024;
+    // Stacks are reused across blocks and launches (a launch may run thousands of blocks).
+    static thread_local std::vector<std::unique_ptr<char[]>> stacks;
+    while (int(stacks.size()) < n) stacks.emplace_back(new char[kStack]);
     contexts.assign(n, ucontext_t{});
-    stacks.clear();
     done.assign(n, 0);
     states.assign(n, ThreadState{});
     const uintptr_t self = reinterpret_cast<uintptr_t>(this);
     for (int t = 0; t < n; ++t) {
-      stacks.emplace_back(new char[kStack]);
       getcontext(&contexts[t]);
-      contexts[t].uc_stack.ss_sp = stacks.back().get();
+      contexts[t].uc_stack.ss_sp = stacks[t].get();
       contexts[t].uc_stack.ss_size = kStack;
       contexts[t].uc_link = &main;
       makecontext(&contexts[t], reinterpret_cast<void (*)()>(&FiberScheduler::entry), 2,
