@@ -1,17 +1,24 @@
 // CUDA kernels of corr_warp and _corr_warp_backward.
 //
 // Flash-style: a block owns BR rows of one batch entry and streams the other side in tiles of BC,
-// so no (Nq x Nk) tensor exists. One tile kernel, specialised by Mode, serves all four passes:
+// so no (Nq x Nk) tensor exists. One tile kernel, specialised by Mode, serves all five passes:
 //
 //   mode  rows  cols  score tile          output GEMM          output
 //   kFwd  q     k     S = q^ k^T          O = O*alpha + P V    out (online softmax), lse
+//   kD    q     k     S, dP = dO V^T      (none)               D = rowsum(P * dP) (fp32)
 //   kDq   q     k     S, dP = dO V^T      acc += dS k^         dL/dq^ (fp32)
 //   kDk   k     q     S^T, dP^T = V dO^T  acc += dS^T q^       dL/dk^ (fp32)
 //   kDv   k     q     S^T                 acc += P^T dO        dL/dV
 //
 // Every output row is written by one block, so the backward needs no atomics and is
-// deterministic. The price is recomputing S in three passes instead of one (flash-attention's
+// deterministic. The price is recomputing S in four passes instead of one (flash-attention's
 // single pass with dQ atomics would save that but give up bitwise repeatability).
+//
+// D comes from the recomputed P and dP (the kD pass), as in the CPU kernel, not from
+// rowsum(dO * out) as in flash-attention: dS = P * (dP - D) cancels to a few ulps on a row where
+// one key takes nearly all the weight, and D must then be the sum of the very products dP that it
+// is subtracted from. With the flash form a single key (Nk = 1, where P = 1 and the exact dL/dq is
+// 0) gave dL/dq of about 1e-5: test_stress_sizes[1] failed on tools/cuda_emu.
 //
 // Matrix products of a tile run on tensor cores (nvcuda::wmma, fp32 accumulation) for fp16 and
 // bf16 and as plain fp32 FMAs for float32. Softmax statistics are fp32; the saved lse is double
@@ -48,8 +55,11 @@ constexpr int kKC = 32;      // channels per chunk of a score product
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxBatchPerLaunch = 65535;  // gridDim.z limit
+static_assert(kBR % 16 == 0 && kBC % 16 == 0 && kKC % 16 == 0,
+              "tiles are whole wmma fragments (and even-sized, as TileMma<float> needs)");
+static_assert(kThreads >= kBR && kThreads >= kBC, "one thread per row or column of statistics");
 
-enum class Mode { kFwd, kDq, kDk, kDv };
+enum class Mode { kFwd, kD, kDq, kDk, kDv };
 
 // ---- element conversions (torch builds with the implicit half/bf16 conversions disabled) ----
 
@@ -119,6 +129,9 @@ struct TileMma {
 };
 
 // float32: no tensor cores (TF32 would lose the accuracy of a plain fp32 implementation).
+// Even and odd products go to separate sums (K is even: kKC or kBC), as in the CPU GEMM
+// (corr_cpu_simd.cpp): one FMA chain per score had a larger error than an unfused GEMM and, on
+// tools/cuda_emu, failed the 3x gradient rule of test_stress_sizes[2]; two chains pass it.
 template <>
 struct TileMma<float> {
   template <bool kBT>
@@ -126,9 +139,12 @@ struct TileMma<float> {
                              int M, int N, int K) {
     for (int e = threadIdx.x; e < M * N; e += kThreads) {
       const int i = e / N, j = e % N;
-      float sum = C[i * ldc + j];
-      for (int k = 0; k < K; ++k) sum = fmaf(A[i * lda + k], B[b_offset<kBT>(j, k, ldb)], sum);
-      C[i * ldc + j] = sum;
+      float even = 0.f, odd = 0.f;
+      for (int k = 0; k < K; k += 2) {
+        even = fmaf(A[i * lda + k], B[b_offset<kBT>(j, k, ldb)], even);
+        odd = fmaf(A[i * lda + k + 1], B[b_offset<kBT>(j, k + 1, ldb)], odd);
+      }
+      C[i * ldc + j] += even + odd;
     }
   }
 };
@@ -179,7 +195,8 @@ struct TileParams {
   const T* cols2;       // (B, n_cols, Cv): V (kDq) or dO (kDk), the column side of dP
   const T* x;           // (B, n_cols, n_out): right operand of the output product
   const double* lse;    // (B, Nq), read by the backward modes
-  const float* d;       // (B, Nq): rowsum(dO * out), read by kDq and kDk
+  const float* d;       // (B, Nq): rowsum(P * dP), read by kDq and kDk
+  float* d_out;         // (B, Nq): kD
   T* out;               // (B, n_rows, n_out): kFwd and kDv
   float* out_f32;       // (B, n_rows, n_out): kDq and kDk
   double* lse_out;      // (B, Nq): kFwd
@@ -238,8 +255,8 @@ __global__ void __launch_bounds__(kThreads) corr_tile_kernel(const TileParams<T>
   float* lse_lo_s = m_s + 256;
   float* d_s = m_s + 320;
 
-  constexpr bool kRowsAreQueries = mode == Mode::kFwd || mode == Mode::kDq;
-  constexpr bool kNeedsDp = mode == Mode::kDq || mode == Mode::kDk;
+  constexpr bool kRowsAreQueries = mode == Mode::kFwd || mode == Mode::kD || mode == Mode::kDq;
+  constexpr bool kNeedsDp = mode == Mode::kD || mode == Mode::kDq || mode == Mode::kDk;
   const int64_t b = blockIdx.z + prm.batch_offset;
   const int64_t row0 = int64_t(blockIdx.x) * kBR;
   const int64_t out0 = int64_t(blockIdx.y) * prm.out_tile;
@@ -258,7 +275,7 @@ __global__ void __launch_bounds__(kThreads) corr_tile_kernel(const TileParams<T>
       const SplitLse<float> lse = split_lse<float>(q < Nq ? prm.lse[b * Nq + q] : 0.0);
       lse_hi_s[threadIdx.x] = lse.hi;
       lse_lo_s[threadIdx.x] = lse.lo;
-      d_s[threadIdx.x] = q < Nq ? prm.d[b * Nq + q] : 0.f;
+      if (mode == Mode::kDq) d_s[threadIdx.x] = q < Nq ? prm.d[b * Nq + q] : 0.f;
     }
   }
 
@@ -306,6 +323,18 @@ __global__ void __launch_bounds__(kThreads) corr_tile_kernel(const TileParams<T>
         const int i = e / out_w, c = e % out_w;
         acc_s[i * L.ld_acc + c] *= alpha_s[i];
       }
+    } else if constexpr (mode == Mode::kD) {
+      // One thread per row, in key order: l_s accumulates D (a fixed order, so repeatable).
+      if (threadIdx.x < kBR) {
+        const int i = threadIdx.x;
+        const SplitLse<float> lse{lse_hi_s[i], lse_lo_s[i]};
+        float sum = 0.f;
+        for (int j = 0; j < valid_cols; ++j)
+          sum += softmax_prob(s_s[i * L.ld_s + j], lse) * dp_s[i * L.ld_s + j];
+        l_s[i] += sum;
+      }
+      __syncthreads();  // s_s and dp_s are read before the next tile overwrites them
+      continue;         // no output product
     } else {
       for (int e = threadIdx.x; e < kBR * kBC; e += kThreads) {
         const int i = e / kBC, j = e % kBC;
@@ -325,18 +354,23 @@ __global__ void __launch_bounds__(kThreads) corr_tile_kernel(const TileParams<T>
     __syncthreads();
   }
 
-  // Epilogue: each output element of this block's rows and column window, written once.
-  for (int e = threadIdx.x; e < kBR * out_w; e += kThreads) {
-    const int i = e / out_w, c = e % out_w;
-    const int64_t r = row0 + i, oc = out0 + c;
-    if (r >= prm.n_rows || oc >= prm.n_out) continue;
-    const int64_t idx = (b * prm.n_rows + r) * prm.n_out + oc;
-    float v = acc_s[i * L.ld_acc + c];
-    if constexpr (mode == Mode::kFwd) v /= l_s[i];
-    if constexpr (mode == Mode::kDq || mode == Mode::kDk) {
-      prm.out_f32[idx] = v;
-    } else {
-      prm.out[idx] = from_float<T>(v);
+  if constexpr (mode == Mode::kD) {
+    if (threadIdx.x < kBR && row0 + threadIdx.x < prm.n_rows)
+      prm.d_out[b * Nq + row0 + threadIdx.x] = l_s[threadIdx.x];
+  } else {
+    // Epilogue: each output element of this block's rows and column window, written once.
+    for (int e = threadIdx.x; e < kBR * out_w; e += kThreads) {
+      const int i = e / out_w, c = e % out_w;
+      const int64_t r = row0 + i, oc = out0 + c;
+      if (r >= prm.n_rows || oc >= prm.n_out) continue;
+      const int64_t idx = (b * prm.n_rows + r) * prm.n_out + oc;
+      float v = acc_s[i * L.ld_acc + c];
+      if constexpr (mode == Mode::kFwd) v /= l_s[i];
+      if constexpr (mode == Mode::kDq || mode == Mode::kDk) {
+        prm.out_f32[idx] = v;
+      } else {
+        prm.out[idx] = from_float<T>(v);
+      }
     }
   }
   if constexpr (mode == Mode::kFwd) {
@@ -346,7 +380,7 @@ __global__ void __launch_bounds__(kThreads) corr_tile_kernel(const TileParams<T>
   }
 }
 
-// ---- per-row kernels: normalisation, its backward, D = rowsum(dO * out); one warp per row ----
+// ---- per-row kernels: normalisation and its backward; one warp per row ----
 
 __device__ __forceinline__ double warp_sum(double v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -404,17 +438,6 @@ __global__ void corr_normalize_backward_kernel(const float* g, const T* x, int64
   }
 }
 
-template <typename T>
-__global__ void corr_rowdot_kernel(const T* a, const T* b, int64_t n_rows, int64_t n, float* out) {
-  const int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  if (r >= n_rows) return;
-  float sum = 0.f;
-  for (int64_t c = threadIdx.x % 32; c < n; c += 32)
-    sum += to_float(a[r * n + c]) * to_float(b[r * n + c]);
-  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  if (threadIdx.x % 32 == 0) out[r] = sum;
-}
-
 // ---- launchers ----
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -437,18 +460,19 @@ void launch_normalize(const at::Tensor& x, double scale, bool normalize, double 
 // device's shared memory (one window covers Cv = 256 + 2 coordinate channels on an H100).
 template <typename T, Mode mode>
 void launch_tile(TileParams<T> prm, int64_t batch, cudaStream_t stream) {
-  if (prm.n_rows == 0 || prm.n_out == 0 || batch == 0) return;
+  // kD has no output product (n_out == 0): one window of the smallest width.
+  if (prm.n_rows == 0 || (prm.n_out == 0 && mode != Mode::kD) || batch == 0) return;
   int device = 0, max_smem = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(
       cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  int out_tile = static_cast<int>(std::min<int64_t>(ceil_div(prm.n_out, 16) * 16, 512));
+  int out_tile = static_cast<int>(std::clamp<int64_t>(ceil_div(prm.n_out, 16) * 16, 16, 512));
   while (out_tile > 16 && TileLayout<T>(out_tile).bytes > static_cast<size_t>(max_smem))
     out_tile -= 16;
   const size_t smem = TileLayout<T>(out_tile).bytes;
   TORCH_CHECK(smem <= static_cast<size_t>(max_smem), "corr_warp: the CUDA tile needs ", smem,
               " bytes of shared memory, the device offers ", max_smem);
-  const int64_t windows = ceil_div(prm.n_out, out_tile);
+  const int64_t windows = std::max<int64_t>(1, ceil_div(prm.n_out, out_tile));
   TORCH_CHECK_VALUE(windows <= 65535 && ceil_div(prm.n_rows, kBR) <= 2147483647,
                     "corr_warp: too many channels or rows for one CUDA launch (", prm.n_out,
                     " channels, ", prm.n_rows, " rows)");
@@ -517,8 +541,8 @@ void forward_impl(const at::Tensor& query, const at::Tensor& key, const at::Tens
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
-    const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse, double temperature,
-    bool normalize, double eps, cudaStream_t stream) {
+    const at::Tensor& value, const at::Tensor& lse, double temperature, bool normalize,
+    double eps, cudaStream_t stream) {
   using T = typename CudaType<scalar_t>::type;
   const int64_t B = query.size(0), Nq = query.size(1), Nk = key.size(1);
   const int64_t C = query.size(2), Cv = value.size(2);
@@ -529,11 +553,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const auto f32 = query.options().dtype(at::kFloat);
   at::Tensor d = at::empty({B, Nq}, f32);
   if (Cv > 0) {
-    corr_rowdot_kernel<T><<<warp_per_row_grid(B * Nq), 256, 0, stream>>>(
-        ptr<T>(grad_out), ptr<T>(out), B * Nq, Cv, d.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // D = rowsum(P * dP): rows are queries, no output product.
+    TileParams<T> dd = tile_params<T>(qs, kn, kn, Cv);
+    dd.n_out = 0;
+    dd.rows2 = ptr<T>(grad_out);
+    dd.cols2 = ptr<T>(value);
+    dd.lse = lse.const_data_ptr<double>();
+    dd.d_out = d.mutable_data_ptr<float>();
+    launch_tile<T, Mode::kD>(dd, B, stream);
   } else {
-    d.zero_();
+    d.zero_();  // dP = 0
   }
   at::Tensor grad_qs = at::empty({B, Nq, C}, f32);
   at::Tensor grad_kn = at::empty({B, Nk, C}, f32);
@@ -608,9 +637,9 @@ std::tuple<at::Tensor, at::Tensor> corr_warp_cuda(const at::Tensor& query, const
 
 // _corr_warp_backward on CUDA.
 //
-// Args and Returns: as corr_warp_backward_cpu (corr_cpu.cpp), except that this kernel reads
-// D = rowsum(grad_out * out) from `out`, as flash-attention does, and that the gradients are
-// deterministic run to run (no atomics) rather than across devices.
+// Args and Returns: as corr_warp_backward_cpu (corr_cpu.cpp), except that the gradients are
+// deterministic run to run (no atomics) rather than across devices. Like the CPU kernel it sums
+// D = rowsum(P * dP) itself (the kD pass) and does not read `out`.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse, double temperature,
@@ -620,14 +649,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (forward_is_trivial(query, key)) return zero_grads(query, key, value);
   const at::Tensor go = grad_out.contiguous(), q = query.contiguous(), k = key.contiguous();
-  const at::Tensor v = value.contiguous(), o = out.contiguous(), l = lse.contiguous();
+  const at::Tensor v = value.contiguous(), l = lse.contiguous();
   switch (query.scalar_type()) {
     case at::kFloat:
-      return backward_impl<float>(go, q, k, v, o, l, temperature, normalize, eps, stream);
+      return backward_impl<float>(go, q, k, v, l, temperature, normalize, eps, stream);
     case at::kHalf:
-      return backward_impl<c10::Half>(go, q, k, v, o, l, temperature, normalize, eps, stream);
+      return backward_impl<c10::Half>(go, q, k, v, l, temperature, normalize, eps, stream);
     case at::kBFloat16:
-      return backward_impl<c10::BFloat16>(go, q, k, v, o, l, temperature, normalize, eps, stream);
+      return backward_impl<c10::BFloat16>(go, q, k, v, l, temperature, normalize, eps, stream);
     default:  // check_inputs admits no other dtype on CUDA
       C10_THROW_ERROR(TypeError, "corr_warp: unsupported dtype on CUDA");
   }

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds race_driver.cpp twice, under ThreadSanitizer and under AddressSanitizer + UBSan, and runs
+# both: the emulated CUDA kernels must show no data race, no out-of-bounds access, no UB.
+set -euo pipefail
+export EMU_EXECUTOR=threads  # sanitizers need the real interleavings of OS threads
+cd "$(dirname "$0")/../.."
+out=build/cuda_emu/sanitizers
+mkdir -p "$out/src"
+for cu in csrc/raster/raster_cuda.cu csrc/corr/corr_cuda.cu; do
+  python tools/cuda_emu/translate.py "$cu" "$out/src/$(basename "${cu%.cu}")_emu.cpp" >/dev/null
+done
+torch_dir=$(python -c "import os, torch; print(os.path.dirname(torch.__file__))")
+common=(-std=c++20 -O1 -g -fno-omit-frame-pointer -ffp-contract=off
+        -Itools/cuda_emu -I"$out/src" -Icsrc -isystem "$torch_dir/include"
+        -isystem "$torch_dir/include/torch/csrc/api/include"
+        tools/cuda_emu/race_driver.cpp csrc/corr/corr_check.cpp csrc/raster/raster_check.cpp
+        -L"$torch_dir/lib" -Wl,-rpath,"$torch_dir/lib" -lc10 -ltorch_cpu -lpthread)
+for san in ${EMU_SANITIZERS:-thread address,undefined}; do
+  exe="$out/race_driver_${san%%,*}"
+  echo "=== building with -fsanitize=$san"
+  g++ "${common[@]}" -fsanitize="$san" -o "$exe"
+  echo "=== running $exe"
+  TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" \
+    ASAN_OPTIONS="detect_leaks=0" UBSAN_OPTIONS="halt_on_error=1 print_stacktrace=1" "$exe"
+done
