@@ -53,6 +53,49 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def interleaved_times(steps, device, repeats, warmup, prepare=None):
+    """Wall and process-CPU seconds of each callable of ``steps`` (name -> step), timed in
+    interleaved rounds after ``warmup`` untimed ones, so drifting machine load hits every step
+    alike -> ({name: [wall s]}, {name: [CPU s]}). ``prepare(name)``, when given, runs before each
+    call, outside the timing."""
+    times = {name: [] for name in steps}
+    cpu_times = {name: [] for name in steps}
+    for round_ in range(warmup + repeats):
+        for name, step in steps.items():
+            if prepare is not None:
+                prepare(name)
+            _sync(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            step()
+            _sync(device)
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+                cpu_times[name].append(time.process_time() - cpu_start)
+    return times, cpu_times
+
+
+def build_model(config_name, resolution, correspondence_level, device):
+    """The generator of a preset at ``resolution`` (fused ops) -> (model, channels_last);
+    channels-last on CUDA."""
+    torch.manual_seed(0)
+    config = (ReenactorConfig.small(resolution) if config_name == "small"
+              else ReenactorConfig.paper())
+    # replace() re-runs the config's validation for the new resolution.
+    config.model = dataclasses.replace(config.model, resolution=resolution,
+                                       correspondence_level=correspondence_level, ops="fused")
+    model = Reenactor(config.model).to(device)
+    channels_last = device == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, channels_last
+
+
+def to_device(batch, device, channels_last):
+    """The tensors of ``batch`` on ``device``, channels-last when asked."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return {k: v.to(device).contiguous(memory_format=memory_format) for k, v in batch.items()}
+
+
 def make_step(model, losses, batch, autocast_dtype, device):
     inputs = (batch["source_image"], batch["source_pncc"], batch["driving_pncc"])
 
@@ -70,37 +113,12 @@ def make_step(model, losses, batch, autocast_dtype, device):
 
 def run(config_name, resolution, batch_size, dtype_name, device, repeats, warmup,
         correspondence_level):
-    torch.manual_seed(0)
-    config = (ReenactorConfig.small(resolution) if config_name == "small"
-              else ReenactorConfig.paper())
-    # replace() re-runs the config's validation for the new resolution.
-    config.model = dataclasses.replace(config.model, resolution=resolution,
-                                       correspondence_level=correspondence_level)
-    model = Reenactor(config.model).to(device)
-    channels_last = device == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model, channels_last = build_model(config_name, resolution, correspondence_level, device)
     losses = ReenactmentLoss(LossConfig(perceptual=0.0, adversarial=0.0, feature_matching=0.0))
-    batch = {k: v.to(device) for k, v in synthetic_batch(batch_size, resolution).items()}
-    if channels_last:
-        batch = {k: v.contiguous(memory_format=torch.channels_last) for k, v in batch.items()}
+    batch = to_device(synthetic_batch(batch_size, resolution), device, channels_last)
     step = make_step(model, losses, batch, DTYPES[dtype_name], device)
-
-    times = {ops: [] for ops in OPS}
-    cpu_times = {ops: [] for ops in OPS}
-    for _ in range(warmup):
-        for ops in OPS:
-            model.set_ops(ops)
-            step()
-    for _ in range(repeats):  # interleaved rounds, so drifting machine load hits both alike
-        for ops in OPS:
-            model.set_ops(ops)
-            _sync(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            step()
-            _sync(device)
-            times[ops].append(time.perf_counter() - start)
-            cpu_times[ops].append(time.process_time() - cpu_start)
+    times, cpu_times = interleaved_times({ops: step for ops in OPS}, device, repeats, warmup,
+                                         prepare=model.set_ops)
     rows = []
     for ops in OPS:
         model.set_ops(ops)
@@ -128,17 +146,9 @@ ANIMATE_MODES = ("forward per batch", "encode once + drive")
 def run_animate(config_name, resolution, batch_size, dtype_name, device, repeats, warmup,
                 correspondence_level):
     """Rows of the inference comparison (module docstring), the same config as `run`."""
-    torch.manual_seed(0)
-    config = (ReenactorConfig.small(resolution) if config_name == "small"
-              else ReenactorConfig.paper())
-    config.model = dataclasses.replace(config.model, resolution=resolution,
-                                       correspondence_level=correspondence_level, ops="fused")
-    model = Reenactor(config.model).to(device).eval()
-    channels_last = device == "cuda"
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    batch = {k: v.to(device).contiguous(memory_format=memory_format)
-             for k, v in synthetic_batch(batch_size, resolution, seed=1).items()}
+    model, channels_last = build_model(config_name, resolution, correspondence_level, device)
+    model.eval()
+    batch = to_device(synthetic_batch(batch_size, resolution, seed=1), device, channels_last)
     # One source, batch_size driving frames: the source of the first pair, as animate's crop.
     source_image, source_pncc = batch["source_image"][:1], batch["source_pncc"][:1]
     driving_pncc = batch["driving_pncc"]
@@ -166,26 +176,9 @@ def run_animate(config_name, resolution, batch_size, dtype_name, device, repeats
     steps = dict(zip(ANIMATE_MODES, (forward_per_batch, drive)))
     max_difference = (steps[ANIMATE_MODES[0]]().float()
                       - steps[ANIMATE_MODES[1]]().float()).abs().max().item()
-    times = {mode: [] for mode in ANIMATE_MODES}
-    cpu_times = {mode: [] for mode in ANIMATE_MODES}
-    encode_times = []
-    for _ in range(warmup):
-        encode()
-        for step in steps.values():
-            step()
-    for _ in range(repeats):  # interleaved rounds, so drifting machine load hits both alike
-        _sync(device)
-        start = time.perf_counter()
-        encode()
-        _sync(device)
-        encode_times.append(time.perf_counter() - start)
-        for mode, step in steps.items():
-            _sync(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            step()
-            _sync(device)
-            times[mode].append(time.perf_counter() - start)
-            cpu_times[mode].append(time.process_time() - cpu_start)
+    # The one-off encode is timed in each round too, before the two per-batch calls.
+    times, cpu_times = interleaved_times({"encode": encode, **steps}, device, repeats, warmup)
+    encode_times = times["encode"]
     rows = []
     for mode, step in steps.items():
         seconds = statistics.median(times[mode])

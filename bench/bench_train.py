@@ -32,7 +32,6 @@ import pathlib
 import statistics
 import sys
 import tempfile
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "python"), str(ROOT / "tests"), str(ROOT / "bench")]
@@ -40,6 +39,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "python"), str(ROOT / "tests"), str(ROOT /
 import torch  # noqa: E402
 
 from bench_corr import peak_bytes  # noqa: E402  (CUDA allocator peak, or the CPU profiler's)
+from bench_model import interleaved_times  # noqa: E402
 from bench_raster import machine  # noqa: E402
 from reenact.data import synth  # noqa: E402
 from reenact.model import ReenactorConfig  # noqa: E402
@@ -116,26 +116,10 @@ def make_trainers(case, workdir):
     return trainers
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_case(case, workdir):
     trainers = make_trainers(case, workdir)
-    times = {ops: [] for ops in OPS}
-    cpu_times = {ops: [] for ops in OPS}
-    for _ in range(case.warmup):
-        for trainer in trainers.values():
-            trainer.train_step()
-    for _ in range(case.repeats):  # interleaved rounds
-        for ops, trainer in trainers.items():
-            _sync(case.device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            trainer.train_step()
-            _sync(case.device)
-            times[ops].append(time.perf_counter() - start)
-            cpu_times[ops].append(time.process_time() - cpu_start)
+    times, cpu_times = interleaved_times({ops: trainer.train_step for ops, trainer in trainers.items()},
+                                         case.device, case.repeats, case.warmup)
     rows = []
     for ops, trainer in trainers.items():
         seconds = statistics.median(times[ops])
