@@ -13,7 +13,7 @@ from PIL import Image
 from model_fixtures import single_thread  # noqa: F401  (autouse: one intra-op thread)
 from reenact import cli, train as training
 from reenact.model import ReenactmentLoss
-from train_support import SIZE, checkpoint_steps, log_entries, losses_of, make_dataset, options
+from train_support import SIZE, checkpoint_steps, log_entries, losses_of, make_dataset, options, requires_dali
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +44,8 @@ class _Killed(Exception):
     pass
 
 
-def _dali_installed():
-    from reenact.data.loaders import dali_available
-
-    return dali_available()
-
-
-DALI = pytest.mark.skipif(not _dali_installed(), reason="nvidia-dali is not installed")
-
-
 @pytest.mark.parametrize("every, killed_after, steps, loader", [
-    (2, 3, 4, "fallback"), (3, 4, 5, "fallback"), pytest.param(2, 3, 4, "dali", marks=DALI),
+    (2, 3, 4, "fallback"), (3, 4, 5, "fallback"), pytest.param(2, 3, 4, "dali", marks=requires_dali),
 ])
 def test_resume_after_a_kill_matches_an_uninterrupted_run(dataset, tmp_path, monkeypatch, every, killed_after, steps, loader):
     # 3 clips, batch 2: 2 batches per epoch, so (2, 3, 4) resumes at an epoch boundary and

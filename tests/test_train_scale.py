@@ -27,6 +27,7 @@ from train_support import (
     losses_of,
     make_dataset,
     options,
+    requires_dali,
     subprocess_env,
 )
 
@@ -125,11 +126,8 @@ def test_torchrun_two_processes_follow_the_one_process_curve_and_resume_exactly(
 
 
 @pytest.mark.slow
+@requires_dali
 def test_torchrun_with_the_dali_loader_reads_one_shard_per_rank(dataset, tmp_path):
-    from reenact.data.loaders import dali_available
-
-    if not dali_available():
-        pytest.skip("nvidia-dali is not installed")
     steps = 6
     two = tmp_path / "two"
     _torchrun(cli_args(dataset, two, steps, checkpoint_every=steps, loader="dali"))

@@ -4,11 +4,16 @@ import json
 import os
 import pathlib
 
+import pytest
+
 from reenact import train as training
 from reenact.data import synth
+from reenact.data.loaders import dali_available
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 64
+# Runs that use the DALI loader need nvidia-dali (absent on some platforms, e.g. aarch64 wheels).
+requires_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")
 
 
 def make_dataset(root, clips=3):
