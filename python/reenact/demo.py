@@ -20,6 +20,7 @@ is only as repeatable as that measurement.
 import dataclasses
 import json
 import pathlib
+import shutil
 import sys
 import time
 
@@ -84,8 +85,6 @@ def make_data(out_dir, recipe, seed):
     train_dir, heldout_dir = data / "train", data / "heldout"
     for folder in (train_dir, heldout_dir):
         if folder.exists():
-            import shutil
-
             shutil.rmtree(folder)  # an earlier demo's (claim_output checked the marker)
     synth.synth_dataset(train_dir, recipe.clips, frames=recipe.frames, size=recipe.resolution, seed=seed)
     # Another seed gives other identities (drawn from the seed's generator): unseen in training.
@@ -120,8 +119,6 @@ def train_model(out_dir, train_dir, recipe, seed, *, minutes=None, quiet=False):
 
     run = out_dir / "run"
     if run.exists():
-        import shutil
-
         shutil.rmtree(run)  # an earlier demo's run (claim_output checked the marker): start afresh
     options = dict(data=str(train_dir), out=str(run), config=str(_config_file(out_dir, recipe)),
                    batch_size=recipe.batch_size, perceptual=False, seed=seed, loader="fallback", device="cpu",

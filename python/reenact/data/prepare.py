@@ -103,12 +103,18 @@ def _gaussian_smooth(values, sigma):
     return np.stack([np.convolve(padded[:, c], kernel, mode="valid") for c in range(values.shape[1])], 1)
 
 
+def landmark_box_side(landmarks):
+    """The side (T,) of each frame's landmark box: the larger extent of landmarks (T, 68, 2).
+    A crop's ``scale`` is its side over this one."""
+    return (landmarks.max(1) - landmarks.min(1)).max(1)
+
+
 def crop_boxes(landmarks, scale, sigma):
     """Square crop boxes (T, 4) x0, y0, x1, y1 from landmarks (T, 68, 2): box centre and size,
     smoothed over time so the crop does not jitter with the landmarks."""
     low, high = landmarks.min(1), landmarks.max(1)
     centre = (low + high) / 2
-    side = scale * (high - low).max(1, keepdims=True)
+    side = scale * landmark_box_side(landmarks)[:, None]
     smooth = _gaussian_smooth(np.concatenate([centre, side], 1), sigma)
     centre, half = smooth[:, :2], smooth[:, 2:] / 2
     return np.concatenate([centre - half, centre + half], 1)

@@ -194,6 +194,8 @@ def dataset_crop_scale(clips):
     """How the dataset frames its faces: the median over valid frames of crop side over landmark box
     side (``reenact prepare``'s ``crop_scale``; about 2 for ``reenact synth``), or None without
     landmarks. Checkpoints record it so that inference crops new faces the way training saw them."""
+    from ..data.prepare import landmark_box_side
+
     ratios = []
     for clip in clips:
         landmarks, size = clip.params.get("landmarks"), clip.params.get("image_size")
@@ -201,7 +203,7 @@ def dataset_crop_scale(clips):
             continue
         landmarks = np.asarray(landmarks, dtype=np.float64)
         valid = np.asarray(clip.params.get("valid", np.ones(len(landmarks), bool)), dtype=bool)
-        side = (landmarks.max(1) - landmarks.min(1)).max(1)[valid]
+        side = landmark_box_side(landmarks)[valid]
         ratios.append(float(size) / side[side > 0])
     if not ratios:
         return None
