@@ -6,9 +6,11 @@ per row on a 2-core machine). Rows:
   corr_warp  the fused op;
   unfused    pncc_cuda.reference.corr_warp_reference (normalise, matmul, softmax, matmul);
   sdpa       torch.nn.functional.scaled_dot_product_attention on explicitly normalised inputs,
-             scale = 1/temperature (what a user would write instead).
-Reported: median ms, TFLOP/s, peak memory, and speed ratios against SDPA and unfused measured in
-the same run. The implementations are timed in interleaved rounds, so a noisy neighbour slows
+             scale = 1/temperature (what a user would write instead); with --sdpa-backends, one
+             row per SDPA backend (flash, efficient, cudnn, math) pinned with sdpa_kernel, and a
+             backend that rejects the shape (e.g. flash with Cv != C) listed as "rejected".
+Reported: median ms, TFLOP/s, peak memory, and speed ratios against SDPA (the fastest SDPA
+backend that accepted the shape) and unfused measured in the same run. The implementations are timed in interleaved rounds, so a noisy neighbour slows
 all of them alike.
 
 FLOPs: forward = 2*B*Nq*Nk*(C + Cv) (two matrix products; 4*B*Nq*Nk*C when Cv = C), forward +
@@ -17,6 +19,7 @@ counted as useful work).
 
     python bench/bench_corr.py                 # CPU (or --device cuda), markdown + bench/out/*.json
     python bench/bench_corr.py --smoke         # tiny sizes, a few seconds (CI)
+    python bench/bench_corr.py --device cuda --batches 16 --cv 258 256 --sdpa-backends   # gpu_check
     python -m pytest bench/bench_corr.py       # pytest-benchmark, smoke sizes unless BENCH_FULL=1
 """
 import argparse
@@ -26,6 +29,7 @@ import pathlib
 import statistics
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -50,6 +54,38 @@ IMPLS = {
     "unfused": lambda q, k, v, t: corr_warp_reference(q, k, v, t),
     "sdpa": sdpa,
 }
+SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+
+
+def pinned_sdpa(backend):
+    """SDPA restricted to one backend; raises RuntimeError when that backend rejects the call."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def fn(q, k, v, temperature):
+        with sdpa_kernel(getattr(SDPBackend, backend)):
+            return sdpa(q, k, v, temperature)
+    return fn
+
+
+def implementations(sdpa_backends, q, k, v):
+    """{row name: fn} and {row name: why it was not run}, probing each pinned backend once on
+    the real inputs (a backend's support depends on dtype, head dims and device)."""
+    impls = {name: fn for name, fn in IMPLS.items() if not (sdpa_backends and name == "sdpa")}
+    rejected = {}
+    for backend in SDPA_BACKENDS if sdpa_backends else ():
+        name = "sdpa:" + backend.removesuffix("_ATTENTION").lower()
+        fn = pinned_sdpa(backend)
+        try:
+            # SDPA says why a backend refused the call in warnings, then raises a generic error.
+            with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                fn(q, k, v, TEMPERATURE)
+        except RuntimeError as err:
+            reasons = [str(w.message) for w in caught] + [str(err)]
+            rejected[name] = " ".join(reasons[0].split())[:160]
+            continue
+        impls[name] = fn
+    return impls, rejected
 
 
 def _sync(device):
@@ -57,8 +93,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def make_step(impl, q, k, v, grad_out, backward):
-    fn = IMPLS[impl]
+def make_step(fn, q, k, v, grad_out, backward):
     if not backward:
         def step():
             with torch.no_grad():
@@ -85,11 +120,12 @@ def peak_bytes(step, device):
     return _peak_cpu_bytes(step)
 
 
-def run_config(device, dtype, B, N, C, Cv, backward, repeats, warmup=1):
+def run_config(device, dtype, B, N, C, Cv, backward, repeats, warmup=1, sdpa_backends=False):
     q, k, v = _inputs(B, N, N, C, Cv, dtype=dtype, device=device)
     grad_out = torch.randn(B, N, Cv, dtype=dtype, device=device)
-    steps = {name: make_step(name, q, k, v, grad_out, backward) for name in IMPLS}
-    times = {name: [] for name in IMPLS}
+    impls, rejected = implementations(sdpa_backends, q, k, v)
+    steps = {name: make_step(fn, q, k, v, grad_out, backward) for name, fn in impls.items()}
+    times = {name: [] for name in steps}
     for _ in range(warmup):
         for step in steps.values():
             step()
@@ -102,17 +138,20 @@ def run_config(device, dtype, B, N, C, Cv, backward, repeats, warmup=1):
             _sync(device)
             times[name].append(time.perf_counter() - t0)
     flops = 2.0 * B * N * N * (C + Cv) * (3.5 if backward else 1.0)
+    shape = dict(device=device, dtype=str(dtype).removeprefix("torch."), B=B, N=N, C=C, Cv=Cv,
+                 pass_="fwd+bwd" if backward else "fwd")
     rows = []
     for name, step in steps.items():
         ms = statistics.median(times[name]) * 1e3
-        rows.append(dict(impl=name, device=device, dtype=str(dtype).removeprefix("torch."), B=B,
-                         N=N, C=C, Cv=Cv, pass_="fwd+bwd" if backward else "fwd", ms=ms,
-                         ms_all=[t * 1e3 for t in times[name]], tflops=flops / (ms * 1e-3) / 1e12,
+        rows.append(dict(impl=name, **shape, ms=ms, ms_all=[t * 1e3 for t in times[name]],
+                         tflops=flops / (ms * 1e-3) / 1e12,
                          peak_mib=peak_bytes(step, device) / 2**20))
-    ref = {r["impl"]: r["ms"] for r in rows}
+    sdpa_ms = min(r["ms"] for r in rows if r["impl"].startswith("sdpa"))
+    unfused_ms = next(r["ms"] for r in rows if r["impl"] == "unfused")
     for r in rows:
-        r["speed_vs_sdpa"] = ref["sdpa"] / r["ms"]
-        r["speed_vs_unfused"] = ref["unfused"] / r["ms"]
+        r["speed_vs_sdpa"] = sdpa_ms / r["ms"]
+        r["speed_vs_unfused"] = unfused_ms / r["ms"]
+    rows += [dict(impl=name, **shape, ms=None, rejected=why) for name, why in rejected.items()]
     return rows
 
 
@@ -120,9 +159,12 @@ def markdown(rows):
     lines = ["| device | dtype | B | Cv | pass | impl | ms (median) | TFLOP/s | peak MiB | "
              "x SDPA | x unfused |", "|" + "---|" * 11]
     for r in rows:
+        head = f"| {r['device']} | {r['dtype']} | {r['B']} | {r['Cv']} | {r['pass_']} | {r['impl']} "
+        if r["ms"] is None:
+            lines.append(head + f"| rejected: {r['rejected']} | | | | |")
+            continue
         lines.append(
-            f"| {r['device']} | {r['dtype']} | {r['B']} | {r['Cv']} | {r['pass_']} | {r['impl']} "
-            f"| {r['ms']:.1f} | {r['tflops']:.3f} | {r['peak_mib']:.1f} | "
+            head + f"| {r['ms']:.1f} | {r['tflops']:.3f} | {r['peak_mib']:.1f} | "
             f"{r['speed_vs_sdpa']:.2f} | {r['speed_vs_unfused']:.2f} |")
     return "\n".join(lines)
 
@@ -136,6 +178,11 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--c", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sdpa-backends", action="store_true",
+                        help="one SDPA row per backend (flash, efficient, cudnn, math) instead of "
+                             "torch's own choice")
+    parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "out",
+                        help="folder for bench_corr_DEVICE.json")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "bfloat16"))
@@ -147,11 +194,12 @@ def main(argv=None):
     for B in batches:
         for cv in cvs:
             for backward in (False, True):
-                rows += run_config(args.device, dtype, B, n, c, cv, backward, repeats)
+                rows += run_config(args.device, dtype, B, n, c, cv, backward, repeats,
+                                   sdpa_backends=args.sdpa_backends)
     table = markdown(rows)
     print(f"threads={torch.get_num_threads()} torch={torch.__version__}\n")
     print(table)
-    out_dir = ROOT / "bench" / "out"
+    out_dir = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"bench_corr_{args.device}{'_smoke' if args.smoke else ''}.json"
     (out_dir / name).write_text(json.dumps(dict(
@@ -179,7 +227,7 @@ def test_bench_corr(benchmark, device, backward, impl):
     s = _SIZES
     q, k, v = _inputs(s["B"], s["N"], s["N"], s["C"], s["Cv"], dtype=dtype, device=device)
     grad_out = torch.randn(s["B"], s["N"], s["Cv"], dtype=dtype, device=device)
-    step = make_step(impl, q, k, v, grad_out, backward)
+    step = make_step(IMPLS[impl], q, k, v, grad_out, backward)
 
     def timed():
         step()

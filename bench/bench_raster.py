@@ -92,7 +92,7 @@ def peak_memory_ratio(vertices, faces, ncc):
     return peak / bound
 
 
-def run(meshes=MESHES, batches=BATCHES, repeats=15, devices=None):
+def run(meshes=MESHES, batches=BATCHES, repeats=15, devices=None, cuda_batches=CUDA_BATCHES):
     devices = devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     all_threads = torch.get_num_threads()
     rows = []
@@ -100,7 +100,7 @@ def run(meshes=MESHES, batches=BATCHES, repeats=15, devices=None):
         mesh = face_mesh(num_faces, size=SIZE)
         for device in devices:
             faces, ncc = mesh.faces.to(device), mesh.ncc.to(device)
-            for batch in batches if device == "cpu" else sorted(set(batches) | set(CUDA_BATCHES)):
+            for batch in batches if device == "cpu" else cuda_batches:
                 vertices = mesh.batch(batch).to(device)
                 group = []
                 for name, fn, threads in candidates(device, all_threads):
@@ -190,6 +190,11 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="one mesh, batch 1, few repeats (CI)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--devices", nargs="+", choices=("cpu", "cuda"),
+                        help="default: cpu, plus cuda when a CUDA device is visible")
+    parser.add_argument("--batches", type=int, nargs="+",
+                        help=f"batch sizes (default: {BATCHES} on the CPU, {CUDA_BATCHES} on CUDA)")
+    parser.add_argument("--meshes", type=int, nargs="+", choices=MESHES, help="triangle counts")
     parser.add_argument("--export-mesh", type=pathlib.Path, metavar="PATH",
                         help="write the 76,073-triangle workload for build/cpp/bench_raster_core and exit")
     args = parser.parse_args(argv)
@@ -199,7 +204,9 @@ def main(argv=None):
     if args.smoke:
         rows = run(meshes=(76073,), batches=(1,), repeats=3)
     else:
-        rows = run(repeats=args.repeats)
+        rows = run(meshes=args.meshes or MESHES, batches=args.batches or BATCHES,
+                   repeats=args.repeats, devices=args.devices,
+                   cuda_batches=args.batches or CUDA_BATCHES)
     print(markdown(rows))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "raster.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
