@@ -1,0 +1,83 @@
+"""Output folders (RELIABILITY.md item 17): no command deletes through a link or overwrites a
+folder it did not create. Every case checks the files outside the target by checksum."""
+import os
+
+import pytest
+
+from hostile_support import tree_digest
+from reenact import cli, demo, outputs
+
+TINY = demo.DemoRecipe(clips=1, frames=8, heldout_frames=8, steps=1, batch_size=1)
+
+
+def _users_files(root):
+    """A folder of the user's with a nested tree, returned with its checksums."""
+    (root / "train" / "deep").mkdir(parents=True)
+    (root / "train" / "deep" / "thesis.txt").write_text("years of work")
+    (root / "notes.txt").write_text("keep")
+    (root / "run").mkdir()
+    (root / "run" / "photo.png").write_bytes(b"\x89PNG not really")
+    return tree_digest(root)
+
+
+def _earlier_demo(out):
+    out.mkdir()
+    (out / demo.MARKER).write_text("written by `reenact demo`\n")
+
+
+@pytest.mark.parametrize("link", ["data", "run"])
+def test_demo_never_deletes_through_a_link_in_its_output(tmp_path, link):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    before = _users_files(outside)
+    out = tmp_path / "d"
+    _earlier_demo(out)
+    os.symlink(outside, out / link)
+    with pytest.raises(demo.DemoError, match="symbolic link"):
+        demo.run_demo(out, recipe=TINY, seed=0, quiet=True)
+    assert tree_digest(outside) == before
+    assert (out / link).is_symlink()
+
+
+def test_demo_cli_refuses_a_linked_data_folder_in_one_line(tmp_path, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    before = _users_files(outside)
+    out = tmp_path / "d"
+    _earlier_demo(out)
+    os.symlink(outside, out / "data")
+    assert cli.main(["demo", "--out", str(out), "--clips", "1", "--steps", "1", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("reenact: error: ") and err.count("\n") == 1 and "symbolic link" in err
+    assert tree_digest(outside) == before
+
+
+def test_a_marker_that_is_a_link_neither_claims_the_folder_nor_is_written_through(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "d"
+    out.mkdir()
+    os.symlink(victim, out / demo.MARKER)
+    assert not outputs.owns(out, "demo")
+    with pytest.raises(outputs.OutputFolderError, match="did not create"):
+        outputs.claim(out, "demo", "test")
+    empty = tmp_path / "e"
+    empty.mkdir()
+    os.symlink(victim, outputs.marker_path(empty, "demo"))
+    with pytest.raises(OSError):  # O_NOFOLLOW: the link's target is not truncated
+        outputs.write_marker(empty, "demo", "test")
+    assert victim.read_text() == "precious"
+
+
+def test_remove_inside_removes_links_inside_a_tree_without_following_them(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    before = _users_files(outside)
+    root = tmp_path / "root"
+    (root / "own" / "sub").mkdir(parents=True)
+    os.symlink(outside, root / "own" / "sub" / "link")
+    os.symlink(outside / "notes.txt", root / "own" / "file-link")
+    outputs.remove_inside(root, root / "own")
+    assert not (root / "own").exists() and tree_digest(outside) == before
+    with pytest.raises(outputs.OutputFolderError, match="not inside"):
+        outputs.remove_inside(root, outside)
