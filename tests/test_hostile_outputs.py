@@ -81,3 +81,59 @@ def test_remove_inside_removes_links_inside_a_tree_without_following_them(tmp_pa
     assert not (root / "own").exists() and tree_digest(outside) == before
     with pytest.raises(outputs.OutputFolderError, match="not inside"):
         outputs.remove_inside(root, outside)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from train_support import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("hostile_data"), clips=2)
+
+
+def _train(dataset, out, steps=1, **flags):
+    from train_support import cli_args
+
+    return cli.main(cli_args(dataset, out, steps, checkpoint_every=1, **flags))
+
+
+def test_train_refuses_a_non_empty_folder_it_did_not_create(dataset, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"my": "experiment"}\n')
+    (out / "config.json").write_text('{"mine": true}')
+    (out / "samples").mkdir()
+    (out / "samples" / "step-00000001.png").write_bytes(b"my figure")
+    before = tree_digest(out)
+    assert _train(dataset, out) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("reenact: error: ") and err.count("\n") == 1
+    assert "did not create" in err and "--overwrite" in err
+    assert tree_digest(out) == before
+    # --resume does not claim it either: there is no run to continue.
+    assert _train(dataset, out, resume=True) == 1
+    assert tree_digest(out) == before and "did not create" in capsys.readouterr().err
+    # --overwrite is the user's say-so.
+    assert _train(dataset, out, overwrite=True) == 0
+    assert outputs.owns(out, "train") and (out / "checkpoints").is_dir()
+
+
+def test_train_reuses_its_own_folder_and_resumes_an_unmarked_run(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(dataset, out, steps=1) == 0
+    assert outputs.owns(out, "train")
+    # Its own folder: --resume continues; a fresh run there is refused only for its checkpoints.
+    assert _train(dataset, out, steps=2, resume=True) == 0
+    # A run from before runs were marked still resumes (its checkpoints show what it is).
+    outputs.marker_path(out, "train").unlink()
+    assert _train(dataset, out, steps=3, resume=True) == 0
+    assert outputs.owns(out, "train")
+    capsys.readouterr()
+
+
+def test_train_reports_an_unwritable_out_in_one_line(dataset, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")  # a folder below a file cannot be created, even by root
+    assert _train(dataset, blocker / "run") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("reenact: error: ") and err.count("\n") == 1 and "cannot write" in err
+    assert blocker.read_text() == "x"
