@@ -62,7 +62,7 @@ def test_demo_never_replaces_a_folder_it_did_not_write(tmp_path, capsys):
     (mine / "run" / "precious.txt").write_text("keep me")
     assert cli.main(["demo", "--out", str(mine), "--steps", "1", "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("reenact: error: ") and "non-empty folder that no earlier demo wrote" in err
+    assert err.startswith("reenact: error: ") and "non-empty folder that `reenact demo` did not create" in err
     assert (mine / "run" / "precious.txt").read_text() == "keep me"
     assert not (mine / demo.MARKER).exists()
     # Its own earlier output is replaced without complaint.

@@ -20,11 +20,13 @@ is only as repeatable as that measurement.
 import dataclasses
 import json
 import pathlib
-import shutil
 import sys
 import time
 
 import numpy as np
+
+from . import outputs
+from .outputs import OutputFolderError
 
 #: Panels are upscaled by this factor in the grid and the video (the model works at 64x64).
 DISPLAY_SCALE = 2
@@ -55,7 +57,7 @@ class DemoRecipe:
 
 #: Written first into a demo's output folder. A rerun replaces the folder's demo files only when it
 #: finds this marker, so `--out` pointed at a folder of the user's never loses anything.
-MARKER = ".reenact-demo"
+MARKER = outputs.marker_path("", "demo").name
 
 
 class DemoError(ValueError):
@@ -64,12 +66,19 @@ class DemoError(ValueError):
 
 def claim_output(out_dir):
     """Create ``out_dir`` for the demo, or reuse an earlier demo's; refuse any other non-empty folder."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    marker = out_dir / MARKER
-    if not marker.exists() and any(out_dir.iterdir()):
-        raise DemoError(f"--out {out_dir} is a non-empty folder that no earlier demo wrote; the demo replaces "
-                        f"its data/ and run/ subfolders, so choose a new or empty folder")
-    marker.write_text("written by `reenact demo`; a rerun may replace data/, run/ and the results here\n")
+    try:
+        outputs.claim(out_dir, "demo", "a rerun may replace data/, run/ and the results here")
+    except OutputFolderError as err:
+        raise DemoError(str(err)) from None
+
+
+def _fresh(out_dir, folder):
+    """Empty ``folder`` inside ``out_dir``, refusing a symbolic link on the way (a link planted at
+    ``out_dir/data`` must not make a rerun delete, or write, outside ``out_dir``)."""
+    try:
+        outputs.fresh_folder(out_dir, folder)
+    except OutputFolderError as err:
+        raise DemoError(str(err)) from None
 
 
 def _stage(message, quiet):
@@ -84,8 +93,7 @@ def make_data(out_dir, recipe, seed):
     data = out_dir / "data"
     train_dir, heldout_dir = data / "train", data / "heldout"
     for folder in (train_dir, heldout_dir):
-        if folder.exists():
-            shutil.rmtree(folder)  # an earlier demo's (claim_output checked the marker)
+        _fresh(out_dir, folder)  # an earlier demo's (claim_output checked the marker)
     synth.synth_dataset(train_dir, recipe.clips, frames=recipe.frames, size=recipe.resolution, seed=seed)
     # Another seed gives other identities (drawn from the seed's generator): unseen in training.
     synth.synth_dataset(heldout_dir, 2, frames=recipe.heldout_frames, size=recipe.resolution, seed=seed + 7919)
@@ -118,8 +126,7 @@ def train_model(out_dir, train_dir, recipe, seed, *, minutes=None, quiet=False):
     from .train import TrainOptions, train
 
     run = out_dir / "run"
-    if run.exists():
-        shutil.rmtree(run)  # an earlier demo's run (claim_output checked the marker): start afresh
+    _fresh(out_dir, run)  # an earlier demo's run (claim_output checked the marker): start afresh
     options = dict(data=str(train_dir), out=str(run), config=str(_config_file(out_dir, recipe)),
                    batch_size=recipe.batch_size, perceptual=False, seed=seed, loader="fallback", device="cpu",
                    lr_g=recipe.lr_g, lr_d=recipe.lr_d, progress=not quiet, keep_last=1)

@@ -10,7 +10,8 @@ def run_train(args):
     options = TrainOptions(
         data=args.data, out=args.out, config=args.config, steps=args.steps, batch_size=args.batch_size,
         resolution=args.resolution, ops=args.ops, perceptual=not args.no_perceptual, resume=args.resume,
-        keep_last=args.keep_last, checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
+        overwrite=args.overwrite, keep_last=args.keep_last, checkpoint_every=args.checkpoint_every,
+        sample_every=args.sample_every,
         seed=args.seed, loader=args.loader, device=args.device, face_model=args.face_model,
         lr_g=args.lr_g, lr_d=args.lr_d, num_workers=args.num_workers, progress=not args.quiet,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile)
@@ -56,6 +57,9 @@ def add_train_parser(subparsers):
                         help="torch.compile the generator and the discriminator (TorchInductor; the first steps "
                              "are slow while it compiles; checkpoints are unchanged)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out that `reenact train` did not create (its log.jsonl, "
+                             "config.json and samples/ are replaced)")
     parser.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep (default 3)")
     parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
     parser.add_argument("--sample-every", type=int, help="steps between sample grids (default: --checkpoint-every)")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import outputs
 from . import distributed
 from .checkpoints import (
     CHECKPOINT_DIR,
@@ -54,6 +55,7 @@ class TrainOptions:
     ops: str = None
     perceptual: bool = True
     resume: bool = False
+    overwrite: bool = False
     keep_last: int = 3
     checkpoint_every: int = 500
     sample_every: int = None
@@ -387,6 +389,13 @@ class Trainer:
         if options.compile:
             check_compile_available(self.device)
         existing = list_checkpoints(self.run_dir)
+        try:
+            # A folder with checkpoints is a run (perhaps from before runs were marked): --resume may continue it.
+            outputs.check_claim(self.run_dir, "train",
+                                overwrite=options.overwrite or (options.resume and bool(existing)),
+                                escape="--overwrite (or --resume to continue a run there)")
+        except outputs.OutputFolderError as err:
+            raise TrainingError(str(err)) from None
         self.resumed_from = None
         if options.resume:
             if not existing:
@@ -606,8 +615,13 @@ def train(options):
     run_dir = trainer.run_dir
     log_path = run_dir / "log.jsonl"
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        trainer.config.to_json(run_dir / "config.json")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            outputs.write_marker(run_dir, "train", "a rerun may continue this run (--resume)")
+            trainer.config.to_json(run_dir / "config.json")
+        except OSError as err:
+            trainer.close()
+            raise TrainingError(f"--out {run_dir}: cannot write there ({err.strerror or err})") from None
         if trainer.resumed_from is not None:
             _truncate_log(log_path, trainer.step)
         elif log_path.exists():
