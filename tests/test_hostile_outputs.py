@@ -135,5 +135,5 @@ def test_train_reports_an_unwritable_out_in_one_line(dataset, tmp_path, capsys):
     blocker.write_text("x")  # a folder below a file cannot be created, even by root
     assert _train(dataset, blocker / "run") == 1
     err = capsys.readouterr().err
-    assert err.startswith("reenact: error: ") and err.count("\n") == 1 and "cannot write" in err
+    assert err.startswith("reenact: error: ") and err.count("\n") == 1 and "cannot be created" in err
     assert blocker.read_text() == "x"
