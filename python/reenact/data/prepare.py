@@ -322,13 +322,12 @@ def _load_state(state, relative):
 
 
 def _unnamable(relative):
-    """Why a raw file's name cannot be recorded (not UTF-8, too long), or None."""
+    """Why a raw file's name cannot be recorded in the manifest (JSON text is UTF-8), or None.
+    (Long names are fine: clip files take a sanitised 40-character stem.)"""
     try:
         relative.encode("utf-8")
     except UnicodeEncodeError:
         return "its file name is not valid UTF-8 (rename the file)"
-    if any(len(part.encode("utf-8")) > validation.MAX_NAME_BYTES - 16 for part in pathlib.PurePath(relative).parts):
-        return f"its file name is longer than {validation.MAX_NAME_BYTES - 16} bytes (rename the file)"
     return None
 
 
