@@ -99,7 +99,7 @@ def npz_with_header(path, name, shape, dtype="<f8"):
 def zip_bomb_npz(path, name, megabytes):
     """An .npz of one all-zero float64 array of ``megabytes`` MiB, deflated to about 1/1000."""
     count = megabytes * (1 << 20) // 8
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
         with archive.open(name + ".npy", "w", force_zip64=True) as handle:
             np.lib.format.write_array_header_1_0(handle, {"descr": "<f8", "fortran_order": False, "shape": (count,)})
             block = bytes(1 << 20)
