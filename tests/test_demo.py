@@ -39,12 +39,12 @@ def test_demo_writes_a_video_and_a_grid_deterministically(tmp_path):
 def test_demo_options_are_checked(tmp_path, capsys):
     for args, message in ((["--steps", "0"], "--steps must be >= 1"), (["--minutes", "-1"], "--minutes must be > 0"),
                           (["--clips", "0"], "--clips must be >= 1")):
-        assert cli.main(["demo", "--out", str(tmp_path / "d")] + args) == 1
+        assert cli.main(["demo", "--out", str(tmp_path / "d")] + args) == 2  # usage errors
         err = capsys.readouterr().err
         assert err.startswith("reenact: error: ") and message in err and err.count("\n") == 1
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert cli.main(["demo", "--out", str(blocker)]) == 1
+    assert cli.main(["demo", "--out", str(blocker)]) == 2
     assert "--out must be a directory" in capsys.readouterr().err
 
 

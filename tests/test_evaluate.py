@@ -227,7 +227,8 @@ def test_eval_errors_are_one_line(run, tmp_path, capsys, case, message):
     elif case == "batch size 0":
         extra += ["--batch-size", "0"]
     argv = ["eval"] + [item for pair in args.items() for item in pair] + extra
-    assert cli.main(argv) == 1
+    usage = case in ("missing checkpoint", "data not a directory", "batch size 0")  # a bad command line: status 2
+    assert cli.main(argv) == (2 if usage else 1)
     err = capsys.readouterr().err
     assert err.startswith("reenact: error: ") and message in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1

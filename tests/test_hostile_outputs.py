@@ -135,5 +135,38 @@ def test_train_reports_an_unwritable_out_in_one_line(dataset, tmp_path, capsys):
     blocker.write_text("x")  # a folder below a file cannot be created, even by root
     assert _train(dataset, blocker / "run") == 1
     err = capsys.readouterr().err
-    assert err.startswith("reenact: error: ") and err.count("\n") == 1 and "cannot write" in err
+    assert err.startswith("reenact: error: ") and err.count("\n") == 1 and "cannot be created" in err
     assert blocker.read_text() == "x"
+
+
+def test_prepare_appends_resumes_and_skips_unnamable_files(tmp_path):
+    """prepare owns its dataset: a rerun with another raw folder appends (the clips of the first
+    stay listed), a malformed state file is processed again, and a raw file whose name is not
+    UTF-8 is skipped and reported instead of aborting the run."""
+    import shutil
+
+    from reenact.data import format as fmt
+    from reenact.data import prepare as prep
+    from reenact.data import synth
+
+    options = dict(size=32, clip_length=8, min_clip_length=6)
+    first, second = tmp_path / "raw1", tmp_path / "raw2"
+    synth.synth_dataset(first, 1, frames=8, size=48, raw=True, seed=1)
+    synth.synth_dataset(second, 1, frames=8, size=48, raw=True, seed=2)
+    for path in second.iterdir():  # another name, so that its clip is another clip
+        path.rename(second / path.name.replace("synth_00000", "other"))
+    out = tmp_path / "dataset"
+    prep.prepare(first, out, prep.PrepareOptions(landmarks_from=str(first), **options), progress=False)
+    assert outputs.owns(out, "prepare")
+    prep.prepare(second, out, prep.PrepareOptions(landmarks_from=str(second), **options), progress=False)
+    assert sorted(r.source for r in fmt.read_manifest(out)) == ["other.webm", "synth_00000.webm"]
+
+    for state in (out / prep.STATE_DIR).glob("*.json"):
+        state.write_text('{"records": []}')  # no status: must be reprocessed, not a KeyError
+    odd = second / b"caf\xe9.webm".decode("utf-8", "surrogateescape")
+    shutil.copy(second / "other.webm", odd)
+    report = prep.prepare(second, out, prep.PrepareOptions(landmarks_from=str(second), **options),
+                          progress=False, max_skip_fraction=0.6)
+    assert report.resumed == 0 and report.prepared == 1
+    assert [reason for _, reason in report.skipped] == ["its file name is not valid UTF-8 (rename the file)"]
+    assert sorted(r.source for r in fmt.read_manifest(out)) == ["other.webm", "synth_00000.webm"]

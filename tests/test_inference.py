@@ -61,8 +61,8 @@ def _args(media, out, crop_scale=2.0, **overrides):
     return args + ["--quiet"] + ([] if crop_scale is None else ["--crop-scale", str(crop_scale)])
 
 
-def _fails(capsys, args, *fragments):
-    assert cli.main(args) == 1
+def _fails(capsys, args, *fragments, status=1):
+    assert cli.main(args) == status
     err = capsys.readouterr().err
     assert err.startswith("reenact: error: ") and err.count("\n") == 1, err
     for fragment in fragments:
@@ -175,8 +175,10 @@ def test_unreadable_media_and_overwriting_an_input_are_refused(media, tmp_path, 
     _fails(capsys, _args(media, tmp_path / "o.mp4", **{"--driving": bad_video}), "bad.mp4")
     _fails(capsys, _args(media, media["driving"]), "refusing to overwrite the input")
     _fails(capsys, _args(media, media["source"]), "refusing to overwrite the input")
-    _fails(capsys, _args(media, tmp_path / "o.gif"), "--out must end in .mp4 or .webm")
-    _fails(capsys, _args(media, tmp_path / "o.mp4", **{"--source": tmp_path / "missing.png"}), "--source not found")
+    # Usage errors (a bad command line) exit with status 2, as argparse's own do.
+    _fails(capsys, _args(media, tmp_path / "o.gif"), "--out must end in .mp4 or .webm", status=2)
+    _fails(capsys, _args(media, tmp_path / "o.mp4", **{"--source": tmp_path / "missing.png"}), "--source not found",
+           status=2)
     assert not (tmp_path / "o.mp4").exists()
 
 

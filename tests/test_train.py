@@ -102,7 +102,7 @@ def test_resume_refuses_a_changed_data_order_or_missing_checkpoint(dataset, tmp_
     assert "already holds checkpoints" in capsys.readouterr().err
     assert cli.main(base + ["--batch-size", "3", "--steps", "3", "--resume"]) == 1
     assert "--batch-size 3 differs" in capsys.readouterr().err
-    assert cli.main(base + ["--batch-size", "2", "--keep-last", "0"]) == 1
+    assert cli.main(base + ["--batch-size", "2", "--keep-last", "0"]) == 2  # a usage error
     assert "--keep-last must be" in capsys.readouterr().err
 
 

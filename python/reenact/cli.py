@@ -2,7 +2,8 @@
 
 Add a subcommand by writing ``add_<name>_parser(subparsers)`` that sets ``func`` and appending it
 to ``COMMANDS``. Errors a user can fix (missing files, unreadable media, missing extras) are
-reported as one line on stderr with exit status 1, never as a traceback.
+reported as one line on stderr with exit status 1 (2 for a bad option value, :class:`UsageError`),
+never as a traceback; ``reenact --debug COMMAND ...`` shows it.
 
 Paths that start with '-' must follow ``--``:  ``reenact pncc --out out -- -face.png``.
 """
@@ -13,9 +14,20 @@ import sys
 
 import numpy as np
 
+from .validation import InputError
+
 
 class CommandError(Exception):
     """A user-facing error: printed as ``reenact: error: <message>``, exit status 1."""
+
+    exit_status = 1
+
+
+class UsageError(CommandError):
+    """A command line that asks for something impossible (a bad option value): exit status 2,
+    like argparse's own usage errors."""
+
+    exit_status = 2
 
 
 def _progress(total, description):
@@ -181,6 +193,7 @@ COMMANDS = [
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="reenact", description="Identity-matched PNCC face reenactment.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for register in COMMANDS:
@@ -188,18 +201,50 @@ def build_parser():
     return parser
 
 
+def _report(message):
+    """One line on stderr, whatever the message holds (newlines, text quoted from a library)."""
+    print("reenact: error: " + " ".join(str(message).split()), file=sys.stderr)
+
+
 def main(argv=None):
-    """Entry point of the ``reenact`` script; returns the exit status."""
+    """Entry point of the ``reenact`` script; returns the exit status.
+
+    Every failure ends in one ``reenact: error:`` line (RELIABILITY.md item 19): status 2 for a
+    usage error, 1 for anything at run time, and a traceback only with ``reenact --debug``."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except CommandError as err:
-        print(f"reenact: error: {err}", file=sys.stderr)
-        return 1
+        if args.debug:
+            raise
+        _report(err)
+        return err.exit_status
     except KeyboardInterrupt:
         print("reenact: interrupted", file=sys.stderr)
         return 130
+    except InputError as err:  # a file that the validation layer refused, where no command reworded it
+        if args.debug:
+            raise
+        _report(err)
+        return 1
+    except OSError as err:  # e.g. an unwritable output, a name the file system refuses
+        if args.debug:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        _report(f"{args.command}: {where}{err.strerror or err}")
+        return 1
+    except MemoryError:
+        if args.debug:
+            raise
+        _report(f"{args.command}: out of memory (rerun with --debug for the traceback)")
+        return 1
+    except Exception as err:  # noqa: BLE001 - the last line of defence: no traceback for users
+        if args.debug:
+            raise
+        _report(f"{args.command}: unexpected {type(err).__name__}: {err} (rerun with `reenact --debug "
+                f"{args.command} ...` for the traceback, and please report it)")
+        return 1
 
 
 if __name__ == "__main__":

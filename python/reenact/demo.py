@@ -278,20 +278,20 @@ def _run_demo(out, recipe, steps, minutes, seed, quiet):
 
 
 def _run(args):
-    from .cli import CommandError
+    from .cli import CommandError, UsageError
     from .train import TrainingError
 
     if args.steps is not None and args.steps < 1:
-        raise CommandError(f"--steps must be >= 1, got {args.steps}")
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if args.minutes is not None and not args.minutes > 0:
-        raise CommandError(f"--minutes must be > 0, got {args.minutes}")
+        raise UsageError(f"--minutes must be > 0, got {args.minutes}")
     if args.seed < 0:
-        raise CommandError(f"--seed must be >= 0, got {args.seed}")
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.clips is not None and args.clips < 1:
-        raise CommandError(f"--clips must be >= 1, got {args.clips}")
+        raise UsageError(f"--clips must be >= 1, got {args.clips}")
     out = pathlib.Path(args.out)
     if out.exists() and not out.is_dir():
-        raise CommandError(f"--out must be a directory: {out}")
+        raise UsageError(f"--out must be a directory: {out}")
     recipe = DemoRecipe()
     if args.clips is not None:
         recipe = dataclasses.replace(recipe, clips=args.clips)

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import outputs
+
 #: PSNR of identical images is infinite; it is reported as this many dB (MSE floor 1e-10).
 PSNR_CAP_DB = 100.0
 #: Images are upsampled to this size before landmark detection (detectors want large faces).
@@ -341,6 +343,7 @@ class EvalOptions:
     face_model: str = "toy"
     id_model: str = None
     inception: str = None
+    overwrite: bool = False
     progress: bool = True
 
     def validate(self):
@@ -383,7 +386,7 @@ def _device(name):
 
 def _open(options, device):
     """(generator, step, face model, dataset, feature networks) or EvalError."""
-    from .data.dataset import ClipDataset
+    from .data.dataset import ClipDataset, check_parameter_sizes
     from .data.format import DatasetError
     from .data.video import MediaError
     from .face3d.morphable import load_model
@@ -406,6 +409,10 @@ def _open(options, device):
     if names != {face_model.name}:
         raise EvalError(f"the dataset was fitted with face model {sorted(names)}, but --face-model gives "
                         f"{face_model.name!r}")
+    try:
+        check_parameter_sizes(dataset.clips, face_model)
+    except DatasetError as err:
+        raise EvalError(f"--data {options.data}: {err}") from None
     networks = {}
     for kind, flag, path in (("identity", "--id-model", options.id_model), ("inception", "--inception", options.inception)):
         if path is not None:
@@ -442,6 +449,10 @@ def _summary(values):
 def evaluate(options):
     """Run the evaluation -> the results dict (also written to eval.json and eval.md under --out)."""
     options.validate()
+    try:  # before the evaluation, so that a refused --out costs nothing
+        outputs.check_claim(options.out_dir(), "eval", overwrite=options.overwrite, escape="--overwrite")
+    except outputs.OutputFolderError as err:
+        raise EvalError(str(err)) from None
     device = _device(options.device)
     started = time.perf_counter()
     generator, step, face_model, dataset, networks = _open(options, device)
@@ -574,16 +585,25 @@ def write_report(results, out_dir, inputs=()):
     out_dir = pathlib.Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise EvalError(f"--out must be a directory: {out_dir}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _output_path(out_dir, "eval.json", list(inputs)).write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
-    _output_path(out_dir, "eval.md", list(inputs)).write_text(markdown_table(results))
+    try:
+        outputs.claim(out_dir, "eval", "a rerun replaces eval.json and eval.md here", overwrite=True)
+        _output_path(out_dir, "eval.json", list(inputs)).write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+        _output_path(out_dir, "eval.md", list(inputs)).write_text(markdown_table(results))
+    except outputs.OutputFolderError as err:
+        raise EvalError(str(err)) from None
+    except OSError as err:
+        raise EvalError(f"--out {out_dir}: cannot write the report ({err.strerror or err})") from None
 
 
 def run_eval(args):
-    from .cli import CommandError
+    from .cli import CommandError, UsageError
 
     names = [field.name for field in dataclasses.fields(EvalOptions) if field.name != "progress"]
     options = EvalOptions(**{name: getattr(args, name) for name in names}, progress=not args.quiet)
+    try:
+        options.validate()
+    except EvalError as err:
+        raise UsageError(str(err)) from None
     try:
         results = evaluate(options)
     except EvalError as err:
@@ -612,5 +632,7 @@ def add_eval_parser(subparsers):
     parser.add_argument("--face-model", default="toy", help="the face model the dataset was fitted with (default toy)")
     parser.add_argument("--id-model", help="ArcFace IResNet weights (.safetensors or weights-only torch file)")
     parser.add_argument("--inception", help="torchvision Inception-v3 weights (.safetensors or weights-only torch file)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out that `reenact eval` did not create")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_eval)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.prepare import PrepareOptions, crop_boxes, crop_frame
+from .data.prepare import CROP_SCALE_RANGE, PrepareOptions, crop_boxes, crop_frame
 
 #: The crop framing of ``reenact prepare``: a square of this many landmark-box sides.
 DEFAULT_CROP_SCALE = PrepareOptions.crop_scale
@@ -314,7 +314,7 @@ def _checked_count(frames, expected, landmarks_path):
 
 def run_reenact(args):
     """``reenact reenact``: see the module docstring."""
-    from .cli import CommandError, _output_path
+    from .cli import CommandError, UsageError, _output_path
     from .data.progress import progress_bar
     from .data.video import MediaError, encode_video, iter_frames, probe
     from .face3d.morphable import load_model
@@ -323,19 +323,22 @@ def run_reenact(args):
     source, driving, out = (pathlib.Path(p) for p in (args.source, args.driving, args.out))
     for flag, path in (("--source", source), ("--driving", driving)):
         if not path.is_file():
-            raise CommandError(f"{flag} not found: {path}")
+            raise UsageError(f"{flag} not found: {path}")
     inputs = [source, driving, pathlib.Path(args.checkpoint)]
     inputs += [pathlib.Path(p) for p in (args.source_landmarks, args.driving_landmarks) if p]
     out = _output_path(out.parent, out.name, inputs)
     codec = OUTPUT_CODECS.get(out.suffix.lower())
     if codec is None:
-        raise CommandError(f"--out must end in {' or '.join(OUTPUT_CODECS)}, got {out.name!r}")
+        raise UsageError(f"--out must end in {' or '.join(OUTPUT_CODECS)}, got {out.name!r}")
     if out.parent.exists() and not out.parent.is_dir():
-        raise CommandError(f"--out's folder is not a directory: {out.parent}")
+        raise UsageError(f"--out's folder is not a directory: {out.parent}")
+    if out.is_dir():
+        raise UsageError(f"--out names a folder, not a video file: {out}")
     if args.batch_size < 1:
-        raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.crop_scale is not None and not args.crop_scale > 0:
-        raise CommandError(f"--crop-scale must be > 0, got {args.crop_scale}")
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    low, high = CROP_SCALE_RANGE
+    if args.crop_scale is not None and not low <= args.crop_scale <= high:
+        raise UsageError(f"--crop-scale must be in [{low:g}, {high:g}], got {args.crop_scale}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     generator, meta = load_checkpoint(args.checkpoint, device)
     model_name = meta.get("options", {}).get("face_model", "toy")

@@ -44,6 +44,9 @@ def check_claim(folder, command, *, flag="--out", overwrite=False, escape=None):
     if not folder.exists():
         if folder.is_symlink():
             raise OutputFolderError(f"{flag} {folder} is a symbolic link to nothing")
+        existing = next(parent for parent in folder.absolute().parents if parent.exists())
+        if not existing.is_dir():
+            raise OutputFolderError(f"{flag} {folder} cannot be created: {existing} is not a folder")
         return
     if not folder.is_dir():
         raise OutputFolderError(f"{flag} must be a directory: {folder}")

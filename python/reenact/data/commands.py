@@ -14,11 +14,18 @@ def run_synth(args):
     """``reenact synth OUT_DIR --clips N``: a synthetic toy-head dataset (or raw videos with --raw)."""
     from .synth import synth_dataset
 
+    from .. import outputs
+
     out_dir = pathlib.Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise _error(f"OUT_DIR must be a directory: {out_dir}")
     if not args.raw and (out_dir / "manifest.jsonl").exists() and not args.overwrite:
         raise _error(f"{out_dir} already holds a dataset (manifest.jsonl); pass --overwrite to replace it")
+    try:
+        outputs.claim(out_dir, "synth", "a rerun with --overwrite replaces the clips here", flag="OUT_DIR",
+                      overwrite=args.overwrite)
+    except outputs.OutputFolderError as err:
+        raise _error(str(err)) from None
     bar = progress_bar(args.clips, "synth", "clip", not args.quiet)
     try:
         results = synth_dataset(out_dir, args.clips, frames=args.frames, size=args.size, fps=args.fps,
@@ -76,7 +83,7 @@ def run_prepare(args):
     try:
         report = prepare(args.raw_dir, args.out_dir, options, workers=args.workers, timeout=args.timeout,
                          max_skip_fraction=args.max_skip_fraction, retry_skipped=args.retry_skipped,
-                         progress=not args.quiet)
+                         progress=not args.quiet, overwrite=args.overwrite)
     except SkipBudgetExceeded as err:
         report_path = pathlib.Path(args.out_dir) / "prepare_report.json"
         raise _error(f"{err} (the manifest of the good files and {report_path} were written)") from None
@@ -111,5 +118,8 @@ def add_prepare_parser(subparsers):
     parser.add_argument("--landmarks-from", metavar="DIR",
                         help="read landmarks instead of detecting: DIR/<video name>.landmarks.npy (or .npy/.npz/.txt), "
                              "as written by `reenact synth --raw`")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty OUT_DIR that `reenact prepare` did not create (e.g. a "
+                             "`reenact synth` dataset; its manifest is replaced)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_prepare)

@@ -48,6 +48,17 @@ def check_skip_fraction(skipped, total, max_skip_fraction, what="clips"):
             f"max_skip_fraction={max_skip_fraction:.0%}: {details}")
 
 
+def check_parameter_sizes(clips, face_model):
+    """DatasetError unless every clip's identity and expression coefficients fit ``face_model``
+    (a clip fitted with another model would fail only at the first training step)."""
+    for clip in clips:
+        ids, expressions = clip.params["alpha"].shape[0], clip.params["beta"].shape[1]
+        if (ids, expressions) != (face_model.num_id, face_model.num_exp):
+            raise fmt.DatasetError(
+                f"{clip.record.params}: {ids} identity and {expressions} expression coefficients, but the face "
+                f"model {face_model.name!r} has {face_model.num_id} and {face_model.num_exp}")
+
+
 class ClipDataset:
     """The usable clips of a prepared dataset.
 
@@ -78,7 +89,8 @@ class ClipDataset:
                 self.skipped.append((record.clip, str(err)))
         check_skip_fraction(self.skipped, len(records), max_skip_fraction)
         if not self.clips:
-            raise fmt.DatasetError(f"no usable clip in {self.root}")
+            name, reason = self.skipped[0]
+            raise fmt.DatasetError(f"no usable clip in {self.root} ({name}: {reason})")
         sizes = {clip.record.size for clip in self.clips}
         if len(sizes) > 1:
             raise fmt.DatasetError(f"clips of one dataset must share one size, found {sorted(sizes)}")

@@ -11,11 +11,18 @@ import zipfile
 
 import numpy as np
 
+from .. import validation
 from ..face3d.morphable import read_npz
 
 #: Bumped whenever a field changes meaning; readers refuse versions they do not know.
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.jsonl"
+
+#: Limits of a manifest line's numbers (a clip is a face track of one video: an hour at 60 fps is
+#: 216,000 frames; prepared crops are 256 px).
+MAX_CLIP_FRAMES = 1_000_000
+MAX_CLIP_SIZE = 4096
+MIN_FPS, MAX_FPS = 0.1, 1000.0
 
 #: Per-frame arrays of a clip's ``.npz`` (leading dimension T = frame count).
 FRAME_KEYS = ("pose", "beta", "landmarks", "crop_box", "valid")
@@ -47,44 +54,66 @@ class ClipRecord:
 
     @classmethod
     def from_json(cls, line, where="manifest"):
+        """One manifest line -> ClipRecord; DatasetError naming ``where`` and the field otherwise."""
         try:
-            data = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DatasetError(f"{where}: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise DatasetError(f"{where}: expected a JSON object, got {type(data).__name__}")
-        version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise DatasetError(f"{where}: format_version {version!r} is not supported "
-                               f"(this reader knows version {FORMAT_VERSION})")
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(n for n in names if n not in data and n != "synthetic")
-        if missing:
-            raise DatasetError(f"{where}: missing fields {missing}")
-        record = cls(**{k: v for k, v in data.items() if k in names})
-        if not isinstance(record.frames, int) or record.frames < 1:
-            raise DatasetError(f"{where}: frames must be a positive integer, got {record.frames!r}")
-        if not isinstance(record.size, int) or record.size < 1:
-            raise DatasetError(f"{where}: size must be a positive integer, got {record.size!r}")
-        for name in ("clip", "params"):
-            value = getattr(record, name)
-            if not isinstance(value, str) or not value or pathlib.PurePosixPath(value).is_absolute() \
-                    or ".." in pathlib.PurePosixPath(value).parts:
-                raise DatasetError(f"{where}: {name} must be a relative path inside the dataset, got {value!r}")
+            data = validation.mapping(validation.parse_json(line, where), where)
+            version = data.get("format_version")
+            if version != FORMAT_VERSION or isinstance(version, bool):
+                raise DatasetError(f"{where}: format_version {version!r} is not supported "
+                                   f"(this reader knows version {FORMAT_VERSION})")
+            names = {f.name for f in dataclasses.fields(cls)}
+            missing = sorted(n for n in names if n not in data and n != "synthetic")
+            if missing:
+                raise DatasetError(f"{where}: missing fields {missing}")
+            record = cls(**{k: v for k, v in data.items() if k in names})
+            for name in ("clip", "params"):
+                validation.relative_path(getattr(record, name), f"{where}: {name}")
+            validation.integer(record.frames, f"{where}: frames", 1, MAX_CLIP_FRAMES)
+            validation.integer(record.size, f"{where}: size", 1, MAX_CLIP_SIZE)
+            validation.number(record.fps, f"{where}: fps", MIN_FPS, MAX_FPS)
+            for name in ("identity", "source", "codec"):
+                validation.string(getattr(record, name), f"{where}: {name}")
+            if not isinstance(record.synthetic, bool):
+                raise DatasetError(f"{where}: synthetic must be true or false, got {record.synthetic!r}")
+        except validation.InputError as err:
+            raise DatasetError(str(err)) from None
         return record
 
 
 def read_manifest(root):
-    """All records of ``root/manifest.jsonl``, in file order. Raises DatasetError naming the line."""
+    """All records of ``root/manifest.jsonl``, in file order. Raises DatasetError naming the line
+    (malformed, non-UTF-8 or over-long lines, and a clip listed twice, are refused)."""
     path = pathlib.Path(os.fspath(root)) / MANIFEST_NAME
     if not path.is_file():
         raise DatasetError(f"no {MANIFEST_NAME} in {root}: not a prepared dataset")
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                records.append(ClipRecord.from_json(line, where=f"{path}:{number}"))
+    records, lines_of = [], {}
+    try:
+        with open(path, "rb") as handle:
+            for number, line in enumerate(_bounded_lines(handle, path), 1):
+                if not line.strip():
+                    continue
+                record = ClipRecord.from_json(line, where=f"{path}:{number}")
+                if record.clip in lines_of:
+                    raise DatasetError(f"{path}:{number}: clip {record.clip!r} is listed twice "
+                                       f"(also on line {lines_of[record.clip]})")
+                lines_of[record.clip] = number
+                records.append(record)
+    except OSError as err:
+        raise DatasetError(f"cannot read {path}: {err.strerror or err}") from None
     return records
+
+
+def _bounded_lines(handle, path):
+    """The file's lines (bytes), refusing one longer than MAX_MANIFEST_LINE_BYTES before it is read whole."""
+    number = 0
+    while True:
+        line = handle.readline(validation.MAX_MANIFEST_LINE_BYTES + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > validation.MAX_MANIFEST_LINE_BYTES:
+            raise DatasetError(f"{path}:{number}: line longer than {validation.MAX_MANIFEST_LINE_BYTES} bytes")
+        yield line
 
 
 def append_manifest(root, record):
@@ -128,9 +157,15 @@ def check_params(arrays, where="params", frames=None):
     missing = [k for k in FRAME_KEYS + CLIP_KEYS if k not in arrays]
     if missing:
         raise DatasetError(f"{where}: missing arrays {missing}")
+    for key, kinds, what in _KINDS:
+        array = np.asarray(arrays[key])
+        if array.dtype.kind not in kinds or (key in SCALAR_KEYS and array.shape != ()):
+            raise DatasetError(f"{where}: {key} must be {what}, got {array.dtype} of shape {array.shape}")
     version = int(arrays["format_version"])
     if version != FORMAT_VERSION:
         raise DatasetError(f"{where}: format_version {version} is not supported (expected {FORMAT_VERSION})")
+    if not 0 < int(arrays["image_size"]) <= MAX_CLIP_SIZE:
+        raise DatasetError(f"{where}: image_size must be in [1, {MAX_CLIP_SIZE}], got {int(arrays['image_size'])}")
     pose, beta, alpha = arrays["pose"], arrays["beta"], arrays["alpha"]
     count = pose.shape[0] if pose.ndim == 3 else -1
     expected = {"pose": (count, 3, 4), "beta": (count, beta.shape[-1] if beta.ndim == 2 else -1),
@@ -147,6 +182,13 @@ def check_params(arrays, where="params", frames=None):
         if not np.isfinite(arrays[key]).all():
             raise DatasetError(f"{where}: {key} has NaN or infinite values")
     return count
+
+
+SCALAR_KEYS = ("identity", "model_name", "image_size", "format_version")
+#: (key, numpy dtype kinds it may have, what it must be): checked before any value is used.
+_KINDS = tuple((key, "fiu", "a numeric array") for key in ("pose", "beta", "alpha", "landmarks", "crop_box")) + (
+    ("valid", "b", "a boolean array"), ("identity", "U", "one string"), ("model_name", "U", "one string"),
+    ("image_size", "iu", "one integer"), ("format_version", "iu", "one integer"))
 
 
 def _shape_text(key):

@@ -32,6 +32,7 @@ import traceback
 
 import numpy as np
 
+from .. import outputs, validation
 from . import format as fmt
 from .dataset import SkipBudgetExceeded, check_skip_fraction
 from .progress import progress_bar
@@ -41,6 +42,9 @@ log = logging.getLogger("reenact.data")
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv", ".ts"}
 STATE_DIR = ".prepare"
+#: Sensible crop framings (crop side over the landmark box side): below 1 the crop cuts the face,
+#: far above it the face is a few pixels of the crop. Files and options outside are refused.
+CROP_SCALE_RANGE = (1.0, 8.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +68,11 @@ class PrepareOptions:
         if not (isinstance(self.min_clip_length, int) and 2 <= self.min_clip_length <= self.clip_length):
             raise ValueError(f"need integers 2 <= min_clip_length <= clip_length, got "
                              f"{self.min_clip_length!r}, {self.clip_length!r}")
-        if not self.crop_scale > 0 or not self.smooth_sigma >= 0:
-            raise ValueError("crop_scale must be > 0 and smooth_sigma >= 0")
+        low, high = CROP_SCALE_RANGE
+        if not low <= self.crop_scale <= high:
+            raise ValueError(f"crop_scale must be in [{low:g}, {high:g}], got {self.crop_scale!r}")
+        if not 0 <= self.smooth_sigma < 1000:
+            raise ValueError(f"smooth_sigma must be in [0, 1000), got {self.smooth_sigma!r}")
         if self.landmarks_from is not None and not pathlib.Path(self.landmarks_from).is_dir():
             raise FileNotFoundError(f"landmarks_from must be a directory: {self.landmarks_from}")
 
@@ -293,13 +300,59 @@ def _state_file(state_dir, relative, path):
     return state_dir / f"{key}.json"
 
 
+def _load_state(state, relative):
+    """A finished file's state (``.prepare/<key>.json``), or None when it is missing or malformed
+    (then the file is processed again, which rewrites it)."""
+    try:
+        done = validation.mapping(validation.read_json(state, "prepare state file"), f"prepare state file {state}")
+        if done.get("status") == "ok":
+            records = done.get("records")
+            if not isinstance(records, list):
+                raise validation.InputError(f"prepare state file {state}: records must be a list")
+            for record in records:
+                fmt.ClipRecord.from_json(json.dumps(record), where=f"prepare state file {state}")
+        elif done.get("status") != "skip" or not isinstance(done.get("reason"), str):
+            raise validation.InputError(f"prepare state file {state}: malformed status or reason")
+    except FileNotFoundError:
+        return None
+    except (validation.InputError, fmt.DatasetError, TypeError) as err:
+        log.warning("processing %s again: %s", relative, err)
+        return None
+    return done
+
+
+def _unnamable(relative):
+    """Why a raw file's name cannot be recorded in the manifest (JSON text is UTF-8), or None.
+    (Long names are fine: clip files take a sanitised 40-character stem.)"""
+    try:
+        relative.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its file name is not valid UTF-8 (rename the file)"
+    return None
+
+
+def claim_dataset(out_dir, overwrite=False):
+    """Check that ``prepare`` may write into ``out_dir`` and mark it: a new or empty folder, or a
+    dataset that ``prepare`` wrote (its marker, or the ``.prepare`` state folder of a dataset
+    prepared before markers existed). A dataset another command wrote (``reenact synth``), or any
+    other non-empty folder, is refused unless ``overwrite``: a rerun appends to or resumes its
+    own dataset only."""
+    legacy = (pathlib.Path(out_dir) / STATE_DIR).is_dir()
+    try:
+        outputs.claim(out_dir, "prepare", "a rerun resumes this dataset and appends new videos to it",
+                      flag="OUT_DIR", overwrite=overwrite or legacy)
+    except outputs.OutputFolderError as err:
+        raise ValueError(str(err)) from None
+
+
 def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=1800.0, max_skip_fraction=0.2,
-            retry_skipped=False, progress=True, decode=iter_frames):
+            retry_skipped=False, progress=True, decode=iter_frames, overwrite=False):
     """Run ``prepare``; returns a :class:`PrepareReport` (also written to ``prepare_report.json``).
 
     ``decode`` (path -> iterator of RGB frames) is the decoding function the workers use; tests
     swap in decoders that hang or crash. Raises SkipBudgetExceeded after writing the manifest and
-    the report when too many files were skipped.
+    the report when too many files were skipped. ``out_dir`` must be new, empty or a dataset of
+    ``prepare``'s (:func:`claim_dataset`); the clips it already lists stay listed.
     """
     options.check()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -310,6 +363,9 @@ def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=18
     videos = find_videos(raw_dir)
     if out_dir.resolve() == raw_dir.resolve() or raw_dir.resolve() in out_dir.resolve().parents:
         raise ValueError(f"OUT_DIR must not be inside RAW_VIDEO_DIR ({out_dir} is in {raw_dir})")
+    claim_dataset(out_dir, overwrite)
+    # Clips listed by earlier runs (also of other raw folders) stay listed: a rerun appends.
+    earlier = fmt.read_manifest(out_dir) if (out_dir / fmt.MANIFEST_NAME).is_file() else []
     state_dir = out_dir / STATE_DIR
     state_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -317,13 +373,17 @@ def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=18
     pending, results, resumed = [], {}, 0
     for path in videos:
         relative = str(path.relative_to(raw_dir))
+        unnamable = _unnamable(relative)
+        if unnamable:
+            shown = relative.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+            results[shown] = {"status": "skip", "reason": unnamable}
+            continue
         state = _state_file(state_dir, relative, path)
-        if state.is_file():
-            done = json.loads(state.read_text(encoding="utf-8"))
-            if done["status"] == "ok" or not retry_skipped:
-                results[relative] = done
-                resumed += 1
-                continue
+        done = _load_state(state, relative)
+        if done is not None and (done["status"] == "ok" or not retry_skipped):
+            results[relative] = done
+            resumed += 1
+            continue
         pending.append((path, relative, state))
 
     from ..face3d.morphable import load_model
@@ -334,6 +394,7 @@ def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=18
     running = {}  # receiving end -> (process, relative, state, start)
     queue = list(pending)
     frames_in = 0
+    appended = {record.clip for record in earlier}
     while queue or running:
         while queue and len(running) < workers:
             path, relative, state = queue.pop(0)
@@ -362,14 +423,18 @@ def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=18
             results[relative] = done
             if done["status"] == "ok":
                 for record in done["records"]:
-                    fmt.append_manifest(out_dir, fmt.ClipRecord(**record))
+                    if record["clip"] not in appended:  # a clip listed once; the final manifest updates it
+                        appended.add(record["clip"])
+                        fmt.append_manifest(out_dir, fmt.ClipRecord(**record))
             else:
                 log.warning("skipped %s: %s", relative, done["reason"])
             bar.update(1)
     bar.close()
 
-    records = [fmt.ClipRecord(**r) for relative in sorted(results) if results[relative]["status"] == "ok"
-               for r in results[relative]["records"]]
+    listed = {record.clip: record for record in earlier}
+    listed.update((r["clip"], fmt.ClipRecord(**r)) for relative in sorted(results)
+                  if results[relative]["status"] == "ok" for r in results[relative]["records"])
+    records = [listed[clip] for clip in sorted(listed)]
     fmt.write_manifest(out_dir, records)
     skipped = [(relative, results[relative]["reason"]) for relative in sorted(results)
                if results[relative]["status"] != "ok"]

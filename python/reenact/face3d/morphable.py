@@ -31,15 +31,11 @@ def as_tensor(name, value, dtype, shape_hint):
 
 
 def read_npz(path, what):
-    """All arrays of an ``.npz`` (never unpickling), with errors that say which file and why."""
-    path = pathlib.Path(os.fspath(path))
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read {what} {path}: not a valid .npz without pickles ({err})") from None
+    """All arrays of an ``.npz`` (never unpickling; headers checked against the file first, see
+    :func:`reenact.validation.read_npz`), with errors that say which file and why."""
+    from ..validation import read_npz as checked_read_npz
+
+    return checked_read_npz(path, what)
 
 
 class MorphableModel:

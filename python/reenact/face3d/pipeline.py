@@ -18,21 +18,15 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpe
 
 
 def read_image(path):
-    """Read an image file as (H, W, 3) uint8 RGB; clear FileNotFoundError/ValueError otherwise."""
-    path = pathlib.Path(os.fspath(path))
-    if not path.exists():
-        raise FileNotFoundError(f"image not found: {path}")
-    if not path.is_file():
-        raise ValueError(f"not a file: {path}")
+    """Read an image file as (H, W, 3) uint8 RGB; clear FileNotFoundError/ValueError otherwise.
+    Its header's size is checked before the pixels are decoded (:func:`reenact.validation.open_image`)."""
     try:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image  # noqa: F401
     except ImportError as err:
         raise ImportError("reading images needs Pillow (`pip install pillow`)") from err
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise ValueError(f"cannot read image {path}: {err}") from None
+    from ..validation import open_image
+
+    return open_image(path)
 
 
 def video_frames(path):

@@ -5,7 +5,7 @@ Nothing here downloads anything: the user supplies ``bfm_noneck_v3.pkl``,
 copy of 3DDFA_V2.
 
 - Pickles are read with :class:`SafeUnpickler`, which only reconstructs numpy arrays and plain
-  builtins; any other global (``os.system``, ``builtins.eval``, ...) is refused before it runs.
+  builtins, none larger than the file; any other global (``os.system``, ``builtins.eval``, ...) is refused before it runs.
 - Checkpoints are read with ``torch.load(weights_only=True)`` only.
 - Coefficient convention: our model's bases are 3DDFA_V2's bases multiplied by the parameter
   standard deviations, so ``alpha = shape_params / std`` is ~N(0, 1)-scaled like every other model
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..validation import RestrictedUnpickler, load_pickle
 from .morphable import MorphableModel
 
 TDDFA_INPUT_SIZE = 120
@@ -29,44 +30,19 @@ NUM_PARAMS = NUM_POSE_PARAMS + NUM_SHAPE_PARAMS + NUM_EXP_PARAMS
 
 # -- safe pickle loading ---------------------------------------------------------------------------
 
-class SafeUnpickler(pickle.Unpickler):
-    """An unpickler that reconstructs numpy arrays, numpy scalars and builtin containers only."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        # Protocol-2 pickles written by Python 3 store array bytes through _codecs.encode.
-        ("_codecs", "encode"),
-    }
-    _ALLOWED_BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "int", "float", "complex",
-                         "str", "bytes", "bytearray", "bool", "slice", "range"}
-
-    def find_class(self, module, name):
-        if (module, name) in self._ALLOWED or (module == "builtins" and name in self._ALLOWED_BUILTINS):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"refusing to load {module}.{name}: only numpy arrays and builtin containers are allowed"
-        )
+#: The restricted unpickler (kept under its old name): numpy arrays and builtin containers only,
+#: nothing larger than the file (reenact.validation).
+SafeUnpickler = RestrictedUnpickler
 
 
 def safe_load_pickle(path):
     """Load a pickle of numpy arrays / builtins without executing code from the file.
 
     Raises FileNotFoundError for a missing file and ValueError (naming the file) for anything that
-    is not such a pickle, including pickles that reference other callables.
+    is not such a pickle, including pickles that reference other callables or ask for more memory
+    than the file's size (:func:`reenact.validation.load_pickle`).
     """
-    path = pathlib.Path(os.fspath(path))
-    if not path.is_file():
-        raise FileNotFoundError(f"pickle file not found: {path}")
-    data = path.read_bytes()
-    try:
-        return SafeUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"unsafe or invalid pickle {path}: {err}") from None
-    except (EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as err:
-        raise ValueError(f"cannot read pickle {path}: {type(err).__name__}: {err}") from None
+    return load_pickle(path)
 
 
 def _require(mapping, keys, path):

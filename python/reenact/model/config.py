@@ -15,7 +15,6 @@ is an error rather than a silently ignored setting.
 """
 import dataclasses
 import json
-import math
 import pathlib
 from dataclasses import dataclass, field
 
@@ -27,26 +26,36 @@ OPS_CHOICES = ("fused", "reference")
 NUM_LEVELS = 3
 CORRESPONDENCE_LEVELS = (1, 2)
 
+# Documented limits of a config (RELIABILITY.md item 18): a config comes from a file (--config, a
+# checkpoint's metadata), and these sizes decide how much memory the model allocates, so each is
+# capped far above the paper's model (256 px, 256 channels, 2 blocks) but below what would exhaust
+# memory before the first step. A larger value is refused when the config is read.
+MAX_RESOLUTION = 1024
+MAX_CHANNELS = 2048
+MAX_BLOCKS = 64
+MAX_DISCRIMINATOR_LAYERS = 8
+MAX_DISCRIMINATOR_SCALES = 4
+
 
 def _check_widths(value, name, length):
     if not isinstance(value, (tuple, list)) or len(value) != length:
         raise ValueError(f"{name} must be a sequence of {length} channel counts, got {value!r}")
     for v in value:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must contain positive integers, got {value!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_CHANNELS:
+            raise ValueError(f"{name} must contain integers in [1, {MAX_CHANNELS}], got {value!r}")
     return tuple(value)
 
 
-def _check_positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def _check_positive_int(value, name, maximum):
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise ValueError(f"{name} must be an integer in [1, {maximum}], got {value!r}")
 
 
 def _check_weight(value, name):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not (0 <= value <= 1e6):  # NaN compares false; a huge int never reaches float()
+        raise ValueError(f"{name} must be a finite number in [0, 1e6], got {value!r}")
 
 
 @dataclass
@@ -97,7 +106,7 @@ class ModelConfig:
     ops: str = "fused"
 
     def __post_init__(self):
-        _check_positive_int(self.resolution, "resolution")
+        _check_positive_int(self.resolution, "resolution", MAX_RESOLUTION)
         if self.resolution % 8 != 0 or self.resolution < 32:
             raise ValueError(
                 f"resolution must be a multiple of 8 and at least 32 (64, 128, 256), got "
@@ -109,10 +118,12 @@ class ModelConfig:
             self.appearance_channels, "appearance_channels", NUM_LEVELS)
         self.decoder_channels = _check_widths(
             self.decoder_channels, "decoder_channels", NUM_LEVELS)
-        for name in ("geometry_blocks", "correspondence_channels", "decoder_blocks",
-                     "spade_hidden_channels", "gate_hidden_channels", "discriminator_channels",
-                     "discriminator_layers", "discriminator_scales"):
-            _check_positive_int(getattr(self, name), name)
+        for name, maximum in (("geometry_blocks", MAX_BLOCKS), ("decoder_blocks", MAX_BLOCKS),
+                              ("correspondence_channels", MAX_CHANNELS), ("spade_hidden_channels", MAX_CHANNELS),
+                              ("gate_hidden_channels", MAX_CHANNELS), ("discriminator_channels", MAX_CHANNELS),
+                              ("discriminator_layers", MAX_DISCRIMINATOR_LAYERS),
+                              ("discriminator_scales", MAX_DISCRIMINATOR_SCALES)):
+            _check_positive_int(getattr(self, name), name, maximum)
         for name in ("geometry_coordinates", "discriminator_spectral_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -243,11 +254,13 @@ class ReenactorConfig:
     @classmethod
     def from_json(cls, path):
         """Read a config written by `to_json` (a file path)."""
+        from ..validation import read_json
+
         path = pathlib.Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
+        data = read_json(path, "config file")  # size, nesting and UTF-8 checked (reenact.validation)
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"config file {path} is not valid JSON: {error}") from None
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"config file {path}: {error}") from None

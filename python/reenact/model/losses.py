@@ -67,7 +67,15 @@ def load_state_dict_file(path):
             raise ImportError(
                 f"reading {path} needs the safetensors package (pip install safetensors), or "
                 f"save the weights with torch.save instead") from None
-        state = load_file(str(path), device="cpu")
+        from safetensors import SafetensorError
+
+        from ..validation import check_safetensors
+
+        check_safetensors(path, "weights file")  # header against the file size, before any read
+        try:
+            state = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"cannot read weights file {path}: {' '.join(str(error).split())}") from None
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -78,6 +86,9 @@ def load_state_dict_file(path):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict, got {type(state).__name__}")
+    from ..validation import check_finite
+
+    check_finite(state, f"weights file {path}")
     return state
 
 

@@ -16,6 +16,7 @@ import re
 import numpy as np
 import torch
 
+from .. import validation
 from .distributed import unwrap
 from .errors import TrainingError
 
@@ -171,7 +172,10 @@ def save_checkpoint(path, generator, discriminator, optimizer_g, optimizer_d, me
 
 
 def _open_checkpoint(path, tensor_prefix):
-    """(tensors whose names start with ``tensor_prefix``, or None when it is None; meta)."""
+    """(tensors whose names start with ``tensor_prefix``, or None when it is None; meta).
+
+    The safetensors header is checked against the file size, and the metadata's types and ranges
+    (:func:`check_meta`), before any tensor is read; floating-point tensors must be finite."""
     from safetensors import SafetensorError
     from safetensors import safe_open
 
@@ -179,22 +183,102 @@ def _open_checkpoint(path, tensor_prefix):
     if path.suffix != ".safetensors":
         raise TrainingError(f"refusing to read {path}: checkpoints are .safetensors files")
     try:
+        _, metadata = validation.check_safetensors(path, "checkpoint")
+        if METADATA_KEY not in metadata:
+            raise TrainingError(f"{path} is not a reenact training checkpoint (no '{METADATA_KEY}' metadata)")
+        meta = validation.parse_json(metadata[METADATA_KEY], f"{path}: its '{METADATA_KEY}' metadata")
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+            version = meta.get("format_version") if isinstance(meta, dict) else None
+            raise TrainingError(f"{path} has checkpoint format {version!r}; this version reads {FORMAT_VERSION}")
+        check_meta(meta, path)
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
             tensors = None if tensor_prefix is None else {
                 name: handle.get_tensor(name) for name in handle.keys() if name.startswith(tensor_prefix)}
+        if tensors is not None:
+            validation.check_finite(tensors, f"checkpoint {path}")
+    except validation.InputError as err:
+        raise TrainingError(str(err)) from None
     except (SafetensorError, OSError) as err:
-        raise TrainingError(f"cannot read checkpoint {path}: {err}") from None
-    if METADATA_KEY not in metadata:
-        raise TrainingError(f"{path} is not a reenact training checkpoint (no '{METADATA_KEY}' metadata)")
-    try:
-        meta = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError:
-        raise TrainingError(f"{path}: its '{METADATA_KEY}' metadata is not JSON") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise TrainingError(f"{path} has checkpoint format {version!r}; this version reads {FORMAT_VERSION}")
+        raise TrainingError(f"cannot read checkpoint {path}: {validation.one_line(err)}") from None
     return tensors, meta
+
+
+#: Largest step, epoch and data position a checkpoint may record.
+MAX_STEP = 10 ** 9
+
+
+def check_meta(meta, path):
+    """Types and ranges of the metadata fields that readers use -> InputError naming the field.
+
+    The training-only parts (optimiser and RNG states) are checked when present, so a malformed
+    one fails here and not inside torch or numpy on ``--resume``."""
+    from ..data.prepare import CROP_SCALE_RANGE
+    from ..model import ReenactorConfig
+
+    where = f"checkpoint {path}"
+    validation.integer(meta.get("step"), f"{where}: step", 0, MAX_STEP)
+    validation.mapping(meta.get("config"), f"{where}: config")
+    for key in ("options", "data"):  # optional (files of other writers); a JSON object when present
+        validation.mapping(meta.setdefault(key, {}), f"{where}: {key}")
+    try:
+        ReenactorConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as err:
+        raise validation.InputError(f"{where}: config: {validation.one_line(err)}") from None
+    options, data = meta["options"], meta["data"]
+    if "face_model" in options:
+        validation.string(options["face_model"], f"{where}: options.face_model")
+    for key, low, high in (("batch_size", 1, 10 ** 6), ("seed", 0, 2 ** 63), ("world_size", 1, 2 ** 16)):
+        if key in options:
+            validation.integer(options[key], f"{where}: options.{key}", low, high)
+    for key in ("epoch", "position"):
+        if key in data:
+            validation.integer(data[key], f"{where}: data.{key}", 0, MAX_STEP * 10 ** 6)
+    if data.get("crop_scale") is not None:
+        validation.number(data["crop_scale"], f"{where}: data.crop_scale", *CROP_SCALE_RANGE)
+    for prefix in ("optim_G", "optim_D"):
+        if prefix in meta:
+            _check_optimizer_meta(meta[prefix], f"{where}: {prefix}")
+    if "rng" in meta:
+        _check_rng_meta(meta["rng"], f"{where}: rng")
+    for rank, entry in validation.mapping(meta.get("rng_ranks", {}), f"{where}: rng_ranks").items():
+        validation.integer(int(rank) if rank.isdigit() else rank, f"{where}: rng_ranks key", 1, 2 ** 16)
+        _check_rng_meta(entry, f"{where}: rng_ranks.{rank}")
+
+
+def _check_optimizer_meta(entry, where):
+    validation.mapping(entry, where)
+    groups = entry.get("param_groups")
+    if not isinstance(groups, list) or not all(isinstance(group, dict) for group in groups):
+        raise validation.InputError(f"{where}.param_groups must be a list of JSON objects")
+    for group in groups:
+        for key in ("lr", "eps", "weight_decay"):
+            if key in group:
+                validation.number(group[key], f"{where}.param_groups.{key}", 0, 1e6)
+        if not isinstance(group.get("params"), list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 10 ** 6 for i in group["params"]):
+            raise validation.InputError(f"{where}.param_groups.params must be a list of parameter indices")
+    extra = validation.mapping(entry.get("state_extra"), f"{where}.state_extra")
+    for name in extra:
+        index, _, key = name.partition("/")
+        if not index.isdigit() or not key:
+            raise validation.InputError(f"{where}.state_extra has a malformed entry {name[:60]!r}")
+
+
+def _check_rng_meta(entry, where):
+    validation.mapping(entry, where)
+    numpy_state, python_state = entry.get("numpy"), entry.get("python")
+    if not (isinstance(numpy_state, list) and len(numpy_state) == 4 and numpy_state[0] == "MT19937"):
+        raise validation.InputError(f"{where}.numpy must be [\"MT19937\", position, has_gauss, cached]")
+    validation.integer(numpy_state[1], f"{where}.numpy position", 0, 624)
+    validation.integer(numpy_state[2], f"{where}.numpy has_gauss", 0, 1)
+    validation.number(numpy_state[3], f"{where}.numpy cached gaussian")
+    if not (isinstance(python_state, list) and len(python_state) == 3 and isinstance(python_state[1], list)
+            and len(python_state[1]) == 625
+            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 32 for v in python_state[1])):
+        raise validation.InputError(f"{where}.python must be [version, 625 state words, gauss]")
+    validation.integer(python_state[0], f"{where}.python version", 1, 3)
+    if python_state[2] is not None:
+        validation.number(python_state[2], f"{where}.python gauss")
 
 
 def read_checkpoint(path):

@@ -5,7 +5,7 @@ from .trainer import PRECISIONS, RESOLUTIONS, TrainOptions, train
 
 
 def run_train(args):
-    from ..cli import CommandError
+    from ..cli import CommandError, UsageError
 
     options = TrainOptions(
         data=args.data, out=args.out, config=args.config, steps=args.steps, batch_size=args.batch_size,
@@ -15,6 +15,10 @@ def run_train(args):
         seed=args.seed, loader=args.loader, device=args.device, face_model=args.face_model,
         lr_g=args.lr_g, lr_d=args.lr_d, num_workers=args.num_workers, progress=not args.quiet,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile)
+    try:
+        options.validate()
+    except TrainingError as err:
+        raise UsageError(str(err)) from None
     try:
         world = World.from_env()
         last = train(options)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import outputs
+from .. import outputs, validation
 from . import distributed
 from .checkpoints import (
     CHECKPOINT_DIR,
@@ -418,6 +418,7 @@ class Trainer:
             raise
 
     def _build(self, tensors, meta):
+        from ..data.dataset import check_parameter_sizes
         from ..data.loaders import make_loader
         from ..face3d.morphable import load_model
         from ..model import Reenactor, ReenactmentLoss, build_discriminator, get_ops
@@ -458,6 +459,10 @@ class Trainer:
         if model_names and model_names != {self.face_model.name}:
             raise TrainingError(f"the dataset was fitted with face model {sorted(model_names)}, but --face-model "
                                 f"gives {self.face_model.name!r}")
+        try:
+            check_parameter_sizes(loader.dataset.clips, self.face_model)
+        except ValueError as err:
+            raise TrainingError(f"--data {options.data}: {err}") from None
         self.step, epoch, position = 0, 0, 0
         if meta is not None:
             epoch, position = self._restore(tensors, meta)
@@ -486,6 +491,8 @@ class Trainer:
 
         options = self.options
         for name in _FIXED_ON_RESUME:
+            if name not in meta["options"]:
+                raise TrainingError(f"--resume: {self.resumed_from} does not record options.{name}")
             saved = meta["options"][name]
             if getattr(options, name) != saved:
                 raise TrainingError(f"--resume: --{name.replace('_', '-')} {getattr(options, name)} differs from "
@@ -507,12 +514,20 @@ class Trainer:
             self.discriminator.load_state_dict(_module_state(tensors, "D"))
             self.optimizer_g.load_state_dict(_unflatten_optimizer(tensors, "optim_G", meta["optim_G"]))
             self.optimizer_d.load_state_dict(_unflatten_optimizer(tensors, "optim_D", meta["optim_D"]))
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise TrainingError(f"checkpoint {self.resumed_from} does not fit the model: {err}") from None
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as err:
+            first = validation.one_line(err)[:300]
+            raise TrainingError(f"checkpoint {self.resumed_from} does not fit the model: {first}") from None
         self.step = int(meta["step"])
+        if self.step > self.options.steps:
+            raise TrainingError(f"--resume: {self.resumed_from} is at step {self.step}, beyond --steps "
+                                f"{self.options.steps}; pass a larger --steps to train further")
         saved = saved_world_size(meta)
         if saved == self.world.size:
-            restore_rng_state(tensors, meta, self.world.rank)
+            try:
+                restore_rng_state(tensors, meta, self.world.rank)
+            except (KeyError, ValueError, TypeError, RuntimeError) as err:
+                raise TrainingError(f"checkpoint {self.resumed_from}: its RNG state cannot be restored "
+                                    f"({type(err).__name__}: {err})") from None
         else:
             # The data order survives (--batch-size is global), the per-rank RNG streams cannot.
             if self.world.is_main:
@@ -520,6 +535,9 @@ class Trainer:
                             "exactly, but each rank's RNG streams are re-derived from (seed, rank, step)",
                             self.resumed_from, saved, self.world.size)
             _seed_rank(self.options.seed, self.world.rank, self.step)
+        if not {"epoch", "position"} <= set(meta["data"]):
+            raise TrainingError(f"--resume: {self.resumed_from} does not record its data position (data.epoch, "
+                                f"data.position)")
         return int(meta["data"]["epoch"]), int(meta["data"]["position"])
 
     def _meta(self):
