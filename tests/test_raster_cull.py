@@ -77,9 +77,9 @@ def _run_forced(variant, tmp_path):
 @needs_cpuinfo
 @pytest.mark.skipif(os.environ.get("PNCC_RASTER_SIMD", "auto") != "auto",
                     reason="PNCC_RASTER_SIMD forces a variant in this process")
-def test_default_variant_is_the_widest_this_cpu_has():
-    widest = next(v for v in reversed(VARIANTS) if supported(v))
-    assert torch.ops.pncc._raster_cpu_variant() == widest
+def test_default_variant_is_avx512_where_the_cpu_has_it_else_scalar():
+    expected = "avx512" if supported("avx512") else "scalar"
+    assert torch.ops.pncc._raster_cpu_variant() == expected
 
 
 @pytest.mark.parametrize("variant", [

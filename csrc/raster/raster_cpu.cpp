@@ -52,26 +52,26 @@ void for_each_band(int64_t batch, int64_t height, const Fn& fn) {
 
 template <typename T>
 RasterizedBand<T> rasterize_band(const MeshView<T>& mesh, int64_t b, int row_begin, int row_end,
-                                 cull::CullFn cull);
+                                 cull::Variant variant);
 
 template <>
 PNCC_CPU_CLONES RasterizedBand<float> rasterize_band(const MeshView<float>& mesh, int64_t b,
                                                      int row_begin, int row_end,
-                                                     cull::CullFn cull) {
-  return BandBuffer<float>::for_this_thread().rasterize(mesh, b, row_begin, row_end, cull);
+                                                     cull::Variant variant) {
+  return BandBuffer<float>::for_this_thread().rasterize(mesh, b, row_begin, row_end, variant);
 }
 
 template <>
 PNCC_CPU_CLONES RasterizedBand<double> rasterize_band(const MeshView<double>& mesh, int64_t b,
                                                       int row_begin, int row_end,
-                                                      cull::CullFn cull) {
-  return BandBuffer<double>::for_this_thread().rasterize(mesh, b, row_begin, row_end, cull);
+                                                      cull::Variant variant) {
+  return BandBuffer<double>::for_this_thread().rasterize(mesh, b, row_begin, row_end, variant);
 }
 
 // The culling variant, chosen (and any PNCC_RASTER_SIMD error raised) before a parallel region.
-cull::CullFn selected_cull() {
+cull::Variant selected_cull() {
   try {
-    return cull::function(cull::selected());
+    return cull::selected();
   } catch (const std::runtime_error& e) {
     TORCH_CHECK(false, e.what());
   }
@@ -90,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rasterize_cpu(const at::Tensor& v
 
   AT_DISPATCH_FLOATING_TYPES(vertices.scalar_type(), "rasterize_cpu", [&] {
     const MeshView<scalar_t> mesh = mesh_view<scalar_t>(vertices, faces32, height, width);
-    const cull::CullFn cull = selected_cull();
+    const cull::Variant cull = selected_cull();
     int32_t* face_out = face_index.data_ptr<int32_t>();
     scalar_t* bary_out = bary.data_ptr<scalar_t>();
     scalar_t* depth_out = depth.data_ptr<scalar_t>();
@@ -127,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> render_pncc_cpu(const at::Tensor& vertices_in
 
   AT_DISPATCH_FLOATING_TYPES(vertices.scalar_type(), "render_pncc_cpu", [&] {
     const MeshView<scalar_t> mesh = mesh_view<scalar_t>(vertices, faces32, height, width);
-    const cull::CullFn cull = selected_cull();
+    const cull::Variant cull = selected_cull();
     const scalar_t* ncc_data = ncc.data_ptr<scalar_t>();
     const int64_t ncc_batch_stride = ncc.dim() == 3 ? mesh.num_vertices * 3 : 0;
     scalar_t* pncc_out = pncc.data_ptr<scalar_t>();

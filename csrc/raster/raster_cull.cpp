@@ -50,6 +50,19 @@ int cull_scalar(const FixedPoint* points, const int32_t* faces, int32_t first, i
 // target attribute its intrinsics need.
 constexpr int kOneMinusUlp = (1 << kFixedPointShift) - 1;
 
+// The lanes of v selected by `keep`, stored contiguously at `out`; all 16 lanes are written (the
+// buffers have 16 slots of slack), because a compressing store to memory is microcoded on AMD
+// Zen 4 and 5 and costs more than the rest of a batch.
+__attribute__((target("avx512f"))) inline void store_compressed(int32_t* out, __mmask16 keep,
+                                                                __m512i v) {
+  _mm512_storeu_si512(out, _mm512_maskz_compress_epi32(keep, v));
+}
+
+__attribute__((target("avx512f"))) inline void store_compressed(float* out, __mmask16 keep,
+                                                                __m512 v) {
+  _mm512_storeu_ps(out, _mm512_maskz_compress_ps(keep, v));
+}
+
 __attribute__((target("avx512f"))) inline __m512i span_begin16(__m512i lo, __m512i first) {
   const __m512i ceil = _mm512_srai_epi32(_mm512_add_epi32(lo, _mm512_set1_epi32(kOneMinusUlp)),
                                          kFixedPointShift);
@@ -107,11 +120,11 @@ __attribute__((target("avx512f"))) int cull_avx512(const FixedPoint* points,
         valid & _mm512_cmple_epi32_mask(c0, c1) & _mm512_cmple_epi32_mask(r0, r1);
     if (keep == 0) continue;
     const __m512i face = _mm512_add_epi32(lane, _mm512_set1_epi32(first + base));
-    _mm512_mask_compressstoreu_epi32(out.face + n, keep, face);
-    _mm512_mask_compressstoreu_epi32(out.col0 + n, keep, c0);
-    _mm512_mask_compressstoreu_epi32(out.col1 + n, keep, c1);
-    _mm512_mask_compressstoreu_epi32(out.row0 + n, keep, r0);
-    _mm512_mask_compressstoreu_epi32(out.row1 + n, keep, r1);
+    store_compressed(out.face + n, keep, face);
+    store_compressed(out.col0 + n, keep, c0);
+    store_compressed(out.col1 + n, keep, c1);
+    store_compressed(out.row0 + n, keep, r0);
+    store_compressed(out.row1 + n, keep, r1);
     n += __builtin_popcount(keep);
   }
   return n;
@@ -176,17 +189,114 @@ __attribute__((target("avx2"))) int cull_avx2(const FixedPoint* points, const in
   return n;
 }
 
+// ---- vector coverage (raster_math.h's Edge, setup_triangle and cover_sample on 16 lanes) ----
+
+// An Edge of raster_math.h on 16 triangles.
+struct Edge16 {
+  __m512 dx, dy, rx, ry;
+};
+
+__attribute__((target("avx512f"))) inline Edge16 edge16(__m512 x0, __m512 y0, __m512 x1,
+                                                        __m512 y1) {
+  // second_first = (y1 < y0) || (y1 == y0 && x1 < x0); ordered predicates: NaN compares false,
+  // as C++'s < and == do.
+  const __mmask16 second_first =
+      _mm512_cmp_ps_mask(y1, y0, _CMP_LT_OQ) |
+      (_mm512_cmp_ps_mask(y1, y0, _CMP_EQ_OQ) & _mm512_cmp_ps_mask(x1, x0, _CMP_LT_OQ));
+  return {_mm512_sub_ps(x1, x0), _mm512_sub_ps(y1, y0),
+          _mm512_mask_blend_ps(second_first, x0, x1), _mm512_mask_blend_ps(second_first, y0, y1)};
+}
+
+// Edge::operator(): dx * (py - ry) - dy * (px - rx), each product rounded (no FMA).
+__attribute__((target("avx512f"))) inline __m512 edge_value16(const Edge16& e, __m512 px,
+                                                              __m512 py) {
+  return _mm512_sub_ps(_mm512_mul_ps(e.dx, _mm512_sub_ps(py, e.ry)),
+                       _mm512_mul_ps(e.dy, _mm512_sub_ps(px, e.rx)));
+}
+
+// is_finite_value: v - v == 0.
+__attribute__((target("avx512f"))) inline __mmask16 finite16(__m512 v) {
+  return _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), _mm512_setzero_ps(), _CMP_EQ_OQ);
+}
+
+// The inside test of cover_sample for edge e: w > 0, or w == 0 on an edge the triangle owns
+// (owns_edge: the edge flipped to positive orientation has dy < 0, or dy == 0 and dx > 0).
+__attribute__((target("avx512f"))) inline __mmask16 inside16(const Edge16& e, __m512 orient,
+                                                             __m512 w) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 dx = _mm512_mul_ps(orient, e.dx), dy = _mm512_mul_ps(orient, e.dy);
+  const __mmask16 owns = _mm512_cmp_ps_mask(dy, zero, _CMP_LT_OQ) |
+                         (_mm512_cmp_ps_mask(dy, zero, _CMP_EQ_OQ) &
+                          _mm512_cmp_ps_mask(dx, zero, _CMP_GT_OQ));
+  return _mm512_cmp_ps_mask(w, zero, _CMP_GT_OQ) |
+         (_mm512_cmp_ps_mask(w, zero, _CMP_EQ_OQ) & owns);
+}
+
+__attribute__((target("avx512f"))) int cover_avx512(const float* vertices, const int32_t* faces,
+                                                    const SampleJobs& jobs, CoveredSamples& out) {
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  const __m512i zero_i = _mm512_setzero_si512(), three = _mm512_set1_epi32(3);
+  int n = 0;
+  for (int base = 0; base < jobs.n; base += 16) {
+    const int left = jobs.n - base;
+    const __mmask16 valid = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+    const __m512i face = _mm512_maskz_loadu_epi32(valid, jobs.face + base);
+    const __m512i col = _mm512_maskz_loadu_epi32(valid, jobs.col + base);
+    const __m512i row = _mm512_maskz_loadu_epi32(valid, jobs.row + base);
+    const __m512i corner = _mm512_mullo_epi32(face, three);
+    __m512 x[3], y[3], z[3];
+    for (int v = 0; v < 3; ++v) {
+      const __m512i index = _mm512_mask_i32gather_epi32(zero_i, valid, corner, faces + v, 4);
+      const __m512i at = _mm512_mullo_epi32(index, three);
+      x[v] = _mm512_mask_i32gather_ps(zero, valid, at, vertices, 4);
+      y[v] = _mm512_mask_i32gather_ps(zero, valid, at, vertices + 1, 4);
+      z[v] = _mm512_mask_i32gather_ps(zero, valid, at, vertices + 2, 4);
+    }
+    // setup_triangle: edge i is opposite vertex i; the doubled area decides the orientation.
+    const Edge16 e0 = edge16(x[1], y[1], x[2], y[2]);
+    const Edge16 e1 = edge16(x[2], y[2], x[0], y[0]);
+    const Edge16 e2 = edge16(x[0], y[0], x[1], y[1]);
+    const __m512 area = edge_value16(e0, x[0], y[0]);
+    __mmask16 covered =
+        valid & _mm512_cmp_ps_mask(area, zero, _CMP_NEQ_UQ) & finite16(area);  // NaN != 0
+    const __m512 orient = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(area, zero, _CMP_GT_OQ),
+                                               _mm512_set1_ps(-1.0f), one);
+    // cover_sample at (col, row).
+    const __m512 px = _mm512_cvtepi32_ps(col), py = _mm512_cvtepi32_ps(row);
+    const __m512 w0 = _mm512_mul_ps(orient, edge_value16(e0, px, py));
+    const __m512 w1 = _mm512_mul_ps(orient, edge_value16(e1, px, py));
+    const __m512 w2 = _mm512_mul_ps(orient, edge_value16(e2, px, py));
+    covered &= inside16(e0, orient, w0) & inside16(e1, orient, w1) & inside16(e2, orient, w2);
+    if (covered == 0) continue;
+    // bary_from_edges and interpolate_depth.
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(w0, w1), w2);
+    const __m512 inv = _mm512_div_ps(one, sum);
+    const __m512 b0 = _mm512_mul_ps(w0, inv), b1 = _mm512_mul_ps(w1, inv),
+                 b2 = _mm512_mul_ps(w2, inv);
+    const __m512 depth = _mm512_add_ps(
+        _mm512_add_ps(_mm512_mul_ps(b0, z[0]), _mm512_mul_ps(b1, z[1])), _mm512_mul_ps(b2, z[2]));
+    covered &= _mm512_cmp_ps_mask(sum, zero, _CMP_NEQ_UQ) & finite16(sum) & finite16(depth);
+    if (covered == 0) continue;
+    store_compressed(out.face + n, covered, face);
+    store_compressed(out.col + n, covered, col);
+    store_compressed(out.row + n, covered, row);
+    store_compressed(out.bary0 + n, covered, b0);
+    store_compressed(out.bary1 + n, covered, b1);
+    store_compressed(out.bary2 + n, covered, b2);
+    store_compressed(out.depth + n, covered, depth);
+    n += __builtin_popcount(covered);
+  }
+  return n;
+}
+
 #pragma GCC diagnostic pop
 #endif  // PNCC_CULL_SIMD_BUILT
 
 Variant parse_env() {
   const char* env = std::getenv("PNCC_RASTER_SIMD");
   const std::string value = env == nullptr ? "" : env;
-  if (value.empty() || value == "auto") {
-    if (supported(Variant::kAvx512)) return Variant::kAvx512;
-    if (supported(Variant::kAvx2)) return Variant::kAvx2;
-    return Variant::kScalar;
-  }
+  if (value.empty() || value == "auto")  // (avx2 only when asked for: see raster_cull.h)
+    return supported(Variant::kAvx512) ? Variant::kAvx512 : Variant::kScalar;
   for (Variant v : {Variant::kScalar, Variant::kAvx2, Variant::kAvx512}) {
     if (value != name(v)) continue;
     if (!supported(v))
@@ -221,6 +331,14 @@ Variant selected() {
 }
 
 std::string selected_name() { return name(selected()); }
+
+CoverFn cover_function(Variant variant) {
+#if PNCC_CULL_SIMD_BUILT
+  if (variant == Variant::kAvx512) return cover_avx512;
+#endif
+  (void)variant;
+  return nullptr;
+}
 
 CullFn function(Variant variant) {
 #if PNCC_CULL_SIMD_BUILT
