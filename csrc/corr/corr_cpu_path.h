@@ -9,7 +9,8 @@
 // Policy (PNCC_CORR_SIMD, read once per process; the _corr_cpu_path_mode op changes it later):
 //   unset or "auto": the first fp32 call of a shape class (C and Cv, each rounded up to a power of
 //                    two) times one query tile's two products on both paths, a few milliseconds,
-//                    and keeps the faster one for the life of the process;
+//                    and keeps the faster one for the life of the process (ATen's only when
+//                    faster by 10%: see kAtenMargin);
 //   "1":             always the AVX-512 kernels (an error on a CPU without AVX-512F);
 //   "0":             always ATen's GEMMs.
 // The choice is fixed before any parallel region and cached, so the results stay bitwise
