@@ -302,12 +302,13 @@ const acc_t* packed_at(const at::Tensor& packed, int64_t b, int64_t r0, int64_t 
 // One calibration round (corr_cpu_path.h) of the shape class (C, Cv): the forward's two products
 // for one query tile against one key tile, on every thread at once as the kernel runs them (so
 // ATen's GEMMs run single-threaded inside the parallel region there too). Returns the seconds the
-// first task took. The query rows are cut so that a round stays near 2^25 multiply-adds.
+// first task took. The query rows are cut so that a round stays near 2^24 multiply-adds (64 rows
+// at C = Cv = 256): the 12 rounds of a calibration then take a few milliseconds.
 class TileProductTimer {
  public:
   TileProductTimer(int64_t C, int64_t Cv)
       : C_(C), Cv_(Cv),
-        rows_(std::clamp<int64_t>((int64_t(1) << 25) / (kTileK * (C + Cv)), 8, kFwdTileQ)),
+        rows_(std::clamp<int64_t>((int64_t(1) << 24) / (kTileK * (C + Cv)), 8, kFwdTileQ)),
         tiles_(std::max<int64_t>(1, at::get_num_threads())) {
     for (Tile& t : tiles_) {
       t.q.resize(rows_ * C);
