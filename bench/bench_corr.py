@@ -3,7 +3,10 @@
 Workload (DESIGN.md): N = 64x64 = 4096 queries and keys, C = 256, Cv = 256 (and Cv = 3 for an RGB
 warp), forward and forward+backward, at B = 1, 4 and 16 (CPU: B = 1 and 4; B = 16 takes minutes
 per row on a 2-core machine). Rows:
-  corr_warp  the fused op;
+  corr_warp  the fused op (on the CPU: the path its calibration chose, named in the table);
+  corr_warp [simd], corr_warp [aten]
+             CPU only, on a CPU with AVX-512F: the fused op forced onto the project's AVX-512
+             kernels or onto ATen's GEMMs (csrc/corr/corr_cpu_path.h), to check the choice;
   unfused    pncc_cuda.reference.corr_warp_reference (normalise, matmul, softmax, matmul);
   sdpa       torch.nn.functional.scaled_dot_product_attention on explicitly normalised inputs,
              scale = 1/temperature (what a user would write instead); with --sdpa-backends, one
@@ -35,9 +38,10 @@ import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import pncc_cuda  # noqa: E402
+from cpu_info import describe as describe_cpu  # noqa: E402
 from pncc_cuda.reference import corr_warp_normalize, corr_warp_reference  # noqa: E402
 from test_corr import _inputs, _peak_cpu_bytes  # noqa: E402  (the tests' fixtures)
 
@@ -49,8 +53,22 @@ def sdpa(q, k, v, temperature):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=1.0 / temperature)
 
 
+# The mode this process started in (PNCC_CORR_SIMD, "auto" when unset): the "corr_warp" row's.
+START_MODE = torch.ops.pncc._corr_cpu_path_mode("")
+
+
+def on_cpu_path(mode):
+    """corr_warp with the CPU path mode set first (a mutex and a flag: negligible in the timing)."""
+    def fn(q, k, v, t):
+        torch.ops.pncc._corr_cpu_path_mode(mode)
+        return pncc_cuda.corr_warp(q, k, v, t)
+    return fn
+
+
 IMPLS = {
-    "corr_warp": lambda q, k, v, t: pncc_cuda.corr_warp(q, k, v, t),
+    "corr_warp": on_cpu_path(START_MODE),
+    "corr_warp [simd]": on_cpu_path("simd"),
+    "corr_warp [aten]": on_cpu_path("aten"),
     "unfused": lambda q, k, v, t: corr_warp_reference(q, k, v, t),
     "sdpa": sdpa,
 }
@@ -67,10 +85,11 @@ def pinned_sdpa(backend):
     return fn
 
 
-def implementations(sdpa_backends, q, k, v):
+def implementations(device, sdpa_backends, q, k, v):
     """{row name: fn} and {row name: why it was not run}, probing each pinned backend once on
     the real inputs (a backend's support depends on dtype, head dims and device)."""
-    impls = {name: fn for name, fn in IMPLS.items() if not (sdpa_backends and name == "sdpa")}
+    impls = {name: IMPLS[name] for name in impls_for(device)
+             if not (sdpa_backends and name == "sdpa")}
     rejected = {}
     for backend in SDPA_BACKENDS if sdpa_backends else ():
         name = "sdpa:" + backend.removesuffix("_ATTENTION").lower()
@@ -86,6 +105,22 @@ def implementations(sdpa_backends, q, k, v):
             continue
         impls[name] = fn
     return impls, rejected
+
+
+def impls_for(device):
+    """The rows that apply: the forced-path rows only on a CPU that has both paths."""
+    forced = device == "cpu" and torch.ops.pncc._corr_cpu_path_stats()[0] == 1
+    return [name for name in IMPLS if forced or not name.startswith("corr_warp [")]
+
+
+def calibration_ms(C, Cv):
+    """Milliseconds of the CPU path calibration of one shape class (a fresh one is forced)."""
+    previous = torch.ops.pncc._corr_cpu_path_mode("recalibrate")
+    start = time.perf_counter()
+    path = torch.ops.pncc._corr_cpu_path(C, Cv)
+    ms = (time.perf_counter() - start) * 1e3
+    torch.ops.pncc._corr_cpu_path_mode(previous)
+    return path, ms
 
 
 def _sync(device):
@@ -123,9 +158,14 @@ def peak_bytes(step, device):
 def run_config(device, dtype, B, N, C, Cv, backward, repeats, warmup=1, sdpa_backends=False):
     q, k, v = _inputs(B, N, N, C, Cv, dtype=dtype, device=device)
     grad_out = torch.randn(B, N, Cv, dtype=dtype, device=device)
-    impls, rejected = implementations(sdpa_backends, q, k, v)
+    impls, rejected = implementations(device, sdpa_backends, q, k, v)
     steps = {name: make_step(fn, q, k, v, grad_out, backward) for name, fn in impls.items()}
     times = {name: [] for name in steps}
+    if device == "cpu":
+        torch.ops.pncc._corr_cpu_path_mode(START_MODE)
+        path = torch.ops.pncc._corr_cpu_path(C, Cv)
+    else:
+        path = None
     for _ in range(warmup):
         for step in steps.values():
             step()
@@ -143,7 +183,8 @@ def run_config(device, dtype, B, N, C, Cv, backward, repeats, warmup=1, sdpa_bac
     rows = []
     for name, step in steps.items():
         ms = statistics.median(times[name]) * 1e3
-        rows.append(dict(impl=name, **shape, ms=ms, ms_all=[t * 1e3 for t in times[name]],
+        impl = f"corr_warp [{path}, chosen]" if name == "corr_warp" and path else name
+        rows.append(dict(impl=impl, **shape, ms=ms, ms_all=[t * 1e3 for t in times[name]],
                          tflops=flops / (ms * 1e-3) / 1e12,
                          peak_mib=peak_bytes(step, device) / 2**20))
     sdpa_ms = min(r["ms"] for r in rows if r["impl"].startswith("sdpa"))
@@ -197,13 +238,19 @@ def main(argv=None):
                 rows += run_config(args.device, dtype, B, n, c, cv, backward, repeats,
                                    sdpa_backends=args.sdpa_backends)
     table = markdown(rows)
-    print(f"threads={torch.get_num_threads()} torch={torch.__version__}\n")
+    cpu = describe_cpu()
+    print(f"CPU: {cpu}\n")
+    if args.device == "cpu":
+        for cv in cvs:
+            path, ms = calibration_ms(c, cv)
+            print(f"CPU path calibration for C={c}, Cv={cv}: {ms:.1f} ms, chose {path}")
+        print()
     print(table)
     out_dir = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"bench_corr_{args.device}{'_smoke' if args.smoke else ''}.json"
     (out_dir / name).write_text(json.dumps(dict(
-        machine=dict(device=args.device, threads=torch.get_num_threads(),
+        machine=dict(device=args.device, cpu=cpu, threads=torch.get_num_threads(),
                      torch=torch.__version__,
                      gpu=torch.cuda.get_device_name() if args.device == "cuda" else None),
         rows=rows), indent=1))
@@ -223,6 +270,8 @@ def test_bench_corr(benchmark, device, backward, impl):
     # bench/ has no conftest of its own: skip here, at run time, rather than query at import.
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device; none is visible")
+    if impl not in impls_for(device):
+        pytest.skip(f"{impl}: this CPU has only one corr_warp path")
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     s = _SIZES
     q, k, v = _inputs(s["B"], s["N"], s["N"], s["C"], s["Cv"], dtype=dtype, device=device)

@@ -33,6 +33,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 
+from cpu_info import describe as describe_cpu  # noqa: E402  (bench/, the script's directory)
 from reenact.data import loaders, synth  # noqa: E402
 from reenact.data import prepare as prep  # noqa: E402
 from reenact.data.dataset import ClipDataset  # noqa: E402
@@ -137,8 +138,10 @@ def main(argv=None):
     finally:
         shutil.rmtree(work, ignore_errors=True)
     meta = {"torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+            "cpu": describe_cpu(),
             "cpu_count": os.cpu_count(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "clip_size": size, "clips": clips, "frames_per_clip": frames, "steps": steps, "smoke": args.smoke}
+    print(f"CPU: {meta['cpu']}\n")
     print(markdown(loader, prepare, meta))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

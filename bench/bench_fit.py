@@ -30,6 +30,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 
+from cpu_info import describe as describe_cpu  # noqa: E402  (bench/, the script's directory)
 from reenact.face3d.fit import fit_landmarks  # noqa: E402
 from reenact.face3d.morphable import load_npz_model  # noqa: E402
 from reenact.face3d.pose import axis_angle_to_matrix, decompose_pose, rotation_angle_between  # noqa: E402
@@ -214,10 +215,12 @@ def main(argv=None):
         identity_rows.append(identity)
         speed_rows += speed(name, model, frames, scipy_frames)
     table = markdown(accuracy_rows, identity_rows, speed_rows)
+    print(f"CPU: {describe_cpu()}\n")
     print(table)
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+            "cpu": describe_cpu(),
             "cpu_count": os.cpu_count(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     (out / "fit.json").write_text(json.dumps({"meta": meta, "accuracy": accuracy_rows, "identity": identity_rows,
                                               "speed": speed_rows}, indent=2))

@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ import torch  # noqa: E402
 from model_fixtures import synthetic_batch  # noqa: E402  (the tests' inputs)
 from reenact.model import LossConfig, ReenactmentLoss, Reenactor, ReenactorConfig  # noqa: E402
 from bench_corr import peak_bytes  # noqa: E402  (CUDA allocator peak, or the CPU profiler's)
+from cpu_info import describe as describe_cpu  # noqa: E402
 
 OPS = ("fused", "reference")
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
@@ -280,9 +280,7 @@ def main(argv=None):
         table += "\nInference (`reenact reenact`'s generator calls), one source:\n\n"
         table += markdown_animate(animate_rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    machine = (torch.cuda.get_device_name() if args.device == "cuda"
-               else f"{platform.processor() or platform.machine()}, "
-                    f"{torch.get_num_threads()} threads")
+    machine = (torch.cuda.get_device_name() if args.device == "cuda" else describe_cpu())
     stem = (f"bench_model_{args.device}_{args.config}_{args.resolution}"
             f"_corr{args.resolution >> args.correspondence_level}_{args.dtype}")
     if args.device == "cpu":
@@ -292,6 +290,7 @@ def main(argv=None):
     (args.out / f"{stem}.json").write_text(json.dumps(
         {"machine": machine, "torch": torch.__version__, "rows": rows,
          "animate_rows": animate_rows}, indent=2) + "\n")
+    print(f"Machine: {machine}; torch {torch.__version__}\n")
     print(table, end="")
 
 

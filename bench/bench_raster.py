@@ -1,10 +1,17 @@
 """Rasterizer benchmark: render_pncc on real face meshes at 256x256.
 
-Rows, measured in one run so that ratios are meaningful:
-  - render_pncc on the CPU with 1 thread and with every thread;
-  - the unfused path a user could compose from our own ops (rasterize + interpolate + permute);
-  - the pure-PyTorch reference (pncc_cuda.reference), the baseline every ratio is taken to;
+Rows, measured in one run so that ratios are meaningful, timed in interleaved rounds within each
+thread count (every row of a group runs with the same number of threads, and a burst of load on a
+shared machine hits all of them alike). Wall and CPU time are both reported; the single-thread
+ratios use the thread's CPU time, which a busy neighbour does not stretch:
+  - 1 thread: render_pncc; the classic per-triangle z-buffer loop in C++ the way 3DDFA_V2's Sim3DR
+    renders (bench/cpp/classic_zbuffer.cpp, compiled with -O2 here), the baseline users would pick
+    instead and the one the "x classic loop" column is taken to; the pure-PyTorch reference;
+  - every thread: render_pncc; the unfused path a user could compose from our own ops
+    (rasterize + interpolate + permute); the reference;
   - render_pncc on CUDA, when a GPU is visible.
+Then the CPU rasterizer's time split (cull, cover, resolve) and triangle-rejection rate for every
+culling variant this CPU supports (bench/cpp/raster_split.cpp, one thread, one image).
 
 Run as a script for the markdown table, JSON (bench/out/raster.json) and a plot
 (bench/out/raster.png):
@@ -13,10 +20,12 @@ or through pytest-benchmark:
     python -m pytest bench/bench_raster.py --benchmark-only
 """
 import argparse
+import ctypes
 import json
 import pathlib
-import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 
@@ -26,8 +35,10 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if any((ROOT / "pncc_cuda").glob("_C*.so")):
     sys.path[:0] = [str(ROOT), str(ROOT / "python")]
+sys.path.insert(0, str(ROOT / "bench"))
 
 import pncc_cuda  # noqa: E402
+from cpu_info import describe as describe_cpu  # noqa: E402
 from pncc_cuda import reference  # noqa: E402
 from pncc_cuda.testing import face_mesh  # noqa: E402
 
@@ -35,6 +46,9 @@ SIZE = 256
 MESHES = (76073, 105840)
 BATCHES = (1, 32)
 CUDA_BATCHES = (1, 32, 256)  # the issue's CUDA target is stated at batch 256
+CLASSIC = "classic loop, C++ -O2 (Sim3DR style)"
+# The extension's own compiler flags (setup.py), for the time split of its rasterizer.
+EXTENSION_FLAGS = ["-O3", "-ffp-contract=off", "-std=c++17"]
 
 
 def synchronize(device):
@@ -42,17 +56,49 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def median_seconds(fn, device, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def build_native(out_dir):
+    """Compiles the classic loop (-O2) and the time-split probe (the extension's flags) into
+    shared libraries -> (classic, split) ctypes handles, or (None, None) without a C++ compiler."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        print("no C++ compiler found: the classic-loop rows and the time split are skipped",
+              file=sys.stderr)
+        return None, None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    builds = {
+        "classic": (["-O2"], [ROOT / "bench/cpp/classic_zbuffer.cpp"]),
+        "split": (EXTENSION_FLAGS, [ROOT / "bench/cpp/raster_split.cpp",
+                                    ROOT / "csrc/raster/raster_cull.cpp"]),
+    }
+    libs = []
+    for name, (flags, sources) in builds.items():
+        target = out_dir / f"libbench_{name}.so"
+        subprocess.run([compiler, *flags, "-shared", "-fPIC", f"-I{ROOT / 'csrc'}",
+                        *map(str, sources), "-o", str(target)], check=True)
+        libs.append(ctypes.CDLL(str(target)))
+    classic, split = libs
+    pointer = ctypes.c_void_p
+    classic.classic_render.argtypes = [pointer, pointer, ctypes.c_int, pointer, ctypes.c_int,
+                                       ctypes.c_int, pointer, pointer]
+    split.raster_split.argtypes = [pointer, ctypes.c_int, pointer, ctypes.c_int, pointer,
+                                   ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+                                   pointer]
+    return classic, split
+
+
+def classic_renderer(lib, faces, ncc):
+    """render(vertices (B, V, 3)) with the classic loop, image by image, into reused buffers."""
+    faces = faces.contiguous()
+    ncc = ncc.contiguous()
+    depth = torch.empty(SIZE, SIZE)
+    image = torch.empty(SIZE, SIZE, 3)
+
+    def render(vertices, *_):
+        for b in range(vertices.shape[0]):
+            lib.classic_render(vertices[b].data_ptr(), faces.data_ptr(), faces.shape[0],
+                               ncc.data_ptr(), SIZE, SIZE, depth.data_ptr(), image.data_ptr())
+        return image
+    return render
 
 
 def unfused(vertices, faces, ncc, height, width):
@@ -61,20 +107,47 @@ def unfused(vertices, faces, ncc, height, width):
     return pncc.contiguous(), (face_index >= 0).unsqueeze(1)
 
 
-def candidates(device, all_threads):
-    """(row name, function, thread count or None) for one device."""
-    if device == "cpu":
-        return [
-            ("render_pncc (CPU, 1 thread)", pncc_cuda.render_pncc, 1),
-            (f"render_pncc (CPU, {all_threads} threads)", pncc_cuda.render_pncc, all_threads),
-            (f"rasterize+interpolate, unfused (CPU, {all_threads} threads)", unfused, all_threads),
-            (f"reference, PyTorch (CPU, {all_threads} threads)", reference.render_pncc_reference, all_threads),
-        ]
-    return [
-        ("render_pncc (CUDA)", pncc_cuda.render_pncc, None),
-        ("rasterize+interpolate, unfused (CUDA)", unfused, None),
-        ("reference, PyTorch (CUDA)", reference.render_pncc_reference, None),
-    ]
+def candidates(device, all_threads, classic):
+    """Groups of (row name, function, is the reference), each group timed interleaved with the
+    group's thread count (None on CUDA) -> [(threads, rows)]."""
+    if device == "cuda":
+        return [(None, [("render_pncc (CUDA)", pncc_cuda.render_pncc, False),
+                        ("rasterize+interpolate, unfused (CUDA)", unfused, False),
+                        ("reference, PyTorch (CUDA)", reference.render_pncc_reference, True)])]
+    one = [("render_pncc (CPU, 1 thread)", pncc_cuda.render_pncc, False)]
+    if classic is not None:
+        one.append((f"{CLASSIC} (CPU, 1 thread)", classic, False))
+    one.append(("reference, PyTorch (CPU, 1 thread)", reference.render_pncc_reference, True))
+    groups = [(1, one)]
+    if all_threads > 1:
+        groups.append((all_threads, [
+            (f"render_pncc (CPU, {all_threads} threads)", pncc_cuda.render_pncc, False),
+            (f"rasterize+interpolate, unfused (CPU, {all_threads} threads)", unfused, False),
+            (f"reference, PyTorch (CPU, {all_threads} threads)", reference.render_pncc_reference,
+             True)]))
+    return groups
+
+
+def interleaved_medians(fns, device, repeats, sparse, cpu_clock, warmup=2):
+    """Median wall and CPU seconds of each callable of `fns` (name -> fn), timed in interleaved
+    rounds -> ({name: wall s}, {name: CPU s}). `cpu_clock` is time.thread_time for one thread
+    (everything then runs on the calling thread) or time.process_time. The names in `sparse`
+    (the slow reference) run only every third round."""
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            if name in sparse and round_ >= warmup and (round_ - warmup) % 3:
+                continue
+            synchronize(device)
+            start, cpu_start = time.perf_counter(), cpu_clock()
+            fn()
+            synchronize(device)
+            if round_ >= warmup:
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(cpu_clock() - cpu_start)
+    return ({name: statistics.median(t) for name, t in wall.items()},
+            {name: statistics.median(t) for name, t in cpu.items()})
 
 
 def peak_memory_ratio(vertices, faces, ncc):
@@ -92,7 +165,8 @@ def peak_memory_ratio(vertices, faces, ncc):
     return peak / bound
 
 
-def run(meshes=MESHES, batches=BATCHES, repeats=15, devices=None, cuda_batches=CUDA_BATCHES):
+def run(meshes=MESHES, batches=BATCHES, repeats=15, devices=None, cuda_batches=CUDA_BATCHES,
+        classic_lib=None):
     devices = devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     all_threads = torch.get_num_threads()
     rows = []
@@ -100,56 +174,98 @@ def run(meshes=MESHES, batches=BATCHES, repeats=15, devices=None, cuda_batches=C
         mesh = face_mesh(num_faces, size=SIZE)
         for device in devices:
             faces, ncc = mesh.faces.to(device), mesh.ncc.to(device)
+            classic = classic_renderer(classic_lib, faces, ncc) if classic_lib and device == "cpu" \
+                else None
             for batch in batches if device == "cpu" else cuda_batches:
                 vertices = mesh.batch(batch).to(device)
-                group = []
-                for name, fn, threads in candidates(device, all_threads):
+                for threads, group_rows in candidates(device, all_threads, classic):
                     if threads:
                         torch.set_num_threads(threads)
-                    is_reference = fn is reference.render_pncc_reference
-                    n = max(3, repeats // 3) if is_reference else repeats
-                    seconds = median_seconds(lambda: fn(vertices, faces, ncc, SIZE, SIZE), device, n)
-                    group.append(
-                        {
-                            "mesh": mesh.source,
-                            "triangles": num_faces,
-                            "batch": batch,
-                            "device": device,
-                            "row": name,
-                            "ms_per_image": 1e3 * seconds / batch,
-                            "images_per_s": batch / seconds,
-                            "is_reference": is_reference,
-                        }
-                    )
-                    if device == "cuda" and fn is pncc_cuda.render_pncc:
-                        group[-1]["peak_memory_vs_outputs_plus_zbuffer"] = peak_memory_ratio(
-                            vertices, faces, ncc)
-                torch.set_num_threads(all_threads)
-                ref = next(r for r in group if r["is_reference"])
-                for r in group:
-                    r["speedup_vs_reference"] = ref["ms_per_image"] / r["ms_per_image"]
-                rows += group
+                    fns = {name: (lambda fn=fn: fn(vertices, faces, ncc, SIZE, SIZE))
+                           for name, fn, _ in group_rows}
+                    sparse = {name for name, _, is_ref in group_rows if is_ref}
+                    # On a shared machine a busy neighbour stretches wall time but not the CPU
+                    # time of a single thread: the 1-thread ratios are taken from the latter.
+                    cpu_clock = time.thread_time if threads == 1 else time.process_time
+                    seconds, cpu_seconds = interleaved_medians(fns, device, repeats, sparse,
+                                                               cpu_clock)
+                    group = []
+                    for name, fn, is_reference in group_rows:
+                        group.append({
+                            "mesh": mesh.source, "triangles": num_faces, "batch": batch,
+                            "device": device, "threads": threads, "row": name,
+                            "ms_per_image": 1e3 * seconds[name] / batch,
+                            "cpu_ms_per_image": 1e3 * cpu_seconds[name] / batch,
+                            "images_per_s": batch / seconds[name], "is_reference": is_reference,
+                        })
+                        if device == "cuda" and fn is pncc_cuda.render_pncc:
+                            group[-1]["peak_memory_vs_outputs_plus_zbuffer"] = peak_memory_ratio(
+                                vertices, faces, ncc)
+                    torch.set_num_threads(all_threads)
+                    ref = next(r for r in group if r["is_reference"])
+                    base = next((r for r in group if r["row"].startswith(CLASSIC)), None)
+                    # Ratios of CPU time on one thread (see above), of wall time otherwise.
+                    key = "cpu_ms_per_image" if threads == 1 else "ms_per_image"
+                    for r in group:
+                        r["speedup_vs_reference"] = ref[key] / r[key]
+                        if base is not None:
+                            r["time_vs_classic_loop"] = r[key] / base[key]
+                    rows += group
     return rows
+
+
+def time_split(split_lib, num_faces, repeats):
+    """The CPU rasterizer's cull / cover / resolve times and rejection rate, per culling variant
+    this CPU supports (one thread, one image; raster_split.cpp)."""
+    mesh = face_mesh(num_faces, size=SIZE)
+    vertices, faces, ncc = mesh.vertices.contiguous(), mesh.faces.contiguous(), mesh.ncc.contiguous()
+    rows = []
+    for variant in ("scalar", "avx2", "avx512"):
+        out = (ctypes.c_double * 5)()
+        status = split_lib.raster_split(vertices.data_ptr(), vertices.shape[0], faces.data_ptr(),
+                                        faces.shape[0], ncc.data_ptr(), SIZE, SIZE,
+                                        variant.encode(), repeats, out)
+        if status != 0:
+            continue  # not supported on this CPU
+        cull, cover, resolve, survivors, covered = out
+        rows.append({"mesh": mesh.source, "triangles": num_faces, "variant": variant,
+                     "cull_ms": 1e3 * cull, "cover_ms": 1e3 * cover, "resolve_ms": 1e3 * resolve,
+                     "total_ms": 1e3 * (cull + cover + resolve),
+                     "rejected": 1.0 - survivors / num_faces, "covered_pixels": int(covered)})
+    return rows
+
+
+def markdown_split(rows):
+    lines = ["| mesh | triangles | culling variant | cull ms | cover ms | resolve ms | total ms "
+             "| triangles rejected |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['mesh']} | {r['triangles']} | {r['variant']} | {r['cull_ms']:.3f} | "
+                     f"{r['cover_ms']:.3f} | {r['resolve_ms']:.3f} | {r['total_ms']:.3f} | "
+                     f"{100 * r['rejected']:.1f}% |")
+    return "\n".join(lines)
 
 
 def markdown(rows):
     lines = [
-        "| mesh | triangles | batch | row | ms / image | images / s | x reference | peak mem / bound |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
+        "| mesh | triangles | batch | row | ms / image | CPU ms / image | images / s "
+        "| time / classic loop | x reference | peak mem / bound |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         memory = r.get("peak_memory_vs_outputs_plus_zbuffer")
+        classic = r.get("time_vs_classic_loop")
         lines.append(
             f"| {r['mesh']} | {r['triangles']} | {r['batch']} | {r['row']} | "
-            f"{r['ms_per_image']:.3f} | {r['images_per_s']:.0f} | {r['speedup_vs_reference']:.1f} | "
+            f"{r['ms_per_image']:.3f} | {r['cpu_ms_per_image']:.3f} | {r['images_per_s']:.0f} | "
+            f"{'-' if classic is None else f'{classic:.2f}x'} | {r['speedup_vs_reference']:.1f} | "
             f"{'-' if memory is None else f'{memory:.2f}'} |"
         )
     return "\n".join(lines)
 
 
 def machine():
-    info = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+    info = {"cpu": describe_cpu(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "raster_cull_variant": torch.ops.pncc._raster_cpu_variant()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -201,15 +317,26 @@ def main(argv=None):
     if args.export_mesh:
         export_mesh(face_mesh(76073, size=SIZE), args.export_mesh)
         return []
+    classic_lib, split_lib = build_native(args.out / "lib")
     if args.smoke:
-        rows = run(meshes=(76073,), batches=(1,), repeats=3)
+        rows = run(meshes=(76073,), batches=(1,), repeats=3, classic_lib=classic_lib)
     else:
         rows = run(meshes=args.meshes or MESHES, batches=args.batches or BATCHES,
                    repeats=args.repeats, devices=args.devices,
-                   cuda_batches=args.batches or CUDA_BATCHES)
+                   cuda_batches=args.batches or CUDA_BATCHES, classic_lib=classic_lib)
+    split_rows = []
+    if split_lib is not None and "cpu" in (args.devices or ["cpu"]):
+        for num_faces in (76073,) if args.smoke else MESHES:
+            split_rows += time_split(split_lib, num_faces, 3 if args.smoke else 4 * args.repeats)
+    info = machine()
+    print(f"CPU: {info['cpu']}; culling variant in use: {info['raster_cull_variant']}\n")
     print(markdown(rows))
+    if split_rows:
+        print("\nCPU rasterizer time split (one thread, one image):\n")
+        print(markdown_split(split_rows))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "raster.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    (args.out / "raster.json").write_text(
+        json.dumps({"machine": info, "rows": rows, "time_split": split_rows}, indent=2))
     try:
         plot(rows, args.out / "raster.png")
     except ImportError:

@@ -199,9 +199,10 @@ def main(argv=None):
                 case = dataclasses.replace(case, correspondence_level=args.correspondence_level)
             rows += run_case(case, pathlib.Path(workdir))
     table = markdown(rows)
+    info = machine()
+    print(f"Machine: {info}\n")
     print(table, end="")
     args.out.mkdir(parents=True, exist_ok=True)
-    info = machine()
     (args.out / "train.md").write_text(f"Machine: {info}\n\n" + table)
     (args.out / "train.json").write_text(json.dumps({"machine": info, "smoke": args.smoke, "rows": rows}, indent=2) + "\n")
     try:

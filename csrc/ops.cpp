@@ -6,6 +6,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "corr/corr_cpu_path.h"
+#include "raster/raster_cull.h"
+
 // An empty Python module, so that `import pncc_cuda._C` loads this shared library and runs the
 // registrations below. The package imports it before any Python-side registration.
 extern "C" PyObject* PyInit__C(void) {
@@ -32,6 +35,9 @@ TORCH_LIBRARY(pncc, m) {
   m.def(
       "render_pncc(Tensor vertices, Tensor faces, Tensor ncc, int height, int width)"
       " -> (Tensor pncc, Tensor mask)");
+  // The CPU rasterizer's triangle-culling variant (csrc/raster/raster_cull.h): "avx512", "avx2"
+  // or "scalar". Takes no tensor, so it is defined here with its one kernel.
+  m.def("_raster_cpu_variant() -> str", &pncc::raster::cull::selected_name);
 
   // ---- correspondence softmax-warp (csrc/corr) ----
   m.def(
@@ -41,4 +47,10 @@ TORCH_LIBRARY(pncc, m) {
       "_corr_warp_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out,"
       " Tensor lse, float temperature, bool normalize, float eps)"
       " -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+  // Which CPU implementation runs fp32 corr_warp's tile products (csrc/corr/corr_cpu_path.h):
+  // for tests, benchmarks and bug reports. They take no tensor, so they are defined here with
+  // their one kernel.
+  m.def("_corr_cpu_path(int channels, int value_channels) -> str", &pncc::corr::path::path_for);
+  m.def("_corr_cpu_path_mode(str mode) -> str", &pncc::corr::path::set_mode);
+  m.def("_corr_cpu_path_stats() -> int[]", &pncc::corr::path::stats);
 }

@@ -4,10 +4,10 @@
 // pointers into the tile buffers, the softmax bookkeeping runs on the tile in place, so no
 // (Nq x Nk) tensor is ever allocated. The per-element maths comes from corr_math.h.
 //
-// Two implementations of the GEMMs and row passes, one loop structure: with fp32 accumulation on
-// a CPU with AVX-512F, the kernels of corr_cpu_simd.h (about twice MKL's speed on AMD, where MKL
-// runs its AVX2 code; see that header); otherwise (float64, other CPUs, PNCC_CORR_SIMD=0) ATen's
-// GEMMs (MKL) on views of the same buffers and ATen's vectorised exp.
+// Two implementations of the GEMMs and row passes, one loop structure: the kernels of
+// corr_cpu_simd.h (fp32 accumulation on a CPU with AVX-512F), or ATen's GEMMs (MKL) on views of
+// the same buffers and ATen's vectorised exp. Which one runs fp32 is measured per machine and
+// shape class (corr_cpu_path.h); float64 always takes ATen's.
 //
 // Determinism: the work partition depends on the sizes only, never on the thread count, and
 // every floating-point sum has a fixed order. The forward owns one (batch, query tile) per task.
@@ -20,11 +20,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
 #include "corr/corr_check.h"
+#include "corr/corr_cpu_path.h"
 #include "corr/corr_cpu_simd.h"
 #include "corr/corr_math.h"
 
@@ -225,22 +228,17 @@ void scale_row(bool fast, acc_t* x, int64_t n, acc_t s) {
   for (int64_t j = 0; j < n; ++j) x[j] *= s;
 }
 
-// Whether the AVX-512 kernels of corr_cpu_simd.h run: fp32 accumulation on a CPU that has them.
-template <typename acc_t>
-bool use_simd() {
-  return std::is_same_v<acc_t, float> && simd::available();
-}
-
 // C (m x n, row stride ldc) = A B, or C + A B when `accumulate`, on raw pointers, where
 //   A(i, kk) = a[i * a_rs + kk * a_cs] and B(kk, j) = b[kk * b_rs + j * b_cs].
-// On the SIMD path a B with b_cs != 1 (the transpose of a row-major matrix) is read from
-// `b_packed`, its pack_transposed form; elsewhere ATen's GEMM (MKL) runs on views of the buffers.
+// On the SIMD path (`simd`, fp32 only) a B with b_cs != 1 (the transpose of a row-major matrix)
+// is read from `b_packed`, its pack_transposed form; otherwise ATen's GEMM (MKL) runs on views of
+// the buffers.
 template <typename acc_t>
-void tile_gemm(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t a_rs, int64_t a_cs,
-               const acc_t* b, int64_t b_rs, int64_t b_cs, const acc_t* b_packed, acc_t* c,
-               int64_t ldc, bool accumulate) {
+void gemm_on_path(bool simd, int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t a_rs,
+                  int64_t a_cs, const acc_t* b, int64_t b_rs, int64_t b_cs, const acc_t* b_packed,
+                  acc_t* c, int64_t ldc, bool accumulate) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (simd::available()) {
+    if (simd) {
       if (b_cs == 1) {
         simd::gemm(m, n, k, a, a_rs, a_cs, b, b_rs, simd::kPanel, c, ldc, accumulate);
       } else {
@@ -261,11 +259,21 @@ void tile_gemm(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t a_rs, in
     at::mm_out(tc, ta, tb);
 }
 
+// gemm_on_path, counted for the _corr_cpu_path_stats debug op (one relaxed atomic add per tile
+// product, each of which is tens of microseconds or more).
+template <typename acc_t>
+void tile_gemm(bool simd, int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t a_rs,
+               int64_t a_cs, const acc_t* b, int64_t b_rs, int64_t b_cs, const acc_t* b_packed,
+               acc_t* c, int64_t ldc, bool accumulate) {
+  path::count_product(std::is_same_v<acc_t, float> && simd);
+  gemm_on_path<acc_t>(simd, m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, b_packed, c, ldc, accumulate);
+}
+
 // pack_transposed of every (rows x cols) matrix of a contiguous (batch, rows, cols) fp32 tensor,
 // for the SIMD path's B operands (an undefined tensor elsewhere). O(batch * rows * cols) memory.
 template <typename acc_t>
-at::Tensor pack_rows_transposed(const at::Tensor& x) {
-  if (!use_simd<acc_t>()) return at::Tensor();
+at::Tensor pack_rows_transposed(bool simd, const at::Tensor& x) {
+  if (!(std::is_same_v<acc_t, float> && simd)) return at::Tensor();
   const int64_t rows = x.size(-2), cols = x.size(-1);
   const int64_t batch = x.numel() / std::max<int64_t>(rows * cols, 1);
   const int64_t per = simd::packed_size(rows, cols), panels = ceil_div(rows, simd::kPanel);
@@ -291,6 +299,70 @@ const acc_t* packed_at(const at::Tensor& packed, int64_t b, int64_t r0, int64_t 
   return nullptr;
 }
 
+// One calibration round (corr_cpu_path.h) of the shape class (C, Cv): the forward's two products
+// for one query tile against one key tile, on every thread at once as the kernel runs them (so
+// ATen's GEMMs run single-threaded inside the parallel region there too). Returns the seconds the
+// first task took. The query rows are cut so that a round stays near 2^24 multiply-adds (64 rows
+// at C = Cv = 256): the 12 rounds of a calibration then take a few milliseconds.
+class TileProductTimer {
+ public:
+  TileProductTimer(int64_t C, int64_t Cv)
+      : C_(C), Cv_(Cv),
+        rows_(std::clamp<int64_t>((int64_t(1) << 24) / (kTileK * (C + Cv)), 8, kFwdTileQ)),
+        tiles_(std::max<int64_t>(1, at::get_num_threads())) {
+    for (Tile& t : tiles_) {
+      t.q.resize(rows_ * C);
+      t.k.resize(kTileK * C);
+      t.v.resize(kTileK * Cv);
+      t.s.resize(rows_ * kTileK);
+      t.out.resize(rows_ * Cv);
+      t.k_packed.resize(simd::packed_size(kTileK, C));
+      // Small values of mixed sign: the products must not overflow or denormalise.
+      for (size_t i = 0; i < t.q.size(); ++i) t.q[i] = float((i * 37) % 17) / 17.0f - 0.5f;
+      for (size_t i = 0; i < t.k.size(); ++i) t.k[i] = float((i * 11) % 13) / 13.0f - 0.5f;
+      for (size_t i = 0; i < t.v.size(); ++i) t.v[i] = float((i * 7) % 19) / 19.0f - 0.5f;
+      if (simd::available()) simd::pack_transposed(t.k.data(), kTileK, C, C, t.k_packed.data());
+    }
+  }
+
+  double operator()(bool simd) {
+    double seconds = 0;
+    at::parallel_for(0, int64_t(tiles_.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        Tile& t = tiles_[task];
+        const auto start = std::chrono::steady_clock::now();
+        gemm_on_path<float>(simd, rows_, kTileK, C_, t.q.data(), C_, 1, t.k.data(), 1, C_,
+                            t.k_packed.data(), t.s.data(), kTileK, false);
+        gemm_on_path<float>(simd, rows_, Cv_, kTileK, t.s.data(), kTileK, 1, t.v.data(), Cv_, 1,
+                            nullptr, t.out.data(), Cv_, false);
+        if (task == 0)
+          seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      }
+    });
+    return seconds;
+  }
+
+ private:
+  struct Tile {
+    std::vector<float> q, k, k_packed, v, s, out;
+  };
+  int64_t C_, Cv_, rows_;
+  std::vector<Tile> tiles_;
+};
+
+// Whether this call's fp32 tile products run on the AVX-512 kernels (never for float64).
+template <typename acc_t>
+bool choose_simd(int64_t C, int64_t Cv) {
+  if constexpr (!std::is_same_v<acc_t, float>) return false;
+  // The timer (and its buffers) is built only when a calibration actually runs, with this call's
+  // sizes standing for their shape class.
+  return path::use_simd(C, Cv, [C, Cv, timer = std::shared_ptr<TileProductTimer>()](
+                                   bool simd) mutable {
+    if (!timer) timer = std::make_shared<TileProductTimer>(C, Cv);
+    return (*timer)(simd);
+  });
+}
+
 template <typename scalar_t>
 void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
                             const at::Tensor& value, double temperature, bool normalize,
@@ -301,7 +373,8 @@ void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
   const auto acc_opts = query.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor qs = normalized_rows<scalar_t, acc_t>(query, 1.0 / temperature, normalize, eps);
   const at::Tensor kn = normalized_rows<scalar_t, acc_t>(key, 1.0, normalize, eps);
-  const at::Tensor kn_packed = pack_rows_transposed<acc_t>(kn);  // the B operand of q^ k^T
+  const bool fast = choose_simd<acc_t>(C, Cv);
+  const at::Tensor kn_packed = pack_rows_transposed<acc_t>(fast, kn);  // the B operand of q^ k^T
   const at::Tensor v = value.to(acc_opts.dtype());
   at::Tensor out_acc =
       out.scalar_type() == acc_opts.dtype() ? out : at::empty(out.sizes(), acc_opts);
@@ -310,7 +383,6 @@ void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
   const acc_t* vp = v.const_data_ptr<acc_t>();
   acc_t* op = out_acc.mutable_data_ptr<acc_t>();
   double* lse_p = lse.mutable_data_ptr<double>();
-  const bool fast = use_simd<acc_t>();
   const int64_t n_qt = ceil_div(Nq, kFwdTileQ), n_kt = ceil_div(Nk, kTileK);
 
   at::parallel_for(0, B * n_qt, 1, [&](int64_t begin, int64_t end) {
@@ -327,7 +399,7 @@ void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
       for (int64_t kt = 0; kt < n_kt; ++kt) {
         const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
         acc_t* sp = s_buf.data();
-        tile_gemm<acc_t>(nq, nk, C, q_tile, C, 1, kp + (b * Nk + k0) * C, 1, C,
+        tile_gemm<acc_t>(fast, nq, nk, C, q_tile, C, 1, kp + (b * Nk + k0) * C, 1, C,
                          packed_at<acc_t>(kn_packed, b, k0, C), sp, nk, false);
         for (int64_t i = 0; i < nq; ++i) {
           const OnlineSoftmaxStep<acc_t> st =
@@ -341,8 +413,8 @@ void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
           l[i] = kt == 0 ? tile_sum[i] : l[i] * alpha[i] + tile_sum[i];
           if (kt > 0 && alpha[i] != acc_t(1)) scale_row(fast, acc + i * Cv, Cv, alpha[i]);
         }
-        tile_gemm<acc_t>(nq, Cv, nk, sp, nk, 1, vp + (b * Nk + k0) * Cv, Cv, 1, nullptr, acc, Cv,
-                         /*accumulate=*/kt > 0);
+        tile_gemm<acc_t>(fast, nq, Cv, nk, sp, nk, 1, vp + (b * Nk + k0) * Cv, Cv, 1, nullptr,
+                         acc, Cv, /*accumulate=*/kt > 0);
       }
       for (int64_t i = 0; i < nq; ++i) {
         scale_row(fast, acc + i * Cv, Cv, acc_t(1) / l[i]);
@@ -419,7 +491,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
     sum_parts_in_order(dq_part.const_data_ptr<acc_t>(), n_kt, chunk * C, C,
                        pending.n * task / n_kt, pending.n * (task + 1) / n_kt, dst);
   };
-  const bool fast = use_simd<acc_t>();
+  const bool fast = choose_simd<acc_t>(C, Cv);
   const acc_t* dop = d_out.const_data_ptr<acc_t>();
   acc_t* gkp = grad_kn.mutable_data_ptr<acc_t>();
   acc_t* gvp = grad_v.mutable_data_ptr<acc_t>();
@@ -441,8 +513,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
       const acc_t* qp = qs.const_data_ptr<acc_t>();
       const acc_t* dop_chunk = dop + (b * Nq + c0) * Cv;
       // q^T and dO^T of the chunk as packed B operands (SIMD path only).
-      const at::Tensor qs_packed = pack_rows_transposed<acc_t>(qs);
-      const at::Tensor do_packed = pack_rows_transposed<acc_t>(d_out[b].narrow(0, c0, n_chunk));
+      const at::Tensor qs_packed = pack_rows_transposed<acc_t>(fast, qs);
+      const at::Tensor do_packed = pack_rows_transposed<acc_t>(fast, d_out[b].narrow(0, c0, n_chunk));
       for (int64_t i = 0; i < n_chunk; ++i) {
         const SplitLse<acc_t> split = split_lse<acc_t>(lse_p[b * Nq + c0 + i]);
         lse_hi[i] = split.hi;
@@ -457,10 +529,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
           const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
           acc_t* pt = tile(p_base, kt);
           acc_t* dpt = tile(dp_base, kt);
-          tile_gemm<acc_t>(nk, n_chunk, C, kp + k0 * C, C, 1, qp, 1, C,
+          tile_gemm<acc_t>(fast, nk, n_chunk, C, kp + k0 * C, C, 1, qp, 1, C,
                            packed_at<acc_t>(qs_packed, 0, 0, C), pt, n_chunk, false);
           probs_from_lse_cols(fast, pt, nk, n_chunk, lse_hi.data(), lse_lo.data());
-          tile_gemm<acc_t>(nk, n_chunk, Cv, vp + k0 * Cv, Cv, 1, dop_chunk, 1, Cv,
+          tile_gemm<acc_t>(fast, nk, n_chunk, Cv, vp + k0 * Cv, Cv, 1, dop_chunk, 1, Cv,
                            packed_at<acc_t>(do_packed, 0, 0, Cv), dpt, n_chunk, false);
           col_dots(fast, pt, dpt, nk, n_chunk, d_base + kt * chunk);
         }
@@ -480,10 +552,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
           softmax_grad_cols(fast, pt, dst, nk, n_chunk, d_row.data());
           // dV += P^T dO and dK += dS^T q^ over the chunk's rows, and the chunk's dQ partial
           // dS k^ (A transposed: a_rs = 1, a_cs = n_chunk).
-          tile_gemm<acc_t>(nk, Cv, n_chunk, pt, n_chunk, 1, dop_chunk, Cv, 1, nullptr, gv_tile,
-                           Cv, true);
-          tile_gemm<acc_t>(nk, C, n_chunk, dst, n_chunk, 1, qp, C, 1, nullptr, gk_tile, C, true);
-          tile_gemm<acc_t>(n_chunk, C, nk, dst, 1, n_chunk, kp + k0 * C, C, 1, nullptr,
+          tile_gemm<acc_t>(fast, nk, Cv, n_chunk, pt, n_chunk, 1, dop_chunk, Cv, 1, nullptr,
+                           gv_tile, Cv, true);
+          tile_gemm<acc_t>(fast, nk, C, n_chunk, dst, n_chunk, 1, qp, C, 1, nullptr, gk_tile, C,
+                           true);
+          tile_gemm<acc_t>(fast, n_chunk, C, nk, dst, 1, n_chunk, kp + k0 * C, C, 1, nullptr,
                            dq_base + kt * chunk * C, C, false);
         }
       });
@@ -562,6 +635,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_cpu(
 }
 
 }  // namespace
+
+std::string path::path_for(int64_t channels, int64_t value_channels) {
+  TORCH_CHECK(channels > 0 && value_channels > 0,
+              "_corr_cpu_path needs positive channel counts, got C=", channels,
+              " and Cv=", value_channels);
+  return choose_simd<float>(channels, value_channels) ? "simd" : "aten";
+}
 
 TORCH_LIBRARY_IMPL(pncc, CPU, m) {
   m.impl("corr_warp", &corr_warp_cpu);

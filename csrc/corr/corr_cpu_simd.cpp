@@ -28,8 +28,6 @@ namespace simd {
 
 bool available() {
   static const bool ok = [] {
-    const char* env = std::getenv("PNCC_CORR_SIMD");
-    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
 #if PNCC_CORR_SIMD_BUILT
     __builtin_cpu_init();  // (GCC's check includes the OS's support for the zmm state)
     return __builtin_cpu_supports("avx512f") != 0;

@@ -3,8 +3,9 @@
 // Why our own GEMM: MKL, which torch's CPU matmul and SDPA call, runs its AVX2 code on AMD CPUs,
 // so on the AVX-512 EPYCs this project benchmarks on it reaches about 45% of the FMA peak. The
 // small register-blocked kernel below reaches more than that on the tile shapes of corr_warp. It is
-// used when the CPU has AVX-512F (checked at run time; the rest of the extension is compiled for
-// the baseline ISA). Otherwise, and for float64, corr_cpu.cpp calls ATen's GEMMs instead.
+// one of the two paths corr_cpu_path.h chooses between when the CPU has AVX-512F (checked at run
+// time; the rest of the extension is compiled for the baseline ISA). Otherwise, and for float64,
+// corr_cpu.cpp calls ATen's GEMMs instead.
 //
 // Determinism: every function here computes each output with a summation order fixed by the
 // sizes alone, so the results do not depend on the thread count (they may differ from the
@@ -17,8 +18,8 @@ namespace pncc {
 namespace corr {
 namespace simd {
 
-// True when the AVX-512 kernels may run: the CPU has AVX-512F and the environment variable
-// PNCC_CORR_SIMD is not "0" (which forces the portable path, for tests and comparisons).
+// True when the AVX-512 kernels can run: the CPU (and OS) support AVX-512F. Whether they do run
+// is corr_cpu_path.h's choice.
 bool available();
 
 // Columns per panel of a B operand (see gemm).

@@ -3,10 +3,13 @@
 // the CPU kernels run (and AddressSanitizer/UBSan see it).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "raster/raster_core.h"
+#include "raster/raster_cull.h"
 
 namespace pncc {
 namespace raster {
@@ -40,8 +43,10 @@ struct BandBuffer {
     return buffer;
   }
 
-  HOST_DEVICE_INLINE RasterizedBand<T> rasterize(const MeshView<T>& mesh_in, int64_t b, int row_begin,
-                              int row_end) {
+  // `variant` picks the culling (and, for float32, vector coverage) functions of raster_cull.h;
+  // every variant gives the same result, bit for bit.
+  RasterizedBand<T> rasterize(const MeshView<T>& mesh_in, int64_t b, int row_begin, int row_end,
+                              cull::Variant variant = cull::selected()) {
     // A local copy: stores through `slots` and `values` cannot alias it, so the compiler keeps
     // its fields in registers across the triangle loop instead of reloading them per triangle.
     const MeshView<T> mesh = mesh_in;
@@ -61,19 +66,93 @@ struct BandBuffer {
         v[3] = depth;
       }
     };
+    const cull::CullFn cull = cull::function(variant);
+    const cull::CoverFn cover = vector_cover(mesh, variant);
+    const T* verts = mesh.image_vertices(b);
+    const int width = mesh.width;
+    // The vector coverage test of the jobs gathered so far, then the scalar depth test of each
+    // covered sample (the z-buffer order is total, so the order of the updates does not matter).
+    const auto flush_jobs = [&] {
+      const int n = cover(reinterpret_cast<const float*>(verts), mesh.faces, jobs, covered);
+      for (int k = 0; k < n; ++k) {
+        const T bary[3] = {T(covered.bary0[k]), T(covered.bary1[k]), T(covered.bary2[k])};
+        keep_nearest(int64_t(covered.row[k] - row_begin) * width + covered.col[k],
+                     depth_key(covered.depth[k], covered.face[k]), bary, T(covered.depth[k]));
+      }
+      jobs.n = 0;
+    };
+    const FixedPoint* points = vertex_fixed_points(mesh, b);
+    jobs.n = 0;
+    for (int64_t f0 = 0; f0 < mesh.num_faces; f0 += Survivors::kBatch) {
+      const int count = static_cast<int>(std::min<int64_t>(Survivors::kBatch, mesh.num_faces - f0));
+      const int n = cull(points, mesh.faces, static_cast<int32_t>(f0), count, row_begin, row_end,
+                         width, survivors);
+      for (int k = 0; k < n; ++k) {
+        const SampleBounds s = survivors.bounds(k);
+        const int samples = (s.col1 - s.col0 + 1) * (s.row1 - s.row0 + 1);
+        if (cover == nullptr || samples > kMaxJobSamples) {
+          zbuffer_face_in_bounds(mesh, b, survivors.face[k], s, row_begin, keep_nearest);
+          continue;
+        }
+        if (jobs.n + samples > cull::SampleJobs::kCapacity) flush_jobs();
+        for (int row = s.row0; row <= s.row1; ++row)
+          for (int col = s.col0; col <= s.col1; ++col) {
+            jobs.face[jobs.n] = survivors.face[k];
+            jobs.col[jobs.n] = col;
+            jobs.row[jobs.n] = row;
+            ++jobs.n;
+          }
+      }
+    }
+    if (jobs.n > 0) flush_jobs();
+    return {slots, values};
+  }
+
+  // The culling alone (for the benchmark's time split): the number of faces of image b that
+  // survive it in rows [row_begin, row_end).
+  int64_t count_survivors(const MeshView<T>& mesh, int64_t b, int row_begin, int row_end,
+                          cull::Variant variant) {
+    const cull::CullFn cull = cull::function(variant);
+    const FixedPoint* points = vertex_fixed_points(mesh, b);
+    int64_t total = 0;
+    for (int64_t f0 = 0; f0 < mesh.num_faces; f0 += Survivors::kBatch)
+      total += cull(points, mesh.faces, static_cast<int32_t>(f0),
+                    static_cast<int>(std::min<int64_t>(Survivors::kBatch, mesh.num_faces - f0)),
+                    row_begin, row_end, mesh.width, survivors);
+    return total;
+  }
+
+ private:
+  using Survivors = cull::Survivors;
+
+  // Survivors with at most this many samples go to the vector coverage test, one job per sample
+  // (94% of them on a face mesh at 256x256); larger ones to the scalar loop.
+  static constexpr int kMaxJobSamples = 4;
+  static_assert(kMaxJobSamples <= cull::SampleJobs::kCapacity, "a triangle's jobs must fit");
+
+  // Per-thread scratch of the culling and the vector coverage (kept here, not on the stack:
+  // about 14 KB).
+  Survivors survivors;
+  cull::SampleJobs jobs;
+  cull::CoveredSamples covered;
+
+  // The variant's vector coverage test, for float32 meshes whose gathers' int32 offsets cannot
+  // overflow; nullptr otherwise.
+  static cull::CoverFn vector_cover(const MeshView<T>& mesh, cull::Variant variant) {
+    if constexpr (!std::is_same_v<T, float>) return nullptr;
+    constexpr int64_t kMaxIndex = int64_t(1) << 30;
+    if (mesh.num_vertices * 3 >= kMaxIndex || mesh.num_faces * 3 >= kMaxIndex) return nullptr;
+    return cull::cover_function(variant);
+  }
+
+  // Every vertex's fixed point, once per image: a vertex is shared by about six triangles.
+  const FixedPoint* vertex_fixed_points(const MeshView<T>& mesh, int64_t b) {
     fixed_points.resize(mesh.num_vertices);
     const T* verts = mesh.image_vertices(b);
     FixedPoint* points = fixed_points.data();
     for (int64_t v = 0; v < mesh.num_vertices; ++v)
       points[v] = vertex_fixed_point(verts[3 * v], verts[3 * v + 1], mesh.height, mesh.width);
-    const int width = mesh.width;
-    const auto triangle_bounds = [points, row_begin, row_end, width](int32_t i0, int32_t i1,
-                                                                     int32_t i2) {
-      return triangle_sample_bounds(points[i0], points[i1], points[i2], row_begin, row_end, width);
-    };
-    for (int64_t f = 0; f < mesh.num_faces; ++f)
-      zbuffer_face(mesh, b, f, row_begin, triangle_bounds, keep_nearest);
-    return {slots, values};
+    return points;
   }
 };
 

@@ -49,25 +49,15 @@ struct BoundsFromVertices {
   }
 };
 
-// Depth-tests face `f` of image `b` against a z-buffer whose first row is `row_begin`.
-//
-// `triangle_bounds(i0, i1, i2)` returns the sample bounds of the triangle with those vertices,
-// restricted to the rows (BoundsFromVertices, or the CPU's precomputed equivalent); they may be
-// conservative, since every sample is tested exactly.
-// `update(offset, key, bary, depth)` keeps the smaller key for the pixel `offset` pixels after
-// (row_begin, 0). The CPU passes a compare-and-store that also keeps the winner's barycentrics,
-// CUDA an atomicMin on the key alone (its resolve pass recomputes them, bit-identically);
-// everything else, including which samples a triangle covers, is this one function.
-template <typename T, typename Bounds, typename Update>
-HOST_DEVICE_INLINE void zbuffer_face(const MeshView<T>& mesh, int64_t b, int64_t f, int row_begin,
-                                     Bounds&& triangle_bounds, Update&& update) {
+// The part of zbuffer_face (below) after the bounds, for a face whose non-empty sample bounds are
+// already known: the CPU culls whole batches of faces first (raster_cull.h).
+template <typename T, typename Update>
+HOST_DEVICE_INLINE void zbuffer_face_in_bounds(const MeshView<T>& mesh, int64_t b, int64_t f,
+                                               const SampleBounds& bounds, int row_begin,
+                                               Update&& update) {
   const T* verts = mesh.image_vertices(b);
   const int32_t* idx = mesh.faces + 3 * f;
   const int32_t i0 = idx[0], i1 = idx[1], i2 = idx[2];
-  const SampleBounds bounds = triangle_bounds(i0, i1, i2);
-  // Most triangles of a real face mesh at 256x256 are sub-pixel: this test rejects them before
-  // any floating-point setup.
-  if (is_empty(bounds)) return;
   Triangle<T> tri;
   if (!setup_triangle(verts + 3 * int64_t(i0), verts + 3 * int64_t(i1), verts + 3 * int64_t(i2),
                       bounds, tri))
@@ -80,6 +70,26 @@ HOST_DEVICE_INLINE void zbuffer_face(const MeshView<T>& mesh, int64_t b, int64_t
              depth_key(static_cast<float>(depth), static_cast<int32_t>(f)), bary, depth);
     }
   }
+}
+
+// Depth-tests face `f` of image `b` against a z-buffer whose first row is `row_begin`.
+//
+// `triangle_bounds(i0, i1, i2)` returns the sample bounds of the triangle with those vertices,
+// restricted to the rows (BoundsFromVertices, or the CPU's precomputed equivalent); they may be
+// conservative, since every sample is tested exactly.
+// `update(offset, key, bary, depth)` keeps the smaller key for the pixel `offset` pixels after
+// (row_begin, 0). The CPU passes a compare-and-store that also keeps the winner's barycentrics,
+// CUDA an atomicMin on the key alone (its resolve pass recomputes them, bit-identically);
+// everything else, including which samples a triangle covers, is this one function.
+template <typename T, typename Bounds, typename Update>
+HOST_DEVICE_INLINE void zbuffer_face(const MeshView<T>& mesh, int64_t b, int64_t f, int row_begin,
+                                     Bounds&& triangle_bounds, Update&& update) {
+  const int32_t* idx = mesh.faces + 3 * f;
+  const SampleBounds bounds = triangle_bounds(idx[0], idx[1], idx[2]);
+  // Most triangles of a real face mesh at 256x256 are sub-pixel: this test rejects them before
+  // any floating-point setup.
+  if (is_empty(bounds)) return;
+  zbuffer_face_in_bounds(mesh, b, f, bounds, row_begin, update);
 }
 
 // Barycentrics and depth of pixel (row, col) of image b under its z-buffer key. Returns the face

@@ -11,11 +11,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <stdexcept>
 #include <vector>
 
 #include "raster/raster_band.h"
 #include "raster/raster_check.h"
 #include "raster/raster_core.h"
+#include "raster/raster_cull.h"
 
 namespace pncc {
 namespace raster {
@@ -49,18 +51,30 @@ void for_each_band(int64_t batch, int64_t height, const Fn& fn) {
 #endif
 
 template <typename T>
-RasterizedBand<T> rasterize_band(const MeshView<T>& mesh, int64_t b, int row_begin, int row_end);
+RasterizedBand<T> rasterize_band(const MeshView<T>& mesh, int64_t b, int row_begin, int row_end,
+                                 cull::Variant variant);
 
 template <>
 PNCC_CPU_CLONES RasterizedBand<float> rasterize_band(const MeshView<float>& mesh, int64_t b,
-                                                     int row_begin, int row_end) {
-  return BandBuffer<float>::for_this_thread().rasterize(mesh, b, row_begin, row_end);
+                                                     int row_begin, int row_end,
+                                                     cull::Variant variant) {
+  return BandBuffer<float>::for_this_thread().rasterize(mesh, b, row_begin, row_end, variant);
 }
 
 template <>
 PNCC_CPU_CLONES RasterizedBand<double> rasterize_band(const MeshView<double>& mesh, int64_t b,
-                                                      int row_begin, int row_end) {
-  return BandBuffer<double>::for_this_thread().rasterize(mesh, b, row_begin, row_end);
+                                                      int row_begin, int row_end,
+                                                      cull::Variant variant) {
+  return BandBuffer<double>::for_this_thread().rasterize(mesh, b, row_begin, row_end, variant);
+}
+
+// The culling variant, chosen (and any PNCC_RASTER_SIMD error raised) before a parallel region.
+cull::Variant selected_cull() {
+  try {
+    return cull::selected();
+  } catch (const std::runtime_error& e) {
+    TORCH_CHECK(false, e.what());
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rasterize_cpu(const at::Tensor& vertices_in,
@@ -76,12 +90,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rasterize_cpu(const at::Tensor& v
 
   AT_DISPATCH_FLOATING_TYPES(vertices.scalar_type(), "rasterize_cpu", [&] {
     const MeshView<scalar_t> mesh = mesh_view<scalar_t>(vertices, faces32, height, width);
+    const cull::Variant cull = selected_cull();
     int32_t* face_out = face_index.data_ptr<int32_t>();
     scalar_t* bary_out = bary.data_ptr<scalar_t>();
     scalar_t* depth_out = depth.data_ptr<scalar_t>();
     for_each_band(batch, height, [&](int64_t b, int row_begin, int row_end) {
       const RasterizedBand<scalar_t> band =
-          rasterize_band(mesh, b, row_begin, row_end);
+          rasterize_band(mesh, b, row_begin, row_end, cull);
       const int64_t first_pixel = (b * height + row_begin) * width;
       for (int64_t offset = 0; offset < int64_t(row_end - row_begin) * width; ++offset) {
         const int64_t pixel = first_pixel + offset;
@@ -112,6 +127,7 @@ std::tuple<at::Tensor, at::Tensor> render_pncc_cpu(const at::Tensor& vertices_in
 
   AT_DISPATCH_FLOATING_TYPES(vertices.scalar_type(), "render_pncc_cpu", [&] {
     const MeshView<scalar_t> mesh = mesh_view<scalar_t>(vertices, faces32, height, width);
+    const cull::Variant cull = selected_cull();
     const scalar_t* ncc_data = ncc.data_ptr<scalar_t>();
     const int64_t ncc_batch_stride = ncc.dim() == 3 ? mesh.num_vertices * 3 : 0;
     scalar_t* pncc_out = pncc.data_ptr<scalar_t>();
@@ -119,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> render_pncc_cpu(const at::Tensor& vertices_in
     const int64_t plane = height * width;
     for_each_band(batch, height, [&](int64_t b, int row_begin, int row_end) {
       const RasterizedBand<scalar_t> band =
-          rasterize_band(mesh, b, row_begin, row_end);
+          rasterize_band(mesh, b, row_begin, row_end, cull);
       const scalar_t* image_ncc = ncc_data + b * ncc_batch_stride;
       const int64_t first_offset = int64_t(row_begin) * width;
       for (int64_t offset = 0; offset < int64_t(row_end - row_begin) * width; ++offset) {

@@ -1,0 +1,354 @@
+// The culling variants of raster_cull.h. The vector ones are compiled for their ISA by function
+// attributes (the rest of the extension stays baseline x86-64) and only run when the CPU has it.
+#include "raster/raster_cull.h"
+
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PNCC_CULL_SIMD_BUILT 1
+#include <immintrin.h>
+#else
+#define PNCC_CULL_SIMD_BUILT 0
+#endif
+
+namespace pncc {
+namespace raster {
+namespace cull {
+namespace {
+
+int cull_scalar(const FixedPoint* points, const int32_t* faces, int32_t first, int count,
+                int row_begin, int row_end, int width, Survivors& out) {
+  int n = 0;
+  for (int k = 0; k < count; ++k) {
+    const int32_t f = first + k;
+    const int32_t* idx = faces + 3 * int64_t(f);
+    const SampleBounds s = triangle_sample_bounds(points[idx[0]], points[idx[1]], points[idx[2]],
+                                                  row_begin, row_end, width);
+    if (is_empty(s)) continue;
+    out.face[n] = f;
+    out.col0[n] = s.col0;
+    out.col1[n] = s.col1;
+    out.row0[n] = s.row0;
+    out.row1[n] = s.row1;
+    ++n;
+  }
+  return n;
+}
+
+#if PNCC_CULL_SIMD_BUILT
+// GCC 12's _mm512_undefined_epi32 (behind most AVX-512 intrinsics) initialises a variable from
+// itself on purpose, which -Wall reports at every use.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// fixed_point_span of raster_math.h on vectors: max(ceil(lo) - 1, first) and
+// min(floor(hi) - 1, last) in pixels (the fixed points are non-negative, so the arithmetic shift
+// is the scalar code's `>>`). Functions rather than lambdas: a lambda would not inherit the
+// target attribute its intrinsics need.
+constexpr int kOneMinusUlp = (1 << kFixedPointShift) - 1;
+
+// The lanes of v selected by `keep`, stored contiguously at `out`; all 16 lanes are written (the
+// buffers have 16 slots of slack), because a compressing store to memory is microcoded on AMD
+// Zen 4 and 5 and costs more than the rest of a batch.
+__attribute__((target("avx512f"))) inline void store_compressed(int32_t* out, __mmask16 keep,
+                                                                __m512i v) {
+  _mm512_storeu_si512(out, _mm512_maskz_compress_epi32(keep, v));
+}
+
+__attribute__((target("avx512f"))) inline void store_compressed(float* out, __mmask16 keep,
+                                                                __m512 v) {
+  _mm512_storeu_ps(out, _mm512_maskz_compress_ps(keep, v));
+}
+
+__attribute__((target("avx512f"))) inline __m512i span_begin16(__m512i lo, __m512i first) {
+  const __m512i ceil = _mm512_srai_epi32(_mm512_add_epi32(lo, _mm512_set1_epi32(kOneMinusUlp)),
+                                         kFixedPointShift);
+  return _mm512_max_epi32(_mm512_sub_epi32(ceil, _mm512_set1_epi32(1)), first);
+}
+
+__attribute__((target("avx512f"))) inline __m512i span_end16(__m512i hi, __m512i last) {
+  const __m512i floor = _mm512_srai_epi32(hi, kFixedPointShift);
+  return _mm512_min_epi32(_mm512_sub_epi32(floor, _mm512_set1_epi32(1)), last);
+}
+
+__attribute__((target("avx2"))) inline __m256i span_begin8(__m256i lo, __m256i first) {
+  const __m256i ceil = _mm256_srai_epi32(_mm256_add_epi32(lo, _mm256_set1_epi32(kOneMinusUlp)),
+                                         kFixedPointShift);
+  return _mm256_max_epi32(_mm256_sub_epi32(ceil, _mm256_set1_epi32(1)), first);
+}
+
+__attribute__((target("avx2"))) inline __m256i span_end8(__m256i hi, __m256i last) {
+  const __m256i floor = _mm256_srai_epi32(hi, kFixedPointShift);
+  return _mm256_min_epi32(_mm256_sub_epi32(floor, _mm256_set1_epi32(1)), last);
+}
+
+__attribute__((target("avx512f"))) int cull_avx512(const FixedPoint* points,
+                                                   const int32_t* faces, int32_t first, int count,
+                                                   int row_begin, int row_end, int width,
+                                                   Survivors& out) {
+  static_assert(sizeof(FixedPoint) == 8, "x and y of a vertex are gathered as int32 pairs");
+  const int* xs = reinterpret_cast<const int*>(points);
+  const int* ys = xs + 1;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i three_lane = _mm512_mullo_epi32(lane, _mm512_set1_epi32(3));
+  const __m512i col_first = _mm512_setzero_si512(), col_last = _mm512_set1_epi32(width - 1);
+  const __m512i row_first = _mm512_set1_epi32(row_begin), row_last = _mm512_set1_epi32(row_end - 1);
+  const __m512i zero = _mm512_setzero_si512();
+  int n = 0;
+  for (int base = 0; base < count; base += 16) {
+    const int left = count - base;
+    const __mmask16 valid = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+    const int32_t* f = faces + 3 * (int64_t(first) + base);
+    // Vertex indices, then each vertex's (x, y) pair at int offset 2 * index.
+    __m512i x[3], y[3];
+    for (int v = 0; v < 3; ++v) {
+      const __m512i index = _mm512_mask_i32gather_epi32(zero, valid, three_lane, f + v, 4);
+      const __m512i pair = _mm512_slli_epi32(index, 1);
+      x[v] = _mm512_mask_i32gather_epi32(zero, valid, pair, xs, 4);
+      y[v] = _mm512_mask_i32gather_epi32(zero, valid, pair, ys, 4);
+    }
+    const __m512i x_lo = _mm512_min_epi32(_mm512_min_epi32(x[0], x[1]), x[2]);
+    const __m512i x_hi = _mm512_max_epi32(_mm512_max_epi32(x[0], x[1]), x[2]);
+    const __m512i y_lo = _mm512_min_epi32(_mm512_min_epi32(y[0], y[1]), y[2]);
+    const __m512i y_hi = _mm512_max_epi32(_mm512_max_epi32(y[0], y[1]), y[2]);
+    const __m512i c0 = span_begin16(x_lo, col_first), c1 = span_end16(x_hi, col_last);
+    const __m512i r0 = span_begin16(y_lo, row_first), r1 = span_end16(y_hi, row_last);
+    const __mmask16 keep =
+        valid & _mm512_cmple_epi32_mask(c0, c1) & _mm512_cmple_epi32_mask(r0, r1);
+    if (keep == 0) continue;
+    const __m512i face = _mm512_add_epi32(lane, _mm512_set1_epi32(first + base));
+    store_compressed(out.face + n, keep, face);
+    store_compressed(out.col0 + n, keep, c0);
+    store_compressed(out.col1 + n, keep, c1);
+    store_compressed(out.row0 + n, keep, r0);
+    store_compressed(out.row1 + n, keep, r1);
+    n += __builtin_popcount(keep);
+  }
+  return n;
+}
+
+__attribute__((target("avx2"))) int cull_avx2(const FixedPoint* points, const int32_t* faces,
+                                              int32_t first, int count, int row_begin,
+                                              int row_end, int width, Survivors& out) {
+  const int* xs = reinterpret_cast<const int*>(points);
+  const int* ys = xs + 1;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i three_lane = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+  const __m256i col_first = _mm256_setzero_si256(), col_last = _mm256_set1_epi32(width - 1);
+  const __m256i row_first = _mm256_set1_epi32(row_begin), row_last = _mm256_set1_epi32(row_end - 1);
+  int n = 0, base = 0;
+  for (; base + 8 <= count; base += 8) {
+    const int32_t* f = faces + 3 * (int64_t(first) + base);
+    __m256i x[3], y[3];
+    for (int v = 0; v < 3; ++v) {
+      const __m256i pair = _mm256_slli_epi32(_mm256_i32gather_epi32(f + v, three_lane, 4), 1);
+      x[v] = _mm256_i32gather_epi32(xs, pair, 4);
+      y[v] = _mm256_i32gather_epi32(ys, pair, 4);
+    }
+    const __m256i x_lo = _mm256_min_epi32(_mm256_min_epi32(x[0], x[1]), x[2]);
+    const __m256i x_hi = _mm256_max_epi32(_mm256_max_epi32(x[0], x[1]), x[2]);
+    const __m256i y_lo = _mm256_min_epi32(_mm256_min_epi32(y[0], y[1]), y[2]);
+    const __m256i y_hi = _mm256_max_epi32(_mm256_max_epi32(y[0], y[1]), y[2]);
+    const __m256i c0 = span_begin8(x_lo, col_first), c1 = span_end8(x_hi, col_last);
+    const __m256i r0 = span_begin8(y_lo, row_first), r1 = span_end8(y_hi, row_last);
+    // Empty when first > last on either axis.
+    const __m256i empty = _mm256_or_si256(_mm256_cmpgt_epi32(c0, c1), _mm256_cmpgt_epi32(r0, r1));
+    unsigned keep = ~unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(empty))) & 0xFFu;
+    if (keep == 0) continue;
+    alignas(32) int32_t lanes[5][8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[0]), c0);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[1]), c1);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[2]), r0);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[3]), r1);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[4]),
+                       _mm256_add_epi32(lane, _mm256_set1_epi32(first + base)));
+    for (; keep != 0; keep &= keep - 1) {
+      const int k = __builtin_ctz(keep);
+      out.col0[n] = lanes[0][k];
+      out.col1[n] = lanes[1][k];
+      out.row0[n] = lanes[2][k];
+      out.row1[n] = lanes[3][k];
+      out.face[n] = lanes[4][k];
+      ++n;
+    }
+  }
+  // The last count % 8 faces one at a time.
+  Survivors tail;
+  const int m = cull_scalar(points, faces, first + base, count - base, row_begin, row_end, width,
+                            tail);
+  for (int k = 0; k < m; ++k, ++n) {
+    out.face[n] = tail.face[k];
+    out.col0[n] = tail.col0[k];
+    out.col1[n] = tail.col1[k];
+    out.row0[n] = tail.row0[k];
+    out.row1[n] = tail.row1[k];
+  }
+  return n;
+}
+
+// ---- vector coverage (raster_math.h's Edge, setup_triangle and cover_sample on 16 lanes) ----
+
+// An Edge of raster_math.h on 16 triangles.
+struct Edge16 {
+  __m512 dx, dy, rx, ry;
+};
+
+__attribute__((target("avx512f"))) inline Edge16 edge16(__m512 x0, __m512 y0, __m512 x1,
+                                                        __m512 y1) {
+  // second_first = (y1 < y0) || (y1 == y0 && x1 < x0); ordered predicates: NaN compares false,
+  // as C++'s < and == do.
+  const __mmask16 second_first =
+      _mm512_cmp_ps_mask(y1, y0, _CMP_LT_OQ) |
+      (_mm512_cmp_ps_mask(y1, y0, _CMP_EQ_OQ) & _mm512_cmp_ps_mask(x1, x0, _CMP_LT_OQ));
+  return {_mm512_sub_ps(x1, x0), _mm512_sub_ps(y1, y0),
+          _mm512_mask_blend_ps(second_first, x0, x1), _mm512_mask_blend_ps(second_first, y0, y1)};
+}
+
+// Edge::operator(): dx * (py - ry) - dy * (px - rx), each product rounded (no FMA).
+__attribute__((target("avx512f"))) inline __m512 edge_value16(const Edge16& e, __m512 px,
+                                                              __m512 py) {
+  return _mm512_sub_ps(_mm512_mul_ps(e.dx, _mm512_sub_ps(py, e.ry)),
+                       _mm512_mul_ps(e.dy, _mm512_sub_ps(px, e.rx)));
+}
+
+// is_finite_value: v - v == 0.
+__attribute__((target("avx512f"))) inline __mmask16 finite16(__m512 v) {
+  return _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), _mm512_setzero_ps(), _CMP_EQ_OQ);
+}
+
+// The inside test of cover_sample for edge e: w > 0, or w == 0 on an edge the triangle owns
+// (owns_edge: the edge flipped to positive orientation has dy < 0, or dy == 0 and dx > 0).
+__attribute__((target("avx512f"))) inline __mmask16 inside16(const Edge16& e, __m512 orient,
+                                                             __m512 w) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 dx = _mm512_mul_ps(orient, e.dx), dy = _mm512_mul_ps(orient, e.dy);
+  const __mmask16 owns = _mm512_cmp_ps_mask(dy, zero, _CMP_LT_OQ) |
+                         (_mm512_cmp_ps_mask(dy, zero, _CMP_EQ_OQ) &
+                          _mm512_cmp_ps_mask(dx, zero, _CMP_GT_OQ));
+  return _mm512_cmp_ps_mask(w, zero, _CMP_GT_OQ) |
+         (_mm512_cmp_ps_mask(w, zero, _CMP_EQ_OQ) & owns);
+}
+
+__attribute__((target("avx512f"))) int cover_avx512(const float* vertices, const int32_t* faces,
+                                                    const SampleJobs& jobs, CoveredSamples& out) {
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  const __m512i zero_i = _mm512_setzero_si512(), three = _mm512_set1_epi32(3);
+  int n = 0;
+  for (int base = 0; base < jobs.n; base += 16) {
+    const int left = jobs.n - base;
+    const __mmask16 valid = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+    const __m512i face = _mm512_maskz_loadu_epi32(valid, jobs.face + base);
+    const __m512i col = _mm512_maskz_loadu_epi32(valid, jobs.col + base);
+    const __m512i row = _mm512_maskz_loadu_epi32(valid, jobs.row + base);
+    const __m512i corner = _mm512_mullo_epi32(face, three);
+    __m512 x[3], y[3], z[3];
+    for (int v = 0; v < 3; ++v) {
+      const __m512i index = _mm512_mask_i32gather_epi32(zero_i, valid, corner, faces + v, 4);
+      const __m512i at = _mm512_mullo_epi32(index, three);
+      x[v] = _mm512_mask_i32gather_ps(zero, valid, at, vertices, 4);
+      y[v] = _mm512_mask_i32gather_ps(zero, valid, at, vertices + 1, 4);
+      z[v] = _mm512_mask_i32gather_ps(zero, valid, at, vertices + 2, 4);
+    }
+    // setup_triangle: edge i is opposite vertex i; the doubled area decides the orientation.
+    const Edge16 e0 = edge16(x[1], y[1], x[2], y[2]);
+    const Edge16 e1 = edge16(x[2], y[2], x[0], y[0]);
+    const Edge16 e2 = edge16(x[0], y[0], x[1], y[1]);
+    const __m512 area = edge_value16(e0, x[0], y[0]);
+    __mmask16 covered =
+        valid & _mm512_cmp_ps_mask(area, zero, _CMP_NEQ_UQ) & finite16(area);  // NaN != 0
+    const __m512 orient = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(area, zero, _CMP_GT_OQ),
+                                               _mm512_set1_ps(-1.0f), one);
+    // cover_sample at (col, row).
+    const __m512 px = _mm512_cvtepi32_ps(col), py = _mm512_cvtepi32_ps(row);
+    const __m512 w0 = _mm512_mul_ps(orient, edge_value16(e0, px, py));
+    const __m512 w1 = _mm512_mul_ps(orient, edge_value16(e1, px, py));
+    const __m512 w2 = _mm512_mul_ps(orient, edge_value16(e2, px, py));
+    covered &= inside16(e0, orient, w0) & inside16(e1, orient, w1) & inside16(e2, orient, w2);
+    if (covered == 0) continue;
+    // bary_from_edges and interpolate_depth.
+    const __m512 sum = _mm512_add_ps(_mm512_add_ps(w0, w1), w2);
+    const __m512 inv = _mm512_div_ps(one, sum);
+    const __m512 b0 = _mm512_mul_ps(w0, inv), b1 = _mm512_mul_ps(w1, inv),
+                 b2 = _mm512_mul_ps(w2, inv);
+    const __m512 depth = _mm512_add_ps(
+        _mm512_add_ps(_mm512_mul_ps(b0, z[0]), _mm512_mul_ps(b1, z[1])), _mm512_mul_ps(b2, z[2]));
+    covered &= _mm512_cmp_ps_mask(sum, zero, _CMP_NEQ_UQ) & finite16(sum) & finite16(depth);
+    if (covered == 0) continue;
+    store_compressed(out.face + n, covered, face);
+    store_compressed(out.col + n, covered, col);
+    store_compressed(out.row + n, covered, row);
+    store_compressed(out.bary0 + n, covered, b0);
+    store_compressed(out.bary1 + n, covered, b1);
+    store_compressed(out.bary2 + n, covered, b2);
+    store_compressed(out.depth + n, covered, depth);
+    n += __builtin_popcount(covered);
+  }
+  return n;
+}
+
+#pragma GCC diagnostic pop
+#endif  // PNCC_CULL_SIMD_BUILT
+
+Variant parse_env() {
+  const char* env = std::getenv("PNCC_RASTER_SIMD");
+  const std::string value = env == nullptr ? "" : env;
+  if (value.empty() || value == "auto")  // (avx2 only when asked for: see raster_cull.h)
+    return supported(Variant::kAvx512) ? Variant::kAvx512 : Variant::kScalar;
+  for (Variant v : {Variant::kScalar, Variant::kAvx2, Variant::kAvx512}) {
+    if (value != name(v)) continue;
+    if (!supported(v))
+      throw std::runtime_error("PNCC_RASTER_SIMD=" + value + ": this CPU (or build) lacks " +
+                               value);
+    return v;
+  }
+  throw std::runtime_error("PNCC_RASTER_SIMD must be auto, avx512, avx2 or scalar, not '" + value +
+                           "'");
+}
+
+}  // namespace
+
+bool supported(Variant variant) {
+  if (variant == Variant::kScalar) return true;
+#if PNCC_CULL_SIMD_BUILT
+  __builtin_cpu_init();
+  return variant == Variant::kAvx512 ? __builtin_cpu_supports("avx512f") != 0
+                                     : __builtin_cpu_supports("avx2") != 0;
+#else
+  return false;
+#endif
+}
+
+const char* name(Variant variant) {
+  return variant == Variant::kAvx512 ? "avx512" : variant == Variant::kAvx2 ? "avx2" : "scalar";
+}
+
+Variant selected() {
+  static const Variant variant = parse_env();  // a throw here is rethrown by the next call too
+  return variant;
+}
+
+std::string selected_name() { return name(selected()); }
+
+CoverFn cover_function(Variant variant) {
+#if PNCC_CULL_SIMD_BUILT
+  if (variant == Variant::kAvx512) return cover_avx512;
+#endif
+  (void)variant;
+  return nullptr;
+}
+
+CullFn function(Variant variant) {
+#if PNCC_CULL_SIMD_BUILT
+  if (variant == Variant::kAvx512) return cull_avx512;
+  if (variant == Variant::kAvx2) return cull_avx2;
+#endif
+  (void)variant;
+  return cull_scalar;
+}
+
+}  // namespace cull
+}  // namespace raster
+}  // namespace pncc

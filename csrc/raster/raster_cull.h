@@ -1,0 +1,89 @@
+// Triangle culling of the CPU z-buffer, 16 (AVX-512) or 8 (AVX2) triangles at a time. CPU only
+// and torch-free (the CUDA kernel culls one triangle per thread with raster_math.h directly).
+//
+// Why: most triangles of a real face mesh at 256x256 are sub-pixel, so the CPU rasterizer spends
+// most of its time fetching three vertices, forming a bounding box and finding it holds no pixel
+// sample. The vector variants do exactly that arithmetic (triangle_sample_bounds and is_empty of
+// raster_math.h, integers only) on a whole register of triangles, and hand the survivors, in face
+// order, to the scalar setup and coverage loop. Integer arithmetic has no rounding, so every
+// variant produces the same survivors and bounds, and the rasterizer's outputs stay bitwise
+// identical whichever runs.
+//
+// Variant selection, once per process: avx512 when the CPU has AVX-512F, else scalar, unless
+// PNCC_RASTER_SIMD names one ("avx512", "avx2" or "scalar"; asking for one the CPU lacks is an
+// error). The avx2 variant (8-lane culling, scalar coverage) measured slower than scalar on a
+// Zen 5 core (bench_raster.py's time split, bench/RESULTS.md), so it is never picked by itself;
+// it stays, tested, for AVX2-only CPUs to measure on.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "raster/raster_math.h"
+
+namespace pncc {
+namespace raster {
+namespace cull {
+
+enum class Variant { kScalar, kAvx2, kAvx512 };
+
+// The faces of one batch that survive culling, in face order, with their sample bounds
+// (struct of arrays, so the vector variants store them with one instruction each).
+// (The arrays have kSlack slots beyond their capacity: the vector variants store whole
+// registers.)
+constexpr int kSlack = 16;
+
+struct Survivors {
+  static constexpr int kBatch = 64;  // faces culled per call
+  int32_t face[kBatch + kSlack];
+  int32_t col0[kBatch + kSlack], col1[kBatch + kSlack], row0[kBatch + kSlack],
+      row1[kBatch + kSlack];
+
+  SampleBounds bounds(int k) const { return {col0[k], col1[k], row0[k], row1[k]}; }
+};
+
+// Culls faces [first, first + count) (count <= Survivors::kBatch) against rows
+// [row_begin, row_end) of a `width`-wide image, from the vertices' fixed points. Writes the
+// survivors to `out` and returns their number. Face indices are int32 (as in the depth keys).
+using CullFn = int (*)(const FixedPoint* points, const int32_t* faces, int32_t first, int count,
+                       int row_begin, int row_end, int width, Survivors& out);
+
+// Single-sample coverage jobs: a surviving float32 triangle with only a few samples in its bounds
+// (on a face mesh at 256x256, 94% of the survivors have one or two) becomes one job per sample,
+// and a vector variant tests 16 jobs at once: the triangle setup and cover_sample of
+// raster_math.h, operation for operation in the same IEEE single precision (no FMA, the same
+// comparisons, the same NaN outcomes), so the covered samples and their weights are bit-identical.
+struct SampleJobs {
+  static constexpr int kCapacity = 4 * Survivors::kBatch;
+  int32_t face[kCapacity], col[kCapacity], row[kCapacity];
+  int n = 0;
+};
+
+// The jobs' samples that are covered, with the barycentric weights and depth cover_sample gives.
+struct CoveredSamples {
+  static constexpr int kSize = SampleJobs::kCapacity + kSlack;
+  int32_t face[kSize], col[kSize], row[kSize];
+  float bary0[kSize], bary1[kSize], bary2[kSize], depth[kSize];
+};
+
+// Tests every job against its face of the (V, 3) float32 image-space `vertices`; writes the
+// covered ones to `out` and returns their number. (V * 3 and F * 3 must fit in int32.)
+using CoverFn = int (*)(const float* vertices, const int32_t* faces, const SampleJobs& jobs,
+                        CoveredSamples& out);
+
+// The variant this process uses (see above), and its functions. Throws std::runtime_error with a
+// one-line message when PNCC_RASTER_SIMD is invalid or names a variant this CPU lacks.
+Variant selected();
+CullFn function(Variant variant);
+// The variant's vector coverage test, or nullptr when it has none (then every survivor goes to
+// the scalar loop).
+CoverFn cover_function(Variant variant);
+bool supported(Variant variant);
+const char* name(Variant variant);
+
+// name(selected()), for the _raster_cpu_variant debug op.
+std::string selected_name();
+
+}  // namespace cull
+}  // namespace raster
+}  // namespace pncc
