@@ -2,7 +2,10 @@
 
 Accuracy follows flash-attention's rule: against a float64 reference, the fused op's maximum error
 must be at most 2x (output) or 3x (gradients) the error of the plain unfused PyTorch
-implementation run in the same dtype on the same device. The rule compares maxima, so the stress
+implementation run in the same dtype on the same device. For float16 and bfloat16 the plain
+implementation is the one a GPU runs (as in flash-attention's tests, _plain_gpu_style): a CPU's
+plain bfloat16 softmax and products round every step, and a rule against that error let a 30%
+error in grad_query or a 5% scaling of every output pass. The rule compares maxima, so the stress
 cases run 16 independent batch entries: over a handful of rows the maximum is decided by the luck
 of a single rounding (two keys whose scores differ by 0.4 at temperature 0.001), over many rows it
 measures the implementation.
@@ -43,6 +46,18 @@ def _max_err(a, b):
     return (a.double().cpu() - b.double().cpu()).abs().max().item() if a.numel() else 0.0
 
 
+def _plain_gpu_style(query, key, value, temperature, normalize=True, eps=1e-6):
+    """The plain baseline for float16/bfloat16, rounded where a GPU's unfused implementation
+    rounds: inputs in the dtype; normalisation, both products (fp32 accumulation of the dtype's
+    exact products) and the softmax in fp32; the normalised rows and P rounded to the dtype before
+    their products; the output rounded to the dtype. Gradients are its autograd."""
+    dtype = query.dtype
+    q = corr_warp_normalize(query.float(), normalize, eps).to(dtype).float()
+    k = corr_warp_normalize(key.float(), normalize, eps).to(dtype).float()
+    p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) / temperature, dim=-1)
+    return torch.matmul(p.to(dtype).float(), value.float()).to(dtype)
+
+
 def assert_accuracy(q, k, v, temperature, normalize=True, eps=1e-6, seed=1):
     """Checks the flash-attention accuracy rule for the output and all three gradients."""
     g = torch.Generator().manual_seed(seed)
@@ -53,7 +68,8 @@ def assert_accuracy(q, k, v, temperature, normalize=True, eps=1e-6, seed=1):
         corr_warp_reference, *(t.double().cpu() for t in (q, k, v)), grad_out.cpu(), **kw
     )
     fused = _forward_backward(pncc_cuda.corr_warp, q, k, v, grad_out, **kw)
-    plain = _forward_backward(corr_warp_reference, q, k, v, grad_out, **kw)
+    plain_fn = _plain_gpu_style if q.dtype in LOW_PRECISION else corr_warp_reference
+    plain = _forward_backward(plain_fn, q, k, v, grad_out, **kw)
     for name, f, p, e, factor in zip(("out", "grad_query", "grad_key", "grad_value"),
                                      fused, plain, exact, (2, 3, 3, 3)):
         assert torch.isfinite(f).all(), f"{name} is not finite"

@@ -22,7 +22,13 @@ bool is_float_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
 }
 
-// Range of the values of a non-empty integer tensor: one reduction, one device sync.
+// Whether the values of an index tensor are range-checked here. Only on the CPU: on a GPU the
+// check would cost a reduction and a device-to-host sync per call, so the CUDA kernels guard
+// instead (raster_kernels.cuh: out-of-range faces cover nothing, out-of-range face_index values
+// read as background).
+bool checks_index_values(const at::Tensor& t) { return t.numel() > 0 && t.device().is_cpu(); }
+
+// Range of the values of a non-empty CPU integer tensor.
 std::pair<int64_t, int64_t> value_range(const at::Tensor& t) {
   auto [lo, hi] = at::aminmax(t);
   return {lo.item<int64_t>(), hi.item<int64_t>()};
@@ -39,7 +45,7 @@ at::Tensor check_faces(const at::Tensor& faces, int64_t num_vertices, const at::
   check_same_device("faces", faces, like, like_name);
   TORCH_CHECK_VALUE(faces.size(0) <= std::numeric_limits<int32_t>::max(),
                     "faces must have at most 2147483647 rows, got ", faces.size(0));
-  if (faces.numel() > 0) {
+  if (checks_index_values(faces)) {
     const auto [lo, hi] = value_range(faces);
     TORCH_CHECK_VALUE(lo >= 0 && hi < num_vertices, "faces must index vertices in [0, ",
                       num_vertices, "), got values in [", lo, ", ", hi, "]");
@@ -88,7 +94,7 @@ void check_raster_outputs(const at::Tensor& face_index, const at::Tensor& bary,
                     " like face_index, got ", shape_str(like));
   check_same_device("face_index", face_index, like, like_name);
   check_same_device("bary", bary, like, like_name);
-  if (face_index.numel() > 0) {
+  if (checks_index_values(face_index)) {
     const auto [lo, hi] = value_range(face_index);
     TORCH_CHECK_VALUE(lo >= -1 && hi < num_faces,
                       "face_index must be -1 or index faces in [0, ", num_faces,

@@ -3,6 +3,11 @@
 // Every check runs before any kernel: a failing check raises ValueError or TypeError in Python
 // (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE) with a message naming the argument. The fake kernels in
 // pncc_cuda/_checks.py state the same preconditions with the same words.
+//
+// No check synchronises with a GPU. Index values (faces in [0, V), face_index in [-1, F)) are
+// therefore range-checked only for CPU tensors; for CUDA tensors the kernels guard instead (see
+// raster_kernels.cuh): a face with an out-of-range vertex index covers nothing and an
+// out-of-range face_index value reads as background.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,7 +22,7 @@ constexpr int64_t kMaxImageSide = 32768;
 
 // Validates faces (F, 3) int32/int64 against `num_vertices` and the device of `like` (named
 // `like_name` in messages). Returns them as contiguous int32, the kernels' index type, after
-// checking that every index lies in [0, num_vertices): one reduction, one device sync.
+// checking, for CPU tensors, that every index lies in [0, num_vertices).
 at::Tensor check_faces(const at::Tensor& faces, int64_t num_vertices, const at::Tensor& like,
                        const char* like_name);
 
@@ -34,7 +39,7 @@ at::Tensor check_mesh(const at::Tensor& vertices, const at::Tensor& faces, int64
 void check_ncc(const at::Tensor& ncc, const at::Tensor& vertices);
 
 // Validates rasterizer outputs fed back as inputs: face_index (B, H, W) int32 with values in
-// [-1, num_faces) and bary (B, H, W, 3) with the dtype of `like`, whose batch must be 1 or B,
+// [-1, num_faces) (checked for CPU tensors) and bary (B, H, W, 3) with the dtype of `like`, whose batch must be 1 or B,
 // all on the device of `like` (named `like_name` in messages).
 void check_raster_outputs(const at::Tensor& face_index, const at::Tensor& bary,
                           int64_t num_faces, const at::Tensor& like, const char* like_name);

@@ -17,7 +17,7 @@ namespace raster {
 template <typename T>
 struct MeshView {
   const T* vertices;        // (B, V, 3) image-space x, y, z
-  const int32_t* faces;     // (F, 3), every index already validated to lie in [0, V)
+  const int32_t* faces;     // (F, 3), indices in [0, V): checked on the CPU, guarded on CUDA
   int64_t batch;            // B
   int64_t num_vertices;     // V
   int64_t num_faces;        // F

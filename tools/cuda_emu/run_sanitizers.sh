@@ -6,12 +6,10 @@ export EMU_EXECUTOR=threads  # sanitizers need the real interleavings of OS thre
 cd "$(dirname "$0")/../.."
 out=build/cuda_emu/sanitizers
 mkdir -p "$out/src"
-for cu in csrc/raster/raster_cuda.cu csrc/corr/corr_cuda.cu; do
-  python tools/cuda_emu/translate.py "$cu" "$out/src/$(basename "${cu%.cu}")_emu.cpp" >/dev/null
-done
+python tools/cuda_emu/build.py --sources "$out/src" >/dev/null
 torch_dir=$(python -c "import os, torch; print(os.path.dirname(torch.__file__))")
 common=(-std=c++20 -O1 -g -fno-omit-frame-pointer -ffp-contract=off
-        -Itools/cuda_emu -I"$out/src" -Icsrc -isystem "$torch_dir/include"
+        -Itools/cuda_emu/shim -Itools/cuda_emu -I"$out/src" -Icsrc -isystem "$torch_dir/include"
         -isystem "$torch_dir/include/torch/csrc/api/include"
         tools/cuda_emu/race_driver.cpp csrc/corr/corr_check.cpp csrc/raster/raster_check.cpp
         -L"$torch_dir/lib" -Wl,-rpath,"$torch_dir/lib" -lc10 -ltorch_cpu -lpthread)

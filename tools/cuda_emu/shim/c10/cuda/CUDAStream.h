@@ -1,0 +1,3 @@
+// tools/cuda_emu stand-in for <c10/cuda/CUDAStream.h>: the emulated runtime defines what the kernels use.
+#pragma once
+#include "emu_torch.h"
