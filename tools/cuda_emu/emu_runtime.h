@@ -24,16 +24,20 @@
 // maths library (host expf etc. run instead), memory coalescing, timing.
 #pragma once
 
-#include <ATen/ATen.h>
+// Kernel headers (csrc/common/ptx.cuh, cuda_launch.cuh) take their emulated definitions from here.
+#ifndef PNCC_CUDA_EMU
+#define PNCC_CUDA_EMU 1
+#endif
+
 #include <c10/core/Device.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 #include <c10/util/BFloat16.h>
-#include <torch/library.h>
 
 #include <atomic>
 #include <condition_variable>
 #include <cmath>
+#include <deque>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -44,6 +48,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <type_traits>
 #include <ucontext.h>
 #include <vector>
@@ -115,12 +120,20 @@ inline Stats& stats() {
 }
 
 struct Block;
+// One cp.async of 16 bytes: the source is read when the copy is issued, the destination written
+// only when a cp_async_wait covers its group (until then it holds poison, 0xff bytes).
+struct AsyncCopy {
+  unsigned char* dst;
+  unsigned char bytes[16];
+};
 // What a kernel's built-in variables read: one per emulated thread. The executor points `tls` at
 // the running thread's state (a thread_local pointer, re-pointed at every fiber switch).
 struct ThreadState {
   dim3 thread, block, block_dim, grid_dim;
   Block* blk = nullptr;
   int linear = 0;
+  std::vector<AsyncCopy> uncommitted;           // issued since the last cp_async_commit
+  std::deque<std::vector<AsyncCopy>> in_flight;  // committed groups, oldest first
 };
 inline thread_local ThreadState* tls = nullptr;
 
@@ -254,6 +267,11 @@ struct Warp {
   Barrier barrier;
   int lanes;
   alignas(8) unsigned char slots[32][8];
+  // Operands of the warp-collective PTX instructions (mma, ldmatrix): each lane posts its own.
+  const char* op[32] = {};
+  uint32_t words[32][4];
+  float accum[32][4];
+  const unsigned char* rows[32];
 };
 
 struct Block {
@@ -594,3 +612,261 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
 
 }  // namespace wmma
 }  // namespace nvcuda
+
+// ---- csrc/common/cuda_launch.cuh ----
+// The kernel is the last argument (a template-id with commas needs no parentheses there).
+#define PNCC_LAUNCH(grid, block, smem_bytes, stream, ...) \
+  ::emu::launch(&__VA_ARGS__, (grid), (block), (smem_bytes), (stream))
+
+namespace pncc {
+template <typename T>
+T* dynamic_smem() {
+  return reinterpret_cast<T*>(::emu::dynamic_smem());
+}
+}  // namespace pncc
+
+// ---- more warp shuffles ----
+namespace emu {
+// Every lane posts `v`; lane i receives the value of lane source(i). All 32 lanes must take part.
+template <typename T, typename Source>
+T shuffle(unsigned mask, T v, Source source, const char* what) {
+  static_assert(sizeof(T) <= 8, "shuffle of more than 8 bytes");
+  Warp& w = warp();
+  if (mask != 0xffffffffu) fail(std::string(what) + " with a partial mask is not modelled");
+  if (w.barrier.expected() != 32)
+    fail(std::string(what) + " with a full mask while a lane of the warp has exited");
+  const int self = lane();
+  warp_sync();
+  std::memcpy(w.slots[self], &v, sizeof(T));
+  warp_sync();
+  T r;
+  std::memcpy(&r, w.slots[source(self) & 31], sizeof(T));
+  warp_sync();
+  return r;
+}
+}  // namespace emu
+
+template <typename T>
+T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+  if (width != 32) ::emu::fail("__shfl_sync with a width other than 32 is not modelled");
+  return ::emu::shuffle(mask, v, [=](int) { return src_lane; }, "__shfl_sync");
+}
+template <typename T>
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  if (width != 32) ::emu::fail("__shfl_down_sync with a width other than 32 is not modelled");
+  // A lane whose source is past the warp keeps its own value, as on the GPU.
+  return ::emu::shuffle(mask, v, [=](int l) { return l + int(delta) < 32 ? l + int(delta) : l; },
+                        "__shfl_down_sync");
+}
+template <typename T>
+T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  if (width != 32) ::emu::fail("__shfl_up_sync with a width other than 32 is not modelled");
+  return ::emu::shuffle(mask, v, [=](int l) { return l >= int(delta) ? l - int(delta) : l; },
+                        "__shfl_up_sync");
+}
+
+// ---- csrc/common/ptx.cuh: mma.sync, ldmatrix, cp.async, ex2.approx ----
+//
+// Model:
+//   - mma and ldmatrix are warp collectives: all 32 lanes must execute the same instruction (a lane
+//     that has exited, or lanes at different instructions, is an error); every lane posts its
+//     registers or row address, and each lane then takes its own part of the result by the PTX
+//     ISA's fragment layouts (see ptx.cuh's comment);
+//   - mma: the 16 products of each dot product are exact (16-bit operands), summed in double with
+//     the fp32 accumulator and rounded once to fp32. A tensor core truncates partial sums to about
+//     fp32 precision instead, so results may differ from a GPU's in the last bits of fp32;
+//   - ldmatrix: each used lane's row address must be 16-byte aligned and lie, with its 16 bytes,
+//     inside the block's dynamic shared memory (the only shared memory the emulator has);
+//   - cp.async: the 16 source bytes are read at issue and the destination is set to poison (0xff:
+//     NaN in every float type) at once; the bytes land only when a cp_async_wait<N> covers the
+//     copy's commit group, so a missing wait or barrier reads NaN. Copies issued after the last
+//     commit are covered by no wait, as in PTX;
+//   - exp2_approx: host exp2f with subnormal inputs and outputs flushed to zero (.ftz), not the
+//     SFU's approximation (about 2 ulp on a GPU).
+namespace emu {
+namespace ptx_model {
+
+inline bool in_smem(const void* p, size_t bytes) {
+  const unsigned char* c = static_cast<const unsigned char*>(p);
+  const unsigned char* base = tls->blk->smem;
+  return c >= base && c + bytes <= base + tls->blk->smem_size;
+}
+
+inline void check_smem_row(const void* p, const char* what, int source_lane) {
+  const std::string who = std::string(what) + ": lane " + std::to_string(source_lane);
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) fail(who + "'s row address is not 16-byte aligned");
+  if (!in_smem(p, 16)) fail(who + "'s row address is not in the block's dynamic shared memory");
+}
+
+// enter() claims this lane's slots, gather() waits for the whole warp and checks that every lane
+// is at the same collective, leave() waits until every lane has read what it needs.
+inline Warp& enter(const char* what) {
+  Warp& w = warp();
+  if (w.barrier.expected() != 32)
+    fail(std::string(what) + ": a warp collective while a lane of the warp has exited");
+  // Every collective ends with leave(), so no lane still reads the slots written here.
+  w.op[lane()] = what;
+  return w;
+}
+inline void gather(Warp& w, const char* what) {
+  warp_sync();
+  // A lane may have exited while the others waited here.
+  if (w.barrier.expected() != 32)
+    fail(std::string(what) + ": a warp collective while a lane of the warp has exited");
+  for (int l = 0; l < 32; ++l)
+    if (w.op[l] != what)
+      fail(std::string(what) + ": lanes of one warp at different collectives (lane " +
+           std::to_string(l) + " is at " + (w.op[l] ? w.op[l] : "none") + ")");
+}
+inline void leave() { warp_sync(); }
+
+inline uint16_t lo16(uint32_t w) { return uint16_t(w & 0xffffu); }
+inline uint16_t hi16(uint32_t w) { return uint16_t(w >> 16); }
+inline uint32_t pack16(uint16_t lo, uint16_t hi) { return uint32_t(lo) | (uint32_t(hi) << 16); }
+
+template <bool BF16>
+double value16(uint16_t bits) {
+  if constexpr (BF16) return double(float(c10::BFloat16(bits, c10::BFloat16::from_bits())));
+  else return double(float(c10::Half(bits, c10::Half::from_bits())));
+}
+
+template <bool BF16>
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                  const float (&c)[4], const char* what) {
+  Warp& w = enter(what);
+  const int self = lane();
+  for (int i = 0; i < 4; ++i) w.words[self][i] = a[i];
+  for (int i = 0; i < 4; ++i) w.accum[self][i] = c[i];
+  // B's two registers go in slots (a's four words are taken).
+  std::memcpy(w.slots[self], b, 8);
+  gather(w, what);
+  // The whole operands, from every lane's fragment (lane = 4 * group + t).
+  double A[16][16], B[16][8], C[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    const uint32_t* aw = w.words[l];
+    const int rows[4] = {g, g + 8, g, g + 8}, cols[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
+    for (int i = 0; i < 4; ++i) {
+      A[rows[i]][cols[i]] = value16<BF16>(lo16(aw[i]));
+      A[rows[i]][cols[i] + 1] = value16<BF16>(hi16(aw[i]));
+    }
+    uint32_t bw[2];
+    std::memcpy(bw, w.slots[l], 8);
+    for (int i = 0; i < 2; ++i) {
+      B[2 * t + 8 * i][g] = value16<BF16>(lo16(bw[i]));
+      B[2 * t + 8 * i + 1][g] = value16<BF16>(hi16(bw[i]));
+    }
+    C[g][2 * t] = w.accum[l][0];
+    C[g][2 * t + 1] = w.accum[l][1];
+    C[g + 8][2 * t] = w.accum[l][2];
+    C[g + 8][2 * t + 1] = w.accum[l][3];
+  }
+  leave();
+  const int g = self / 4, t = self % 4;
+  const int out_row[4] = {g, g, g + 8, g + 8}, out_col[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+  for (int i = 0; i < 4; ++i) {
+    double s = C[out_row[i]][out_col[i]];
+    for (int k = 0; k < 16; ++k) s += A[out_row[i]][k] * B[k][out_col[i]];
+    d[i] = static_cast<float>(s);
+  }
+}
+
+// ldmatrix .xN: lanes 8i..8i+7 give the rows of matrix i; lane l receives, in r[i], row l/4 and
+// columns 2(l%4), 2(l%4)+1 of matrix i (of its transpose with .trans), low half first.
+template <int N, bool Trans>
+void ldmatrix(uint32_t (&r)[N], const void* row, const char* what) {
+  Warp& w = enter(what);
+  const int self = lane();
+  w.rows[self] = static_cast<const unsigned char*>(row);
+  gather(w, what);
+  uint16_t m[N][8][8];
+  for (int i = 0; i < N; ++i)
+    for (int rr = 0; rr < 8; ++rr) {
+      const unsigned char* p = w.rows[8 * i + rr];
+      check_smem_row(p, what, 8 * i + rr);
+      std::memcpy(m[i][rr], p, 16);
+    }
+  leave();
+  const int rr = self / 4, cc = 2 * (self % 4);
+  for (int i = 0; i < N; ++i)
+    r[i] = Trans ? pack16(m[i][cc][rr], m[i][cc + 1][rr]) : pack16(m[i][rr][cc], m[i][rr][cc + 1]);
+}
+
+}  // namespace ptx_model
+}  // namespace emu
+
+namespace pncc {
+namespace ptx {
+
+inline uint32_t smem_address(const void* p) {
+  if (!::emu::ptx_model::in_smem(p, 1))
+    ::emu::fail("smem_address of a pointer outside the block's dynamic shared memory");
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - ::emu::tls->blk->smem);
+}
+
+inline void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                              const float (&c)[4]) {
+  ::emu::ptx_model::mma_m16n8k16<true>(d, a, b, c, "mma_m16n8k16_bf16");
+}
+inline void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                             const float (&c)[4]) {
+  ::emu::ptx_model::mma_m16n8k16<false>(d, a, b, c, "mma_m16n8k16_f16");
+}
+
+inline void ldmatrix_x1(uint32_t (&r)[1], const void* row) {
+  ::emu::ptx_model::ldmatrix<1, false>(r, row, "ldmatrix_x1");
+}
+inline void ldmatrix_x2(uint32_t (&r)[2], const void* row) {
+  ::emu::ptx_model::ldmatrix<2, false>(r, row, "ldmatrix_x2");
+}
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  ::emu::ptx_model::ldmatrix<4, false>(r, row, "ldmatrix_x4");
+}
+inline void ldmatrix_x1_trans(uint32_t (&r)[1], const void* row) {
+  ::emu::ptx_model::ldmatrix<1, true>(r, row, "ldmatrix_x1_trans");
+}
+inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) {
+  ::emu::ptx_model::ldmatrix<2, true>(r, row, "ldmatrix_x2_trans");
+}
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+  ::emu::ptx_model::ldmatrix<4, true>(r, row, "ldmatrix_x4_trans");
+}
+
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  using ::emu::fail;
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) fail("cp_async_16: destination not 16-byte aligned");
+  if (!::emu::ptx_model::in_smem(dst, 16))
+    fail("cp_async_16: destination not inside the block's dynamic shared memory");
+  ::emu::AsyncCopy copy{static_cast<unsigned char*>(dst), {}};
+  if (valid) {
+    if (reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp_async_16: source not 16-byte aligned");
+    if (::emu::ptx_model::in_smem(src, 1)) fail("cp_async_16: source is in shared memory, not global");
+    std::memcpy(copy.bytes, src, 16);
+  }  // else: src-size 0, the destination is zero-filled and nothing is read
+  std::memset(copy.dst, 0xff, 16);
+  ::emu::tls->uncommitted.push_back(copy);
+}
+
+inline void cp_async_commit() {
+  ::emu::ThreadState& st = *::emu::tls;
+  st.in_flight.push_back(std::move(st.uncommitted));
+  st.uncommitted.clear();
+}
+
+template <int Pending>
+void cp_async_wait() {
+  static_assert(Pending >= 0, "cp_async_wait<N> needs N >= 0");
+  ::emu::ThreadState& st = *::emu::tls;
+  while (st.in_flight.size() > size_t(Pending)) {
+    for (const ::emu::AsyncCopy& copy : st.in_flight.front()) std::memcpy(copy.dst, copy.bytes, 16);
+    st.in_flight.pop_front();
+  }
+}
+
+inline float exp2_approx(float x) {
+  const auto flush = [](float v) { return std::fpclassify(v) == FP_SUBNORMAL ? 0.0f * v : v; };
+  return flush(std::exp2(flush(x)));
+}
+
+}  // namespace ptx
+}  // namespace pncc
