@@ -70,6 +70,10 @@ def run_pncc(args):
             detector = det.make_detector(args.detector, video=source.suffix.lower() in VIDEO_SUFFIXES)
     except (FileNotFoundError, ValueError, ImportError) as err:
         raise CommandError(str(err)) from None
+    if model.synthetic and not args.landmarks:
+        print(f"reenact: warning: fitting the synthetic toy head to real {args.detector} landmarks; its "
+              f"PNCC is not a real face shape. Install a real model (`reenact models`) and pass --model.",
+              file=sys.stderr)
 
     suffix = source.suffix.lower()
     is_video = suffix in VIDEO_SUFFIXES or (suffix not in IMAGE_SUFFIXES and _looks_like_video(source))
@@ -148,11 +152,30 @@ def add_pncc_parser(subparsers):
     parser.add_argument("input", help="image or video file (put '--' before a name starting with '-')")
     parser.add_argument("--out", required=True, help="output directory (created if needed)")
     parser.add_argument("--model", default="toy",
-                        help="'toy' (built-in synthetic head), a model .npz, or 3DDFA_V2's bfm .pkl")
+                        help="a model name (`reenact models` lists them), a model .npz, 3DDFA_V2's bfm .pkl, "
+                             "or a folder of eos's Surrey Face Model files; 'toy' is the synthetic head")
     parser.add_argument("--detector", default="mediapipe", choices=["mediapipe", "dlib"])
     parser.add_argument("--landmarks", help="read landmarks from this file instead of detecting")
     parser.add_argument("--max-frames", type=int, default=0, help="stop a video after this many frames")
     parser.set_defaults(func=run_pncc)
+
+
+def run_models(args):
+    """``reenact models``: every known face model, whether it is installed, and its licence."""
+    from .face3d.registry import installed_models, model_dirs
+
+    print(f"model folders: {', '.join(str(d) for d in model_dirs())} (set REENACT_MODELS to change)")
+    for info, path in installed_models():
+        where = "built in" if info.name == "toy" else (str(path) if path else f"not installed; get it from {info.source}")
+        print(f"{info.name:16s} {info.description}\n{'':16s} licence: {info.licence}\n{'':16s} {where}")
+    return 0
+
+
+def add_models_parser(subparsers):
+    parser = subparsers.add_parser("models", help="list the face models, where they are installed, their licences",
+                                   description="List the face models --model accepts: the built-in toy head and "
+                                               "the real models installed in the model folders.")
+    parser.set_defaults(func=run_models)
 
 
 def _lazy(module, *registrars):
@@ -171,6 +194,7 @@ def _lazy(module, *registrars):
 #: Subcommand registrars, in the order of `reenact --help`.
 COMMANDS = [
     add_pncc_parser,
+    add_models_parser,
     _lazy("data.commands", "add_synth_parser", "add_prepare_parser"),
     _lazy("train", "add_train_parser"),
     _lazy("inference", "add_reenact_parser"),

@@ -79,11 +79,17 @@ class PrepareReport:
     frames_in: int
     seconds: float
     skipped: list
+    model: str = ""
+    valid_fraction: dict = dataclasses.field(default_factory=dict)  # clip path -> fraction of valid frames
 
     def summary(self):
         rate = self.frames_in / self.seconds if self.seconds > 0 else 0.0
         lines = [f"prepared {self.prepared} of {self.files} file(s) ({self.resumed} already done), "
                  f"{self.clips} clip(s); {self.frames_in} input frames in {self.seconds:.1f} s ({rate:.1f} frames/s)"]
+        if self.valid_fraction:
+            fractions = sorted(self.valid_fraction.values())
+            lines.append(f"valid frames per clip: median {fractions[len(fractions) // 2]:.0%}, lowest {fractions[0]:.0%} "
+                         f"(face model {self.model})")
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} file(s):")
             lines += [f"  {name}: {reason}" for name, reason in self.skipped]
@@ -177,12 +183,14 @@ def _landmarks_for(options, relative):
 
 
 def process_file(path, relative, out_dir, options, decode=iter_frames, model=None):
-    """Prepare one raw video -> (list of ClipRecord, frames decoded). Raises MediaError/ValueError
+    """Prepare one raw video -> (list of ClipRecord, frames decoded, each clip's fraction of valid
+    frames). Raises MediaError/ValueError
     (and the detector's errors) to skip the file. ``model``: the loaded face model (default: load
     ``options.model``)."""
     import torch
 
     from ..face3d import detectors as det
+    from ..face3d.calibration import fit_options_for
     from ..face3d.fit import fit_landmarks
     from ..face3d.morphable import load_model
 
@@ -220,14 +228,16 @@ def process_file(path, relative, out_dir, options, decode=iter_frames, model=Non
     stem = f"{_safe_stem(relative)}_{key}"
     clips_dir = pathlib.Path(out_dir) / "clips"
     clips_dir.mkdir(parents=True, exist_ok=True)
+    # Detected landmarks get the (model, detector) calibration; given landmarks the plain fit.
+    fit_options = fit_options_for(model, None if detector is None else options.detector)
     plans = []
     for number, (first, stop) in enumerate(pieces):
         boxes = crop_boxes(landmarks[first:stop], options.crop_scale, options.smooth_sigma)
         crop_points = to_crop(landmarks[first:stop], boxes, options.size)
-        fit = fit_landmarks(model, torch.from_numpy(crop_points))
+        fit = fit_landmarks(model, torch.from_numpy(crop_points), **fit_options)
         plans.append((number, first, stop, boxes, crop_points, fit))
 
-    records, frames_of = [], {n: [] for n, *_ in plans}
+    records, valid_fractions, frames_of = [], [], {n: [] for n, *_ in plans}
     starts = {plan[1]: plan for plan in plans}
     active = None
     for index, frame in enumerate(decode(path)):
@@ -236,11 +246,13 @@ def process_file(path, relative, out_dir, options, decode=iter_frames, model=Non
         if active is not None and active[1] <= index < active[2]:
             frames_of[active[0]].append(crop_frame(frame, active[3][index - active[1]], options.size))
         if active is not None and index + 1 == active[2]:
-            records.append(_write_clip(out_dir, stem, active, frames_of.pop(active[0]), fps, relative, model, options))
+            record, valid = _write_clip(out_dir, stem, active, frames_of.pop(active[0]), fps, relative, model, options)
+            records.append(record)
+            valid_fractions.append(valid)
             active = None
     if len(records) != len(plans):
         raise MediaError("the video decoded differently the second time (frames missing)")
-    return records, len(landmarks)
+    return records, len(landmarks), valid_fractions
 
 
 def _write_clip(out_dir, stem, plan, frames, fps, relative, model, options):
@@ -256,21 +268,21 @@ def _write_clip(out_dir, stem, plan, frames, fps, relative, model, options):
                     identity=identity, model_name=model.name, image_size=options.size)
     return fmt.ClipRecord(clip=clip_rel, params=params_rel, frames=len(frames), fps=float(fps),
                           identity=identity, source=str(pathlib.PurePosixPath(*pathlib.PurePath(relative).parts)),
-                          codec=options.codec, size=options.size, synthetic=model.synthetic)
+                          codec=options.codec, size=options.size, synthetic=model.synthetic), float(fit.ok.float().mean())
 
 
 def _worker(connection, path, relative, out_dir, options, decode, model):
-    """Worker process entry: one file; sends ("ok", records, frames) or ("skip", reason)."""
+    """Worker process entry: one file; sends ("ok", records, frames, valid fractions) or ("skip", reason)."""
     try:
         import torch
 
         torch.set_num_threads(1)
-        records, frames = process_file(path, relative, out_dir, options, decode, model)
-        connection.send(("ok", [dataclasses.asdict(r) for r in records], frames))
+        records, frames, valid = process_file(path, relative, out_dir, options, decode, model)
+        connection.send(("ok", [dataclasses.asdict(r) for r in records], frames, valid))
     except (MediaError, ValueError, FileNotFoundError, ImportError, OSError) as err:
-        connection.send(("skip", f"{type(err).__name__}: {err}", 0))
+        connection.send(("skip", f"{type(err).__name__}: {err}", 0, None))
     except Exception as err:  # noqa: BLE001 - any other failure costs this file, with its trace logged
-        connection.send(("skip", f"unexpected {type(err).__name__}: {err} | {traceback.format_exc(limit=3)}", 0))
+        connection.send(("skip", f"unexpected {type(err).__name__}: {err} | {traceback.format_exc(limit=3)}", 0, None))
     finally:
         connection.close()
 
@@ -373,9 +385,12 @@ def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=18
     fmt.write_manifest(out_dir, records)
     skipped = [(relative, results[relative]["reason"]) for relative in sorted(results)
                if results[relative]["status"] != "ok"]
+    valid_fraction = {record["clip"]: fraction for relative in sorted(results) if results[relative]["status"] == "ok"
+                      for record, fraction in zip(results[relative]["records"],
+                                                  results[relative].get("valid_fraction") or [])}
     report = PrepareReport(files=len(videos), prepared=len(videos) - len(skipped), resumed=resumed,
                            clips=len(records), frames_in=frames_in, seconds=time.perf_counter() - started,
-                           skipped=skipped)
+                           skipped=skipped, model=model.name, valid_fraction=valid_fraction)
     (out_dir / "prepare_report.json").write_text(json.dumps(dataclasses.asdict(report), ensure_ascii=False, indent=1),
                                                  encoding="utf-8")
     check_skip_fraction(skipped, len(videos), max_skip_fraction, what="files")
@@ -425,9 +440,9 @@ def _collect(process, receive):
         code = process.exitcode
         how = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
         return {"status": "skip", "reason": f"worker crashed ({how}) while decoding or fitting"}
-    status, payload, frames = message
+    status, payload, frames, valid = message
     if status == "ok":
-        return {"status": "ok", "records": payload, "frames": frames}
+        return {"status": "ok", "records": payload, "frames": frames, "valid_fraction": valid}
     return {"status": "skip", "reason": payload}
 
 
