@@ -188,8 +188,11 @@ def load_eos_sfm(folder, name="sfm_3448"):
                          f"{shape['mean'].shape[0]}")
     right, left = read_contours(folder / CONTOURS_FILE)
     mapping = read_ibug_mapping(folder / MAPPING_FILE)
-    # Outline points slide along the contours (eos's contour fitting); the chin stays fixed.
-    mapping[[k for k in range(17) if k != 8]] = -1
+    if right.size and left.size:
+        # Outline points slide along the contours (eos's contour fitting); the chin stays fixed.
+        mapping[[k for k in range(17) if k != 8]] = -1
+    else:
+        right = left = None
     return MorphableModel(mean=shape["mean"], id_basis=shape["id_basis"], exp_basis=exp_basis,
                           faces=shape["faces"], landmarks68=mapping, contour_right=right,
                           contour_left=left, name=name, exp_names=names)
@@ -234,6 +237,6 @@ def write_eos_files(model, folder, version=4):
     lines = [f"\t{k + 1} {int(v)}" for k, v in enumerate(model.landmarks68.tolist()) if v >= 0]
     (folder / MAPPING_FILE).write_text("; iBUG 68 -> vertex\nlandmarkMappings\n{\n" + "\n".join(lines) + "\n}\n",
                                        encoding="utf-8")
-    contours = {"model_contour": {"right_contour": model.contour_right.tolist(),
-                                  "left_contour": model.contour_left.tolist()}}
+    contours = {"model_contour": {side: [] if contour is None else contour.tolist() for side, contour in
+                                  (("right_contour", model.contour_right), ("left_contour", model.contour_left))}}
     (folder / CONTOURS_FILE).write_text(json.dumps(contours), encoding="utf-8")
