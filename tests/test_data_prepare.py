@@ -58,6 +58,10 @@ def test_prepare_crops_fits_and_splits(raw, tmp_path):
         iod = np.linalg.norm(params["landmarks"][:, 36:42].mean(1) - params["landmarks"][:, 42:48].mean(1), axis=-1)
         assert (np.sqrt(((fitted - params["landmarks"]) ** 2).sum(-1).mean(-1)) / iod).max() < 0.05
     assert ClipDataset(out).frame_counts.tolist() == [12] * 4
+    # the report names the face model and gives each clip's fraction of valid frames
+    written = json.loads((out / "prepare_report.json").read_text(encoding="utf-8"))
+    assert written["model"] == report.model and "synthetic" in report.model
+    assert written["valid_fraction"] == {r.clip: 1.0 for r in records}
 
 
 def test_prepare_resumes_without_duplicates(raw, tmp_path):
