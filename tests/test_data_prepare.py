@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from data_support import build_corrupt_corpus, hanging_or_crashing_decoder
+from data_support import build_corrupt_corpus, hanging_or_crashing_decoder, noisy_decoder
 from reenact import cli
 from reenact.data import format as fmt
 from reenact.data import prepare as prep
@@ -154,3 +154,11 @@ def test_video_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="codec"):
         video.encode_video(tmp_path / "x.webm", np.zeros((2, 16, 16, 3), np.uint8), codec="theora")
     assert not list(tmp_path.glob(".partial-*"))
+
+
+def test_native_console_output_of_workers_goes_to_a_log_file(raw, tmp_path, capfd):
+    out = tmp_path / "out"
+    prep.prepare(raw, out, _options(raw), workers=1, progress=False, decode=noisy_decoder)
+    captured = capfd.readouterr()
+    assert "NATIVE-NOISE" not in captured.err + captured.out
+    assert "NATIVE-NOISE" in (out / prep.STATE_DIR / prep.NATIVE_LOG).read_text(encoding="utf-8")

@@ -9,7 +9,11 @@ that one file, never the run):
 2. cut the frames with a face into runs, and long runs into clips of at most ``clip_length``;
 3. per clip: a stable square crop box (landmark box centre and size, Gaussian-smoothed over time),
    landmarks mapped into the crop, and a face3d fit with one identity shared by the clip's frames;
-4. decode again, crop, resample to ``size`` x ``size`` and encode each clip (VP9 by default).
+4. crop the frames kept from step 1 (or, when they exceed ``FRAME_CACHE_BYTES``, decode again),
+   resample to ``size`` x ``size`` and encode each clip (VP9 by default).
+
+Workers write their native console output (mediapipe's TFLite/absl lines) to
+``OUT_DIR/.prepare/native.log`` instead of the terminal.
 
 The parent keeps ``workers`` such processes running, kills one that exceeds ``timeout`` seconds,
 records every finished file under ``OUT_DIR/.prepare/`` (so a rerun resumes, skipping finished
@@ -41,6 +45,16 @@ log = logging.getLogger("reenact.data")
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv", ".ts"}
 STATE_DIR = ".prepare"
+NATIVE_LOG = "native.log"
+#: Decoded frames a worker keeps from the detection pass for the cropping pass (a 512x512 video
+#: fits whole up to 680 frames); a longer or larger video is decoded a second time instead.
+FRAME_CACHE_BYTES = 512 * 2 ** 20
+
+
+def decode_for_prepare(path):
+    """The frames ``prepare`` reads: swscale's YUV conversion (iter_frames' exact one costs more
+    than the detector and is only needed by the training loaders)."""
+    return iter_frames(path, exact_colour=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +196,7 @@ def _landmarks_for(options, relative):
                             f"(looked for <name>.landmarks.npy, .npy, .npz, .txt)")
 
 
-def process_file(path, relative, out_dir, options, decode=iter_frames, model=None):
+def process_file(path, relative, out_dir, options, decode=decode_for_prepare, model=None):
     """Prepare one raw video -> (list of ClipRecord, frames decoded, each clip's fraction of valid
     frames). Raises MediaError/ValueError
     (and the detector's errors) to skip the file. ``model``: the loaded face model (default: load
@@ -201,9 +215,13 @@ def process_file(path, relative, out_dir, options, decode=iter_frames, model=Non
         detector = None
     else:
         detector = det.make_detector(options.detector, video=True)
-    landmarks = []
+    landmarks, kept = [], []  # kept: decoded frames while they fit FRAME_CACHE_BYTES, else None
     try:
         for index, frame in enumerate(decode(path)):
+            if kept is not None and (len(kept) + 1) * frame.nbytes <= FRAME_CACHE_BYTES:
+                kept.append(frame)
+            else:
+                kept = None
             if detector is None:
                 points = given[index] if index < len(given) else np.full((68, 2), np.nan)
             else:
@@ -240,7 +258,7 @@ def process_file(path, relative, out_dir, options, decode=iter_frames, model=Non
     records, valid_fractions, frames_of = [], [], {n: [] for n, *_ in plans}
     starts = {plan[1]: plan for plan in plans}
     active = None
-    for index, frame in enumerate(decode(path)):
+    for index, frame in enumerate(kept if kept is not None else decode(path)):
         if index in starts:
             active = starts[index]
         if active is not None and active[1] <= index < active[2]:
@@ -271,9 +289,18 @@ def _write_clip(out_dir, stem, plan, frames, fps, relative, model, options):
                           codec=options.codec, size=options.size, synthetic=model.synthetic), float(fit.ok.float().mean())
 
 
+def _send_native_output_to(path):
+    """Point this process's stderr (file descriptor 2, which native libraries such as mediapipe's
+    TFLite and absl write to directly) at the end of ``path``."""
+    handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(handle, 2)
+    os.close(handle)
+
+
 def _worker(connection, path, relative, out_dir, options, decode, model):
     """Worker process entry: one file; sends ("ok", records, frames, valid fractions) or ("skip", reason)."""
     try:
+        _send_native_output_to(pathlib.Path(out_dir) / STATE_DIR / NATIVE_LOG)
         import torch
 
         torch.set_num_threads(1)
@@ -306,7 +333,7 @@ def _state_file(state_dir, relative, path):
 
 
 def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=1800.0, max_skip_fraction=0.2,
-            retry_skipped=False, progress=True, decode=iter_frames):
+            retry_skipped=False, progress=True, decode=decode_for_prepare):
     """Run ``prepare``; returns a :class:`PrepareReport` (also written to ``prepare_report.json``).
 
     ``decode`` (path -> iterator of RGB frames) is the decoding function the workers use; tests
