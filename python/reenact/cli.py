@@ -253,7 +253,7 @@ def _lazy(module, *registrars):
 COMMANDS = [
     add_pncc_parser,
     add_models_parser,
-    _lazy("data.commands", "add_synth_parser", "add_prepare_parser"),
+    _lazy("data.commands", "add_synth_parser", "add_prepare_parser", "add_merge_parser"),
     _lazy("train", "add_train_parser"),
     _lazy("inference", "add_reenact_parser"),
     _lazy("evaluate", "add_eval_parser"),

@@ -333,11 +333,12 @@ def _state_file(state_dir, relative, path):
 
 
 def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=1800.0, max_skip_fraction=0.2,
-            retry_skipped=False, progress=True, decode=decode_for_prepare):
+            retry_skipped=False, progress=True, decode=decode_for_prepare, shard=(0, 1)):
     """Run ``prepare``; returns a :class:`PrepareReport` (also written to ``prepare_report.json``).
 
     ``decode`` (path -> iterator of RGB frames) is the decoding function the workers use; tests
-    swap in decoders that hang or crash. Raises SkipBudgetExceeded after writing the manifest and
+    swap in decoders that hang or crash. ``shard`` (K, N): take only the videos of shard K of N
+    (:func:`reenact.data.merge.shard_of`); ``reenact merge-datasets`` joins the shards' outputs. Raises SkipBudgetExceeded after writing the manifest and
     the report when too many files were skipped.
     """
     options.check()
@@ -346,7 +347,10 @@ def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=18
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
     raw_dir, out_dir = pathlib.Path(os.fspath(raw_dir)), pathlib.Path(os.fspath(out_dir))
-    videos = find_videos(raw_dir)
+    from .merge import shard_of
+
+    index, count = shard
+    videos = [v for v in find_videos(raw_dir) if shard_of(v.relative_to(raw_dir), count) == index]
     if out_dir.resolve() == raw_dir.resolve() or raw_dir.resolve() in out_dir.resolve().parents:
         raise ValueError(f"OUT_DIR must not be inside RAW_VIDEO_DIR ({out_dir} is in {raw_dir})")
     state_dir = out_dir / STATE_DIR
