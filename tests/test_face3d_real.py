@@ -228,3 +228,21 @@ def test_models_are_found_by_name_in_the_model_folders(tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     assert "sfm_3448" in out and str(tmp_path / "sfm_3448") in out and "non-commercial" in out
     assert "bfm_noneck_v3" in out and "not installed" in out
+
+
+def test_fit_clip_gets_the_joint_fits_identity_from_a_quarter_of_the_frames():
+    from reenact.face3d.fit import fit_clip
+
+    model = toy_model()
+    alpha, _, landmarks = synthetic_clip(model, 24, seed=21, noise=0.5)
+    joint = fit_landmarks(model, landmarks)
+    quarter = fit_clip(model, landmarks, identity_stride=4)
+    assert quarter.alpha.shape == joint.alpha.shape and quarter.clip_alpha.shape == joint.clip_alpha.shape
+    assert (quarter.clip_alpha - joint.clip_alpha).norm() < 0.25 * joint.clip_alpha.norm()
+    assert (quarter.clip_alpha[0] - alpha[0]).norm() < 1.5 * (joint.clip_alpha[0] - alpha[0]).norm() + 0.1
+    assert quarter.ok.all() and quarter.rms_px.mean() < 1.5 * joint.rms_px.mean()
+    # every frame's landmarks are explained with the clip's identity
+    from reenact.face3d.synthetic import project_landmarks as project
+
+    again = project(model, quarter.alpha, quarter.beta, quarter.pose).double()
+    assert (again - quarter.projected.double()).abs().max() < 1e-3

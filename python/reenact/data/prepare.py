@@ -8,7 +8,9 @@ that one file, never the run):
    another tool);
 2. cut the frames with a face into runs, and long runs into clips of at most ``clip_length``;
 3. per clip: a stable square crop box (landmark box centre and size, Gaussian-smoothed over time),
-   landmarks mapped into the crop, and a face3d fit with one identity shared by the clip's frames;
+   landmarks mapped into the crop, and a face3d fit with one identity shared by the clip's frames
+   (``fit_clip``: the identity from every 4th frame, then each frame with it; detected landmarks
+   use the model and detector's calibration, see ``reenact.face3d.calibration``);
 4. crop the frames kept from step 1 (or, when they exceed ``FRAME_CACHE_BYTES``, decode again),
    resample to ``size`` x ``size`` and encode each clip (VP9 by default).
 
@@ -205,7 +207,7 @@ def process_file(path, relative, out_dir, options, decode=decode_for_prepare, mo
 
     from ..face3d import detectors as det
     from ..face3d.calibration import fit_options_for
-    from ..face3d.fit import fit_landmarks
+    from ..face3d.fit import fit_clip
     from ..face3d.morphable import load_model
 
     fps = probe(path)[1]  # also rejects unreadable files before any decoding
@@ -252,7 +254,7 @@ def process_file(path, relative, out_dir, options, decode=decode_for_prepare, mo
     for number, (first, stop) in enumerate(pieces):
         boxes = crop_boxes(landmarks[first:stop], options.crop_scale, options.smooth_sigma)
         crop_points = to_crop(landmarks[first:stop], boxes, options.size)
-        fit = fit_landmarks(model, torch.from_numpy(crop_points), **fit_options)
+        fit = fit_clip(model, torch.from_numpy(crop_points), **fit_options)
         plans.append((number, first, stop, boxes, crop_points, fit))
 
     records, valid_fractions, frames_of = [], [], {n: [] for n, *_ in plans}
