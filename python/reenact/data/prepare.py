@@ -238,7 +238,12 @@ def process_file(path, relative, out_dir, options, decode=decode_for_prepare, mo
     landmarks = np.asarray(landmarks, dtype=np.float64)
     found = np.isfinite(landmarks).all((1, 2))
     if not found.any():
-        raise MediaError(f"no face found in any of {len(found)} frames")
+        height, width = frame.shape[:2]
+        hint = "" if detector is None else (
+            f" ({width}x{height}; the {options.detector} detector misses faces narrower than about an eighth "
+            f"of the shorter side, ~{min(width, height) // 8} px here, as in full-body shots: crop such videos "
+            f"around the face first)")
+        raise MediaError(f"no face found in any of {len(found)} frames{hint}")
     pieces = _segments(found, options.clip_length, options.min_clip_length)
     if not pieces:
         raise MediaError(f"no run of >= {options.min_clip_length} consecutive frames with a face "
