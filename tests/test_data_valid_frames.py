@@ -73,3 +73,18 @@ def test_loader_skips_invalid_frames_and_clips_without_two(tmp_path):
                                              batch["frame_driving"].tolist()):
                 if clip == 0:
                     assert {source, driving} == {2, 9}
+
+
+def test_clips_folder_may_be_an_owners_symlink_but_paths_may_not_escape(tmp_path):
+    import shutil
+
+    root = make_dataset(tmp_path / "data", clips=2, frames=8)
+    shutil.move(root / "clips", tmp_path / "other-disk")
+    (root / "clips").symlink_to(tmp_path / "other-disk", target_is_directory=True)
+    assert len(ClipDataset(root)) == 2  # a layout the owner chose
+    records = fmt.read_manifest(root)
+    escaping = [records[0].__class__(**{**vars(records[0]), "clip": "../other-disk/" + records[0].clip.split("/")[-1]}),
+                records[1]]
+    fmt.write_manifest(root, escaping)
+    with pytest.raises(fmt.DatasetError, match="inside the dataset"):
+        ClipDataset(root)

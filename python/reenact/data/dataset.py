@@ -104,9 +104,21 @@ class ClipDataset:
         return Clip(record, video, params, codec)
 
     def _inside(self, relative):
-        path = (self.root / relative).resolve()
-        if self.root.resolve() not in path.parents:
+        """The file a manifest path names. The path itself must stay inside the dataset (no '..',
+        not absolute); it may pass through symlinks inside the dataset that the dataset's owner
+        made (``clips/`` on another disk is how large datasets are laid out), never through one
+        planted by another user."""
+        parts = pathlib.PurePosixPath(relative).parts
+        if pathlib.PurePath(relative).is_absolute() or ".." in parts or not parts:
             raise fmt.DatasetError(f"path {relative!r} leaves the dataset directory")
+        owner = self.root.stat().st_uid
+        step = self.root
+        for part in parts:
+            step = step / part
+            if step.is_symlink() and step.lstat().st_uid != owner:
+                raise fmt.DatasetError(f"path {relative!r} passes through {step}, a symlink the dataset's owner "
+                                       f"did not make")
+        path = step.resolve()
         if not path.is_file():
             raise fmt.DatasetError(f"file not found: {path}")
         return path
