@@ -109,6 +109,8 @@ def _extension():
 setup(
     packages=["pncc_cuda"] + find_packages("python"),
     package_dir={"pncc_cuda": "pncc_cuda", "reenact": "python/reenact"},
+    # The (model, detector) fit calibrations: derived numbers, read at run time.
+    package_data={"reenact.face3d": ["calibrations/*.json"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

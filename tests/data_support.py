@@ -105,3 +105,9 @@ def build_corrupt_corpus(raw_dir, good_video, landmarks):
 def copy_dataset(source, target):
     shutil.copytree(source, target)
     return pathlib.Path(target)
+
+
+def noisy_decoder(path):
+    """A decoder that, like mediapipe's TFLite, writes straight to file descriptor 2."""
+    os.write(2, b"NATIVE-NOISE from the decoder\n")
+    yield from iter_frames(path)

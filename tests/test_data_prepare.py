@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from data_support import build_corrupt_corpus, hanging_or_crashing_decoder
+from data_support import build_corrupt_corpus, hanging_or_crashing_decoder, noisy_decoder
 from reenact import cli
 from reenact.data import format as fmt
 from reenact.data import prepare as prep
@@ -58,6 +58,10 @@ def test_prepare_crops_fits_and_splits(raw, tmp_path):
         iod = np.linalg.norm(params["landmarks"][:, 36:42].mean(1) - params["landmarks"][:, 42:48].mean(1), axis=-1)
         assert (np.sqrt(((fitted - params["landmarks"]) ** 2).sum(-1).mean(-1)) / iod).max() < 0.05
     assert ClipDataset(out).frame_counts.tolist() == [12] * 4
+    # the report names the face model and gives each clip's fraction of valid frames
+    written = json.loads((out / "prepare_report.json").read_text(encoding="utf-8"))
+    assert written["model"] == report.model and "synthetic" in report.model
+    assert written["valid_fraction"] == {r.clip: 1.0 for r in records}
 
 
 def test_prepare_resumes_without_duplicates(raw, tmp_path):
@@ -150,3 +154,46 @@ def test_video_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="codec"):
         video.encode_video(tmp_path / "x.webm", np.zeros((2, 16, 16, 3), np.uint8), codec="theora")
     assert not list(tmp_path.glob(".partial-*"))
+
+
+def test_native_console_output_of_workers_goes_to_a_log_file(raw, tmp_path, capfd):
+    out = tmp_path / "out"
+    prep.prepare(raw, out, _options(raw), workers=1, progress=False, decode=noisy_decoder)
+    captured = capfd.readouterr()
+    assert "NATIVE-NOISE" not in captured.err + captured.out
+    assert "NATIVE-NOISE" in (out / prep.STATE_DIR / prep.NATIVE_LOG).read_text(encoding="utf-8")
+
+
+def test_shards_split_the_inputs_and_merge_back_into_one_dataset(tmp_path):
+    from reenact.data import merge
+
+    raw = tmp_path / "raw"
+    synth.synth_dataset(raw, 5, frames=12, size=RAW_SIZE, raw=True, seed=3)
+    names = [str(p.relative_to(raw)) for p in prep.find_videos(raw)]
+    owners = [merge.shard_of(name, 3) for name in names]
+    assert owners == [merge.shard_of(name, 3) for name in names]  # deterministic
+    options = _options(raw, clip_length=12)
+    shards = []
+    for index in range(3):
+        shard = tmp_path / f"shard{index}"
+        report = prep.prepare(raw, shard, options, progress=False, shard=(index, 3))
+        assert report.files == owners.count(index)
+        shards.append(shard)
+    assert sum(len(fmt.read_manifest(s)) for s in shards) == 5  # every video in exactly one shard
+    assert cli.main(["merge-datasets", str(tmp_path / "all"), *map(str, shards)]) == 0
+    records = fmt.read_manifest(tmp_path / "all")
+    assert sorted(r.source for r in records) == sorted(names)
+    assert len(ClipDataset(tmp_path / "all")) == 5
+    assert json.loads((tmp_path / "all" / "prepare_report.json").read_text(encoding="utf-8"))["clips"] == 5
+    # the same shard twice is a duplicate: refused, nothing written
+    with pytest.raises(fmt.DatasetError, match="duplicates"):
+        merge.merge_datasets(tmp_path / "twice", [shards[0], shards[0], shards[1]])
+    assert not (tmp_path / "twice").exists()
+
+
+@pytest.mark.parametrize("text", ["3", "3/3", "-1/4", "a/b", "1/0"])
+def test_bad_shard_specs_are_refused(text):
+    from reenact.data.merge import parse_shard
+
+    with pytest.raises(ValueError, match="--shard"):
+        parse_shard(text)

@@ -69,3 +69,15 @@ def test_demo_never_replaces_a_folder_it_did_not_write(tmp_path, capsys):
     again = tmp_path / "again"
     for _ in range(2):
         assert demo.run_demo(again, recipe=TINY, seed=1, quiet=True)["steps"] == 2
+
+
+def test_demo_names_missing_packages_before_any_work(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "safetensors" else find_spec(name, *rest))
+    status = cli.main(["demo", "--out", str(tmp_path / "demo"), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert status == 1 and "safetensors" in err and "pip install safetensors" in err
+    assert not (tmp_path / "demo").exists()  # nothing was started

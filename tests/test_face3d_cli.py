@@ -59,24 +59,68 @@ def test_image_with_landmark_file_and_awkward_names(tmp_path, capsys):
     assert "synthetic model" in capsys.readouterr().out
 
 
-def test_video_with_landmark_file_writes_frame_sequences(tmp_path):
+def _mjpeg_clip(path, frames, size=(160, 160)):
     cv2 = pytest.importorskip("cv2", reason="video input needs OpenCV")
-    video = tmp_path / "clip.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (160, 160))
-    for k in range(4):
-        writer.write(np.full((160, 160, 3), 40 * k, np.uint8))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, size)
+    for k in range(frames):
+        writer.write(np.full((size[1], size[0], 3), (40 * k) % 256, np.uint8))
     writer.release()
+    return path
+
+
+def test_video_with_landmark_file_writes_pncc_and_overlay_videos(tmp_path):
+    from reenact.data.video import probe
+
+    video = _mjpeg_clip(tmp_path / "clip.avi", 4)
     marks = toy_landmarks(4)
     marks[2] = np.nan  # no face in frame 2
     np.save(tmp_path / "marks.npy", marks)
     out = tmp_path / "out"
     assert main(["pncc", str(video), "--out", str(out), "--landmarks", str(tmp_path / "marks.npy")]) == 0
-    assert sorted(p.name for p in (out / "clip_pncc").iterdir()) == ["000000.png", "000001.png", "000003.png"]
-    assert len(list((out / "clip_overlay").iterdir())) == 3
+    assert sorted(p.name for p in out.iterdir()) == ["clip_overlay.mp4", "clip_params.npz", "clip_pncc.mp4"]
+    for kind in ("pncc", "overlay"):
+        assert probe(out / f"clip_{kind}.mp4")[0] == 4  # every input frame, found or not
     with np.load(out / "clip_params.npz") as params:
         assert params["found"].tolist() == [True, True, False, True]
         assert params["frame_index"].tolist() == [0, 1, 3]
         np.testing.assert_allclose(params["clip_alpha"][0], params["alpha"][2])  # one shared identity
+    # PNGs on request, for the frames with a face
+    assert main(["pncc", str(video), "--out", str(tmp_path / "png"), "--png", "--landmarks", str(tmp_path / "marks.npy")]) == 0
+    assert sorted(p.name for p in (tmp_path / "png" / "clip_pncc").iterdir()) == ["000000.png", "000001.png", "000003.png"]
+    assert len(list((tmp_path / "png" / "clip_overlay").iterdir())) == 3
+
+
+def test_video_frames_are_streamed_not_kept(tmp_path, monkeypatch):
+    """Peak memory is flat in the video's length: decoded frames are released as they are used."""
+    import gc
+    import weakref
+
+    from reenact.face3d import pipeline
+
+    references = []
+
+    class Frame(np.ndarray):  # ndarray subclasses accept weak references
+        pass
+
+    original = pipeline.video_frames
+
+    def tracked(path):
+        count, frames = original(path)
+
+        def gen():
+            for frame in frames:
+                tracked_frame = frame.view(Frame)
+                references.append(weakref.ref(tracked_frame))
+                yield tracked_frame
+                gc.collect()
+                alive = sum(r() is not None for r in references)
+                assert alive <= 3, f"{alive} decoded frames are still held"
+        return count, gen()
+
+    monkeypatch.setattr(pipeline, "video_frames", tracked)
+    video = _mjpeg_clip(tmp_path / "long.avi", 12)
+    np.save(tmp_path / "marks.npy", toy_landmarks(12))
+    assert main(["pncc", str(video), "--out", str(tmp_path / "out"), "--landmarks", str(tmp_path / "marks.npy")]) == 0
 
 
 @pytest.mark.parametrize("setup, message", [

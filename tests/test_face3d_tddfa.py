@@ -63,8 +63,13 @@ def tddfa_files(tmp_path_factory):
 
 
 class _Exploit:
+    """Creates a marker file if unpickled (a payload that leaves no trace would prove nothing)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("echo pwned > /dev/null",))
+        return (os.system, (f"touch '{self.marker}'",))
 
 
 def test_safe_pickle_loads_arrays_and_refuses_code(tmp_path, tddfa_files):
@@ -72,13 +77,16 @@ def test_safe_pickle_loads_arrays_and_refuses_code(tmp_path, tddfa_files):
     loaded = safe_load_pickle(bfm_path)
     np.testing.assert_array_equal(loaded["w_shp"], bfm["w_shp"])
     malicious = tmp_path / "evil.pkl"
-    malicious.write_bytes(pickle.dumps({"u": _Exploit()}))
+    marker = tmp_path / "payload-ran"
+    malicious.write_bytes(pickle.dumps({"u": _Exploit(marker)}))
     with pytest.raises(ValueError, match=r"unsafe or invalid pickle.*(posix|os)\.system"):
         safe_load_pickle(malicious)
+    assert not marker.exists()
     eval_pickle = tmp_path / "eval.pkl"
-    eval_pickle.write_bytes(b"cbuiltins\neval\n(S'1+1'\ntR.")
+    eval_pickle.write_bytes(f"cbuiltins\neval\n(S\"open('{marker}', 'w')\"\ntR.".encode())  # creates the marker if run
     with pytest.raises(ValueError, match="builtins.eval"):
         safe_load_pickle(eval_pickle)
+    assert not marker.exists()
     (tmp_path / "truncated.pkl").write_bytes(pickle.dumps(bfm)[:100])
     with pytest.raises(ValueError, match="truncated"):
         safe_load_pickle(tmp_path / "truncated.pkl")

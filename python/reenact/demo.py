@@ -60,6 +60,19 @@ class DemoRecipe:
 MARKER = outputs.marker_path("", "demo").name
 
 
+#: Modules the demo needs (import name -> pip requirement); tensorboard, tqdm and matplotlib are
+#: optional (the demo runs without them).
+REQUIRED_MODULES = {"safetensors": "safetensors", "av": "av==18.1.0", "PIL": "pillow"}
+
+
+def missing_requirements():
+    """The pip requirements of :data:`REQUIRED_MODULES` that cannot be imported here."""
+    import importlib.util
+
+    return [requirement for module, requirement in REQUIRED_MODULES.items()
+            if importlib.util.find_spec(module) is None]
+
+
 class DemoError(ValueError):
     """A demo that cannot run as asked (the message names the problem)."""
 
@@ -289,6 +302,11 @@ def _run(args):
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.clips is not None and args.clips < 1:
         raise UsageError(f"--clips must be >= 1, got {args.clips}")
+    missing = missing_requirements()
+    if missing:  # checked before any work: the first checkpoint comes minutes into training
+        raise CommandError(f"the demo needs {', '.join(missing)}, which cannot be imported; install them with "
+                           f"`pip install {' '.join(repr(m) if '=' in m else m for m in missing)}` "
+                           f"(or the whole extra: `pip install 'pncc-cuda[reenact]'`)")
     out = pathlib.Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out must be a directory: {out}")

@@ -81,9 +81,12 @@ def run_prepare(args):
                          f"{'mediapipe==0.10.21' if module == 'mediapipe' else 'dlib'}`), "
                          f"or pass --landmarks-from DIR")
     try:
+        from .merge import parse_shard
+
         report = prepare(args.raw_dir, args.out_dir, options, workers=args.workers, timeout=args.timeout,
                          max_skip_fraction=args.max_skip_fraction, retry_skipped=args.retry_skipped,
-                         progress=not args.quiet, overwrite=args.overwrite)
+                         progress=not args.quiet, overwrite=args.overwrite,
+                         shard=parse_shard(args.shard))
     except SkipBudgetExceeded as err:
         report_path = pathlib.Path(args.out_dir) / "prepare_report.json"
         raise _error(f"{err} (the manifest of the good files and {report_path} were written)") from None
@@ -121,5 +124,33 @@ def add_prepare_parser(subparsers):
     parser.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty OUT_DIR that `reenact prepare` did not create (e.g. a "
                              "`reenact synth` dataset; its manifest is replaced)")
+    parser.add_argument("--shard", default="0/1", metavar="K/N",
+                        help="take only shard K (0-based) of N of the input videos, split by a hash of each path, "
+                             "so N machines can run at once (e.g. --shard $SLURM_ARRAY_TASK_ID/N); join the "
+                             "outputs with `reenact merge-datasets`")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_prepare)
+
+
+def run_merge(args):
+    """``reenact merge-datasets OUT_DIR SHARD_DIR...``."""
+    from .merge import merge_datasets
+
+    try:
+        merged = merge_datasets(args.out_dir, args.shard_dirs, copy=args.copy)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise _error(str(err)) from None
+    print(f"merged {len(merged)} clip(s) from {len(args.shard_dirs)} shard(s) into {args.out_dir}")
+    return 0
+
+
+def add_merge_parser(subparsers):
+    parser = subparsers.add_parser(
+        "merge-datasets", help="join the outputs of sharded `prepare` runs into one dataset",
+        description="Hard-link (or copy) the clips of prepared shard datasets into OUT_DIR and write one "
+                    "manifest and report; refuses duplicate sources or clip names, mixed crop sizes or "
+                    "face models. The shards are left unchanged.")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="new dataset directory")
+    parser.add_argument("shard_dirs", metavar="SHARD_DIR", nargs="+", help="prepared shard datasets")
+    parser.add_argument("--copy", action="store_true", help="copy files instead of hard-linking them")
+    parser.set_defaults(func=run_merge)

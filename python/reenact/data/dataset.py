@@ -72,7 +72,8 @@ class ClipDataset:
     Args:
         root: dataset directory (with manifest.jsonl).
         codecs: allowed codec names, e.g. :data:`DALI_CPU_CODECS`; None allows any.
-        min_frames: clips shorter than this are skipped (a pair needs 2 frames).
+        min_frames: clips with fewer valid frames (parameter ``valid``) are skipped (a pair
+            needs 2 frames; the pair sampler draws valid frames only).
     """
 
     def __init__(self, root, codecs=None, min_frames=2, max_skip_fraction=0.1):
@@ -102,6 +103,9 @@ class ClipDataset:
         params = fmt.load_params(self._inside(record.params), frames=record.frames)
         if record.frames < min_frames:
             raise fmt.DatasetError(f"only {record.frames} frames; a pair needs {min_frames}")
+        valid = int(np.count_nonzero(params["valid"]))
+        if valid < min_frames:
+            raise fmt.DatasetError(f"only {valid} of {record.frames} frames have a valid fit; a pair needs {min_frames}")
         packets, _, codec, width, height = probe(video)
         if packets < record.frames:
             raise MediaError(f"the manifest says {record.frames} frames but only {packets} are in {video.name}")
@@ -112,9 +116,21 @@ class ClipDataset:
         return Clip(record, video, params, codec)
 
     def _inside(self, relative):
-        path = (self.root / relative).resolve()
-        if self.root.resolve() not in path.parents:
+        """The file a manifest path names. The path itself must stay inside the dataset (no '..',
+        not absolute); it may pass through symlinks inside the dataset that the dataset's owner
+        made (``clips/`` on another disk is how large datasets are laid out), never through one
+        planted by another user."""
+        parts = pathlib.PurePosixPath(relative).parts
+        if pathlib.PurePath(relative).is_absolute() or ".." in parts or not parts:
             raise fmt.DatasetError(f"path {relative!r} leaves the dataset directory")
+        owner = self.root.stat().st_uid
+        step = self.root
+        for part in parts:
+            step = step / part
+            if step.is_symlink() and step.lstat().st_uid != owner:
+                raise fmt.DatasetError(f"path {relative!r} passes through {step}, a symlink the dataset's owner "
+                                       f"did not make")
+        path = step.resolve()
         if not path.is_file():
             raise fmt.DatasetError(f"file not found: {path}")
         return path
@@ -125,6 +141,11 @@ class ClipDataset:
     @property
     def frame_counts(self):
         return np.array([clip.frames for clip in self.clips], dtype=np.int64)
+
+    @property
+    def valid_frames(self):
+        """Per clip, the indices of the frames whose fit is valid (the frames pairs are drawn from)."""
+        return [np.flatnonzero(clip.params["valid"]) for clip in self.clips]
 
     def frame_index(self, clip_id):
         """The cached :class:`FrameIndex` of a clip (built on first use, per process)."""

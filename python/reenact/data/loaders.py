@@ -49,14 +49,15 @@ class PairLoader:
         self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
         self.shard_id, self.num_shards, self.config = shard_id, num_shards, config
         self.device = torch.device(device)
-        epoch_schedule(dataset.frame_counts, batch_size, seed, 0, shard_id, num_shards, config)  # validates
+        epoch_schedule(dataset.frame_counts, batch_size, seed, 0, shard_id, num_shards, config,
+                       dataset.valid_frames)  # validates
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
 
     def schedule(self):
         return epoch_schedule(self.dataset.frame_counts, self.batch_size, self.seed, self.epoch,
-                              self.shard_id, self.num_shards, self.config)
+                              self.shard_id, self.num_shards, self.config, self.dataset.valid_frames)
 
     def __len__(self):
         per_step = self.batch_size * self.num_shards
@@ -102,7 +103,7 @@ def _replace_broken(dataset, spec, err):
     """Log a clip that broke after verification and return the pair that replaces it, so the
     batch keeps its size (see :func:`reenact.data.pairs.replacement`)."""
     log.warning("skipping broken clip %s: %s", dataset.clips[spec.clip].record.clip, err)
-    return replacement(spec, dataset.frame_counts)
+    return replacement(spec, dataset.frame_counts, dataset.valid_frames)
 
 
 class FallbackLoader(PairLoader):

@@ -8,6 +8,10 @@ wrapping around) to a multiple of ``num_shards * batch_size`` so that every rank
 number of full steps; padded samples are flagged ``pad``. Rank ``shard_id`` takes every
 ``num_shards``-th sample. A sample's frames and augmentation depend only on (seed, epoch, its
 position in the padded order), never on the rank or the number of workers.
+
+Only frames whose fit is valid (the parameter file's ``valid``) are drawn as source or driving:
+the frame distance is drawn in positions of a clip's valid-frame list, so a clip whose frames are
+all valid gives exactly the pairs it gave before ``valid`` was honoured.
 """
 import dataclasses
 
@@ -58,8 +62,13 @@ class PairSpec:
     pad: bool
 
 
-def epoch_schedule(frame_counts, batch_size, seed, epoch=0, shard_id=0, num_shards=1, config=PairConfig()):
-    """This rank's samples for one epoch, grouped in full batches -> list of lists of PairSpec."""
+def epoch_schedule(frame_counts, batch_size, seed, epoch=0, shard_id=0, num_shards=1, config=PairConfig(),
+                   valid_frames=None):
+    """This rank's samples for one epoch, grouped in full batches -> list of lists of PairSpec.
+
+    ``valid_frames``: None (every frame may be drawn) or, per clip, the sorted indices of its
+    valid frames (at least 2 each); source and driving are drawn from them only.
+    """
     frame_counts = np.asarray(frame_counts, dtype=np.int64)
     for name, value in (("batch_size", batch_size), ("num_shards", num_shards)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -68,34 +77,53 @@ def epoch_schedule(frame_counts, batch_size, seed, epoch=0, shard_id=0, num_shar
         raise ValueError(f"shard_id must be an int in [0, {num_shards}), got {shard_id!r}")
     if frame_counts.ndim != 1 or frame_counts.size == 0 or frame_counts.min() < 2:
         raise ValueError("frame_counts must list at least one clip, each with >= 2 frames")
+    valid_frames = _check_valid_frames(valid_frames, frame_counts)
     order = np.random.default_rng([seed, epoch]).permutation(frame_counts.size)
     per_step = batch_size * num_shards
     total = -(-order.size // per_step) * per_step
     padded = np.resize(order, total)
-    specs = [_spec(int(clip), int(frame_counts[clip]), seed, epoch, position, position >= order.size, config)
+    specs = [_spec(int(clip), valid_frames[clip], seed, epoch, position, position >= order.size, config)
              for position, clip in enumerate(padded) if position % num_shards == shard_id]
     return [specs[i:i + batch_size] for i in range(0, len(specs), batch_size)]
 
 
-def _spec(clip, frames, seed, epoch, position, pad, config):
+def _check_valid_frames(valid_frames, frame_counts):
+    """Per clip, an int64 array of the frames that may be drawn (all when ``valid_frames`` is None)."""
+    if valid_frames is None:
+        return [np.arange(count) for count in frame_counts]
+    if len(valid_frames) != len(frame_counts):
+        raise ValueError(f"valid_frames lists {len(valid_frames)} clips, frame_counts {len(frame_counts)}")
+    checked = []
+    for clip, (frames, count) in enumerate(zip(valid_frames, frame_counts)):
+        frames = np.asarray(frames, dtype=np.int64)
+        if frames.ndim != 1 or frames.size < 2 or frames.min() < 0 or frames.max() >= count \
+                or (np.diff(frames) <= 0).any():
+            raise ValueError(f"valid_frames of clip {clip} must be >= 2 increasing indices below {count}")
+        checked.append(frames)
+    return checked
+
+
+def _spec(clip, valid, seed, epoch, position, pad, config):
     rng = np.random.default_rng([seed, epoch, position, 1])
+    frames = len(valid)
     gap = int(rng.integers(min(config.min_gap, frames - 1), min(config.max_gap, frames - 1) + 1))
     first = int(rng.integers(0, frames - gap))
     source, driving = (first, first + gap) if rng.random() < 0.5 else (first + gap, first)
+    source, driving = int(valid[source]), int(valid[driving])
     flip = bool(rng.random() < config.flip_prob)
     gain = tuple(float(g) for g in 1.0 + rng.uniform(-config.gain_jitter, config.gain_jitter, 3))
     bias = float(rng.uniform(-config.bias_jitter, config.bias_jitter))
     return PairSpec(clip, source, driving, flip, gain, bias, bool(pad))
 
 
-def replacement(spec, frame_counts):
+def replacement(spec, frame_counts, valid_frames=None):
     """The pair that stands in for ``spec`` when its clip fails to decode at run time: the next
-    clip, the same frame positions clipped to its length, flagged ``pad``. Both loaders use it,
-    so they stay identical even then."""
+    clip, the same frame positions clipped to its length (to its valid frames, when given),
+    flagged ``pad``. Both loaders use it, so they stay identical even then."""
     following = (spec.clip + 1) % len(frame_counts)
-    last = int(frame_counts[following]) - 1
-    return dataclasses.replace(spec, clip=following, source=min(spec.source, last),
-                               driving=min(spec.driving, last), pad=True)
+    frames = _check_valid_frames(valid_frames, np.asarray(frame_counts))[following]
+    first_at_or_after = [int(frames[min(np.searchsorted(frames, f), len(frames) - 1)]) for f in (spec.source, spec.driving)]
+    return dataclasses.replace(spec, clip=following, source=first_at_or_after[0], driving=first_at_or_after[1], pad=True)
 
 
 def normalisation(spec):

@@ -8,8 +8,14 @@ that one file, never the run):
    another tool);
 2. cut the frames with a face into runs, and long runs into clips of at most ``clip_length``;
 3. per clip: a stable square crop box (landmark box centre and size, Gaussian-smoothed over time),
-   landmarks mapped into the crop, and a face3d fit with one identity shared by the clip's frames;
-4. decode again, crop, resample to ``size`` x ``size`` and encode each clip (VP9 by default).
+   landmarks mapped into the crop, and a face3d fit with one identity shared by the clip's frames
+   (``fit_clip``: the identity from every 4th frame, then each frame with it; detected landmarks
+   use the model and detector's calibration, see ``reenact.face3d.calibration``);
+4. crop the frames kept from step 1 (or, when they exceed ``FRAME_CACHE_BYTES``, decode again),
+   resample to ``size`` x ``size`` and encode each clip (VP9 by default).
+
+Workers write their native console output (mediapipe's TFLite/absl lines) to
+``OUT_DIR/.prepare/native.log`` instead of the terminal.
 
 The parent keeps ``workers`` such processes running, kills one that exceeds ``timeout`` seconds,
 records every finished file under ``OUT_DIR/.prepare/`` (so a rerun resumes, skipping finished
@@ -45,6 +51,17 @@ STATE_DIR = ".prepare"
 #: Sensible crop framings (crop side over the landmark box side): below 1 the crop cuts the face,
 #: far above it the face is a few pixels of the crop. Files and options outside are refused.
 CROP_SCALE_RANGE = (1.0, 8.0)
+
+NATIVE_LOG = "native.log"
+#: Decoded frames a worker keeps from the detection pass for the cropping pass (a 512x512 video
+#: fits whole up to 680 frames); a longer or larger video is decoded a second time instead.
+FRAME_CACHE_BYTES = 512 * 2 ** 20
+
+
+def decode_for_prepare(path):
+    """The frames ``prepare`` reads: swscale's YUV conversion (iter_frames' exact one costs more
+    than the detector and is only needed by the training loaders)."""
+    return iter_frames(path, exact_colour=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,11 +103,17 @@ class PrepareReport:
     frames_in: int
     seconds: float
     skipped: list
+    model: str = ""
+    valid_fraction: dict = dataclasses.field(default_factory=dict)  # clip path -> fraction of valid frames
 
     def summary(self):
         rate = self.frames_in / self.seconds if self.seconds > 0 else 0.0
         lines = [f"prepared {self.prepared} of {self.files} file(s) ({self.resumed} already done), "
                  f"{self.clips} clip(s); {self.frames_in} input frames in {self.seconds:.1f} s ({rate:.1f} frames/s)"]
+        if self.valid_fraction:
+            fractions = sorted(self.valid_fraction.values())
+            lines.append(f"valid frames per clip: median {fractions[len(fractions) // 2]:.0%}, lowest {fractions[0]:.0%} "
+                         f"(face model {self.model})")
         if self.skipped:
             lines.append(f"skipped {len(self.skipped)} file(s):")
             lines += [f"  {name}: {reason}" for name, reason in self.skipped]
@@ -183,14 +206,16 @@ def _landmarks_for(options, relative):
                             f"(looked for <name>.landmarks.npy, .npy, .npz, .txt)")
 
 
-def process_file(path, relative, out_dir, options, decode=iter_frames, model=None):
-    """Prepare one raw video -> (list of ClipRecord, frames decoded). Raises MediaError/ValueError
+def process_file(path, relative, out_dir, options, decode=decode_for_prepare, model=None):
+    """Prepare one raw video -> (list of ClipRecord, frames decoded, each clip's fraction of valid
+    frames). Raises MediaError/ValueError
     (and the detector's errors) to skip the file. ``model``: the loaded face model (default: load
     ``options.model``)."""
     import torch
 
     from ..face3d import detectors as det
-    from ..face3d.fit import fit_landmarks
+    from ..face3d.calibration import fit_options_for
+    from ..face3d.fit import fit_clip
     from ..face3d.morphable import load_model
 
     fps = probe(path)[1]  # also rejects unreadable files before any decoding
@@ -200,9 +225,13 @@ def process_file(path, relative, out_dir, options, decode=iter_frames, model=Non
         detector = None
     else:
         detector = det.make_detector(options.detector, video=True)
-    landmarks = []
+    landmarks, kept = [], []  # kept: decoded frames while they fit FRAME_CACHE_BYTES, else None
     try:
         for index, frame in enumerate(decode(path)):
+            if kept is not None and (len(kept) + 1) * frame.nbytes <= FRAME_CACHE_BYTES:
+                kept.append(frame)
+            else:
+                kept = None
             if detector is None:
                 points = given[index] if index < len(given) else np.full((68, 2), np.nan)
             else:
@@ -217,7 +246,12 @@ def process_file(path, relative, out_dir, options, decode=iter_frames, model=Non
     landmarks = np.asarray(landmarks, dtype=np.float64)
     found = np.isfinite(landmarks).all((1, 2))
     if not found.any():
-        raise MediaError(f"no face found in any of {len(found)} frames")
+        height, width = frame.shape[:2]
+        hint = "" if detector is None else (
+            f" ({width}x{height}; the {options.detector} detector misses faces narrower than about an eighth "
+            f"of the shorter side, ~{min(width, height) // 8} px here, as in full-body shots: crop such videos "
+            f"around the face first)")
+        raise MediaError(f"no face found in any of {len(found)} frames{hint}")
     pieces = _segments(found, options.clip_length, options.min_clip_length)
     if not pieces:
         raise MediaError(f"no run of >= {options.min_clip_length} consecutive frames with a face "
@@ -227,27 +261,31 @@ def process_file(path, relative, out_dir, options, decode=iter_frames, model=Non
     stem = f"{_safe_stem(relative)}_{key}"
     clips_dir = pathlib.Path(out_dir) / "clips"
     clips_dir.mkdir(parents=True, exist_ok=True)
+    # Detected landmarks get the (model, detector) calibration; given landmarks the plain fit.
+    fit_options = fit_options_for(model, None if detector is None else options.detector)
     plans = []
     for number, (first, stop) in enumerate(pieces):
         boxes = crop_boxes(landmarks[first:stop], options.crop_scale, options.smooth_sigma)
         crop_points = to_crop(landmarks[first:stop], boxes, options.size)
-        fit = fit_landmarks(model, torch.from_numpy(crop_points))
+        fit = fit_clip(model, torch.from_numpy(crop_points), **fit_options)
         plans.append((number, first, stop, boxes, crop_points, fit))
 
-    records, frames_of = [], {n: [] for n, *_ in plans}
+    records, valid_fractions, frames_of = [], [], {n: [] for n, *_ in plans}
     starts = {plan[1]: plan for plan in plans}
     active = None
-    for index, frame in enumerate(decode(path)):
+    for index, frame in enumerate(kept if kept is not None else decode(path)):
         if index in starts:
             active = starts[index]
         if active is not None and active[1] <= index < active[2]:
             frames_of[active[0]].append(crop_frame(frame, active[3][index - active[1]], options.size))
         if active is not None and index + 1 == active[2]:
-            records.append(_write_clip(out_dir, stem, active, frames_of.pop(active[0]), fps, relative, model, options))
+            record, valid = _write_clip(out_dir, stem, active, frames_of.pop(active[0]), fps, relative, model, options)
+            records.append(record)
+            valid_fractions.append(valid)
             active = None
     if len(records) != len(plans):
         raise MediaError("the video decoded differently the second time (frames missing)")
-    return records, len(landmarks)
+    return records, len(landmarks), valid_fractions
 
 
 def _write_clip(out_dir, stem, plan, frames, fps, relative, model, options):
@@ -263,21 +301,30 @@ def _write_clip(out_dir, stem, plan, frames, fps, relative, model, options):
                     identity=identity, model_name=model.name, image_size=options.size)
     return fmt.ClipRecord(clip=clip_rel, params=params_rel, frames=len(frames), fps=float(fps),
                           identity=identity, source=str(pathlib.PurePosixPath(*pathlib.PurePath(relative).parts)),
-                          codec=options.codec, size=options.size, synthetic=model.synthetic)
+                          codec=options.codec, size=options.size, synthetic=model.synthetic), float(fit.ok.float().mean())
+
+
+def _send_native_output_to(path):
+    """Point this process's stderr (file descriptor 2, which native libraries such as mediapipe's
+    TFLite and absl write to directly) at the end of ``path``."""
+    handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(handle, 2)
+    os.close(handle)
 
 
 def _worker(connection, path, relative, out_dir, options, decode, model):
-    """Worker process entry: one file; sends ("ok", records, frames) or ("skip", reason)."""
+    """Worker process entry: one file; sends ("ok", records, frames, valid fractions) or ("skip", reason)."""
     try:
+        _send_native_output_to(pathlib.Path(out_dir) / STATE_DIR / NATIVE_LOG)
         import torch
 
         torch.set_num_threads(1)
-        records, frames = process_file(path, relative, out_dir, options, decode, model)
-        connection.send(("ok", [dataclasses.asdict(r) for r in records], frames))
+        records, frames, valid = process_file(path, relative, out_dir, options, decode, model)
+        connection.send(("ok", [dataclasses.asdict(r) for r in records], frames, valid))
     except (MediaError, ValueError, FileNotFoundError, ImportError, OSError) as err:
-        connection.send(("skip", f"{type(err).__name__}: {err}", 0))
+        connection.send(("skip", f"{type(err).__name__}: {err}", 0, None))
     except Exception as err:  # noqa: BLE001 - any other failure costs this file, with its trace logged
-        connection.send(("skip", f"unexpected {type(err).__name__}: {err} | {traceback.format_exc(limit=3)}", 0))
+        connection.send(("skip", f"unexpected {type(err).__name__}: {err} | {traceback.format_exc(limit=3)}", 0, None))
     finally:
         connection.close()
 
@@ -346,13 +393,16 @@ def claim_dataset(out_dir, overwrite=False):
 
 
 def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=1800.0, max_skip_fraction=0.2,
-            retry_skipped=False, progress=True, decode=iter_frames, overwrite=False):
+            retry_skipped=False, progress=True, decode=decode_for_prepare, overwrite=False,
+            shard=(0, 1)):
     """Run ``prepare``; returns a :class:`PrepareReport` (also written to ``prepare_report.json``).
 
     ``decode`` (path -> iterator of RGB frames) is the decoding function the workers use; tests
-    swap in decoders that hang or crash. Raises SkipBudgetExceeded after writing the manifest and
-    the report when too many files were skipped. ``out_dir`` must be new, empty or a dataset of
-    ``prepare``'s (:func:`claim_dataset`); the clips it already lists stay listed.
+    swap in decoders that hang or crash. ``shard`` (K, N): take only the videos of shard K of N
+    (:func:`reenact.data.merge.shard_of`); ``reenact merge-datasets`` joins the shards' outputs.
+    Raises SkipBudgetExceeded after writing the manifest and the report when too many files were
+    skipped. ``out_dir`` must be new, empty or a dataset of ``prepare``'s (:func:`claim_dataset`);
+    the clips it already lists stay listed.
     """
     options.check()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -360,7 +410,10 @@ def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=18
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
     raw_dir, out_dir = pathlib.Path(os.fspath(raw_dir)), pathlib.Path(os.fspath(out_dir))
-    videos = find_videos(raw_dir)
+    from .merge import shard_of
+
+    index, count = shard
+    videos = [v for v in find_videos(raw_dir) if shard_of(v.relative_to(raw_dir), count) == index]
     if out_dir.resolve() == raw_dir.resolve() or raw_dir.resolve() in out_dir.resolve().parents:
         raise ValueError(f"OUT_DIR must not be inside RAW_VIDEO_DIR ({out_dir} is in {raw_dir})")
     claim_dataset(out_dir, overwrite)
@@ -438,9 +491,12 @@ def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=18
     fmt.write_manifest(out_dir, records)
     skipped = [(relative, results[relative]["reason"]) for relative in sorted(results)
                if results[relative]["status"] != "ok"]
+    valid_fraction = {record["clip"]: fraction for relative in sorted(results) if results[relative]["status"] == "ok"
+                      for record, fraction in zip(results[relative]["records"],
+                                                  results[relative].get("valid_fraction") or [])}
     report = PrepareReport(files=len(videos), prepared=len(videos) - len(skipped), resumed=resumed,
                            clips=len(records), frames_in=frames_in, seconds=time.perf_counter() - started,
-                           skipped=skipped)
+                           skipped=skipped, model=model.name, valid_fraction=valid_fraction)
     (out_dir / "prepare_report.json").write_text(json.dumps(dataclasses.asdict(report), ensure_ascii=False, indent=1),
                                                  encoding="utf-8")
     check_skip_fraction(skipped, len(videos), max_skip_fraction, what="files")
@@ -490,9 +546,9 @@ def _collect(process, receive):
         code = process.exitcode
         how = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
         return {"status": "skip", "reason": f"worker crashed ({how}) while decoding or fitting"}
-    status, payload, frames = message
+    status, payload, frames, valid = message
     if status == "ok":
-        return {"status": "ok", "records": payload, "frames": frames}
+        return {"status": "ok", "records": payload, "frames": frames, "valid_fraction": valid}
     return {"status": "skip", "reason": payload}
 
 

@@ -5,12 +5,23 @@ Unknowns, for B frames grouped into C clips:
     scale, 2D translation, expression ``beta`` (Ke);
   - per clip: one identity ``alpha`` (Ki) shared by all its frames.
 
-Cost (halved sum of squares, every term dimensionless):
+Cost (halved, every term dimensionless):
 
-    sum_f sum_k c_fk |project_f(v_fk) - l_fk|^2 / sigma_f^2 + id_prior |alpha|^2 + exp_prior |beta|^2
+    sum_f sum_k c_fk rho(|project_f(v_fk + o_k) - l_fk|^2 / sigma_f^2)
+        + id_prior * n_c |alpha|^2 + exp_prior |beta|^2
 
-with ``c`` the landmark confidences and ``sigma_f = landmark_sigma * (landmark box diagonal)``, so
-the priors mean the same thing at every image resolution. Each iteration solves the damped normal
+with ``c`` the landmark confidences, ``sigma_f = landmark_sigma * (landmark box diagonal)`` (so
+the priors mean the same thing at every image resolution), ``o_k`` an optional per-landmark
+offset in model space (the calibrated difference between a detector's point and the model's
+vertex, see :mod:`reenact.face3d.calibration`), and ``rho`` the squared loss or, with
+``huber=k``, Huber's loss on the landmark's residual length in sigmas (quadratic up to ``k``,
+linear beyond, so one wrong landmark cannot drag the shape; solved by iteratively reweighted
+least squares inside LM). ``n_c`` is 1 (one prior per clip: the exact MAP for independent
+landmark noise, as on synthetic data) or, with ``id_prior_per_frame``, the number of frames of
+clip c. Real detectors' errors are strongly correlated from frame to frame (the detector's bias,
+the model's own landmark definitions), so a clip of 150 frames does not tell 150 times more about
+the identity than one frame, and a per-clip prior is outweighed 150:1; the calibrated options of
+:mod:`reenact.face3d.calibration`, which real-video callers use, turn it on. Each iteration solves the damped normal
 equations with a Schur complement: the per-frame (6 + Ke) blocks are eliminated in one batched
 Cholesky solve, leaving one Ki x Ki system per clip. Contour landmarks slide: where the model has
 contour candidates, each outline landmark is re-assigned every iteration to the candidate vertex
@@ -18,6 +29,7 @@ whose projection is nearest to it.
 
 The z translation is unobservable from 2D landmarks; it is set to 0.
 """
+import copy
 import dataclasses
 
 import numpy as np
@@ -137,7 +149,7 @@ def _box_diagonal(landmarks, confidence):
 class _LandmarkBases:
     """The model restricted to the vertices landmarks can use, in the fitting dtype and device."""
 
-    def __init__(self, model, dtype, device):
+    def __init__(self, model, dtype, device, landmark_offsets=None):
         fixed = model.landmarks68.clone()
         candidates = [fixed[fixed >= 0]]
         self.sliding = []  # (landmark index, side number) pairs
@@ -155,6 +167,13 @@ class _LandmarkBases:
         # inner mouth corners); their slot points at position 0.
         self.default_position = torch.where(fixed >= 0, position[fixed.clamp_min(0)], 0).to(device)
         self.defined = (fixed >= 0).to(device)
+        # Per-landmark model-space offsets (L, 3), 0 for sliding and undefined landmarks.
+        self.offsets = None
+        if landmark_offsets is not None:
+            offsets = as_tensor("landmark_offsets", landmark_offsets, dtype, "(68, 3)")
+            if offsets.shape != (NUM_LANDMARKS, 3) or not torch.isfinite(offsets).all():
+                raise ValueError(f"landmark_offsets must be finite with shape (68, 3), got {tuple(offsets.shape)}")
+            self.offsets = torch.where((fixed >= 0)[:, None].to(offsets.device), offsets, 0).to(device)
         if model.has_contours:
             right = position[model.contour_right].to(device)
             left = position[model.contour_left].to(device)
@@ -224,12 +243,30 @@ class _Anchors:
         return torch.where(self.weight < 0.5, self.first, self.second)
 
 
-def _model_points(bases, anchors, alpha, beta):
-    """Model-space points (B, L, 3) at the anchors for alpha (B, Ki), beta (B, Ke)."""
+def _model_points(bases, anchors, alpha, beta, landmarks=True):
+    """Model-space points (B, L, 3) at the anchors for alpha (B, Ki), beta (B, Ke).
+
+    ``landmarks``: the anchors are the 68 landmarks (their offsets apply), not contour candidates.
+    """
     shape = anchors.gather(bases.mean)
+    if landmarks and bases.offsets is not None:
+        shape = shape + bases.offsets
     # einsum, not batched @ of (3, K) x (K, 1): one large product instead of B*L tiny ones.
     shape = shape + torch.einsum("blck,bk->blc", anchors.gather(bases.id_basis), alpha)
     return shape + torch.einsum("blck,bk->blc", anchors.gather(bases.exp_basis), beta)
+
+
+def _robust_cost(squared, huber):
+    """rho of squared residual lengths (in sigmas^2): s, or Huber's 2k|r| - k^2 beyond k."""
+    if huber is None:
+        return squared
+    length = squared.clamp_min(1e-30).sqrt()
+    return torch.where(length <= huber, squared, 2 * huber * length - huber * huber)
+
+
+def _huber_weight(squared, huber):
+    """IRLS weight rho'(s) of Huber's loss: 1 inside the threshold, k/|r| beyond."""
+    return (huber / squared.clamp_min(1e-30).sqrt()).clamp_max(1.0)
 
 
 def _project(points, rotation, scale, translation):
@@ -253,8 +290,8 @@ def _slide_contours(bases, anchors, landmarks, alpha, beta, rotation, scale, tra
         if side_number not in polylines:
             cand = side[None].expand(batch, -1)
             zeros = torch.zeros(cand.shape, dtype=landmarks.dtype, device=landmarks.device)
-            polylines[side_number] = _project(_model_points(bases, _Anchors(cand, cand, zeros), alpha, beta),
-                                              rotation, scale, translation)  # (B, C, 2)
+            polylines[side_number] = _project(_model_points(bases, _Anchors(cand, cand, zeros), alpha, beta,
+                                                            landmarks=False), rotation, scale, translation)  # (B, C, 2)
         projected = polylines[side_number]
         start, direction = projected[:, :-1], projected[:, 1:] - projected[:, :-1]
         offset = landmarks[:, k, None, :] - start
@@ -332,7 +369,8 @@ def residuals_and_jacobians(bases, anchors, landmarks, row_weight, alpha, beta, 
 
 def fit_landmarks(model, landmarks, confidence=None, clip_index=None, *, id_prior=1.0,
                   exp_prior=1.0, landmark_sigma=0.005, max_iterations=60, tolerance=1e-7,
-                  quality_threshold=0.08, device=None, dtype=torch.float64):
+                  quality_threshold=0.08, id_prior_per_frame=False, huber=None, landmark_offsets=None,
+                  device=None, dtype=torch.float64):
     """Fit pose, per-frame expression and per-clip identity to 68-point landmarks.
 
     Args:
@@ -342,6 +380,11 @@ def fit_landmarks(model, landmarks, confidence=None, clip_index=None, *, id_prio
         clip_index: (B,) integer clip id of each frame, or None (all frames one clip, sharing one
             identity). ``torch.arange(B)`` fits every frame on its own.
         id_prior, exp_prior: Tikhonov weights on |alpha|^2 and |beta|^2 (coefficients are ~N(0,1)).
+        id_prior_per_frame: weigh the identity prior by the clip's frame count (see the module
+            docstring); False (default) gives the plain per-clip prior.
+        huber: None (squared loss) or the Huber threshold, in units of ``landmark_sigma``.
+        landmark_offsets: None or (68, 3) model-space offsets added to the model's landmark
+            points (fixed landmarks only; sliding outline points ignore them).
         landmark_sigma: assumed landmark noise as a fraction of the landmark box diagonal.
         max_iterations, tolerance: LM stopping rule (relative cost decrease per clip).
         quality_threshold: largest rms_px / inter-ocular distance for which ``ok`` is True.
@@ -359,15 +402,20 @@ def fit_landmarks(model, landmarks, confidence=None, clip_index=None, *, id_prio
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     if landmark_sigma <= 0:
         raise ValueError("landmark_sigma must be > 0")
+    if huber is not None and not (isinstance(huber, (int, float)) and np.isfinite(huber) and huber > 0):
+        raise ValueError(f"huber must be None or a finite number > 0, got {huber!r}")
     landmarks = landmarks.to(device=device, dtype=dtype)
     batch = landmarks.shape[0]
     clip_index, num_clips = _check_clip_index(clip_index, batch, device)
-    bases = _LandmarkBases(model, dtype, device)
+    bases = _LandmarkBases(model, dtype, device, landmark_offsets)
     weights = confidence.to(device=device, dtype=dtype) * bases.defined.to(dtype)
     sigma = landmark_sigma * _box_diagonal(landmarks, weights)
     full_row_weight = weights.sqrt() / sigma[:, None]  # (B, L) multiplies both coordinates
     num_id, num_exp = model.num_id, model.num_exp
     eye_id = torch.eye(num_id, dtype=dtype, device=device)
+    clip_frames = torch.zeros(num_clips, dtype=dtype, device=device).index_add_(
+        0, clip_index, torch.ones(batch, dtype=dtype, device=device))
+    clip_id_prior = id_prior * clip_frames if id_prior_per_frame else torch.full_like(clip_frames, id_prior)
 
     start = bases.default_position[None].expand(batch, -1).clone()
     anchors = _Anchors(start, start, torch.zeros(start.shape, dtype=dtype, device=device))
@@ -378,16 +426,17 @@ def fit_landmarks(model, landmarks, confidence=None, clip_index=None, *, id_prio
     beta = torch.zeros(batch, num_exp, dtype=dtype, device=device)
 
     def data_cost(rot, logs, trans, frame_alpha, bet, anch, row_weight):
-        """(B,) weighted squared residuals of each frame."""
+        """(B,) robust cost of each frame's weighted residuals."""
         projected = _project(_model_points(bases, anch, frame_alpha, bet), rot, logs.exp(), trans)
         residual = anch.project(projected - landmarks)
-        return (residual * row_weight[..., None]).square().sum((1, 2))
+        squared = (residual * row_weight[..., None]).square().sum(-1)  # (B, L), in sigmas^2
+        return _robust_cost(squared, huber).sum(-1)
 
     def clip_cost(rot, logs, trans, alph, bet, anch, row_weight):
         data = data_cost(rot, logs, trans, alph[clip_index], bet, anch, row_weight)
         frame = 0.5 * (data + exp_prior * bet.square().sum(-1))
         cost = torch.zeros(num_clips, dtype=dtype, device=device).index_add_(0, clip_index, frame)
-        return cost + 0.5 * id_prior * alph.square().sum(-1)
+        return cost + 0.5 * clip_id_prior * alph.square().sum(-1)
 
     # Stage 1 fits the fixed landmarks only; stage 2 adds the sliding outline. Sliding from the
     # crude initial pose would let outline points lock onto the wrong part of the contour.
@@ -412,8 +461,14 @@ def fit_landmarks(model, landmarks, confidence=None, clip_index=None, *, id_prio
                 anchors = anchors.choose(keep, slid)
             cost = clip_cost(rotation, log_scale, translation, alpha, beta, anchors, row_weight)
 
+            step_weight = row_weight
+            if huber is not None:  # IRLS: Huber's weights at the current residuals
+                projected = _project(_model_points(bases, anchors, alpha[clip_index], beta), rotation,
+                                     log_scale.exp(), translation)
+                squared = (anchors.project(projected - landmarks) * row_weight[..., None]).square().sum(-1)
+                step_weight = row_weight * _huber_weight(squared, huber).sqrt()
             res, jac_frame, jac_id = residuals_and_jacobians(
-                bases, anchors, landmarks, row_weight, alpha[clip_index], beta, rotation, log_scale, translation)
+                bases, anchors, landmarks, step_weight, alpha[clip_index], beta, rotation, log_scale, translation)
 
             num_frame = jac_frame.shape[-1]
             h_ff = jac_frame.transpose(1, 2) @ jac_frame
@@ -425,9 +480,9 @@ def fit_landmarks(model, landmarks, confidence=None, clip_index=None, *, id_prio
             h_aa_frame = jac_id.transpose(1, 2) @ jac_id
             g_a_frame = (jac_id.transpose(1, 2) @ res[..., None]).squeeze(-1)
             h_aa = torch.zeros(num_clips, num_id, num_id, dtype=dtype, device=device).index_add_(0, clip_index, h_aa_frame)
-            h_aa = h_aa + id_prior * eye_id
+            h_aa = h_aa + clip_id_prior[:, None, None] * eye_id
             g_a = torch.zeros(num_clips, num_id, dtype=dtype, device=device).index_add_(0, clip_index, g_a_frame)
-            g_a = g_a + id_prior * alpha
+            g_a = g_a + clip_id_prior[:, None] * alpha
 
             # Marquardt damping, scaled by each diagonal (so rotation, pixels and coefficients mix).
             frame_damping = damping[clip_index][:, None]
@@ -491,3 +546,26 @@ def fit_landmarks(model, landmarks, confidence=None, clip_index=None, *, id_prio
         residuals=residuals.to(out), rms_px=rms_px.to(out), rms_iod=rms_iod.to(out), ok=ok,
         landmark_vertices=torch.where(bases.defined, bases.used[anchors.nearest()], -1), iterations=iterations,
     )
+
+
+def fit_clip(model, landmarks, confidence=None, identity_stride=4, **options):
+    """Fit one clip: its identity from every ``identity_stride``-th frame, then every frame's pose
+    and expression with that identity fixed.
+
+    Consecutive frames repeat each other's landmark errors, so a quarter of a clip's frames gives
+    the identity as well as all of them (measured on real clips: bench/RESULTS.md), and the
+    per-frame fits without identity unknowns cost a fraction of the joint fit. Returns a
+    :class:`FitResult` for all frames. ``options`` go to :func:`fit_landmarks` (one clip: no
+    ``clip_index``).
+    """
+    landmarks, confidence = check_landmarks(landmarks, confidence)
+    if identity_stride <= 1 or len(landmarks) < 2 * identity_stride:
+        return fit_landmarks(model, landmarks, confidence, **options)
+    identity = fit_landmarks(model, landmarks[::identity_stride], confidence[::identity_stride], **options)
+    alpha = identity.clip_alpha[0].to(model.id_basis)
+    fixed = copy.copy(model)  # the identity folded into the mean: nothing left to fit but the frames
+    fixed.mean = model.mean + torch.einsum("vck,k->vc", model.id_basis, alpha)
+    fixed.id_basis = model.id_basis[..., :0]
+    frames = fit_landmarks(fixed, landmarks, confidence, **options)
+    batch = len(landmarks)
+    return dataclasses.replace(frames, alpha=alpha[None].expand(batch, -1).clone(), clip_alpha=alpha[None].clone())

@@ -266,15 +266,23 @@ def load_model(spec, **kwargs):
 
     ``"toy"`` gives the built-in synthetic head; a ``.npz`` path the project's format; a ``.pkl``
     path 3DDFA_V2's ``bfm_noneck_v3.pkl`` (see :func:`reenact.face3d.tddfa.load_tddfa_bfm`, whose
-    keyword arguments pass through).
+    keyword arguments pass through); a folder eos's Surrey Face Model files
+    (:func:`reenact.face3d.eos_sfm.load_eos_sfm`); any other name an installed model
+    (:mod:`reenact.face3d.registry`).
     """
     if isinstance(spec, MorphableModel):
         return spec
-    text = os.fspath(spec)
+    from .registry import resolve
+
+    text = os.fspath(resolve(spec))
     if text == "toy":
         from .toy import make_toy_head
 
         return make_toy_head(**kwargs)
+    if pathlib.Path(text).is_dir():
+        from .eos_sfm import load_eos_sfm
+
+        return load_eos_sfm(text, **kwargs)
     suffix = pathlib.Path(text).suffix.lower()
     if suffix == ".npz":
         return load_npz_model(text, **kwargs)
@@ -282,4 +290,5 @@ def load_model(spec, **kwargs):
         from .tddfa import load_tddfa_bfm
 
         return load_tddfa_bfm(text, **kwargs)
-    raise ValueError(f"unknown face model {text!r}: expected 'toy', a .npz or a 3DDFA_V2 .pkl file")
+    raise ValueError(f"unknown face model {text!r}: expected 'toy', a model name, a .npz, a 3DDFA_V2 .pkl "
+                     f"or a folder of eos's Surrey Face Model files")
