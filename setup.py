@@ -109,6 +109,8 @@ def _extension():
 setup(
     packages=["pncc_cuda"] + find_packages("python"),
     package_dir={"pncc_cuda": "pncc_cuda", "reenact": "python/reenact"},
+    # The built-in mediapipe face model's mean shape (tools/make_mediapipe_face.py makes it).
+    package_data={"reenact.face3d": ["data/*.npz"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
