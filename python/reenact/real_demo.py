@@ -143,8 +143,6 @@ def grid_frames(labels):
 
 def write_real_face(out_dir, quiet=True):
     """Run the real-face demo and write OUT/real_face.mp4 and OUT/real_face_grid.png -> paths."""
-    from PIL import Image, ImageDraw
-
     from .data.video import encode_video
 
     out_dir = pathlib.Path(out_dir)
@@ -153,16 +151,33 @@ def write_real_face(out_dir, quiet=True):
     video = out_dir / "real_face.mp4"
     encode_video(video, frames, fps=FPS, codec="h264")
     picks = grid_frames(demo.labels)
-    caption = 14
-    body = np.concatenate([np.concatenate([demo.source, demo.pncc[i], demo.results[i]], 1) for i in picks], 0)
-    canvas = Image.new("RGB", (body.shape[1], body.shape[0] + caption), "white")
-    canvas.paste(Image.fromarray(body), (0, caption))
+    grid = grid_image(demo, picks)
+    path = out_dir / "real_face_grid.png"
+    grid.save(path, optimize=True)
+    return {"real_video": video, "real_grid": path, "demo": demo}
+
+
+#: The grid's frames are laid out in this many side-by-side blocks of source | P_d' | result.
+GRID_BLOCKS = 2
+CAPTION = 14
+
+
+def grid_image(demo, picks):
+    """Rows of source | P_d' | result (labelled) for the frames ``picks``, in GRID_BLOCKS blocks."""
+    from PIL import Image, ImageDraw
+
+    rows_per_block = -(-len(picks) // GRID_BLOCKS)
+    block_width = 3 * SIZE
+    canvas = Image.new("RGB", (GRID_BLOCKS * block_width, rows_per_block * SIZE + CAPTION), "white")
     draw = ImageDraw.Draw(canvas)
-    for k, name in enumerate(("source (astronaut, public domain)", "P_d' (mediapipe model)",
-                              "result (geometric mode, no training)")):
-        draw.text((k * SIZE + 4, 2), name, fill="black")
-    for row, index in enumerate(picks):
-        draw.text((2 * SIZE + 4, caption + row * SIZE + 4), demo.labels[index], fill="white")
-    grid = out_dir / "real_face_grid.png"
-    canvas.save(grid, optimize=True)
-    return {"real_video": video, "real_grid": grid, "demo": demo}
+    for block in range(GRID_BLOCKS):
+        for k, name in enumerate(("source (astronaut, public domain)", "P_d' (built-in mediapipe model)",
+                                  "result (geometric mode, no training)")):
+            draw.text((block * block_width + k * SIZE + 4, 2), name, fill="black")
+    for n, index in enumerate(picks):
+        block, row = divmod(n, rows_per_block)
+        left, top = block * block_width, CAPTION + row * SIZE
+        panels = np.concatenate([demo.source, demo.pncc[index], demo.results[index]], 1)
+        canvas.paste(Image.fromarray(panels), (left, top))
+        draw.text((left + 2 * SIZE + 4, top + 4), demo.labels[index], fill="white")
+    return canvas
