@@ -154,3 +154,18 @@ def test_fit_dense_rejects_bad_points(model):
         model.fit_dense(np.zeros((1, 10, 3)))
     with pytest.raises(ValueError, match="finite"):
         model.fit_dense(np.full((1, 478, 3), np.nan))
+
+
+def test_reenact_pncc_takes_the_builtin_model(tmp_path, portraits):
+    pytest.importorskip("pncc_cuda", reason="pncc_cuda's extension is not built")
+    from PIL import Image
+
+    from reenact import cli
+
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(portraits["astronaut"]).save(photo)
+    assert cli.main(["pncc", str(photo), "--out", str(tmp_path / "out"), "--model", "mediapipe"]) == 0
+    params = np.load(tmp_path / "out" / "astronaut_params.npz")
+    assert params["alpha"].shape == (1, 1404) and str(params["model_name"]).startswith("mediapipe")
+    pncc = np.asarray(Image.open(tmp_path / "out" / "astronaut_pncc.png"))
+    assert (pncc.max(-1) > 0).mean() > 0.02  # the face is rendered
