@@ -470,10 +470,12 @@ def _open(options, device):
     return generator, step, face_model, dataset, networks
 
 
-def _detector(name):
+def _detector(name, face_model=None):
     """(detector or None, reason when None)."""
     if name == "none":
         return None, "not computed (--detector none)"
+    if getattr(face_model, "dense", False):
+        return None, "not computed (the re-fit fits 68 landmarks; the mediapipe model's dense re-fit is not wired yet)"
     from .face3d.detectors import make_detector
 
     try:
@@ -526,7 +528,7 @@ def evaluate(options):
     skipped += list(dataset.skipped)
     if not specs:
         raise EvalError(f"no pairs to evaluate in {options.data}: " + "; ".join(f"{c}: {r}" for c, r in skipped))
-    detector, pose_reason = _detector(options.detector)
+    detector, pose_reason = _detector(options.detector, face_model)
     from .data.progress import progress_bar
 
     bar = progress_bar(len(specs), "eval", "frame", options.progress)

@@ -188,12 +188,16 @@ def process_file(path, relative, out_dir, options, decode=iter_frames, model=Non
 
     fps = probe(path)[1]  # also rejects unreadable files before any decoding
     model = model if model is not None else load_model(options.model)
+    dense_model = getattr(model, "dense", False)  # fitted to mediapipe's mesh, not to 68 landmarks
+    if dense_model and (options.landmarks_from is not None or options.detector != "mediapipe"):
+        raise ValueError(f"the {model.name!r} model is fitted to mediapipe's dense face mesh: prepare it with "
+                         f"the mediapipe detector, not landmark files or {options.detector}")
     if options.landmarks_from is not None:
         given = _landmarks_for(options, relative)
         detector = None
     else:
         detector = det.make_detector(options.detector, video=True)
-    landmarks = []
+    landmarks, dense = [], []
     try:
         for index, frame in enumerate(decode(path)):
             if detector is None:
@@ -201,6 +205,8 @@ def process_file(path, relative, out_dir, options, decode=iter_frames, model=Non
             else:
                 found = detector.detect(frame)
                 points = found.landmarks if found is not None else np.full((68, 2), np.nan)
+                if dense_model:
+                    dense.append(found.dense if found is not None else np.full((478, 3), np.nan))
             landmarks.append(points)
     finally:
         if detector is not None:
@@ -224,7 +230,13 @@ def process_file(path, relative, out_dir, options, decode=iter_frames, model=Non
     for number, (first, stop) in enumerate(pieces):
         boxes = crop_boxes(landmarks[first:stop], options.crop_scale, options.smooth_sigma)
         crop_points = to_crop(landmarks[first:stop], boxes, options.size)
-        fit = fit_landmarks(model, torch.from_numpy(crop_points))
+        if dense_model:  # the mesh into the crop; its depth scales like x and y
+            mesh = np.asarray(dense[first:stop], dtype=np.float64)
+            step = (boxes[:, 2] - boxes[:, 0]) / options.size
+            fit = model.fit_dense(np.concatenate([to_crop(mesh[..., :2], boxes, options.size),
+                                                  mesh[..., 2:] / step[:, None, None]], -1))
+        else:
+            fit = fit_landmarks(model, torch.from_numpy(crop_points))
         plans.append((number, first, stop, boxes, crop_points, fit))
 
     records, frames_of = [], {n: [] for n, *_ in plans}
