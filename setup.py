@@ -109,8 +109,9 @@ def _extension():
 setup(
     packages=["pncc_cuda"] + find_packages("python"),
     package_dir={"pncc_cuda": "pncc_cuda", "reenact": "python/reenact"},
-    # The (model, detector) fit calibrations: derived numbers, read at run time.
-    package_data={"reenact.face3d": ["calibrations/*.json"]},
+    # Derived data read at run time: the (model, detector) fit calibrations, and the built-in
+    # mediapipe face model's mean shape (tools/make_mediapipe_face.py makes it).
+    package_data={"reenact.face3d": ["calibrations/*.json", "data/*.npz"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

@@ -1,4 +1,6 @@
 """`reenact demo` plumbing with a tiny budget: files written and valid, deterministic given the seed."""
+import importlib.util
+
 import numpy as np
 import torch
 from PIL import Image
@@ -24,6 +26,11 @@ def test_demo_writes_a_video_and_a_grid_deterministically(tmp_path):
         assert grid.size == (4 * size * scale, rows * size * scale + 24)
         pixels = np.asarray(grid.convert("RGB"))
     assert first["steps"] == 2 and first["checkpoint"].name == "ckpt-00000002.safetensors"
+    if importlib.util.find_spec("mediapipe") and importlib.util.find_spec("skimage"):
+        # The real face comes first (tests/test_real_demo.py checks what it shows).
+        assert first["real_grid"].is_file() and probe(first["real_video"])[0] > 50
+    else:
+        assert "real_grid" not in first
     if first["loss"] is not None:
         with Image.open(first["loss"]) as plot:
             assert plot.size[0] > 100

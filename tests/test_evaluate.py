@@ -95,6 +95,43 @@ def test_gaussian_statistics_match_numpy():
     assert np.allclose(covariance.numpy(), np.cov(features.numpy(), rowvar=False))
 
 
+class PooledPixels(torch.nn.Module):
+    """A stand-in feature network that sees the picture (randomly initialised Inception and ArcFace
+    features barely differ between images): 4x4 average-pooled pixels, optionally projected."""
+
+    def __init__(self, projection=None):
+        super().__init__()
+        self.register_buffer("projection", projection if projection is not None else torch.eye(48))
+
+    def forward(self, images):
+        return torch.nn.functional.adaptive_avg_pool2d(images, 4).flatten(1) @ self.projection
+
+
+def test_eval_scores_identity_and_fid_of_every_method_against_the_right_frames(run, tmp_path, monkeypatch):
+    from reenact import eval_networks
+
+    projection = torch.randn(48, 16, generator=torch.Generator().manual_seed(0))
+    networks = {"identity": PooledPixels(projection), "inception": PooledPixels()}
+    monkeypatch.setattr(eval_networks, "load_feature_network", lambda kind, path: networks[kind])
+    root, data, checkpoint = run
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(b"unused: the networks are patched in")
+    results = evaluate.evaluate(evaluate.EvalOptions(
+        checkpoint=str(checkpoint), data=str(data), out=str(tmp_path / "out"), device="cpu", detector="none",
+        id_model=str(weights), inception=str(weights), progress=False))
+    model, copy = results["metrics"], results["baselines"]["copy source"]
+    warp = results["baselines"]["geometric warp"]
+    # Copying the source is the source: similarity exactly 1; a sign error gives -1.
+    assert copy["id_similarity"]["mean"] == pytest.approx(1.0, abs=1e-6)
+    assert -1 <= model["id_similarity"]["mean"] < 0.999 and warp["id_similarity"]["mean"] < 1.0
+    # One source frame per clip, repeated, against all the driving frames: a clear FID.
+    assert copy["fid"]["value"] > 1e-4 and model["fid"]["value"] > 1e-4 and warp["fid"]["value"] > 1e-4
+    assert len({copy["fid"]["value"], model["fid"]["value"], warp["fid"]["value"]}) == 3
+    table = (tmp_path / "out" / "eval.md").read_text()
+    assert f"| FID (output vs driving frames) | {model['fid']['value']:.3f} | {warp['fid']['value']:.3f} | " \
+           f"{copy['fid']['value']:.3f} |" in table
+
+
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_feature_networks_round_trip_and_refuse_wrong_files(tmp_path):
     from safetensors.torch import save_file
@@ -150,10 +187,20 @@ def test_cli_eval_writes_table_and_json(run, tmp_path, capsys):
     metrics = results["metrics"]
     assert 0 < metrics["l1"]["mean"] < 1 and 0 < metrics["ssim"]["mean"] < 1 and metrics["psnr"]["mean"] > 0
     assert [c["pairs"] for c in results["per_clip"]] == [FRAMES - 1] * CLIPS
+    # The baselines on the same pairs. The source is never the driving frame, so copying it scores
+    # above zero against the driving frame (scoring against the source would give L1 0, PSNR capped).
+    copy, warp = results["baselines"]["copy source"], results["baselines"]["geometric warp"]
+    assert 0.005 < copy["l1"]["mean"] < 0.5 and copy["psnr"]["mean"] < 60 and copy["ssim"]["mean"] < 0.99
+    assert copy["l1"]["count"] == warp["l1"]["count"] == metrics["l1"]["count"] == CLIPS * (FRAMES - 1)
+    # The warp moves the source along the known geometry: closer to the driving frame than a copy.
+    assert warp["ssim"]["mean"] > copy["ssim"]["mean"] and warp["psnr"]["mean"] > copy["psnr"]["mean"]
     table = (out / "eval.md").read_text()
+    assert "| metric | model | geometric warp | copy source | notes |" in table
     assert table.count("not computed (no weights given)") == 2
     assert "| L1 (lower is better) | " in table and "[synthetic]" in table
     if detector == "mediapipe":
+        for method in (copy, warp):  # re-fit errors for the baselines too
+            assert "output_vs_params" in method["pose"] or method["pose"]["detection_rate_output"] == 0
         pose = metrics["pose"]
         assert 0 <= pose["detection_rate_output"] <= 1
         # The real driving frames are found, so the floor of the re-fit is always reported.
@@ -183,7 +230,49 @@ def test_eval_with_user_weights_computes_identity_and_fid(run, tmp_path, monkeyp
     assert results["pairs"] == FRAMES - 1
     assert -1 <= metrics["id_similarity"]["mean"] <= 1 and metrics["id_similarity"]["count"] == FRAMES - 1
     assert metrics["fid"]["value"] >= 0 and metrics["fid"]["samples"] == FRAMES - 1
+    copy = results["baselines"]["copy source"]
+    # Copying the source is the source: identity similarity exactly 1 (a sign error would give -1).
+    assert copy["id_similarity"]["mean"] == pytest.approx(1.0, abs=1e-5)
+    assert copy["id_similarity"]["driving_frame"] == metrics["id_similarity"]["driving_frame"]
+
     assert "not computed (no weights given)" not in (tmp_path / "out" / "eval.md").read_text()
+
+
+class PooledPixels(torch.nn.Module):
+    """A stand-in feature network that sees the picture (randomly initialised Inception and ArcFace
+    features barely differ between images): 4x4 average-pooled pixels, optionally projected."""
+
+    def __init__(self, projection=None):
+        super().__init__()
+        self.register_buffer("projection", projection if projection is not None else torch.eye(48))
+
+    def forward(self, images):
+        return torch.nn.functional.adaptive_avg_pool2d(images, 4).flatten(1) @ self.projection
+
+
+def test_eval_scores_identity_and_fid_of_every_method_against_the_right_frames(run, tmp_path, monkeypatch):
+    from reenact import eval_networks
+
+    projection = torch.randn(48, 16, generator=torch.Generator().manual_seed(0))
+    networks = {"identity": PooledPixels(projection), "inception": PooledPixels()}
+    monkeypatch.setattr(eval_networks, "load_feature_network", lambda kind, path: networks[kind])
+    root, data, checkpoint = run
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(b"unused: the networks are patched in")
+    results = evaluate.evaluate(evaluate.EvalOptions(
+        checkpoint=str(checkpoint), data=str(data), out=str(tmp_path / "out"), device="cpu", detector="none",
+        id_model=str(weights), inception=str(weights), progress=False))
+    model, copy = results["metrics"], results["baselines"]["copy source"]
+    warp = results["baselines"]["geometric warp"]
+    # Copying the source is the source: similarity exactly 1; a sign error gives -1.
+    assert copy["id_similarity"]["mean"] == pytest.approx(1.0, abs=1e-6)
+    assert -1 <= model["id_similarity"]["mean"] < 0.999 and warp["id_similarity"]["mean"] < 1.0
+    # One source frame per clip, repeated, against all the driving frames: a clear FID.
+    assert copy["fid"]["value"] > 1e-4 and model["fid"]["value"] > 1e-4 and warp["fid"]["value"] > 1e-4
+    assert len({copy["fid"]["value"], model["fid"]["value"], warp["fid"]["value"]}) == 3
+    table = (tmp_path / "out" / "eval.md").read_text()
+    assert f"| FID (output vs driving frames) | {model['fid']['value']:.3f} | {warp['fid']['value']:.3f} | " \
+           f"{copy['fid']['value']:.3f} |" in table
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")

@@ -73,7 +73,9 @@ def run_pncc(args):
     if out_dir.exists() and not out_dir.is_dir():
         raise CommandError(f"--out must be a directory: {out_dir}")
     try:
-        model = load_model(args.model)
+        # A real photo or video goes to the built-in real face model; 68-point landmarks to the toy head.
+        default = "toy" if (args.landmarks or args.detector != "mediapipe") else "mediapipe"
+        model = load_model(args.model or default)
         if args.landmarks:
             detector = det.FileLandmarks(args.landmarks)
         else:
@@ -218,9 +220,11 @@ def add_pncc_parser(subparsers):
     )
     parser.add_argument("input", help="image or video file (put '--' before a name starting with '-')")
     parser.add_argument("--out", required=True, help="output directory (created if needed)")
-    parser.add_argument("--model", default="toy",
-                        help="a model name (`reenact models` lists them), a model .npz, 3DDFA_V2's bfm .pkl, "
-                             "or a folder of eos's Surrey Face Model files; 'toy' is the synthetic head")
+    parser.add_argument("--model",
+                        help="'mediapipe' (built-in real face model; the default with the mediapipe detector), "
+                             "'toy' (built-in synthetic head; the default with --landmarks or dlib), another "
+                             "model name (`reenact models` lists them), a model .npz, 3DDFA_V2's bfm .pkl, or a "
+                             "folder of eos's Surrey Face Model files")
     parser.add_argument("--detector", default="mediapipe", choices=["mediapipe", "dlib"])
     parser.add_argument("--landmarks", help="read landmarks from this file instead of detecting")
     parser.add_argument("--max-frames", type=int, default=0, help="stop a video after this many frames")

@@ -1,9 +1,14 @@
-"""``reenact demo``: the offline main job, end to end on the built-in synthetic toy head.
+"""``reenact demo``: the offline main job: a real face with no training, then the synthetic
+training demo on the built-in toy head.
 
-    reenact demo --out demo [--steps N | --minutes M] [--seed S]
+    reenact demo --out demo [--steps N | --minutes M] [--seed S] [--no-real-face]
 
 Stages:
 
+0. the real face (:mod:`reenact.real_demo`): skimage's astronaut portrait, fitted with the built-in
+   mediapipe face model and animated in the training-free geometric mode by a scripted smile, open
+   mouth, brow raise, blink, turn and nod and by Grace Hopper's pose and expression ->
+   ``OUT/real_face.mp4`` and ``OUT/real_face_grid.png`` (source | P_d' | result), in seconds;
 1. ``reenact synth``-style data: training clips of many toy-head identities, and two held-out
    clips (identities never seen in training) at the model's resolution;
 2. training of the small config through :func:`reenact.train.train` (the recipe, and why, is in
@@ -18,6 +23,7 @@ count; ``--minutes`` picks the step count from the measured speed of the first s
 is only as repeatable as that measurement.
 """
 import dataclasses
+import importlib.util
 import json
 import pathlib
 import sys
@@ -255,24 +261,42 @@ def write_loss_plot(path, log_path):
     return path
 
 
-def run_demo(out, *, recipe=None, steps=None, minutes=None, seed=0, quiet=False, threads=THREADS):
-    """The whole demo -> dict of the written paths and the step count."""
+def run_demo(out, *, recipe=None, steps=None, minutes=None, seed=0, quiet=False, threads=THREADS, real_face=True):
+    """The whole demo -> dict of the written paths and the step count (``real_face=False`` skips
+    stage 0)."""
     import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _run_demo(out, recipe, steps, minutes, seed, quiet)
+        return _run_demo(out, recipe, steps, minutes, seed, quiet, real_face)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run_demo(out, recipe, steps, minutes, seed, quiet):
+def real_face_stage(out_dir, quiet):
+    """Stage 0 -> its paths, or {} with a message when its optional packages are missing."""
+    missing = [name for name in ("mediapipe", "skimage", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        _stage(f"skipping the real-face stage: it needs {', '.join(missing)} (pip install -r requirements/runtime.txt)",
+               quiet)
+        return {}
+    started = time.perf_counter()
+    _stage("animating the astronaut portrait (built-in mediapipe face model, geometric mode, no training)", quiet)
+    from .real_demo import write_real_face
+
+    written = write_real_face(out_dir, quiet)
+    _stage(f"wrote {written['real_video']} and {written['real_grid']} in {time.perf_counter() - started:.1f} s", quiet)
+    return {"real_video": written["real_video"], "real_grid": written["real_grid"]}
+
+
+def _run_demo(out, recipe, steps, minutes, seed, quiet, real_face=True):
     from .data.video import encode_video
 
     recipe = dataclasses.replace(recipe or DemoRecipe(), **({"steps": steps} if steps else {}))
     out_dir = pathlib.Path(out)
     claim_output(out_dir)
+    real = real_face_stage(out_dir, quiet) if real_face else {}
     started = time.perf_counter()
     _stage(f"synthesising {recipe.clips} training clips and 2 held-out clips (toy head, "
            f"{recipe.resolution}x{recipe.resolution})", quiet)
@@ -287,7 +311,7 @@ def _run_demo(out, recipe, steps, minutes, seed, quiet):
     loss = write_loss_plot(out_dir / "loss.png", checkpoint.parent.parent / "log.jsonl")
     _stage(f"wrote {video}, {grid}" + (f", {loss}" if loss else " (no loss plot: matplotlib is not installed)")
            + f" in {time.perf_counter() - started:.0f} s", quiet)
-    return {"video": video, "grid": grid, "loss": loss, "checkpoint": checkpoint, "steps": trained}
+    return {"video": video, "grid": grid, "loss": loss, "checkpoint": checkpoint, "steps": trained, **real}
 
 
 def _run(args):
@@ -315,9 +339,11 @@ def _run(args):
         recipe = dataclasses.replace(recipe, clips=args.clips)
     try:
         result = run_demo(out, recipe=recipe, steps=args.steps, minutes=args.minutes, seed=args.seed,
-                          quiet=args.quiet)
+                          quiet=args.quiet, real_face=not args.no_real_face)
     except (TrainingError, DemoError) as err:
         raise CommandError(str(err)) from None
+    if "real_grid" in result:
+        print(f"demo: real face (no training): wrote {result['real_video']} and {result['real_grid']}")
     print(f"demo: trained {result['steps']} steps; wrote {result['video']} and {result['grid']} "
           f"[synthetic toy heads]")
     return 0
@@ -325,10 +351,12 @@ def _run(args):
 
 def add_demo_parser(subparsers):
     parser = subparsers.add_parser(
-        "demo", help="offline demo: synthesise toy-head data, train briefly, reenact a held-out identity",
-        description="Generate a synthetic toy-head dataset, train the small model on the CPU for a few "
+        "demo", help="offline demo: animate a real portrait (no training), then synthesise toy-head data, "
+                     "train briefly and reenact a held-out identity",
+        description="Animate the astronaut portrait with the built-in mediapipe face model in the "
+                    "training-free geometric mode (OUT/real_face.mp4, OUT/real_face_grid.png); then generate a synthetic toy-head dataset, train the small model on the CPU for a few "
                     "minutes, reenact a held-out identity with a held-out driving clip, and write "
-                    "OUT/result.mp4, OUT/grid.png and OUT/loss.png. Everything is synthetic.")
+                    "OUT/result.mp4, OUT/grid.png and OUT/loss.png (all synthetic).")
     parser.add_argument("--out", default="demo", help="output directory (default: demo)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help=f"training steps (default {DemoRecipe.steps}: about 2.5 minutes "
@@ -337,5 +365,6 @@ def add_demo_parser(subparsers):
                                                       "measured speed; less repeatable than --steps)")
     parser.add_argument("--clips", type=int, help=f"training clips (default {DemoRecipe.clips})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the training (default 0)")
+    parser.add_argument("--no-real-face", action="store_true", help="skip the real-face stage")
     parser.add_argument("--quiet", action="store_true", help="no stage messages or progress bars")
     parser.set_defaults(func=_run)

@@ -21,7 +21,13 @@ Metrics (images mapped from [-1, 1] to [0, 1]):
 - identity cosine similarity (``--id-model``) and FID (``--inception``): only with user-supplied
   weights (:mod:`reenact.eval_networks`), otherwise reported as not computed.
 
-Outputs under ``--out``: ``eval.md`` (a markdown table) and ``eval.json`` (every number, per clip).
+Every metric is reported for the model and, on the same pairs, for two baselines: "geometric
+warp" (the training-free warp of the source along the identity-matched mesh, :mod:`reenact.warp`)
+and "copy source" (the source frame unchanged). A model that does not beat "copy source" has not
+learnt to reenact.
+
+Outputs under ``--out``: ``eval.md`` (a markdown table, one column per method) and ``eval.json``
+(every number; the model's under ``metrics``, the baselines' under ``baselines``; per clip).
 """
 import dataclasses
 import json
@@ -241,6 +247,48 @@ def reenactment_scores(generator, face_model, dataset, specs, batch_size=8, devi
     return {name: np.concatenate(values) for name, values in scores.items()}
 
 
+#: The methods every evaluation scores on the same pairs: the model and its two trivial baselines.
+MODEL = "model"
+GEOMETRIC = "geometric warp"
+COPY_SOURCE = "copy source"
+METHODS = (MODEL, GEOMETRIC, COPY_SOURCE)
+
+
+def crop_pose(pose, dataset_size, resolution):
+    """Poses (B, 3, 4) in dataset-crop pixels -> in pixels of the crop resized to ``resolution``
+    (pixel centres on integers in both: x_r = (x_s + 0.5) * r / s - 0.5; depth scaled alike)."""
+    factor = resolution / dataset_size
+    pose = pose * factor
+    pose[:, :2, 3] += 0.5 * factor - 0.5
+    return pose
+
+
+def geometric_baseline(face_model, batch, dataset_size):
+    """The training-free geometric warp (:func:`reenact.warp.geometric_reenact`) of a
+    :func:`generate` batch's source by its driving parameters, at the batch's resolution, in
+    [-1, 1], the mouth interior darkened as ``reenact reenact`` does."""
+    from .warp import geometric_reenact, shade_mouth
+
+    source = batch["source"]
+    resolution = source.shape[-1]
+    model = face_model.to(source.device)
+
+    def tensor(key):
+        return torch.from_numpy(batch[key]).float().to(source.device)
+
+    warp = geometric_reenact(model, (source + 1) / 2, tensor("alpha"), tensor("beta_source"),
+                             crop_pose(tensor("pose_source"), dataset_size, resolution), tensor("beta_driving"),
+                             crop_pose(tensor("pose_driving"), dataset_size, resolution), mode="absolute")
+    return shade_mouth(warp).clamp(0, 1) * 2 - 1
+
+
+def method_outputs(face_model, batch, dataset_size):
+    """{method: (B, 3, R, R) in [-1, 1]} for one :func:`generate` batch: the model's output, the
+    geometric warp and the source frame itself."""
+    return {MODEL: batch["output"], GEOMETRIC: geometric_baseline(face_model, batch, dataset_size),
+            COPY_SOURCE: batch["source"]}
+
+
 # -- pose and expression error through our own reconstruction ----------------------------------------
 
 def detect_landmarks(detector, images, dataset_size):
@@ -429,10 +477,12 @@ def _open(options, device):
     return generator, step, face_model, dataset, networks
 
 
-def _detector(name):
+def _detector(name, face_model=None):
     """(detector or None, reason when None)."""
     if name == "none":
         return None, "not computed (--detector none)"
+    if getattr(face_model, "dense", False):
+        return None, "not computed (the re-fit fits 68 landmarks; the mediapipe model's dense re-fit is not wired yet)"
     from .face3d.detectors import make_detector
 
     try:
@@ -444,6 +494,32 @@ def _detector(name):
 def _summary(values):
     values = np.asarray(values, dtype=np.float64)
     return {"mean": float(values.mean()), "std": float(values.std()), "count": int(values.size)}
+
+
+def _metrics_of(face_model, options, records, store, statistics, driving_statistics, networks, detected,
+                pose_reason):
+    """The metrics dict of one method from its per-pair values (``store``) and the shared records."""
+    metrics = {name: _summary(store[name]) for name in ("l1", "psnr", "ssim")}
+    if detected:
+        metrics["pose"] = dict(pose_expression_errors(face_model.to("cpu"),
+                                                      dict(records, landmarks_output=store["landmarks_output"])),
+                               detector=options.detector)
+    else:
+        metrics["pose"] = {"status": pose_reason}
+    if "identity" in networks:
+        metrics["id_similarity"] = dict(_summary(store["id_output"]), driving_frame=float(records["id_driving"].mean()))
+    else:
+        metrics["id_similarity"] = {"status": NOT_COMPUTED_NO_WEIGHTS}
+    if "inception" in networks:
+        if statistics.count < 2:
+            metrics["fid"] = {"status": "not computed (FID needs at least 2 pairs)"}
+        else:
+            metrics["fid"] = {"value": frechet_distance(*statistics.mean_and_covariance(),
+                                                        *driving_statistics.mean_and_covariance()),
+                              "samples": statistics.count}
+    else:
+        metrics["fid"] = {"status": NOT_COMPUTED_NO_WEIGHTS}
+    return metrics
 
 
 def evaluate(options):
@@ -463,58 +539,55 @@ def evaluate(options):
     skipped += list(dataset.skipped)
     if not specs:
         raise EvalError(f"no pairs to evaluate in {options.data}: " + "; ".join(f"{c}: {r}" for c, r in skipped))
-    detector, pose_reason = _detector(options.detector)
+    detector, pose_reason = _detector(options.detector, face_model)
     from .data.progress import progress_bar
 
     bar = progress_bar(len(specs), "eval", "frame", options.progress)
     collected = {key: [] for key in ("clip", "frame_driving", "beta_driving", "pose_driving", "landmarks_driving",
-                                     "landmarks_output", "landmarks_frame", "id_output", "id_driving")}
-    scores = {"l1": [], "psnr": [], "ssim": []}
-    statistics = {"output": GaussianStatistics(), "driving": GaussianStatistics()}
+                                     "landmarks_frame", "id_driving")}
+    per_method = {name: {"l1": [], "psnr": [], "ssim": [], "landmarks_output": [], "id_output": []}
+                  for name in METHODS}
+    statistics = {name: GaussianStatistics() for name in METHODS + ("driving",)}
     try:
         for batch in generate(generator, face_model, dataset, specs, options.batch_size, device):
-            for name, values in image_metrics(batch["output"], batch["driving"]).items():
-                scores[name].append(values.numpy())
+            with torch.no_grad():
+                outputs = method_outputs(face_model, batch, dataset.size)
             for key in ("clip", "frame_driving", "beta_driving", "pose_driving", "landmarks_driving"):
                 collected[key].append(batch[key])
             if detector is not None:
-                for role, images in (("output", batch["output"]), ("frame", batch["driving"])):
-                    collected[f"landmarks_{role}"].append(detect_landmarks(detector, images, dataset.size)[0])
+                collected["landmarks_frame"].append(detect_landmarks(detector, batch["driving"], dataset.size)[0])
             with torch.no_grad():
-                if "identity" in networks:
-                    embed = networks["identity"]
-                    source = embed(batch["source"])
-                    collected["id_output"].append(cosine_similarity(embed(batch["output"]), source).cpu().numpy())
-                    collected["id_driving"].append(cosine_similarity(embed(batch["driving"]), source).cpu().numpy())
+                source_id = networks["identity"](batch["source"]) if "identity" in networks else None
+                if source_id is not None:
+                    collected["id_driving"].append(
+                        cosine_similarity(networks["identity"](batch["driving"]), source_id).cpu().numpy())
                 if "inception" in networks:
-                    statistics["output"].add(networks["inception"](batch["output"]))
                     statistics["driving"].add(networks["inception"](batch["driving"]))
+                for name, output in outputs.items():
+                    store = per_method[name]
+                    # Every method is scored against the driving frame: the ground truth.
+                    for metric, values in image_metrics(output, batch["driving"]).items():
+                        store[metric].append(values.numpy())
+                    if detector is not None:
+                        store["landmarks_output"].append(detect_landmarks(detector, output, dataset.size)[0])
+                    if source_id is not None:
+                        store["id_output"].append(
+                            cosine_similarity(networks["identity"](output), source_id).cpu().numpy())
+                    if "inception" in networks:
+                        statistics[name].add(networks["inception"](output))
             bar.update(len(batch["clip"]))
     finally:
         bar.close()
         if detector is not None:
             detector.close()
     records = {key: np.concatenate(values) for key, values in collected.items() if values}
-    scores = {name: np.concatenate(values) for name, values in scores.items()}
-    metrics = {name: _summary(values) for name, values in scores.items()}
-    if detector is not None:
-        metrics["pose"] = dict(pose_expression_errors(face_model.to("cpu"), records), detector=options.detector)
-    else:
-        metrics["pose"] = {"status": pose_reason}
-    if "identity" in networks:
-        metrics["id_similarity"] = dict(_summary(records["id_output"]),
-                                        driving_frame=float(records["id_driving"].mean()))
-    else:
-        metrics["id_similarity"] = {"status": NOT_COMPUTED_NO_WEIGHTS}
-    if "inception" in networks:
-        if statistics["output"].count < 2:
-            metrics["fid"] = {"status": "not computed (FID needs at least 2 pairs)"}
-        else:
-            metrics["fid"] = {"value": frechet_distance(*statistics["output"].mean_and_covariance(),
-                                                        *statistics["driving"].mean_and_covariance()),
-                              "samples": statistics["output"].count}
-    else:
-        metrics["fid"] = {"status": NOT_COMPUTED_NO_WEIGHTS}
+    method_metrics = {}
+    for name in METHODS:
+        store = {key: np.concatenate(values) for key, values in per_method[name].items() if values}
+        method_metrics[name] = _metrics_of(face_model, options, records, store, statistics[name],
+                                           statistics["driving"], networks, detector is not None, pose_reason)
+    metrics = method_metrics[MODEL]
+    scores = {name: np.concatenate(per_method[MODEL][name]) for name in ("l1", "psnr", "ssim")}
     per_clip = []
     for number in np.unique(records["clip"]):
         rows = records["clip"] == number
@@ -528,7 +601,8 @@ def evaluate(options):
                     f"other frame of the same clip",
         "clips": len(per_clip), "pairs": int(scores["l1"].size),
         "skipped_clips": [{"clip": c, "reason": r} for c, r in skipped],
-        "metrics": metrics, "per_clip": per_clip, "seconds": time.perf_counter() - started,
+        "metrics": metrics, "baselines": {name: method_metrics[name] for name in METHODS if name != MODEL},
+        "per_clip": per_clip, "seconds": time.perf_counter() - started,
     }
     write_report(results, options.out_dir(), inputs=[pathlib.Path(options.checkpoint)])
     return results
@@ -539,40 +613,56 @@ def _number(value, digits):
 
 
 def markdown_table(results):
-    """The eval.md text of a results dict."""
-    m = results["metrics"]
+    """The eval.md text of a results dict: one column per method, all on the same pairs."""
+    methods = {MODEL: results["metrics"], **results.get("baselines", {})}
+    names = [name for name in METHODS if name in methods]
+    header = " | ".join(names)
+
+    def row(label, cell, notes=""):
+        return f"| {label} | " + " | ".join(cell(methods[name]) for name in names) + f" | {notes} |"
+
     lines = [f"# reenact eval: {results['checkpoint']} (step {results['step']})", "",
              f"- data: `{results['data']}`{' [synthetic]' if results['synthetic'] else ''}; "
              f"{results['clips']} clips, {results['pairs']} pairs; {results['protocol']}",
              f"- compared at {results['resolution']}x{results['resolution']} over the whole face crop "
-             f"(dataset crops: {results['dataset_size']} px); face model: {results['face_model']}", "",
-             "| metric | value | notes |", "|---|---|---|",
-             f"| L1 (lower is better) | {_number(m['l1']['mean'], 4)} | mean abs. difference, images in [0, 1] |",
-             f"| PSNR dB (higher is better) | {_number(m['psnr']['mean'], 2)} | per image, capped at {PSNR_CAP_DB:.0f} dB |",
-             f"| SSIM (higher is better) | {_number(m['ssim']['mean'], 4)} | Gaussian window 11, sigma 1.5 |"]
-    pose = m["pose"]
+             f"(dataset crops: {results['dataset_size']} px); face model: {results['face_model']}",
+             f"- every method on the same pairs, against the driving frame: the model; \"{GEOMETRIC}\", the "
+             f"training-free warp of the source along the identity-matched mesh (reenact.warp); \"{COPY_SOURCE}\", "
+             f"the source frame unchanged", "",
+             f"| metric | {header} | notes |", "|---|" + "---|" * len(names) + "---|",
+             row("L1 (lower is better)", lambda m: _number(m["l1"]["mean"], 4), "mean abs. difference, images in [0, 1]"),
+             row("PSNR dB (higher is better)", lambda m: _number(m["psnr"]["mean"], 2),
+                 f"per image, capped at {PSNR_CAP_DB:.0f} dB"),
+             row("SSIM (higher is better)", lambda m: _number(m["ssim"]["mean"], 4), "Gaussian window 11, sigma 1.5")]
+    pose = results["metrics"]["pose"]
     if "status" in pose:
-        lines.append(f"| pose / expression error | {pose['status']} | |")
+        lines.append(f"| pose / expression error | " + " | ".join([pose["status"]] + ["-"] * (len(names) - 1)) + " | |")
     else:
-        lines.append(f"| landmark detection rate: output / driving frame | "
-                     f"{pose['detection_rate_output']:.0%} / {pose['detection_rate_driving_frame']:.0%} | "
-                     f"{pose['detector']}, on images upsampled to {DETECT_SIZE} px |")
+        lines.append(row("landmark detection rate on the output", lambda m: f"{m['pose']['detection_rate_output']:.0%}",
+                         f"{pose['detector']}, on images upsampled to {DETECT_SIZE} px; driving frames: "
+                         f"{pose['detection_rate_driving_frame']:.0%}"))
         labels = (("rotation_deg", "rotation error (deg)", 2), ("expression_abs", "expression error (mean abs. coeff.)", 4),
                   ("landmarks_iod", "landmark error / inter-ocular distance", 4))
         for key, label, digits in labels:
-            cells = []
-            for name in ("output_vs_params", "driving_frame_vs_params", "output_vs_driving_frame"):
-                cells.append(_number(pose[name][key], digits) if name in pose else "n/a (no detections)")
-            lines.append(f"| {label}: output vs driving params | {cells[0]} | floor (driving frame's own re-fit vs "
-                         f"params): {cells[1]}; output vs driving frame's re-fit: {cells[2]} |")
-    ident = m["id_similarity"]
-    lines.append(f"| identity cosine similarity to the source | "
-                 + (ident["status"] + " | |" if "status" in ident else
-                    f"{_number(ident['mean'], 4)} | driving frame vs source: {_number(ident['driving_frame'], 4)} |"))
-    fid = m["fid"]
-    lines.append("| FID (output vs driving frames) | "
-                 + (fid["status"] + " | |" if "status" in fid else
-                    f"{_number(fid['value'], 3)} | {fid['samples']} samples; torchvision Inception-v3 layout |"))
+            def cell(m, key=key, digits=digits):
+                return _number(m["pose"]["output_vs_params"][key], digits) if "output_vs_params" in m["pose"] \
+                    else "n/a (no detections)"
+            floor = pose.get("driving_frame_vs_params")
+            lines.append(row(f"{label}: output re-fit vs driving params", cell,
+                             "floor (driving frame's own re-fit vs params): "
+                             + (_number(floor[key], digits) if floor else "n/a (no detections)")))
+    ident = results["metrics"]["id_similarity"]
+    if "status" in ident:
+        lines.append(f"| identity cosine similarity to the source | " + " | ".join([ident["status"]] + ["-"] * (len(names) - 1)) + " | |")
+    else:
+        lines.append(row("identity cosine similarity to the source", lambda m: _number(m["id_similarity"]["mean"], 4),
+                         f"driving frame vs source: {_number(ident['driving_frame'], 4)}"))
+    fid = results["metrics"]["fid"]
+    if "status" in fid:
+        lines.append("| FID (output vs driving frames) | " + " | ".join([fid["status"]] + ["-"] * (len(names) - 1)) + " | |")
+    else:
+        lines.append(row("FID (output vs driving frames)", lambda m: _number(m["fid"]["value"], 3) if "value" in m["fid"]
+                         else m["fid"]["status"], f"{fid['samples']} samples; torchvision Inception-v3 layout"))
     if results["skipped_clips"]:
         lines += ["", "Skipped clips:"] + [f"- {s['clip']}: {s['reason']}" for s in results["skipped_clips"]]
     return "\n".join(lines) + "\n"
@@ -608,9 +698,10 @@ def run_eval(args):
         results = evaluate(options)
     except EvalError as err:
         raise CommandError(str(err)) from None
-    m = results["metrics"]
-    print(f"{results['pairs']} pairs of {results['clips']} clips: L1 {m['l1']['mean']:.4f}, "
-          f"PSNR {m['psnr']['mean']:.2f} dB, SSIM {m['ssim']['mean']:.4f}; wrote {options.out_dir()}")
+    methods = {MODEL: results["metrics"], **results["baselines"]}
+    summary = "; ".join(f"{name}: L1 {m['l1']['mean']:.4f}, PSNR {m['psnr']['mean']:.2f} dB, SSIM {m['ssim']['mean']:.4f}"
+                        for name, m in methods.items())
+    print(f"{results['pairs']} pairs of {results['clips']} clips: {summary}; wrote {options.out_dir()}")
     return 0
 
 

@@ -1,7 +1,10 @@
 """``reenact reenact``: animate a source image with the pose and expression of a driving video.
 
-    reenact reenact --checkpoint run/checkpoints/ckpt-00002000.safetensors \\
+    reenact reenact [--checkpoint run/checkpoints/ckpt-00002000.safetensors] \\
         --source face.png --driving talk.mp4 --out out.mp4 [--pose relative|absolute] [--side-by-side]
+
+Without ``--checkpoint`` it runs the training-free geometric mode (:mod:`reenact.warp`) with the
+built-in mediapipe face model, and pastes back exactly as the learned mode does.
 
 Pipeline (DESIGN.md, steps 1-5, per driving frame):
 
@@ -37,6 +40,10 @@ from .data.prepare import CROP_SCALE_RANGE, PrepareOptions, crop_boxes, crop_fra
 #: The crop framing of ``reenact prepare``: a square of this many landmark-box sides.
 DEFAULT_CROP_SCALE = PrepareOptions.crop_scale
 POSE_MODES = ("relative", "absolute")
+#: Crop side of the geometric mode (no checkpoint): the warp costs milliseconds at this size.
+GEOMETRIC_RESOLUTION = 256
+#: The face model of the geometric mode when --face-model is not given: the built-in real one.
+GEOMETRIC_FACE_MODEL = "mediapipe"
 OUTPUT_CODECS = {".mp4": "h264", ".webm": "vp9"}
 
 
@@ -141,7 +148,10 @@ def animate(generator, face_model, source_image, source_params, driving_params, 
     driving frame, in order.
 
     Args:
-        generator: a :class:`~reenact.model.Reenactor` (its device is used; put it in eval mode).
+        generator: a :class:`~reenact.model.Reenactor` (its device is used; put it in eval mode),
+            or None for the training-free geometric mode (:func:`reenact.warp.geometric_reenact`
+            on a GEOMETRIC_RESOLUTION crop, on the CPU; the mouth interior darkened), pasted back
+            the same way.
         face_model: the MorphableModel the parameters belong to.
         source_image: (H, W, 3) uint8 RGB.
         source_params: dict with ``alpha`` (Ki,), ``beta`` (Ke,), ``pose`` (3, 4) in the source
@@ -167,8 +177,9 @@ def animate(generator, face_model, source_image, source_params, driving_params, 
     source_image = check_image(source_image, "source_image")
     if not source_image.flags.writeable:
         source_image = source_image.copy()  # torch.from_numpy warns on read-only arrays
-    resolution = generator.config.resolution
-    device = next(generator.parameters()).device
+    geometric = generator is None
+    resolution = GEOMETRIC_RESOLUTION if geometric else generator.config.resolution
+    device = torch.device("cpu") if geometric else next(generator.parameters()).device
     model = face_model.to(device) if face_model.device != device else face_model
     alpha = _params(source_params, "alpha", "source_params", 1)
     beta_src = _params(source_params, "beta", "source_params", 1)
@@ -200,24 +211,31 @@ def animate(generator, face_model, source_image, source_params, driving_params, 
     crop = (crop.float().to(device) / 127.5 - 1.0)
     pose_src_crop = pose_to_crop(pose_src[None], source_box, resolution).to(device)
     alpha, beta_drv, pose_drv = alpha[None].to(device), beta_drv.to(device), pose_drv.to(device)
+    beta_src = beta_src[None].to(device)
     with torch.no_grad():
-        pncc_src, mask_src = reconstruct_pncc(model, alpha, beta_src[None].to(device), pose_src_crop, size=resolution)
+        pncc_src, mask_src = reconstruct_pncc(model, alpha, beta_src, pose_src_crop, size=resolution)
         # The source stage (E_a, E_g(P_s), the corr_warp values) once for the whole clip; each
         # batch runs only the driving stage, with the batch-1 encoding expanded to it.
-        encoding = generator.encode_source(crop, pncc_src)
+        encoding = None if geometric else generator.encode_source(crop, pncc_src)
         black = np.zeros_like(source_image)
         for start in range(0, frames, batch_size):
             stop = min(start + batch_size, frames)
             if pose_mode == "relative":
-                pncc, mask = reconstruct_pncc(model, alpha, beta_drv[start:stop], pose_drv[start:stop],
-                                              pose_src=pose_src_crop, pose_ref=pose_drv[:1], mode="relative",
-                                              size=resolution)
+                driving = {"pose_drv": pose_drv[start:stop], "pose_ref": pose_drv[:1], "mode": "relative"}
             else:
                 pose = pose_to_crop(pose_drv[start:stop].cpu(), driving_boxes[start:stop], resolution)
-                pncc, mask = reconstruct_pncc(model, alpha, beta_drv[start:stop], pose.to(device), size=resolution)
+                driving = {"pose_drv": pose.to(device), "pose_ref": None, "mode": "absolute"}
+            pncc, mask = reconstruct_pncc(model, alpha, beta_drv[start:stop], pose_src=pose_src_crop,
+                                          size=resolution, **driving)
             count = stop - start
-            output = generator.drive(encoding, pncc)["output"]
-            face = (output + 1) / 2
+            if geometric:
+                from .warp import geometric_reenact, shade_mouth
+
+                warp = geometric_reenact(model, (crop + 1) / 2, alpha, beta_src, pose_src_crop,
+                                         beta_drv[start:stop], **driving)
+                face = shade_mouth(warp).clamp(0, 1)
+            else:
+                face = (generator.drive(encoding, pncc)["output"] + 1) / 2
             images = paste_back(source_image, face, feathered_mask(mask_src, mask), source_box)
             panels = paste_back(black, pncc, mask, source_box)
             faces = _to_uint8(face)
@@ -324,7 +342,7 @@ def run_reenact(args):
     for flag, path in (("--source", source), ("--driving", driving)):
         if not path.is_file():
             raise UsageError(f"{flag} not found: {path}")
-    inputs = [source, driving, pathlib.Path(args.checkpoint)]
+    inputs = [source, driving] + ([pathlib.Path(args.checkpoint)] if args.checkpoint else [])
     inputs += [pathlib.Path(p) for p in (args.source_landmarks, args.driving_landmarks) if p]
     out = _output_path(out.parent, out.name, inputs)
     codec = OUTPUT_CODECS.get(out.suffix.lower())
@@ -340,8 +358,11 @@ def run_reenact(args):
     if args.crop_scale is not None and not low <= args.crop_scale <= high:
         raise UsageError(f"--crop-scale must be in [{low:g}, {high:g}], got {args.crop_scale}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    generator, meta = load_checkpoint(args.checkpoint, device)
-    model_name = meta.get("options", {}).get("face_model", "toy")
+    if args.checkpoint:
+        generator, meta = load_checkpoint(args.checkpoint, device)
+        model_name = meta.get("options", {}).get("face_model", "toy")
+    else:  # the training-free geometric mode
+        generator, meta, model_name = None, {}, GEOMETRIC_FACE_MODEL
     crop_scale = args.crop_scale or meta.get("data", {}).get("crop_scale") or DEFAULT_CROP_SCALE
     verbose = not args.quiet
     try:
@@ -385,7 +406,8 @@ def run_reenact(args):
     except (FileNotFoundError, ValueError, ImportError) as err:
         raise CommandError(str(err)) from None
     label = " [synthetic face model]" if model.synthetic else ""
-    print(f"wrote {out}: {written} frame(s), {args.pose} pose{label}")
+    mode = "learned" if generator is not None else "geometric (no checkpoint)"
+    print(f"wrote {out}: {written} frame(s), {args.pose} pose, {mode} mode{label}")
     return 0
 
 
@@ -395,7 +417,9 @@ def add_reenact_parser(subparsers):
         description="Detect and fit the source and every driving frame, reconstruct identity-matched "
                     "PNCCs, generate the animated face and paste it back into the source image; "
                     "writes an H.264 .mp4 (or VP9 .webm) of the source image's size.")
-    parser.add_argument("--checkpoint", required=True, help="a training checkpoint (.safetensors)")
+    parser.add_argument("--checkpoint", help="a training checkpoint (.safetensors); without one, the "
+                                             "training-free geometric mode warps the source along the "
+                                             "identity-matched driving mesh")
     parser.add_argument("--source", required=True, help="source image")
     parser.add_argument("--driving", required=True, help="driving video")
     parser.add_argument("--out", required=True, help="output video (.mp4 or .webm)")
@@ -407,7 +431,8 @@ def add_reenact_parser(subparsers):
     parser.add_argument("--detector", default="mediapipe", choices=["mediapipe", "dlib"])
     parser.add_argument("--source-landmarks", help="read the source's 68 landmarks from this file instead of detecting")
     parser.add_argument("--driving-landmarks", help="read the driving frames' landmarks from this file (one set per frame)")
-    parser.add_argument("--face-model", help="face model (default: the one the checkpoint was trained with)")
+    parser.add_argument("--face-model", help="face model (default: the one the checkpoint was trained with; "
+                                             f"{GEOMETRIC_FACE_MODEL!r} without a checkpoint)")
     parser.add_argument("--crop-scale", type=float,
                         help="face crop side over the landmark box side (default: the framing of the "
                              f"checkpoint's training data, else {DEFAULT_CROP_SCALE}, `reenact prepare`'s)")

@@ -220,12 +220,16 @@ def process_file(path, relative, out_dir, options, decode=decode_for_prepare, mo
 
     fps = probe(path)[1]  # also rejects unreadable files before any decoding
     model = model if model is not None else load_model(options.model)
+    dense_model = getattr(model, "dense", False)  # fitted to mediapipe's mesh, not to 68 landmarks
+    if dense_model and (options.landmarks_from is not None or options.detector != "mediapipe"):
+        raise ValueError(f"the {model.name!r} model is fitted to mediapipe's dense face mesh: prepare it with "
+                         f"the mediapipe detector, not landmark files or {options.detector}")
     if options.landmarks_from is not None:
         given = _landmarks_for(options, relative)
         detector = None
     else:
         detector = det.make_detector(options.detector, video=True)
-    landmarks, kept = [], []  # kept: decoded frames while they fit FRAME_CACHE_BYTES, else None
+    landmarks, dense, kept = [], [], []  # kept: decoded frames while they fit FRAME_CACHE_BYTES, else None
     try:
         for index, frame in enumerate(decode(path)):
             if kept is not None and (len(kept) + 1) * frame.nbytes <= FRAME_CACHE_BYTES:
@@ -237,6 +241,8 @@ def process_file(path, relative, out_dir, options, decode=decode_for_prepare, mo
             else:
                 found = detector.detect(frame)
                 points = found.landmarks if found is not None else np.full((68, 2), np.nan)
+                if dense_model:
+                    dense.append(found.dense if found is not None else np.full((478, 3), np.nan))
             landmarks.append(points)
     finally:
         if detector is not None:
@@ -267,7 +273,13 @@ def process_file(path, relative, out_dir, options, decode=decode_for_prepare, mo
     for number, (first, stop) in enumerate(pieces):
         boxes = crop_boxes(landmarks[first:stop], options.crop_scale, options.smooth_sigma)
         crop_points = to_crop(landmarks[first:stop], boxes, options.size)
-        fit = fit_clip(model, torch.from_numpy(crop_points), **fit_options)
+        if dense_model:  # the mesh into the crop; its depth scales like x and y
+            mesh = np.asarray(dense[first:stop], dtype=np.float64)
+            step = (boxes[:, 2] - boxes[:, 0]) / options.size
+            fit = model.fit_dense(np.concatenate([to_crop(mesh[..., :2], boxes, options.size),
+                                                  mesh[..., 2:] / step[:, None, None]], -1))
+        else:
+            fit = fit_clip(model, torch.from_numpy(crop_points), **fit_options)
         plans.append((number, first, stop, boxes, crop_points, fit))
 
     records, valid_fractions, frames_of = [], [], {n: [] for n, *_ in plans}

@@ -42,12 +42,14 @@ MEDIAPIPE_TO_IBUG68 = (
 
 @dataclasses.dataclass
 class Detection:
-    """One face: landmarks (68, 2) float64 pixels, confidence (68,), box (4,) x0, y0, x1, y1."""
+    """One face: landmarks (68, 2) float64 pixels, confidence (68,), box (4,) x0, y0, x1, y1;
+    dense: the detector's full mesh (478, 3) when it has one (mediapipe), else None."""
 
     landmarks: np.ndarray
     confidence: np.ndarray
     box: np.ndarray
     detector: str
+    dense: np.ndarray = None
 
 
 def _box_of(points):
@@ -128,7 +130,7 @@ class MediapipeDetector(LandmarkDetector):
         if dense is None:
             return None
         landmarks = dense[self._index, :2]
-        return Detection(landmarks, np.ones(68), _box_of(landmarks), self.name)
+        return Detection(landmarks, np.ones(68), _box_of(landmarks), self.name, dense=dense)
 
     def close(self):
         self._mesh.close()

@@ -393,6 +393,9 @@ def fit_landmarks(model, landmarks, confidence=None, clip_index=None, *, id_prio
     Returns:
         :class:`FitResult`.
     """
+    if getattr(model, "dense", False):
+        raise ValueError(f"the {model.name!r} model is fitted to mediapipe's dense face mesh "
+                         "(model.fit_dense), not to 68 landmarks")
     if isinstance(landmarks, torch.Tensor) and device is None:
         device = landmarks.device
     device = torch.device(device if device is not None else model.device)

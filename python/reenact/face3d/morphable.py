@@ -12,6 +12,8 @@ import torch
 from .pose import apply_pose
 
 NUM_LANDMARKS = 68
+#: The name of the built-in real face model (mediapipe's face mesh) for load_model.
+MEDIAPIPE_MODEL = "mediapipe"
 
 #: Keys of the project's ``.npz`` model format (those of ../shared/data/face-models/sfm_3448.npz).
 NPZ_REQUIRED_KEYS = ("mean", "id_basis", "exp_basis", "faces", "ibug68")
@@ -142,7 +144,7 @@ class MorphableModel:
 
     def to(self, device):
         """A copy of the model with every tensor on ``device``."""
-        model = object.__new__(MorphableModel)
+        model = object.__new__(type(self))
         for key, value in vars(self).items():
             setattr(model, key, value.to(device) if torch.is_tensor(value) else value)
         return model
@@ -264,7 +266,8 @@ def save_npz_model(model, path):
 def load_model(spec, **kwargs):
     """Load a model by name or path.
 
-    ``"toy"`` gives the built-in synthetic head; a ``.npz`` path the project's format; a ``.pkl``
+    ``"toy"`` gives the built-in synthetic head; ``"mediapipe"`` the built-in real face model
+    (:mod:`reenact.face3d.mediapipe_face`, licence-free); a ``.npz`` path the project's format; a ``.pkl``
     path 3DDFA_V2's ``bfm_noneck_v3.pkl`` (see :func:`reenact.face3d.tddfa.load_tddfa_bfm`, whose
     keyword arguments pass through); a folder eos's Surrey Face Model files
     (:func:`reenact.face3d.eos_sfm.load_eos_sfm`); any other name an installed model
@@ -279,6 +282,10 @@ def load_model(spec, **kwargs):
         from .toy import make_toy_head
 
         return make_toy_head(**kwargs)
+    if text == MEDIAPIPE_MODEL:
+        from .mediapipe_face import make_mediapipe_model
+
+        return make_mediapipe_model(**kwargs)
     if pathlib.Path(text).is_dir():
         from .eos_sfm import load_eos_sfm
 
@@ -290,5 +297,5 @@ def load_model(spec, **kwargs):
         from .tddfa import load_tddfa_bfm
 
         return load_tddfa_bfm(text, **kwargs)
-    raise ValueError(f"unknown face model {text!r}: expected 'toy', a model name, a .npz, a 3DDFA_V2 .pkl "
-                     f"or a folder of eos's Surrey Face Model files")
+    raise ValueError(f"unknown face model {text!r}: expected 'toy', 'mediapipe', a model name, a .npz, "
+                     f"a 3DDFA_V2 .pkl or a folder of eos's Surrey Face Model files")

@@ -88,10 +88,16 @@ def reconstruct(frames, model, detector, share_identity=True, progress=None, **f
         progress: optional callable called once per frame (e.g. a progress bar's ``update``).
         fit_options: passed to :func:`~reenact.face3d.fit.fit_landmarks`.
     """
-    landmarks, confidence, found = [], [], []
+    dense_model = getattr(model, "dense", False)
+    landmarks, confidence, found, dense = [], [], [], []
     for index, frame in enumerate(frames):
         check_image(frame, f"frame {index}")
         detection = detector.detect(frame)
+        if detection is not None and dense_model:
+            if detection.dense is None:
+                raise ValueError(f"the {model.name!r} model is fitted to mediapipe's dense face mesh; "
+                                 f"the {detector.name!r} detector gives only 68 landmarks (use --detector mediapipe)")
+            dense.append(detection.dense)
         found.append(detection is not None)
         landmarks.append(detection.landmarks if detection else np.full((68, 2), np.nan))
         confidence.append(detection.confidence if detection else np.zeros(68))
@@ -104,8 +110,11 @@ def reconstruct(frames, model, detector, share_identity=True, progress=None, **f
         return Reconstruction(found, landmarks, None, f"no face found in {what}")
     chosen = torch.from_numpy(np.flatnonzero(found))
     clip_index = None if share_identity else torch.arange(len(chosen))
-    fit = fit_landmarks(model, torch.from_numpy(landmarks[found]),
-                        torch.from_numpy(np.array(confidence)[found]), clip_index, **fit_options)
+    if dense_model:
+        fit = model.fit_dense(np.stack(dense), clip_index)
+    else:
+        fit = fit_landmarks(model, torch.from_numpy(landmarks[found]),
+                            torch.from_numpy(np.array(confidence)[found]), clip_index, **fit_options)
     message = f"face found in {int(found.sum())} of {len(found)} frame(s); {int(fit.ok.sum())} fitted well"
     return Reconstruction(found, landmarks, fit, message)
 
