@@ -236,11 +236,11 @@ def add_pncc_parser(subparsers):
 
 def run_models(args):
     """``reenact models``: every known face model, whether it is installed, and its licence."""
-    from .face3d.registry import installed_models, model_dirs
+    from .face3d.registry import BUILT_IN, installed_models, model_dirs
 
     print(f"model folders: {', '.join(str(d) for d in model_dirs())} (set REENACT_MODELS to change)")
     for info, path in installed_models():
-        where = "built in" if info.name == "toy" else (str(path) if path else f"not installed; get it from {info.source}")
+        where = "built in" if info.name in BUILT_IN else (str(path) if path else f"not installed; get it from {info.source}")
         print(f"{info.name:16s} {info.description}\n{'':16s} licence: {info.licence}\n{'':16s} {where}")
     return 0
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import outputs
+from . import outputs as output_folders  # the module; `outputs` is a local name below
 
 #: PSNR of identical images is infinite; it is reported as this many dB (MSE floor 1e-10).
 PSNR_CAP_DB = 100.0
@@ -526,8 +526,8 @@ def evaluate(options):
     """Run the evaluation -> the results dict (also written to eval.json and eval.md under --out)."""
     options.validate()
     try:  # before the evaluation, so that a refused --out costs nothing
-        outputs.check_claim(options.out_dir(), "eval", overwrite=options.overwrite, escape="--overwrite")
-    except outputs.OutputFolderError as err:
+        output_folders.check_claim(options.out_dir(), "eval", overwrite=options.overwrite, escape="--overwrite")
+    except output_folders.OutputFolderError as err:
         raise EvalError(str(err)) from None
     device = _device(options.device)
     started = time.perf_counter()
@@ -676,10 +676,10 @@ def write_report(results, out_dir, inputs=()):
     if out_dir.exists() and not out_dir.is_dir():
         raise EvalError(f"--out must be a directory: {out_dir}")
     try:
-        outputs.claim(out_dir, "eval", "a rerun replaces eval.json and eval.md here", overwrite=True)
+        output_folders.claim(out_dir, "eval", "a rerun replaces eval.json and eval.md here", overwrite=True)
         _output_path(out_dir, "eval.json", list(inputs)).write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
         _output_path(out_dir, "eval.md", list(inputs)).write_text(markdown_table(results))
-    except outputs.OutputFolderError as err:
+    except output_folders.OutputFolderError as err:
         raise EvalError(str(err)) from None
     except OSError as err:
         raise EvalError(f"--out {out_dir}: cannot write the report ({err.strerror or err})") from None

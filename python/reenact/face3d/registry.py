@@ -1,14 +1,15 @@
 """Which face models exist, where they are installed, and under which licence.
 
-Models are never shipped with the package (except the synthetic toy head): the user downloads
-them from their public sources (README, "Face models") into a model folder:
+Two models are built in: the synthetic toy head and the licence-free ``mediapipe`` real face model
+(:mod:`reenact.face3d.mediapipe_face`). The 3DMMs are never shipped with the package: the user
+downloads them from their public sources (README, "Face models") into a model folder:
 
 - ``$REENACT_MODELS`` (one or more folders, separated like PATH), else
 - ``~/.local/share/reenact/models``.
 
 A model is installed as ``<folder>/<name>/`` (eos's files for the SFM), ``<folder>/<name>.npz``
 (the project's format) or ``<folder>/<name>.pkl`` (3DDFA_V2's BFM). ``--model`` takes a name
-from :data:`KNOWN_MODELS`, ``toy``, or a path to any of these.
+from :data:`KNOWN_MODELS` (the built-in ones included), or a path to any of these.
 """
 import dataclasses
 import os
@@ -26,6 +27,10 @@ class ModelInfo:
 KNOWN_MODELS = {
     "toy": ModelInfo("toy", "synthetic toy head built into the package (not a real face)",
                      "part of this project (no third-party terms)", "built in"),
+    "mediapipe": ModelInfo("mediapipe", "real face model from mediapipe's 478-point face mesh (built in; "
+                           "identity, expression residual and pose, no 3DMM basis)",
+                           "Apache-2.0 (mediapipe 0.10.21's face mesh topology; mean shape measured "
+                           "by this project)", "built in"),
     "sfm_3448": ModelInfo("sfm_3448", "Surrey Face Model, 3448 vertices, 63 identity + 6 expression",
                           "Surrey Face Model licence: free for non-commercial use only",
                           "https://github.com/patrikhuber/eos (share/)"),
@@ -34,6 +39,7 @@ KNOWN_MODELS = {
                                "https://github.com/cleardusk/3DDFA_V2 (configs/bfm_noneck_v3.pkl)"),
 }
 MODEL_SUFFIXES = (".npz", ".pkl")
+BUILT_IN = ("toy", "mediapipe")
 
 
 def model_dirs():
@@ -63,10 +69,10 @@ def find_model(name):
 
 def installed_models():
     """[(ModelInfo, path or None)] of every known model and every other model file found."""
-    rows = [(KNOWN_MODELS["toy"], None)]
-    seen = {"toy"}
+    rows = [(KNOWN_MODELS[name], None) for name in BUILT_IN]
+    seen = set(BUILT_IN)
     for name, info in KNOWN_MODELS.items():
-        if name != "toy":
+        if name not in BUILT_IN:
             rows.append((info, find_model(name)))
             seen.add(name)
     for folder in model_dirs():
@@ -82,9 +88,10 @@ def installed_models():
 
 
 def resolve(spec):
-    """``--model`` value -> 'toy' or a path that exists; FileNotFoundError saying how to install."""
+    """``--model`` value -> a built-in name or a path that exists; FileNotFoundError saying how to
+    install."""
     text = os.fspath(spec)
-    if text == "toy":
+    if text in BUILT_IN:
         return text
     path = pathlib.Path(text).expanduser()
     if path.exists():
