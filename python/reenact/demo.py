@@ -285,7 +285,7 @@ def real_face_stage(out_dir, quiet):
     _stage("animating the astronaut portrait (built-in mediapipe face model, geometric mode, no training)", quiet)
     from .real_demo import write_real_face
 
-    written = write_real_face(out_dir, quiet)
+    written = write_real_face(out_dir)
     _stage(f"wrote {written['real_video']} and {written['real_grid']} in {time.perf_counter() - started:.1f} s", quiet)
     return {"real_video": written["real_video"], "real_grid": written["real_grid"]}
 

@@ -64,11 +64,11 @@ def photo_expression(model, alpha_driver, alpha_source):
     """A single photo's expression, as far as one photo tells it: the driver's face minus the
     source's in the regions expressions move (lips, eyes, brows and around them, weight 1 there
     fading to 0 over ~10 mm), as offsets (Ke,). Everything else of the driver's face is identity."""
-    from .face3d.expressions import _falloff
+    from .face3d.expressions import falloff
 
     mean = model.mean.numpy().astype(np.float64)
     moving = [v for name in ("lips", "right_eye", "left_eye", "right_brow", "left_brow") for v in model.regions[name]]
-    weight = torch.from_numpy(_falloff(mean, mean[moving], 6.0)).float()
+    weight = torch.from_numpy(falloff(mean, mean[moving], 6.0)).float()
     difference = (alpha_driver - alpha_source).reshape(-1, 3)
     # Only the shape change, not the two faces' different proportions: remove the mean offset.
     difference = difference - (weight[:, None] * difference).sum(0) / weight.sum()
@@ -78,14 +78,12 @@ def photo_expression(model, alpha_driver, alpha_source):
 def driving_parameters(model, fit, hopper_fit):
     """The script's frames, then a move to Hopper's pose and expression and a hold."""
     from .face3d.expressions import script_parameters
-    from .face3d.pose import compose_pose, decompose_pose
+    from .face3d.pose import axis_angle_to_matrix, compose_pose, decompose_pose, matrix_to_axis_angle
 
     script = script_parameters(model, fit.beta[0], fit.pose[0])
     rotation, scale, translation = decompose_pose(fit.pose[:1])
     hopper_rotation = decompose_pose(hopper_fit.pose[:1])[0]
     target_beta = fit.beta[0] + photo_expression(model, hopper_fit.clip_alpha[0], fit.clip_alpha[0])
-    from .face3d.pose import axis_angle_to_matrix, matrix_to_axis_angle
-
     change = matrix_to_axis_angle(hopper_rotation @ rotation.transpose(-1, -2))  # (1, 3)
     steps = torch.linspace(0, 1, HOPPER_FRAMES)[:, None]
     steps = steps * steps * (3 - 2 * steps)
@@ -96,7 +94,7 @@ def driving_parameters(model, fit, hopper_fit):
     return torch.cat([script["beta"], beta]), torch.cat([script["pose"], pose]), labels
 
 
-def run_real_face(quiet=True):
+def run_real_face():
     """Fit, drive and warp -> :class:`RealFaceDemo`."""
     from .face3d import load_model
     from .face3d.detectors import MediapipeDetector
@@ -141,12 +139,12 @@ def grid_frames(labels):
     return picks
 
 
-def write_real_face(out_dir, quiet=True):
+def write_real_face(out_dir):
     """Run the real-face demo and write OUT/real_face.mp4 and OUT/real_face_grid.png -> paths."""
     from .data.video import encode_video
 
     out_dir = pathlib.Path(out_dir)
-    demo = run_real_face(quiet)
+    demo = run_real_face()
     frames = (np.concatenate([demo.source, p, r], 1) for p, r in zip(demo.pncc, demo.results))
     video = out_dir / "real_face.mp4"
     encode_video(video, frames, fps=FPS, codec="h264")

@@ -100,14 +100,12 @@ def extend_displacement(displacement, coverage):
     blurred = _gaussian_blur(torch.cat([small_d, small_c], 1), sigma)
     weight = blurred[:, 2:]
     filled = blurred[:, :2] / weight.clamp_min(1e-6) * (2.0 * weight).clamp(max=1.0)
-    if stride > 1:
-        filled = F.interpolate(filled, size=(height, width), mode="bilinear", align_corners=False)
     # 1 deep inside the face, 0 outside, a ramp over a band of about FILL_STRIDE pixels inside the
     # border: the block-averaged coverage, upsampled, is that ramp at no extra cost.
-    inside = small_c
+    both = torch.cat([filled, small_c], 1)
     if stride > 1:
-        inside = F.interpolate(small_c, size=(height, width), mode="bilinear", align_corners=False)
-    inside = ((inside - 0.5) * 2.0).clamp(0, 1) * coverage
+        both = F.interpolate(both, size=(height, width), mode="bilinear", align_corners=False)
+    filled, inside = both[:, :2], ((both[:, 2:] - 0.5) * 2.0).clamp(0, 1) * coverage
     return inside * displacement + (1.0 - inside) * filled
 
 
@@ -148,7 +146,9 @@ def mesh_warp(source_vertices, driving_vertices, faces, size, source_image=None,
     # Hidden in the source view: behind every surface of the source z-buffer near the source pixel.
     src_index, _, src_depth = ops.rasterize(source_vertices, faces, *source_size)
     src_depth = src_depth.masked_fill(src_index < 0, float("inf"))
-    nearest_front = -F.max_pool2d(-src_depth[:, None], 3, stride=1, padding=1)[:, 0]
+    # 3x3 minimum as two separable passes (a third of the cost of one 3x3 window here).
+    nearest_front = -F.max_pool2d(-src_depth[:, None], (1, 3), stride=1, padding=(0, 1))
+    nearest_front = -F.max_pool2d(-nearest_front, (3, 1), stride=1, padding=(1, 0))[:, 0]
     # (the mesh's exact source position, not the border-blended one used for sampling)
     cols = source_xyz[..., 0].round().long().clamp(0, source_size[1] - 1)
     rows = source_xyz[..., 1].round().long().clamp(0, source_size[0] - 1)

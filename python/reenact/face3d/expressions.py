@@ -46,7 +46,7 @@ def _smooth(t):
     return t * t * (3.0 - 2.0 * t)
 
 
-def _falloff(points, centres, radius):
+def falloff(points, centres, radius):
     """exp(-d^2 / 2r^2) of each point's distance to the nearest centre -> (V,)."""
     distance = np.sqrt(((points[:, None] - centres[None]) ** 2).sum(-1)).min(1)
     return np.exp(-0.5 * (distance / radius) ** 2)
@@ -62,7 +62,7 @@ def expression_offsets(model):
     corners = mean[list(MOUTH_CORNERS)]
     smile = np.zeros_like(mean)
     for corner in corners:
-        weight = _falloff(mean, corner[None], 9.0)
+        weight = falloff(mean, corner[None], 9.0)
         smile += weight[:, None] * np.array([np.sign(corner[0]) * 4.0, 5.0, -1.0])
     offsets["smile"] = smile
 
@@ -83,7 +83,7 @@ def expression_offsets(model):
     brows = mean[list(regions["right_brow"]) + list(regions["left_brow"])]
     above_eyes = _smooth(np.clip((mean[:, 1] - mean[list(regions["right_eye"]), 1].max()) / 6.0, 0.0, 1.0))
     raise_brows = np.zeros_like(mean)
-    raise_brows[:, 1] = 6.0 * _falloff(mean, brows, 14.0) * above_eyes
+    raise_brows[:, 1] = 6.0 * falloff(mean, brows, 14.0) * above_eyes
     offsets["raise_brows"] = raise_brows
 
     blink = np.zeros_like(mean)
@@ -92,7 +92,7 @@ def expression_offsets(model):
         order = np.argsort(mean[lower, 0])
         lower_x, lower_y = mean[lower, 0][order], mean[lower, 1][order]
         gap = mean[upper, 1] - np.interp(mean[upper, 0], lower_x, lower_y)  # > 0: the lid's drop
-        weight = _falloff(mean, mean[upper], 3.0) * (mean[:, 1] >= lower_y.min())
+        weight = falloff(mean, mean[upper], 3.0) * (mean[:, 1] >= lower_y.min())
         nearest = np.sqrt(((mean[:, None] - mean[upper][None]) ** 2).sum(-1)).argmin(1)
         blink[:, 1] -= weight * gap[nearest] * 0.95
     offsets["blink"] = blink
