@@ -1,15 +1,18 @@
 // Runs every emulated CUDA kernel on small ragged sizes, for ThreadSanitizer (a missing barrier
 // between shared-memory writes and reads is a data race between two emulated threads) and
 // AddressSanitizer (out-of-bounds global or shared-memory accesses). Built and run by
-// run_sanitizers.sh; the translated sources are included so the anonymous-namespace entry
-// points are callable.
+// run_sanitizers.sh; the emulated sources (build.py --sources) are included so the
+// anonymous-namespace entry points are callable.
 #define EMU_NO_REGISTER
 #include "corr_cuda_emu.cpp"
 #include "raster_cuda_emu.cpp"
 
 #include <ATen/Parallel.h>
 
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <vector>
 
 namespace {
 
@@ -50,6 +53,57 @@ void raster_case(int64_t B, int64_t V, int64_t F, int64_t H, int64_t W, at::Scal
               long(H), long(W), c10::toString(dtype), long(mask.sum().item<double>()));
 }
 
+// The CUDA path does not range-check index values (that would need a host sync): the kernels
+// must guard. Calls the launchers directly with out-of-range faces and face_index values, so
+// AddressSanitizer sees any read they let through, and checks the guarded results.
+void raster_bad_index_case() {
+  using namespace pncc::raster;
+  using namespace pncc::raster::kernels;
+  const int64_t V = 4, H = 6, W = 6;
+  std::vector<float> verts = {0, 0, 1, 6, 0, 1, 0, 6, 1, 6, 6, 1};
+  // Face 0 is valid; faces 1 and 2 index past the vertices and below zero.
+  std::vector<int32_t> faces = {0, 1, 2, 1, 3, int32_t(V + 5), -3, 2, 3};
+  MeshView<float> mesh{verts.data(), faces.data(), 1, V, 3, int(H), int(W)};
+  std::vector<unsigned long long> keys(H * W, ~0ull);
+  launch_zbuffer(ZbufferParams<float>{mesh, keys.data()}, nullptr);
+  std::vector<int32_t> face_index(H * W);
+  std::vector<float> bary(3 * H * W), depth(H * W);
+  launch_resolve_raster(ResolveRasterParams<float>{mesh, keys.data(), face_index.data(), bary.data(),
+                                                   depth.data()},
+                        nullptr);
+  long covered = 0;
+  for (const int32_t f : face_index) {
+    if (f > 0) {
+      std::printf("raster bad indices: a face with an out-of-range vertex was drawn\n");
+      std::exit(1);
+    }
+    covered += f == 0;
+  }
+  // interpolate: out-of-range face_index values read as background.
+  std::vector<int32_t> index = {0, -1, 3, -7, 1, 0};
+  std::vector<float> attrs = {1, 2, 3, 4}, b(3 * index.size(), 1.f / 3), out(index.size(), -1.f);
+  InterpolateParams<float> p{};
+  p.attributes = attrs.data();
+  p.num_vertices = V;
+  p.channels = 1;
+  p.faces = faces.data();
+  p.num_faces = 3;
+  p.face_index = index.data();
+  p.bary = b.data();
+  p.pixels = int64_t(index.size());
+  p.total = int64_t(index.size());
+  p.out = out.data();
+  launch_interpolate(p, nullptr);
+  // Pixel 4 names face 1, whose third vertex is out of range: background too.
+  const float want[] = {2, 0, 0, 0, 0, 2};
+  for (size_t i = 0; i < index.size(); ++i)
+    if (std::fabs(out[i] - want[i]) > 1e-6f) {
+      std::printf("interpolate bad indices: pixel %zu = %g, want %g\n", i, out[i], want[i]);
+      std::exit(1);
+    }
+  std::printf("raster bad indices: guarded (%ld pixels of the valid face)\n", covered);
+}
+
 }  // namespace
 
 int main() {
@@ -66,6 +120,7 @@ int main() {
     raster_case(2, 40, 60, 17, 23, dtype);
     raster_case(1, 3, 0, 5, 5, dtype);  // empty mesh
   }
+  raster_bad_index_case();
   std::printf("done: %ld launches, %ld blocks\n", long(emu::stats().launches.load()),
               long(emu::stats().blocks.load()));
   return 0;
