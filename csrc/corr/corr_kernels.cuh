@@ -18,7 +18,7 @@
 //                                                online softmax in registers, one warp per 16 rows
 //   corr_flash_backward_kernel      bf16, fp16   one pass over query tiles per key tile: S, P, dP,
 //                                                dS once; dK, dV in registers; dQ by fp32 atomics
-//                                                (or, deterministic, a second pass: kDqOnly)
+//   corr_flash_dq_kernel            bf16, fp16   dQ without atomics (deterministic mode)
 //   corr_backward_d_kernel          bf16, fp16   D = rowsum(dO * O) and the padded copy of dO
 //   corr_tile_kernel                fp32 (and    the SIMT tile kernel: scores and products as fp32
 //                                   fallbacks)   FMAs (never TF32), modes kFwd/kD/kDq/kDk/kDv
