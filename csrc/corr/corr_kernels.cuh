@@ -18,7 +18,7 @@
 //                                                online softmax in registers, one warp per 16 rows
 //   corr_flash_backward_kernel      bf16, fp16   one pass over query tiles per key tile: S, P, dP,
 //                                                dS once; dK, dV in registers; dQ by fp32 atomics
-//                                                (or, deterministic, a second pass: kDqOnly)
+//   corr_flash_dq_kernel            bf16, fp16   dQ without atomics (deterministic mode)
 //   corr_backward_d_kernel          bf16, fp16   D = rowsum(dO * O) and the padded copy of dO
 //   corr_tile_kernel                fp32 (and    the SIMT tile kernel: scores and products as fp32
 //                                   fallbacks)   FMAs (never TF32), modes kFwd/kD/kDq/kDk/kDv
@@ -286,27 +286,27 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 __host__ __device__ constexpr int smem_stride(int width) { return round_up(width, 16) + 8; }
 
-// Starts the 16-byte async copies of rows [r0, r0 + rows) x chunks [c0, c0 + chunks) of a global
-// row-major matrix (row stride `ld` elements, a multiple of 8; `n` rows, `width` elements) into
-// shared memory (stride ld_s). Rows >= n and chunks past `width` are zero-filled, so the tile's
-// padding holds zeros, never poison. One division per call, not per chunk.
-// kThreadCount threads of the block take part.
+// Starts the 16-byte async copies of rows [r0, r0 + rows) x chunks [0, chunks) of 8 elements,
+// from column c0 on, of a global row-major matrix (row stride `ld` elements, a multiple of 8; `n`
+// rows, `width` elements) into shared memory (stride ld_s). Rows >= n and chunks past `width` are
+// zero-filled, so the tile's padding holds zeros, never poison. Eight consecutive lanes copy 128
+// contiguous bytes of one row (whole sectors); the row's address and validity are computed once
+// per row, so a chunk costs an add, a compare and the copy.
 template <int kThreadCount = kFlashThreads, typename T>
 __device__ __forceinline__ void async_tile(T* dst, int ld_s, const T* src, int64_t ld, int64_t r0,
                                            int64_t n, int64_t c0, int64_t width, int rows,
                                            int chunks) {
-  const int total = rows * chunks;
-  int r = threadIdx.x / chunks, c = threadIdx.x % chunks;
-  const int dr = kThreadCount / chunks, dc = kThreadCount % chunks;
-  for (int e = threadIdx.x; e < total; e += kThreadCount) {
-    const int64_t gr = r0 + r, gc = c0 + 8 * int64_t(c);
-    const bool valid = gr < n && gc < width;
-    ptx::cp_async_16(dst + r * ld_s + 8 * c, valid ? src + gr * ld + gc : src, valid);
-    r += dr;
-    c += dc;
-    if (c >= chunks) {
-      c -= chunks;
-      ++r;
+  constexpr int kLanesPerRow = 8, kRowsPerPass = kThreadCount / kLanesPerRow;
+  const int lane_in_row = threadIdx.x % kLanesPerRow;
+  // Valid elements of a row from c0 on, in 32 bits (at most the tile's width).
+  const int valid_width = static_cast<int>(width - c0 < 8 * chunks ? width - c0 : 8 * chunks);
+  for (int r = threadIdx.x / kLanesPerRow; r < rows; r += kRowsPerPass) {
+    const bool row_valid = r0 + r < n;
+    const T* row_src = src + (row_valid ? r0 + r : 0) * ld + c0;
+    T* row_dst = dst + r * ld_s;
+    for (int c = 8 * lane_in_row; c < 8 * chunks; c += 8 * kLanesPerRow) {
+      const bool valid = row_valid && c < valid_width;
+      ptx::cp_async_16(row_dst + c, row_src + (valid ? c : 0), valid);
     }
   }
 }

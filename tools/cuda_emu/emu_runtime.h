@@ -471,12 +471,20 @@ inline cudaError_t cudaMemsetAsync(void* p, int value, size_t n, cudaStream_t) {
   std::memset(p, value, n);
   return cudaSuccess;
 }
+// Returns and clears the last launch error, as the runtime does (corr_kernels.cuh's launchers).
+inline cudaError_t cudaGetLastError() {
+  std::lock_guard<std::mutex> lock(::emu::state_mutex());
+  const cudaError_t err = ::emu::last_error();
+  ::emu::last_error() = cudaSuccess;
+  return err;
+}
 inline const char* cudaGetErrorString(cudaError_t) { return ::emu::last_error_text().c_str(); }
 
 #define C10_CUDA_CHECK(expr)                                                            \
   do {                                                                                  \
     const cudaError_t emu_err = (expr);                                                 \
-    TORCH_CHECK(emu_err == cudaSuccess, "CUDA error ", int(emu_err), " from " #expr); \
+    TORCH_CHECK(emu_err == cudaSuccess, "CUDA error ", int(emu_err), " from " #expr, ": ", \
+                ::emu::last_error_text());                                              \
   } while (0)
 
 #define C10_CUDA_KERNEL_LAUNCH_CHECK()                                                    \
