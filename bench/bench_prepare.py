@@ -1,11 +1,11 @@
 """Where ``reenact prepare`` spends its time on real 512x512 H.264 input, and its throughput.
 
-Profile (one process, one thread): each stage of ``process_file`` timed on its own over one real
-clip of ../shared/data/real-videos (default d11.mp4, 512x512, 225 frames): decode (both passes),
-detect (mediapipe face mesh, video mode), fit (the calibrated SFM fit), crop and encode (VP9).
-Throughput: ``process_file`` end to end in one worker, the way ``prepare`` runs it, in input
-frames per second per core; ``--baseline`` also runs the previous version's per-stage settings in
-the same process (interleaved, median of ``--repeats``) for the ratio.
+Profile (one process, one thread; CPU time of the process, so other load on the machine does not count): each stage of ``process_file`` timed on its own over one real
+clip of ../shared/data/real-videos (default d11.mp4, 512x512, 225 frames): decode, detect
+(mediapipe face mesh, video mode), fit (SFM), crop and encode (VP9).
+Each stage is timed as it ran before issue 14 and as it runs now, interleaved in one process,
+median of ``--repeats``. (End-to-end rates of two checkouts: run ``process_file`` of each in
+alternating processes, as bench/RESULTS.md describes.)
 
     python bench/bench_prepare.py [--video d11.mp4] [--repeats 3]
 """
@@ -29,56 +29,52 @@ from reenact.data import prepare as prep  # noqa: E402
 from reenact.data.video import encode_video, iter_frames  # noqa: E402
 from reenact.face3d.calibration import fit_options_for  # noqa: E402
 from reenact.face3d.detectors import make_detector  # noqa: E402
-from reenact.face3d.fit import fit_landmarks  # noqa: E402
+from reenact.face3d.fit import fit_clip, fit_landmarks  # noqa: E402
 from reenact.face3d.morphable import load_model  # noqa: E402
 
 SHARED = pathlib.Path(os.environ.get("PNCC_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
-def profile(path, model, options):
-    """Seconds per stage for one file, and its frame count."""
+def profile(path, model, options, legacy):
+    """Seconds per stage for one file, and its frame count. ``legacy``: the stages as they were
+    before issue 14 (exact colour conversion, two decoding passes, the joint fit with the old
+    options); else as ``process_file`` runs them now."""
     seconds = {}
-    started = time.perf_counter()
-    frames = list(iter_frames(path))
-    seconds["decode (x2: both passes)"] = 2 * (time.perf_counter() - started)
+    started = time.process_time()
+    frames = list(iter_frames(path, exact_colour=legacy))
+    seconds["decode"] = (2 if legacy else 1) * (time.process_time() - started)
     detector = make_detector("mediapipe", video=True)
-    started = time.perf_counter()
+    started = time.process_time()
     landmarks = []
     for frame in frames:
         found = detector.detect(frame)
         landmarks.append(found.landmarks if found is not None else np.full((68, 2), np.nan))
-    seconds["detect"] = time.perf_counter() - started
+    seconds["detect"] = time.process_time() - started
     detector.close()
     landmarks = np.array(landmarks)
     found = np.isfinite(landmarks).all((1, 2))
     pieces = prep._segments(found, options.clip_length, options.min_clip_length)
-    fit_options = fit_options_for(model, "mediapipe")
-    started = time.perf_counter()
+    started = time.process_time()
     plans = []
     for first, stop in pieces:
         boxes = prep.crop_boxes(landmarks[first:stop], options.crop_scale, options.smooth_sigma)
-        points = prep.to_crop(landmarks[first:stop], boxes, options.size)
-        fit_landmarks(model, torch.from_numpy(points), **fit_options)
+        points = torch.from_numpy(prep.to_crop(landmarks[first:stop], boxes, options.size))
+        if legacy:
+            fit_landmarks(model, points)
+        else:
+            fit_clip(model, points, **fit_options_for(model, "mediapipe"))
         plans.append((first, stop, boxes))
-    seconds["fit"] = time.perf_counter() - started
-    started = time.perf_counter()
+    seconds["fit"] = time.process_time() - started
+    started = time.process_time()
     crops = [[prep.crop_frame(frames[first + k], boxes[k], options.size) for k in range(stop - first)]
              for first, stop, boxes in plans]
-    seconds["crop"] = time.perf_counter() - started
+    seconds["crop"] = time.process_time() - started
     with tempfile.TemporaryDirectory() as work:
-        started = time.perf_counter()
+        started = time.process_time()
         for number, clip in enumerate(crops):
             encode_video(pathlib.Path(work) / f"{number}.webm", np.stack(clip), codec=options.codec)
-        seconds["encode"] = time.perf_counter() - started
+        seconds["encode"] = time.process_time() - started
     return seconds, len(frames)
-
-
-def end_to_end(path, model, options):
-    """process_file in this process: input frames per second."""
-    with tempfile.TemporaryDirectory() as out:
-        started = time.perf_counter()
-        _, frames, _ = prep.process_file(path, path.name, out, options, model=model)
-        return frames / (time.perf_counter() - started)
 
 
 def main():
@@ -94,17 +90,23 @@ def main():
     torch.set_num_threads(1)
     model = load_model(model_path)
     options = prep.PrepareOptions(model=str(model_path), size=256)
-    split, frames = profile(path, model, options)
-    total = sum(split.values())
-    print(f"profile of {args.video} ({frames} frames, {cpu_model()}, 1 thread):")
-    for stage, value in split.items():
-        print(f"  {stage:26s} {1000 * value / frames:7.2f} ms/frame  {100 * value / total:5.1f}%")
-    rates = [end_to_end(path, model, options) for _ in range(args.repeats)]
-    print(f"process_file end to end: median {statistics.median(rates):.1f} input frames/s (one core)")
+    splits = {}
+    for _ in range(args.repeats):  # interleaved, median per stage
+        for legacy in (True, False):
+            split, frames = profile(path, model, options, legacy)
+            for stage, value in split.items():
+                splits.setdefault(legacy, {}).setdefault(stage, []).append(1000 * value / frames)
+    print(f"| stage ({args.video}, {frames} frames, {cpu_model()}, 1 thread) | before, ms/frame | now, ms/frame |")
+    print("|---|---|---|")
+    medians = {legacy: {k: statistics.median(v) for k, v in stages.items()} for legacy, stages in splits.items()}
+    for stage in medians[True]:
+        print(f"| {stage} | {medians[True][stage]:.1f} | {medians[False][stage]:.1f} |")
+    total = {legacy: sum(m.values()) for legacy, m in medians.items()}
+    print(f"| total | {total[True]:.1f} | {total[False]:.1f} ({total[True] / total[False]:.2f}x) |")
     pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "video": args.video, "frames": frames,
-                                                   "ms_per_frame": {k: 1000 * v / frames for k, v in split.items()},
-                                                   "frames_per_second": rates}, indent=1), encoding="utf-8")
+                                                   "ms_per_frame": {"before": medians[True], "now": medians[False]}},
+                                                  indent=1), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ correction) and the calibrated MAP fit, measured in the same run. Calibration is
 the offsets and threshold used for a video are estimated from the other half of the videos
 (two folds; a leave-one-video-out run costs 4x more on the 2-core machines).
 
-    python bench/bench_real_fit.py [--grid docs/real_fit_grid.png] [--write-calibration]
+    python bench/bench_real_fit.py [--grid docs/real_fit_grid.jpg] [--write-calibration]
 """
 import argparse
 import json

@@ -197,3 +197,14 @@ def test_bad_shard_specs_are_refused(text):
 
     with pytest.raises(ValueError, match="--shard"):
         parse_shard(text)
+
+
+def test_fast_crop_matches_the_reference_sampling_within_one_level():
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(4)
+    frame = cv2.GaussianBlur((rng.random((120, 90, 3)) * 255).astype(np.uint8), (5, 5), 1.5)
+    for box in (np.array([10.3, 20.7, 70.1, 80.5]), np.array([-30.0, -25.0, 110.0, 115.0])):  # inside; past the edges
+        step = (box[2] - box[0]) / 48
+        fast, reference = prep.crop_frame(frame, box, 48), prep._crop_frame_torch(frame, box, 48, step)
+        assert fast.shape == reference.shape == (48, 48, 3) and fast.dtype == np.uint8
+        assert np.abs(fast.astype(int) - reference).max() <= 1

@@ -74,17 +74,23 @@ def test_landmark_offsets_explain_a_detectors_systematic_shift():
 
 def test_calibration_recovers_offsets_and_sets_a_threshold_above_typical_residuals():
     model = toy_model()
-    offsets = torch.zeros(68, 3, dtype=torch.float64)
-    offsets[17:27, 1] = 3.0
-    offsets[36:48, 0] = torch.linspace(-1.5, 1.5, 12, dtype=torch.float64)
-    clips = [synthetic_clip(model, 10, seed=10 + k, offsets=offsets, noise=0.5)[2] for k in range(6)]
+    # A detector whose inner points sit off the model's vertices in a pattern no pose, identity
+    # or expression explains (offsets that one of those explains cannot be told apart from it).
+    offsets = 2.0 * torch.randn(68, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    offsets[:17], offsets[:, 2] = 0, 0
+    data = [synthetic_clip(model, 10, seed=10 + k, offsets=offsets, noise=0.5) for k in range(6)]
+    clips = [landmarks for _, _, landmarks in data]
     calib = calibration.calibrate(model, clips, detector="test", rounds=3)
-    estimated = torch.as_tensor(calib.landmark_offsets)
-    truth = offsets - offsets.mean(0)  # a common shift is the pose's translation
-    inner = slice(17, 68)
-    before = truth[inner].norm(dim=-1).mean()
-    assert (estimated[inner] - truth[inner]).norm(dim=-1).mean() < 0.35 * before
-    fits = [fit_landmarks(model, c, **calib.fit_options()) for c in clips]
+    estimated = torch.as_tensor(calib.landmark_offsets)[17:, :2]
+    truth = (offsets - offsets[17:].mean(0))[17:, :2]  # a common shift is the pose's translation
+    assert (estimated * truth).sum() / (estimated.norm() * truth.norm()) > 0.85
+    assert (estimated - truth).norm(dim=-1).mean() < 0.5 * truth.norm(dim=-1).mean()
+    options = calib.fit_options()
+    fits = [fit_landmarks(model, c, **options) for c in clips]
+    uncorrected = [fit_landmarks(model, c, **dict(options, landmark_offsets=None)) for c in clips]
+    identity_error = {name: np.mean([float((f.clip_alpha[0] - alpha[0]).norm()) for f, (alpha, _, _) in zip(group, data)])
+                      for name, group in (("calibrated", fits), ("uncorrected", uncorrected))}
+    assert identity_error["calibrated"] < 0.95 * identity_error["uncorrected"]
     assert torch.cat([f.ok for f in fits]).float().mean() > 0.95
     rms = torch.cat([f.rms_iod for f in fits])
     assert calib.quality_threshold > rms.median()

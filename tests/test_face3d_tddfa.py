@@ -159,9 +159,11 @@ def test_regressor_refuses_mismatched_or_unsafe_checkpoints(tmp_path):
     make_checkpoint(tmp_path / "half.pth", small)
     with pytest.raises(ValueError, match="does not match"):
         load_regressor(tmp_path / "half.pth")
-    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "extra": _Exploit()}, tmp_path / "evil.pth")
+    marker = tmp_path / "payload-ran"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "extra": _Exploit(marker)}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="weights_only"):
         load_regressor(tmp_path / "evil.pth")
+    assert not marker.exists()
     with pytest.raises(FileNotFoundError):
         load_regressor(tmp_path / "absent.pth")
 

