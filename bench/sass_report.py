@@ -60,6 +60,29 @@ def _old_tile_smem(n_out, elem=2):
 
 
 _B, _N, _C, _CV = BENCH["B"], BENCH["N"], BENCH["C"], BENCH["Cv"]
+
+
+def _smem_stride(width):
+    """corr_kernels.cuh's smem_stride: rows padded to 16 elements, plus 8 (bank groups)."""
+    return -(-width // 16) * 16 + 8
+
+
+def _flash_forward_smem(C, Cv, elem=2):
+    """FlashForwardSmem<NT>::bytes: Q and K tiles of 64 rows, one V tile of the 8 * NT window."""
+    nt = next(n for n in (2, 4, 8, 16, 33) if 8 * n >= Cv)
+    return ((64 + 64) * _smem_stride(-(-C // 16) * 16) + 64 * _smem_stride(8 * nt)) * elem
+
+
+def _flash_backward_smem(C, Cv, elem=2):
+    """FlashBackwardSmem<NTK, NTV>::bytes: K, Q, V, dO and dS^T tiles, plus 3 fp32 per query row."""
+    ldqk, ldv = _smem_stride(8 * (8 if C <= 64 else 32)), _smem_stride(8 * (4 if Cv <= 32 else 33))
+    return (2 * 64 * ldqk + 2 * 64 * ldv + 64 * (64 + 8)) * elem + 3 * 64 * 4
+
+
+def _flash_dq_smem(C, Cv, elem=2):
+    """launch_flash_dq_shape: Q, K, dO and V tiles of the backward's strides."""
+    ldqk, ldv = _smem_stride(8 * (8 if C <= 64 else 32)), _smem_stride(8 * (4 if Cv <= 32 else 33))
+    return 2 * 64 * (ldqk + ldv) * elem
 # kernel-name pattern -> (threads per block, dynamic shared memory bytes at the benchmark shape,
 # matrix-product FLOPs of one launch at the benchmark shape or None). First match wins.
 # Keep in step with the launchers: a new kernel needs an entry here (its test fails until then).
@@ -70,6 +93,15 @@ LAUNCH_CONFIG = [
     (r"corr_tile_kernel<.*Mode\)2>", 128, _old_tile_smem(_C), 2 * _B * _N * _N * (2 * _C + _CV)),
     (r"corr_tile_kernel<.*Mode\)3>", 128, _old_tile_smem(_C), 2 * _B * _N * _N * (2 * _C + _CV)),
     (r"corr_tile_kernel<.*Mode\)4>", 128, _old_tile_smem(_CV), 2 * _B * _N * _N * (_C + _CV)),
+    # The FlashAttention-2 style bf16/fp16 kernels (csrc/corr/corr_kernels.cuh), at C = 256 and
+    # Cv = 258: the forward's window of 8 * 33 = 264 value channels, the backward's (NTK, NTV) =
+    # (32, 33) tiles. Shared memory from FlashForwardSmem / FlashBackwardSmem / launch_flash_dq_shape.
+    (r"corr_flash_forward_kernel<", 128, _flash_forward_smem(_C, _CV),
+     2 * _B * _N * _N * (_C + _CV)),
+    (r"corr_flash_backward_kernel<", 256, _flash_backward_smem(_C, _CV),
+     2 * _B * _N * _N * (3 * _C + 2 * _CV)),  # S, dP, dV, dK, dQ (the recomputed S not counted)
+    (r"corr_flash_dq_kernel<", 128, _flash_dq_smem(_C, _CV), 2 * _B * _N * _N * (2 * _C + _CV)),
+    (r"corr_backward_d_kernel", 256, 0, None),
     (r"corr_normalize(_backward)?_kernel", 256, 0, None),
     # The rasterizer: 256 threads, no shared memory.
     (r"(zbuffer|resolve_raster|resolve_pncc|rasterize_backward|interpolate|interpolate_backward)_kernel",
