@@ -340,3 +340,29 @@ def test_prepare_and_synth_never_take_over_a_dataset_they_did_not_write(world, t
     for (_, status, fragment), result in zip(table, results):
         check_case(result, status, fragment)
     assert tree_digest(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_reenact_memory_is_flat_in_the_driving_video_length(world, tmp_path):
+    """`reenact reenact` streams its driving video: a 1080p clip of 160 frames raises the peak no
+    more than one of 40 frames does (holding the extra 120 decoded frames would take 750 MB; a
+    600-frame run is in bench/RESULTS.md). Each length runs in a process of its own, so the peaks
+    compare directly. Frames are one flat colour (fast to encode and decode); the landmark files
+    give the face, so the content is irrelevant."""
+    from reenact.data.video import encode_video
+
+    landmarks = np.load(world["source_landmarks"]) * 8.0 + np.array([600.0, 200.0])
+    gray = np.full((1080, 1920, 3), 96, np.uint8)
+    peaks = {}
+    for frames in (40, 160):
+        video = tmp_path / f"drive{frames}.mp4"
+        encode_video(video, (gray for _ in range(frames)), fps=25.0, codec="h264")
+        np.save(tmp_path / f"drive{frames}.npy", np.repeat(landmarks[None], frames, axis=0))
+        (result,) = run_cases([["reenact", "--checkpoint", world["checkpoint"], "--source", world["source"],
+                                "--source-landmarks", world["source_landmarks"], "--driving", video,
+                                "--driving-landmarks", tmp_path / f"drive{frames}.npy",
+                                "--out", tmp_path / f"out{frames}.mp4", "--quiet", "--batch-size", "16"]],
+                              tmp_path / f"scratch{frames}")
+        assert result["status"] == 0, result["stderr"][-500:]
+        peaks[frames] = result["peak_mib"]
+    assert peaks[160] - peaks[40] < 150, f"peak {peaks[40]:.0f} MiB for 40 frames, {peaks[160]:.0f} MiB for 160"
