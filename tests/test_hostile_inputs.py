@@ -8,11 +8,9 @@ marker file if executed; the marker must be absent.
 """
 import json
 import os
-import pathlib
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from hostile_support import (
