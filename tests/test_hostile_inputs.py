@@ -8,11 +8,9 @@ marker file if executed; the marker must be absent.
 """
 import json
 import os
-import pathlib
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from hostile_support import (
@@ -103,6 +101,7 @@ def _digest_and_run(world, argvs, scratch, outputs):
 
 
 def test_reenact_refuses_hostile_files_in_one_line(world, tmp_path):
+    marker = tmp_path / "PAYLOAD-RAN"
     out = tmp_path / "out.mp4"
     base = {"--checkpoint": world["checkpoint"], "--source": world["source"], "--driving": world["driving"],
             "--source-landmarks": world["source_landmarks"], "--driving-landmarks": world["driving_landmarks"],
@@ -121,11 +120,13 @@ def test_reenact_refuses_hostile_files_in_one_line(world, tmp_path):
         (argv(out=world["source"].with_suffix(".png") / "x.mp4"), 2, "not a directory"),
         (argv() + ["--crop-scale", "1e30"], 2, "--crop-scale must be in"),
         (argv() + ["--crop-scale", "-3"], 2, "--crop-scale must be in"),
+        (argv(checkpoint=pickle_payload(tmp_path / "evil.pt", marker)), 1, "refusing to read"),
+        (argv(checkpoint=pickle_payload(tmp_path / "evil.safetensors", marker)), 1, "not a safetensors file"),
     ]
     results = _digest_and_run(world, [a for a, _, _ in table], tmp_path / "scratch", [tmp_path])
     for (_, status, fragment), result in zip(table, results):
         check_case(result, status, fragment)
-    assert not out.exists()
+    assert not out.exists() and not marker.exists()
 
 
 def _folder(path):
@@ -230,7 +231,7 @@ def test_train_refuses_hostile_configs_and_checkpoints_in_one_line(world, tmp_pa
     configs.mkdir()
 
     def config(name, text):
-        (configs / name).write_text(text)
+        (configs / name).write_bytes(text if isinstance(text, bytes) else text.encode())
         return configs / name
 
     small = training.build_config(training.TrainOptions(data="", out="", resolution=SIZE)).to_dict()
@@ -263,6 +264,8 @@ def test_train_refuses_hostile_configs_and_checkpoints_in_one_line(world, tmp_pa
                 "--loader", "fallback", "--device", "cpu", "--no-perceptual", "--quiet", *extra]
 
     fresh = tmp_path / "fresh"
+    malformed = tmp_path / "vgg.safetensors"
+    malformed.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     table = [
         (argv(fresh, "--config", config("channels.json", with_model(correspondence_channels=10 ** 7))), 1,
          "correspondence_channels"),
@@ -272,7 +275,11 @@ def test_train_refuses_hostile_configs_and_checkpoints_in_one_line(world, tmp_pa
         (argv(fresh, "--config", config("channels8.json", with_model(geometry_channels=[10 ** 8, 16, 32]))), 1,
          "geometry_channels"),
         (argv(fresh, "--config", config("nested.json", "[" * 100000)), 1, "nested too deeply"),
-        (argv(fresh, "--config", config("latin1.json", "")), 1, "not valid JSON"),
+        (argv(fresh, "--config", config("empty.json", "")), 1, "not valid JSON"),
+        (argv(fresh, "--config", config("latin1.json", b'{"loss": {"reconstruction": 1}}\xff')), 1, "not UTF-8"),
+        ([a for a in argv(fresh, "--config", config("vgg.json", json.dumps(dict(small, loss=dict(
+            small["loss"], perceptual=1.0, perceptual_weights_path=str(malformed)))))) if a != "--no-perceptual"],
+         1, "not valid JSON"),
         (argv(resumable("step_huge", step=1e300), "--resume"), 1, "step must be an integer"),
         (argv(resumable("step_abc", step="abc"), "--resume"), 1, "step must be an integer"),
         (argv(resumable("step_far", step=100), "--resume"), 1, "beyond --steps 12"),
@@ -313,6 +320,8 @@ def test_pncc_refuses_hostile_models_and_images_in_one_line(world, tmp_path):
         (argv(world["source"], "--model", npz_with_header(tmp_path / "m.npz", "mean", (10 ** 11, 3, 4))), 1,
          "claims shape"),
         (argv(world["source"], "--model", world["root"] / "bomb.npz"), 1, "zip bomb"),
+        (["pncc", world["source"], "--out", world["source"] / "out", "--landmarks", world["source_landmarks"]], 1,
+         "Not a directory"),
     ]
     results = _digest_and_run(world, [a for a, _, _ in table], tmp_path / "scratch", [tmp_path])
     for (_, status, fragment), result in zip(table, results):
@@ -340,3 +349,29 @@ def test_prepare_and_synth_never_take_over_a_dataset_they_did_not_write(world, t
     for (_, status, fragment), result in zip(table, results):
         check_case(result, status, fragment)
     assert tree_digest(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_reenact_memory_is_flat_in_the_driving_video_length(world, tmp_path):
+    """`reenact reenact` streams its driving video: a 1080p clip of 160 frames raises the peak no
+    more than one of 40 frames does (holding the extra 120 decoded frames would take 750 MB; a
+    600-frame run is in bench/RESULTS.md). Each length runs in a process of its own, so the peaks
+    compare directly. Frames are one flat colour (fast to encode and decode); the landmark files
+    give the face, so the content is irrelevant."""
+    from reenact.data.video import encode_video
+
+    landmarks = np.load(world["source_landmarks"]) * 8.0 + np.array([600.0, 200.0])
+    gray = np.full((1080, 1920, 3), 96, np.uint8)
+    peaks = {}
+    for frames in (40, 160):
+        video = tmp_path / f"drive{frames}.mp4"
+        encode_video(video, (gray for _ in range(frames)), fps=25.0, codec="h264")
+        np.save(tmp_path / f"drive{frames}.npy", np.repeat(landmarks[None], frames, axis=0))
+        (result,) = run_cases([["reenact", "--checkpoint", world["checkpoint"], "--source", world["source"],
+                                "--source-landmarks", world["source_landmarks"], "--driving", video,
+                                "--driving-landmarks", tmp_path / f"drive{frames}.npy",
+                                "--out", tmp_path / f"out{frames}.mp4", "--quiet", "--batch-size", "16"]],
+                              tmp_path / f"scratch{frames}")
+        assert result["status"] == 0, result["stderr"][-500:]
+        peaks[frames] = result["peak_mib"]
+    assert peaks[160] - peaks[40] < 150, f"peak {peaks[40]:.0f} MiB for 40 frames, {peaks[160]:.0f} MiB for 160"

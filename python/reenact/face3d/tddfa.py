@@ -11,7 +11,6 @@ copy of 3DDFA_V2.
   standard deviations, so ``alpha = shape_params / std`` is ~N(0, 1)-scaled like every other model
   of this package (the fitter's priors assume that). :func:`decode_params` does this conversion.
 """
-import io
 import os
 import pathlib
 import pickle
