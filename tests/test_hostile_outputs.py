@@ -5,7 +5,7 @@ import os
 import pytest
 
 from hostile_support import tree_digest
-from reenact import cli, demo, outputs
+from reenact import cli, demo, output_folders
 
 TINY = demo.DemoRecipe(clips=1, frames=8, heldout_frames=8, steps=1, batch_size=1)
 
@@ -58,14 +58,14 @@ def test_a_marker_that_is_a_link_neither_claims_the_folder_nor_is_written_throug
     out = tmp_path / "d"
     out.mkdir()
     os.symlink(victim, out / demo.MARKER)
-    assert not outputs.owns(out, "demo")
-    with pytest.raises(outputs.OutputFolderError, match="did not create"):
-        outputs.claim(out, "demo", "test")
+    assert not output_folders.owns(out, "demo")
+    with pytest.raises(output_folders.OutputFolderError, match="did not create"):
+        output_folders.claim(out, "demo", "test")
     empty = tmp_path / "e"
     empty.mkdir()
-    os.symlink(victim, outputs.marker_path(empty, "demo"))
+    os.symlink(victim, output_folders.marker_path(empty, "demo"))
     with pytest.raises(OSError):  # O_NOFOLLOW: the link's target is not truncated
-        outputs.write_marker(empty, "demo", "test")
+        output_folders.write_marker(empty, "demo", "test")
     assert victim.read_text() == "precious"
 
 
@@ -77,10 +77,10 @@ def test_remove_inside_removes_links_inside_a_tree_without_following_them(tmp_pa
     (root / "own" / "sub").mkdir(parents=True)
     os.symlink(outside, root / "own" / "sub" / "link")
     os.symlink(outside / "notes.txt", root / "own" / "file-link")
-    outputs.remove_inside(root, root / "own")
+    output_folders.remove_inside(root, root / "own")
     assert not (root / "own").exists() and tree_digest(outside) == before
-    with pytest.raises(outputs.OutputFolderError, match="not inside"):
-        outputs.remove_inside(root, outside)
+    with pytest.raises(output_folders.OutputFolderError, match="not inside"):
+        output_folders.remove_inside(root, outside)
 
 
 @pytest.fixture(scope="module")
@@ -114,19 +114,19 @@ def test_train_refuses_a_non_empty_folder_it_did_not_create(dataset, tmp_path, c
     assert tree_digest(out) == before and "did not create" in capsys.readouterr().err
     # --overwrite is the user's say-so.
     assert _train(dataset, out, overwrite=True) == 0
-    assert outputs.owns(out, "train") and (out / "checkpoints").is_dir()
+    assert output_folders.owns(out, "train") and (out / "checkpoints").is_dir()
 
 
 def test_train_reuses_its_own_folder_and_resumes_an_unmarked_run(dataset, tmp_path, capsys):
     out = tmp_path / "run"
     assert _train(dataset, out, steps=1) == 0
-    assert outputs.owns(out, "train")
+    assert output_folders.owns(out, "train")
     # Its own folder: --resume continues; a fresh run there is refused only for its checkpoints.
     assert _train(dataset, out, steps=2, resume=True) == 0
     # A run from before runs were marked still resumes (its checkpoints show what it is).
-    outputs.marker_path(out, "train").unlink()
+    output_folders.marker_path(out, "train").unlink()
     assert _train(dataset, out, steps=3, resume=True) == 0
-    assert outputs.owns(out, "train")
+    assert output_folders.owns(out, "train")
     capsys.readouterr()
 
 
@@ -157,7 +157,7 @@ def test_prepare_appends_resumes_and_skips_unnamable_files(tmp_path):
         path.rename(second / path.name.replace("synth_00000", "other"))
     out = tmp_path / "dataset"
     prep.prepare(first, out, prep.PrepareOptions(landmarks_from=str(first), **options), progress=False)
-    assert outputs.owns(out, "prepare")
+    assert output_folders.owns(out, "prepare")
     prep.prepare(second, out, prep.PrepareOptions(landmarks_from=str(second), **options), progress=False)
     assert sorted(r.source for r in fmt.read_manifest(out)) == ["other.webm", "synth_00000.webm"]
 

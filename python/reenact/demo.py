@@ -31,8 +31,8 @@ import time
 
 import numpy as np
 
-from . import outputs
-from .outputs import OutputFolderError
+from . import output_folders
+from .output_folders import OutputFolderError
 
 #: Panels are upscaled by this factor in the grid and the video (the model works at 64x64).
 DISPLAY_SCALE = 2
@@ -63,7 +63,7 @@ class DemoRecipe:
 
 #: Written first into a demo's output folder. A rerun replaces the folder's demo files only when it
 #: finds this marker, so `--out` pointed at a folder of the user's never loses anything.
-MARKER = outputs.marker_path("", "demo").name
+MARKER = output_folders.marker_path("", "demo").name
 
 
 #: Modules the demo needs (import name -> pip requirement); tensorboard, tqdm and matplotlib are
@@ -86,7 +86,7 @@ class DemoError(ValueError):
 def claim_output(out_dir):
     """Create ``out_dir`` for the demo, or reuse an earlier demo's; refuse any other non-empty folder."""
     try:
-        outputs.claim(out_dir, "demo", "a rerun may replace data/, run/ and the results here")
+        output_folders.claim(out_dir, "demo", "a rerun may replace data/, run/ and the results here")
     except OutputFolderError as err:
         raise DemoError(str(err)) from None
 
@@ -95,7 +95,7 @@ def _fresh(out_dir, folder):
     """Empty ``folder`` inside ``out_dir``, refusing a symbolic link on the way (a link planted at
     ``out_dir/data`` must not make a rerun delete, or write, outside ``out_dir``)."""
     try:
-        outputs.fresh_folder(out_dir, folder)
+        output_folders.fresh_folder(out_dir, folder)
     except OutputFolderError as err:
         raise DemoError(str(err)) from None
 

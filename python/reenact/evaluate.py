@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import outputs as output_folders  # the module; `outputs` is a local name below
+from . import output_folders
 
 #: PSNR of identical images is infinite; it is reported as this many dB (MSE floor 1e-10).
 PSNR_CAP_DB = 100.0

@@ -14,7 +14,7 @@ def run_synth(args):
     """``reenact synth OUT_DIR --clips N``: a synthetic toy-head dataset (or raw videos with --raw)."""
     from .synth import synth_dataset
 
-    from .. import outputs
+    from .. import output_folders
 
     out_dir = pathlib.Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -22,9 +22,9 @@ def run_synth(args):
     if not args.raw and (out_dir / "manifest.jsonl").exists() and not args.overwrite:
         raise _error(f"{out_dir} already holds a dataset (manifest.jsonl); pass --overwrite to replace it")
     try:
-        outputs.claim(out_dir, "synth", "a rerun with --overwrite replaces the clips here", flag="OUT_DIR",
+        output_folders.claim(out_dir, "synth", "a rerun with --overwrite replaces the clips here", flag="OUT_DIR",
                       overwrite=args.overwrite)
-    except outputs.OutputFolderError as err:
+    except output_folders.OutputFolderError as err:
         raise _error(str(err)) from None
     bar = progress_bar(args.clips, "synth", "clip", not args.quiet)
     try:

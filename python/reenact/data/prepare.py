@@ -38,7 +38,7 @@ import traceback
 
 import numpy as np
 
-from .. import outputs, validation
+from .. import output_folders, validation
 from . import format as fmt
 from .dataset import SkipBudgetExceeded, check_skip_fraction
 from .progress import progress_bar
@@ -413,9 +413,9 @@ def claim_dataset(out_dir, overwrite=False):
     own dataset only."""
     legacy = (pathlib.Path(out_dir) / STATE_DIR).is_dir()
     try:
-        outputs.claim(out_dir, "prepare", "a rerun resumes this dataset and appends new videos to it",
+        output_folders.claim(out_dir, "prepare", "a rerun resumes this dataset and appends new videos to it",
                       flag="OUT_DIR", overwrite=overwrite or legacy)
-    except outputs.OutputFolderError as err:
+    except output_folders.OutputFolderError as err:
         raise ValueError(str(err)) from None
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import outputs, validation
+from .. import output_folders, validation
 from . import distributed
 from .checkpoints import (
     CHECKPOINT_DIR,
@@ -391,10 +391,10 @@ class Trainer:
         existing = list_checkpoints(self.run_dir)
         try:
             # A folder with checkpoints is a run (perhaps from before runs were marked): --resume may continue it.
-            outputs.check_claim(self.run_dir, "train",
+            output_folders.check_claim(self.run_dir, "train",
                                 overwrite=options.overwrite or (options.resume and bool(existing)),
                                 escape="--overwrite (or --resume to continue a run there)")
-        except outputs.OutputFolderError as err:
+        except output_folders.OutputFolderError as err:
             raise TrainingError(str(err)) from None
         self.resumed_from = None
         if options.resume:
@@ -635,7 +635,7 @@ def train(options):
     if main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            outputs.write_marker(run_dir, "train", "a rerun may continue this run (--resume)")
+            output_folders.write_marker(run_dir, "train", "a rerun may continue this run (--resume)")
             trainer.config.to_json(run_dir / "config.json")
         except OSError as err:
             trainer.close()
