@@ -29,9 +29,11 @@ def parse_shard(text):
 
 
 def shard_of(relative, count):
-    """The shard (0..count-1) of an input video's path relative to RAW_VIDEO_DIR."""
+    """The shard (0..count-1) of an input video's path relative to RAW_VIDEO_DIR. The hash is of the
+    name's bytes as the file system has them (os.fsencode), so a name that is not UTF-8 gets a shard
+    too and is skipped later with a reason, like any unreadable file."""
     posix = pathlib.PurePath(relative).as_posix()
-    return int.from_bytes(hashlib.sha1(posix.encode("utf-8")).digest()[:8], "big") % count
+    return int.from_bytes(hashlib.sha1(os.fsencode(posix)).digest()[:8], "big") % count
 
 
 def merge_datasets(out_dir, shard_dirs, copy=False):
