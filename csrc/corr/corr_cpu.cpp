@@ -22,7 +22,6 @@
 #include <algorithm>
 #include <chrono>
 #include <limits>
-#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -299,11 +298,13 @@ const acc_t* packed_at(const at::Tensor& packed, int64_t b, int64_t r0, int64_t 
   return nullptr;
 }
 
-// One calibration round (corr_cpu_path.h) of the shape class (C, Cv): the forward's two products
-// for one query tile against one key tile, on every thread at once as the kernel runs them (so
-// ATen's GEMMs run single-threaded inside the parallel region there too). Returns the seconds the
-// first task took. The query rows are cut so that a round stays near 2^24 multiply-adds (64 rows
-// at C = Cv = 256): the 12 rounds of a calibration then take a few milliseconds.
+// The calibration (corr_cpu_path.h) of the shape class (C, Cv). A round is the forward's two
+// products for one query tile against one key tile; every thread runs all the rounds at once, as
+// the kernel runs its tiles (so ATen's GEMMs run single-threaded inside the parallel region, as
+// there), and the first task's times are kept. One parallel region for the whole calibration:
+// on a busy machine each region's barrier waits for a descheduled thread. The query rows are cut
+// so that a round stays near 2^24 multiply-adds (64 rows at C = Cv = 256): the 12 rounds of a
+// calibration take a few milliseconds on a quiet machine.
 class TileProductTimer {
  public:
   TileProductTimer(int64_t C, int64_t Cv)
@@ -325,27 +326,33 @@ class TileProductTimer {
     }
   }
 
-  double operator()(bool simd) {
-    double seconds = 0;
+  void operator()(int rounds, std::vector<double>& simd_s, std::vector<double>& aten_s) {
     at::parallel_for(0, int64_t(tiles_.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
-        Tile& t = tiles_[task];
-        const auto start = std::chrono::steady_clock::now();
-        gemm_on_path<float>(simd, rows_, kTileK, C_, t.q.data(), C_, 1, t.k.data(), 1, C_,
-                            t.k_packed.data(), t.s.data(), kTileK, false);
-        gemm_on_path<float>(simd, rows_, Cv_, kTileK, t.s.data(), kTileK, 1, t.v.data(), Cv_, 1,
-                            nullptr, t.out.data(), Cv_, false);
-        if (task == 0)
-          seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        for (int r = -1; r < rounds; ++r) {  // round -1: warm-up (caches, MKL's first call)
+          for (const bool simd : {true, false}) {
+            const double seconds = time_round(tiles_[task], simd);
+            if (task == 0 && r >= 0) (simd ? simd_s : aten_s).push_back(seconds);
+          }
+        }
       }
     });
-    return seconds;
   }
 
  private:
   struct Tile {
     std::vector<float> q, k, k_packed, v, s, out;
   };
+  // Seconds of one round on one tile.
+  double time_round(Tile& t, bool simd) const {
+    const auto start = std::chrono::steady_clock::now();
+    gemm_on_path<float>(simd, rows_, kTileK, C_, t.q.data(), C_, 1, t.k.data(), 1, C_,
+                        t.k_packed.data(), t.s.data(), kTileK, false);
+    gemm_on_path<float>(simd, rows_, Cv_, kTileK, t.s.data(), kTileK, 1, t.v.data(), Cv_, 1,
+                        nullptr, t.out.data(), Cv_, false);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+
   int64_t C_, Cv_, rows_;
   std::vector<Tile> tiles_;
 };
@@ -356,10 +363,9 @@ bool choose_simd(int64_t C, int64_t Cv) {
   if constexpr (!std::is_same_v<acc_t, float>) return false;
   // The timer (and its buffers) is built only when a calibration actually runs, with this call's
   // sizes standing for their shape class.
-  return path::use_simd(C, Cv, [C, Cv, timer = std::shared_ptr<TileProductTimer>()](
-                                   bool simd) mutable {
-    if (!timer) timer = std::make_shared<TileProductTimer>(C, Cv);
-    return (*timer)(simd);
+  return path::use_simd(C, Cv, [C, Cv](int rounds, std::vector<double>& simd_s,
+                                       std::vector<double>& aten_s) {
+    TileProductTimer(C, Cv)(rounds, simd_s, aten_s);
   });
 }
 

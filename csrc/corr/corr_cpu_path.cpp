@@ -79,13 +79,9 @@ int64_t round_up_pow2(int64_t n) {
 
 // true unless ATen's rounds were faster by kAtenMargin, by the medians of alternating rounds.
 bool simd_wins(const Measure& measure) {
-  measure(true);  // warm-up: caches, page faults, MKL's first-call set-up
-  measure(false);
   std::vector<double> simd_s, aten_s;
-  for (int r = 0; r < kRounds; ++r) {
-    simd_s.push_back(measure(true));
-    aten_s.push_back(measure(false));
-  }
+  measure(kRounds, simd_s, aten_s);
+  TORCH_INTERNAL_ASSERT(simd_s.size() == size_t(kRounds) && aten_s.size() == size_t(kRounds));
   std::nth_element(simd_s.begin(), simd_s.begin() + kRounds / 2, simd_s.end());
   std::nth_element(aten_s.begin(), aten_s.begin() + kRounds / 2, aten_s.end());
   return simd_s[kRounds / 2] <= kAtenMargin * aten_s[kRounds / 2];

@@ -28,12 +28,15 @@ namespace pncc {
 namespace corr {
 namespace path {
 
-// Seconds of one round of a shape class's tile products on one path (simd = true: AVX-512).
-using Measure = std::function<double(bool simd)>;
+// Times `rounds` rounds of a shape class's tile products on each path, alternately (AVX-512
+// first), after one untimed round of each: appends the seconds of each round to `simd_s` and
+// `aten_s`.
+using Measure =
+    std::function<void(int rounds, std::vector<double>& simd_s, std::vector<double>& aten_s)>;
 
 // Whether the fp32 tile products of a corr_warp with C query/key channels and Cv value channels
-// run on the AVX-512 kernels. Calls `measure` (both paths, interleaved) the first time a shape
-// class is seen in "auto" mode. Thread-safe; call outside parallel regions.
+// run on the AVX-512 kernels. Calls `measure` the first time a shape class is seen in "auto"
+// mode. Thread-safe; call outside parallel regions.
 bool use_simd(int64_t channels, int64_t value_channels, const Measure& measure);
 
 // Counts one tile product run on the given path (for the debug op's counters).
