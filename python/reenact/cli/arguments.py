@@ -31,6 +31,13 @@ def detector_module(name):
     return {"mediapipe": "mediapipe", "dlib": "dlib"}.get(name)
 
 
+def subcommand(subparsers, name, run, **texts):
+    """The parser of subcommand ``name`` (``texts``: help, description), which runs ``run(args)``."""
+    parser = subparsers.add_parser(name, **texts)
+    parser.set_defaults(func=run)
+    return parser
+
+
 def add_quiet(parser, help="no progress bar"):
     parser.add_argument("--quiet", action="store_true", help=help)
 

@@ -5,36 +5,16 @@ import pathlib
 from .. import output_folders
 from ..cli.errors import CommandError, reported
 from ..progress import progress_bar
-from ..cli.arguments import add_detector, add_quiet, detector_module, directory, missing, require
+from ..cli.arguments import add_detector, add_quiet, detector_module, directory, missing, require, subcommand
 from .dataset import SkipBudgetExceeded
 from .merge import merge_datasets, parse_shard
 from .prepare import PrepareOptions, prepare
 from .synth import synth_dataset
 
 
-def run_synth(args):
-    """``reenact synth OUT_DIR --clips N``: a synthetic toy-head dataset (or raw videos with --raw)."""
-    require("reenact synth", "av")  # before any work: each clip is rendered, then encoded with PyAV
-    out_dir = directory(args.out_dir, "OUT_DIR")
-    if not args.raw and (out_dir / "manifest.jsonl").exists() and not args.overwrite:
-        raise CommandError(f"{out_dir} already holds a dataset (manifest.jsonl); pass --overwrite to replace it")
-    with reported(output_folders.OutputFolderError):
-        output_folders.claim(out_dir, "synth", "a rerun with --overwrite replaces the clips here", flag="OUT_DIR",
-                             overwrite=args.overwrite)
-    bar = progress_bar(args.clips, "synth", "clip", not args.quiet)
-    with reported(ValueError, ImportError, OSError), contextlib.closing(bar):
-        results = synth_dataset(out_dir, args.clips, frames=args.frames, size=args.size, fps=args.fps,
-                                codec=args.codec, identities=args.identities, seed=args.seed, raw=args.raw,
-                                progress=bar.update)
-    what = "raw videos with .landmarks.npy" if args.raw else "clips"
-    print(f"wrote {len(results)} synthetic toy-head {what} ({args.frames} frames, {args.size}px, "
-          f"{args.codec}) to {out_dir} [synthetic model]")
-    return 0
-
-
 def add_synth_parser(subparsers):
-    parser = subparsers.add_parser(
-        "synth", help="render a synthetic toy-head dataset with ground-truth parameters",
+    parser = subcommand(
+        subparsers, "synth", run, help="render a synthetic toy-head dataset with ground-truth parameters",
         description="Render clips of the built-in synthetic toy head (random identities, expression "
                     "trajectories and head motion) in the prepared-dataset format, with exact parameters.")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output directory (created if needed)")
@@ -50,37 +30,11 @@ def add_synth_parser(subparsers):
                         help="write uncropped raw videos plus <name>.landmarks.npy (input for `reenact prepare`)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset's manifest")
     add_quiet(parser)
-    parser.set_defaults(func=run)
-
-
-def run_prepare(args):
-    """``reenact prepare RAW_VIDEO_DIR OUT_DIR``."""
-    options = PrepareOptions(size=args.size, codec=args.codec, clip_length=args.clip_length,
-                             min_clip_length=args.min_clip_length, crop_scale=args.crop_scale,
-                             smooth_sigma=args.smooth, model=args.model, detector=args.detector,
-                             landmarks_from=args.landmarks_from)
-    require("reenact prepare", "av")  # every clip is decoded and encoded with PyAV
-    # Checked without creating a detector: mediapipe objects must not exist before the fork.
-    if options.landmarks_from is None and missing(detector_module(options.detector)):
-        raise CommandError(f"the {options.detector} detector is not installed (`pip install "
-                           f"{missing(detector_module(options.detector))[0]}`), or pass --landmarks-from DIR")
-    try:
-        report = prepare(args.raw_dir, args.out_dir, options, workers=args.workers, timeout=args.timeout,
-                         max_skip_fraction=args.max_skip_fraction, retry_skipped=args.retry_skipped,
-                         progress=not args.quiet, overwrite=args.overwrite,
-                         shard=parse_shard(args.shard))
-    except SkipBudgetExceeded as err:
-        report_path = pathlib.Path(args.out_dir) / "prepare_report.json"
-        raise CommandError(f"{err} (the manifest of the good files and {report_path} were written)") from None
-    except (ValueError, FileNotFoundError, ImportError, OSError) as err:
-        raise CommandError(str(err)) from None  # after SkipBudgetExceeded, a ValueError with more to say
-    print(report.summary())
-    return 0
 
 
 def add_prepare_parser(subparsers):
-    parser = subparsers.add_parser(
-        "prepare", help="turn raw videos into a training dataset (face crops, fitted parameters)",
+    parser = subcommand(
+        subparsers, "prepare", run, help="turn raw videos into a training dataset (face crops, fitted parameters)",
         description="Detect and track the face, crop it stably, fit the morphable model (one identity "
                     "per clip), encode 256x256 clips and write manifest.jsonl. Resumable; broken files "
                     "are skipped and reported.")
@@ -111,7 +65,69 @@ def add_prepare_parser(subparsers):
                              "so N machines can run at once (e.g. --shard $SLURM_ARRAY_TASK_ID/N); join the "
                              "outputs with `reenact merge-datasets`")
     add_quiet(parser)
-    parser.set_defaults(func=run)
+
+
+def add_merge_parser(subparsers):
+    parser = subcommand(
+        subparsers, "merge-datasets", run, help="join the outputs of sharded `prepare` runs into one dataset",
+        description="Hard-link (or copy) the clips of prepared shard datasets into OUT_DIR and write one "
+                    "manifest and report; refuses duplicate sources or clip names, mixed crop sizes or "
+                    "face models. The shards are left unchanged.")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="new dataset directory")
+    parser.add_argument("shard_dirs", metavar="SHARD_DIR", nargs="+", help="prepared shard datasets")
+    parser.add_argument("--copy", action="store_true", help="copy files instead of hard-linking them")
+
+
+def add_parser(subparsers):
+    """Register ``synth``, ``prepare`` and ``merge-datasets``."""
+    add_synth_parser(subparsers)
+    add_prepare_parser(subparsers)
+    add_merge_parser(subparsers)
+
+
+def run_synth(args):
+    """``reenact synth OUT_DIR --clips N``: a synthetic toy-head dataset (or raw videos with --raw)."""
+    require("reenact synth", "av")  # before any work: each clip is rendered, then encoded with PyAV
+    out_dir = directory(args.out_dir, "OUT_DIR")
+    if not args.raw and (out_dir / "manifest.jsonl").exists() and not args.overwrite:
+        raise CommandError(f"{out_dir} already holds a dataset (manifest.jsonl); pass --overwrite to replace it")
+    with reported(output_folders.OutputFolderError):
+        output_folders.claim(out_dir, "synth", "a rerun with --overwrite replaces the clips here", flag="OUT_DIR",
+                             overwrite=args.overwrite)
+    bar = progress_bar(args.clips, "synth", "clip", not args.quiet)
+    with reported(ValueError, ImportError, OSError), contextlib.closing(bar):
+        results = synth_dataset(out_dir, args.clips, frames=args.frames, size=args.size, fps=args.fps,
+                                codec=args.codec, identities=args.identities, seed=args.seed, raw=args.raw,
+                                progress=bar.update)
+    what = "raw videos with .landmarks.npy" if args.raw else "clips"
+    print(f"wrote {len(results)} synthetic toy-head {what} ({args.frames} frames, {args.size}px, "
+          f"{args.codec}) to {out_dir} [synthetic model]")
+    return 0
+
+
+def run_prepare(args):
+    """``reenact prepare RAW_VIDEO_DIR OUT_DIR``."""
+    options = PrepareOptions(size=args.size, codec=args.codec, clip_length=args.clip_length,
+                             min_clip_length=args.min_clip_length, crop_scale=args.crop_scale,
+                             smooth_sigma=args.smooth, model=args.model, detector=args.detector,
+                             landmarks_from=args.landmarks_from)
+    require("reenact prepare", "av")  # every clip is decoded and encoded with PyAV
+    # Checked without creating a detector: mediapipe objects must not exist before the fork.
+    if options.landmarks_from is None and missing(detector_module(options.detector)):
+        raise CommandError(f"the {options.detector} detector is not installed (`pip install "
+                           f"{missing(detector_module(options.detector))[0]}`), or pass --landmarks-from DIR")
+    try:
+        report = prepare(args.raw_dir, args.out_dir, options, workers=args.workers, timeout=args.timeout,
+                         max_skip_fraction=args.max_skip_fraction, retry_skipped=args.retry_skipped,
+                         progress=not args.quiet, overwrite=args.overwrite,
+                         shard=parse_shard(args.shard))
+    except SkipBudgetExceeded as err:
+        report_path = pathlib.Path(args.out_dir) / "prepare_report.json"
+        raise CommandError(f"{err} (the manifest of the good files and {report_path} were written)") from None
+    except (ValueError, FileNotFoundError, ImportError, OSError) as err:
+        raise CommandError(str(err)) from None  # after SkipBudgetExceeded, a ValueError with more to say
+    print(report.summary())
+    return 0
 
 
 def run_merge(args):
@@ -120,25 +136,6 @@ def run_merge(args):
         merged = merge_datasets(args.out_dir, args.shard_dirs, copy=args.copy)
     print(f"merged {len(merged)} clip(s) from {len(args.shard_dirs)} shard(s) into {args.out_dir}")
     return 0
-
-
-def add_merge_parser(subparsers):
-    parser = subparsers.add_parser(
-        "merge-datasets", help="join the outputs of sharded `prepare` runs into one dataset",
-        description="Hard-link (or copy) the clips of prepared shard datasets into OUT_DIR and write one "
-                    "manifest and report; refuses duplicate sources or clip names, mixed crop sizes or "
-                    "face models. The shards are left unchanged.")
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="new dataset directory")
-    parser.add_argument("shard_dirs", metavar="SHARD_DIR", nargs="+", help="prepared shard datasets")
-    parser.add_argument("--copy", action="store_true", help="copy files instead of hard-linking them")
-    parser.set_defaults(func=run)
-
-
-def add_parser(subparsers):
-    """Register ``synth``, ``prepare`` and ``merge-datasets``."""
-    add_synth_parser(subparsers)
-    add_prepare_parser(subparsers)
-    add_merge_parser(subparsers)
 
 
 def run(args):

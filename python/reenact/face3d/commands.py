@@ -9,13 +9,48 @@ import torch
 
 from ..cli.errors import INPUT_ERRORS, CommandError, output_path, reported
 from ..progress import progress_bar
-from ..cli.arguments import add_detector, detector_module, directory, require
+from ..cli.arguments import add_detector, detector_module, directory, require, subcommand
 from ..data.video import VideoWriter, probe
 from . import detectors as det, pipeline
 from .calibration import fit_options_for
 from .loading import load_model
 from .registry import BUILT_IN, installed_models, model_dirs
 from .visualize import overlay, pncc_to_uint8, render_fit_pncc
+
+
+def add_pncc_parser(subparsers):
+    parser = subcommand(
+        subparsers, "pncc", run, help="fit a 3D face to an image or video and write its PNCC",
+        description="Detect 68 landmarks, fit the morphable model (one identity per video) and "
+                    "write the PNCC, an overlay on the input (PNGs for an image; <name>_pncc.mp4 and "
+                    "<name>_overlay.mp4 for a video, streamed, so memory does not grow with its length) "
+                    "and the parameters (<name>_params.npz, with the model's name).",
+    )
+    parser.add_argument("input", help="image or video file (put '--' before a name starting with '-')")
+    parser.add_argument("--out", required=True, help="output directory (created if needed)")
+    parser.add_argument("--model",
+                        help="'mediapipe' (built-in real face model; the default with the mediapipe detector), "
+                             "'toy' (built-in synthetic head; the default with --landmarks or dlib), another "
+                             "model name (`reenact models` lists them), a model .npz, 3DDFA_V2's bfm .pkl, or a "
+                             "folder of eos's Surrey Face Model files")
+    add_detector(parser)
+    parser.add_argument("--landmarks", help="read landmarks from this file instead of detecting")
+    parser.add_argument("--max-frames", type=int, default=0, help="stop a video after this many frames")
+    parser.add_argument("--png", action="store_true",
+                        help="for a video, also write one PNCC and one overlay PNG per frame with a face "
+                             "(<name>_pncc/, <name>_overlay/) next to <name>_pncc.mp4 and <name>_overlay.mp4")
+
+
+def add_models_parser(subparsers):
+    parser = subcommand(subparsers, "models", run, help="list the face models, where they are installed, their licences",
+                                   description="List the face models --model accepts: the built-in toy head and "
+                                               "the real models installed in the model folders.")
+
+
+def add_parser(subparsers):
+    """Register ``pncc`` and ``models``."""
+    add_pncc_parser(subparsers)
+    add_models_parser(subparsers)
 
 
 def _save_png(array, path):
@@ -154,30 +189,6 @@ def _looks_like_video(path):
         return True
 
 
-def add_pncc_parser(subparsers):
-    parser = subparsers.add_parser(
-        "pncc", help="fit a 3D face to an image or video and write its PNCC",
-        description="Detect 68 landmarks, fit the morphable model (one identity per video) and "
-                    "write the PNCC, an overlay on the input (PNGs for an image; <name>_pncc.mp4 and "
-                    "<name>_overlay.mp4 for a video, streamed, so memory does not grow with its length) "
-                    "and the parameters (<name>_params.npz, with the model's name).",
-    )
-    parser.add_argument("input", help="image or video file (put '--' before a name starting with '-')")
-    parser.add_argument("--out", required=True, help="output directory (created if needed)")
-    parser.add_argument("--model",
-                        help="'mediapipe' (built-in real face model; the default with the mediapipe detector), "
-                             "'toy' (built-in synthetic head; the default with --landmarks or dlib), another "
-                             "model name (`reenact models` lists them), a model .npz, 3DDFA_V2's bfm .pkl, or a "
-                             "folder of eos's Surrey Face Model files")
-    add_detector(parser)
-    parser.add_argument("--landmarks", help="read landmarks from this file instead of detecting")
-    parser.add_argument("--max-frames", type=int, default=0, help="stop a video after this many frames")
-    parser.add_argument("--png", action="store_true",
-                        help="for a video, also write one PNCC and one overlay PNG per frame with a face "
-                             "(<name>_pncc/, <name>_overlay/) next to <name>_pncc.mp4 and <name>_overlay.mp4")
-    parser.set_defaults(func=run)
-
-
 def run_models(args):
     """``reenact models``: every known face model, whether it is installed, and its licence."""
     print(f"model folders: {', '.join(str(d) for d in model_dirs())} (set REENACT_MODELS to change)")
@@ -187,21 +198,6 @@ def run_models(args):
     return 0
 
 
-def add_models_parser(subparsers):
-    parser = subparsers.add_parser("models", help="list the face models, where they are installed, their licences",
-                                   description="List the face models --model accepts: the built-in toy head and "
-                                               "the real models installed in the model folders.")
-    parser.set_defaults(func=run)
-
-
-def add_parser(subparsers):
-    """Register ``pncc`` and ``models``."""
-    add_pncc_parser(subparsers)
-    add_models_parser(subparsers)
-
-
 def run(args):
     """Run the face3d subcommand that ``args`` names."""
     return {"pncc": run_pncc, "models": run_models}[args.command](args)
-
-

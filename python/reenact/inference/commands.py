@@ -5,7 +5,7 @@ import pathlib
 
 import torch
 
-from ..cli.arguments import add_detector, add_device, add_quiet, detector_module, require
+from ..cli.arguments import add_detector, add_device, add_quiet, detector_module, require, subcommand
 from ..cli.errors import INPUT_ERRORS, CommandError, UsageError, output_path, reported
 from ..data.video import MediaError, encode_video, iter_frames, probe
 from ..face3d import detectors as det
@@ -24,6 +24,37 @@ from .animation import (
     fill_missing,
     side_by_side,
 )
+
+
+def add_parser(subparsers):
+    """Register ``reenact``."""
+    parser = subcommand(
+        subparsers, "reenact", run, help="animate a source image with a driving video",
+        description="Detect and fit the source and every driving frame, reconstruct identity-matched "
+                    "PNCCs, generate the animated face and paste it back into the source image; "
+                    "writes an H.264 .mp4 (or VP9 .webm) of the source image's size.")
+    parser.add_argument("--checkpoint", help="a training checkpoint (.safetensors); without one, the "
+                                             "training-free geometric mode warps the source along the "
+                                             "identity-matched driving mesh")
+    parser.add_argument("--source", required=True, help="source image")
+    parser.add_argument("--driving", required=True, help="driving video")
+    parser.add_argument("--out", required=True, help="output video (.mp4 or .webm)")
+    parser.add_argument("--pose", default="relative", choices=POSE_MODES,
+                        help="relative: the driving head motion since its first frame, applied to the "
+                             "source pose (default); absolute: the driving pose as it is")
+    parser.add_argument("--side-by-side", action="store_true", help="write source | driving | P_d' | result")
+    parser.add_argument("--batch-size", type=int, default=8, help="frames per generator call (default 8)")
+    add_detector(parser)
+    parser.add_argument("--source-landmarks", help="read the source's 68 landmarks from this file instead of detecting")
+    parser.add_argument("--driving-landmarks", help="read the driving frames' landmarks from this file (one set per frame)")
+    parser.add_argument("--face-model", help="face model (default: the one the checkpoint was trained with; "
+                                             f"{GEOMETRIC_FACE_MODEL!r} without a checkpoint)")
+    parser.add_argument("--crop-scale", type=float,
+                        help="face crop side over the landmark box side (default: the framing of the "
+                             f"checkpoint's training data, else {DEFAULT_CROP_SCALE}, `reenact prepare`'s)")
+    add_device(parser)
+    add_quiet(parser, help="no progress bars (reports are still printed)")
+
 
 
 def load_checkpoint(path, device="cpu"):
@@ -149,34 +180,3 @@ def run(args):
     mode = "learned" if generator is not None else "geometric (no checkpoint)"
     print(f"wrote {out}: {written} frame(s), {args.pose} pose, {mode} mode{label}")
     return 0
-
-
-def add_parser(subparsers):
-    """Register ``reenact``."""
-    parser = subparsers.add_parser(
-        "reenact", help="animate a source image with a driving video",
-        description="Detect and fit the source and every driving frame, reconstruct identity-matched "
-                    "PNCCs, generate the animated face and paste it back into the source image; "
-                    "writes an H.264 .mp4 (or VP9 .webm) of the source image's size.")
-    parser.add_argument("--checkpoint", help="a training checkpoint (.safetensors); without one, the "
-                                             "training-free geometric mode warps the source along the "
-                                             "identity-matched driving mesh")
-    parser.add_argument("--source", required=True, help="source image")
-    parser.add_argument("--driving", required=True, help="driving video")
-    parser.add_argument("--out", required=True, help="output video (.mp4 or .webm)")
-    parser.add_argument("--pose", default="relative", choices=POSE_MODES,
-                        help="relative: the driving head motion since its first frame, applied to the "
-                             "source pose (default); absolute: the driving pose as it is")
-    parser.add_argument("--side-by-side", action="store_true", help="write source | driving | P_d' | result")
-    parser.add_argument("--batch-size", type=int, default=8, help="frames per generator call (default 8)")
-    add_detector(parser)
-    parser.add_argument("--source-landmarks", help="read the source's 68 landmarks from this file instead of detecting")
-    parser.add_argument("--driving-landmarks", help="read the driving frames' landmarks from this file (one set per frame)")
-    parser.add_argument("--face-model", help="face model (default: the one the checkpoint was trained with; "
-                                             f"{GEOMETRIC_FACE_MODEL!r} without a checkpoint)")
-    parser.add_argument("--crop-scale", type=float,
-                        help="face crop side over the landmark box side (default: the framing of the "
-                             f"checkpoint's training data, else {DEFAULT_CROP_SCALE}, `reenact prepare`'s)")
-    add_device(parser)
-    add_quiet(parser, help="no progress bars (reports are still printed)")
-    parser.set_defaults(func=run)
