@@ -69,3 +69,43 @@ def test_benchmarks_and_tests_stay_apart():
     for path in (REPO / "tests").glob("*.py"):
         names = {n.split(".")[0] for n in imported_modules(path, "")}
         assert not names & benches, f"{path.name} imports benchmark modules {sorted(names & benches)}"
+
+
+#: ARCHITECTURE.md's size rule ("no module over about 450 lines"): past it, look for the seam.
+MAX_MODULE_LINES = 460
+
+
+def unexplained_local_imports(source):
+    """Line numbers of imports inside functions with no comment saying why: none on the import's
+    line, on the other imports of its block, or on the line just above the block."""
+    lines = source.splitlines()
+    found = []
+    for function in ast.walk(ast.parse(source)):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(function):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            first = node.lineno - 1
+            while first > 0 and lines[first - 1].strip().startswith(("import ", "from ")):
+                first -= 1  # the block of imports this one belongs to
+            block = lines[max(first - 1, 0):node.end_lineno]
+            if not any("#" in line for line in block):
+                found.append(node.lineno)
+    return found
+
+
+def test_unexplained_local_imports_finds_a_bare_one():
+    source = ("def f():\n    import os\n    return os\n\n\n"
+              "def g():\n    # optional dependency\n    import av\n    from av import open\n")
+    assert unexplained_local_imports(source) == [2]
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_local_imports_say_why_and_modules_stay_small(path):
+    # Function-local imports are for optional dependencies and start-up time only, each with a reason.
+    source = path.read_text()
+    assert not unexplained_local_imports(source), (
+        f"{path.relative_to(REPO)} imports inside a function without saying why, at lines "
+        f"{unexplained_local_imports(source)}")
+    assert len(source.splitlines()) <= MAX_MODULE_LINES, f"{path.relative_to(REPO)}: look for its seam"

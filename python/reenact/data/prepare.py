@@ -35,6 +35,7 @@ import sys
 import time
 
 from .. import output_folders, validation
+from ..validation import is_int
 from ..face3d.loading import load_model
 from . import format as fmt
 from ..progress import progress_bar
@@ -179,7 +180,7 @@ def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=18
     the clips it already lists stay listed.
     """
     options.check()
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+    if not is_int(workers) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")

@@ -102,7 +102,7 @@ class MediapipeDetector(LandmarkDetector):
 
     def __init__(self, video=False, min_confidence=0.5):
         try:
-            from mediapipe.python.solutions import face_mesh
+            from mediapipe.python.solutions import face_mesh  # optional dependency (mediapipe)
         except ImportError as err:
             raise DetectorUnavailable(
                 "the mediapipe detector needs `pip install mediapipe==0.10.21` (numpy<2, protobuf<5)"
@@ -148,7 +148,7 @@ class DlibDetector(LandmarkDetector):
 
     def __init__(self, predictor_path=None):
         try:
-            import dlib
+            import dlib  # optional dependency (dlib): imported when the detector is made
         except ImportError as err:
             raise DetectorUnavailable(
                 "the dlib detector needs `pip install dlib` (builds from source, ~7 min) and "
@@ -156,7 +156,7 @@ class DlibDetector(LandmarkDetector):
             ) from err
         if predictor_path is None:
             try:
-                import face_recognition_models
+                import face_recognition_models  # optional dependency (its predictor file)
             except ImportError as err:
                 raise DetectorUnavailable(
                     "no predictor_path given and face-recognition-models is not installed "
