@@ -61,3 +61,17 @@ def test_render_pncc_casts_to_at_least_float32(device):
     torch.testing.assert_close(pncc, expected, rtol=0, atol=0)
     torch.testing.assert_close(mask, expected_mask, rtol=0, atol=0)
     assert expected.abs().sum() > 0  # the face covers pixels: the comparison means something
+
+
+def test_corr_warp_autocast_traces_under_compile():
+    # torch.compile(fullgraph=True) traces the autocast region through the Autocast kernel and the
+    # fake kernel (no graph break) and computes what eager mode does.
+    q, k, v = qkv("cpu", (torch.bfloat16, torch.bfloat16, torch.float32))
+
+    def warp(q, k, v):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return pncc_cuda.corr_warp(q, k, v, 0.01)
+
+    compiled = torch.compile(warp, fullgraph=True, backend="aot_eager")(q, k, v)
+    assert compiled.dtype == torch.float32
+    torch.testing.assert_close(compiled, warp(q, k, v), rtol=0, atol=0)
