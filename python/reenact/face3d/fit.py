@@ -163,6 +163,9 @@ class _LandmarkBases:
         self.mean = model.mean[used].to(device=device, dtype=dtype)
         self.id_basis = model.id_basis[used].to(device=device, dtype=dtype)
         self.exp_basis = model.exp_basis[used].to(device=device, dtype=dtype)
+        # (3, U, K) copies for the Jacobians: one (B, 2, 3) x (3, U K) product per basis.
+        self.id_basis_t = self.id_basis.permute(1, 0, 2).contiguous()
+        self.exp_basis_t = self.exp_basis.permute(1, 0, 2).contiguous()
         # Landmarks without a fixed vertex and outside the contour get weight 0 (e.g. SFM's
         # inner mouth corners); their slot points at position 0.
         self.default_position = torch.where(fixed >= 0, position[fixed.clamp_min(0)], 0).to(device)
@@ -266,6 +269,12 @@ def _rotated_landmarks(bases, anchors, rotated_vertices, rotation):
     return rotated
 
 
+def _dot2(a, b):
+    """Dot products of 2-vectors along the last axis (torch's reduction over a last axis of 2 is
+    several times slower than the two products)."""
+    return a[..., 0] * b[..., 0] + a[..., 1] * b[..., 1]
+
+
 def _to_image(rotated, scale, translation):
     """Rotated model points (B, N, 3) -> (B, N, 2) pixels."""
     flipped = torch.stack([rotated[..., 0], -rotated[..., 1]], -1)
@@ -301,8 +310,9 @@ def _slide_contours(bases, anchors, landmarks, projected_vertices):
         projected = projected_vertices[:, side]  # (B, C, 2)
         start, direction = projected[:, None, :-1], (projected[:, 1:] - projected[:, :-1])[:, None]
         offset = landmarks[:, ks, None, :] - start  # (B, S, C-1, 2)
-        t = ((offset * direction).sum(-1) / direction.square().sum(-1).clamp_min(1e-12)).clamp(0, 1)
-        distance = (offset - t[..., None] * direction).square().sum(-1)
+        t = (_dot2(offset, direction) / _dot2(direction, direction).clamp_min(1e-12)).clamp(0, 1)
+        gap = offset - t[..., None] * direction
+        distance = _dot2(gap, gap)
         segment = distance.argmin(-1)  # (B, S)
         first[:, ks] = side[segment]
         second[:, ks] = side[segment + 1]
@@ -370,13 +380,14 @@ def _weighted_jacobians(bases, anchors, rotated, residual, row_weight, rotation,
     jac_trans = torch.eye(2, dtype=dtype, device=device).expand(batch, num_landmarks, 2, 2)
     projection_rows = scale[:, None, None] * torch.stack([rotation[:, 0], -rotation[:, 1]], 1)  # (B, 2, 3)
 
-    def basis_jacobian(basis):  # (U, 3, K) -> (B, L, 2, K): per vertex, then interpolated
+    def basis_jacobian(basis):  # (3, U, K) -> (B, L, 2, K): per vertex, then interpolated
         if not basis.shape[-1]:
             return basis.new_zeros(batch, num_landmarks, 2, 0)
-        return anchors.interpolate(torch.einsum("bij,ujk->buik", projection_rows, basis))
+        per_vertex = (projection_rows @ basis.flatten(1)).unflatten(-1, basis.shape[1:])  # (B, 2, U, K)
+        return anchors.interpolate(per_vertex.transpose(1, 2))
 
-    jac_frame = anchors.project(torch.cat([jac_rot, jac_scale, jac_trans, basis_jacobian(bases.exp_basis)], -1))
-    jac_id = anchors.project(basis_jacobian(bases.id_basis))
+    jac_frame = anchors.project(torch.cat([jac_rot, jac_scale, jac_trans, basis_jacobian(bases.exp_basis_t)], -1))
+    jac_id = anchors.project(basis_jacobian(bases.id_basis_t))
     weight = row_weight[..., None, None]
     return ((residual * row_weight[..., None]).flatten(1), (jac_frame * weight).flatten(1, 2),
             (jac_id * weight).flatten(1, 2))
@@ -448,7 +459,7 @@ def fit_landmarks(model, landmarks, confidence=None, clip_index=None, *, id_prio
         residual lengths (B, L) and each frame's robust data cost (B,) at the anchors."""
         rotated = _rotated_landmarks(bases, anch, rotated_vertices, rot)
         residual = anch.project(_to_image(rotated, scale, trans) - landmarks)
-        squared = (residual * row_weight[..., None]).square().sum(-1)  # in sigmas^2
+        squared = _dot2(residual, residual) * row_weight.square()  # in sigmas^2
         return rotated, residual, squared, _robust_cost(squared, huber).sum(-1)
 
     def rotated_vertices_at(rot, frame_alpha, bet):
