@@ -62,6 +62,10 @@ def test_prepare_crops_fits_and_splits(raw, tmp_path):
     written = json.loads((out / "prepare_report.json").read_text(encoding="utf-8"))
     assert written["model"] == report.model and "synthetic" in report.model
     assert written["valid_fraction"] == {r.clip: 1.0 for r in records}
+    # and the CPU time of each stage over this run's frames, printed in the summary
+    assert written["stage_frames"] == 48 and set(written["stage_seconds"]) == set(prep.STAGES)
+    assert all(seconds >= 0 for seconds in written["stage_seconds"].values())
+    assert "CPU ms per input frame: decode" in report.summary()
 
 
 def test_prepare_resumes_without_duplicates(raw, tmp_path):
