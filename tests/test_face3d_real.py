@@ -18,7 +18,7 @@ from reenact.face3d.loading import load_model
 from reenact.face3d.synthetic import project_landmarks, random_parameters
 
 SHARED = pathlib.Path(os.environ.get("PNCC_SHARED_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
-ARTIFACTS = pathlib.Path(__file__).resolve().parent / "artifacts"
+ARTIFACTS = pathlib.Path(__file__).resolve().parents[1] / "out" / "test-artifacts" / "face3d"
 
 
 def synthetic_clip(model, frames, seed, offsets=None, noise=0.0):
@@ -164,6 +164,40 @@ def test_real_clip_gets_a_plausible_identity_and_valid_frames(video):
     assert calibrated.ok.float().mean() >= 0.95
     legacy = fit_landmarks(model, torch.from_numpy(landmarks), **calibration.LEGACY_FIT)
     assert legacy.clip_alpha[0].norm() > 2 * alpha.norm()  # what the issue reported, for contrast
+
+
+def test_full_body_clips_small_face_is_found_fitted_and_valid():
+    """s13.mp4 (720x1080, a face about 40 px wide): no frame had a detection before the
+    detector's second pass for small faces. Writes the crop overlays of the first and the worst
+    frame (out/test-artifacts/face3d/s13_*.png) for judging by eye."""
+    model = sfm_model()
+    landmarks, images, boxes = _real_landmarks("s13.mp4", 24)
+    assert len(landmarks) == 24  # a face in every frame
+    width = (landmarks[:, :, 0].max(1) - landmarks[:, :, 0].min(1)) * (boxes[:, 2] - boxes[:, 0]) / 256
+    assert np.median(width) < 100  # jaw to jaw in the frame (the inter-ocular distance is ~30 px)
+    from reenact.face3d.detectors import MediapipeDetector
+
+    with MediapipeDetector(small_faces=False) as first_pass_only:
+        assert first_pass_only.detect(images[0]) is None  # the face mesh alone misses it
+    fit = fit_landmarks(model, torch.from_numpy(landmarks), **calibration.fit_options_for(model, "mediapipe"))
+    alpha = fit.clip_alpha[0]
+    assert alpha.norm() <= 2 * model.num_id ** 0.5 and alpha.abs().max() < 5
+    iod = inter_ocular_distance(torch.from_numpy(landmarks)).float()
+    assert (fit.residuals[:, 17:].norm(dim=-1).median(-1).values / iod).median() < 0.03
+    assert fit.ok.all()
+    pytest.importorskip("pncc_cuda", reason="overlay artifacts need the built rasterizer")
+    from PIL import Image
+
+    from reenact.data.framing import crop_frame
+    from reenact.face3d.visualize import overlay, render_fit_pncc
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for label, index in (("first", 0), ("worst", int(fit.rms_iod.argmax()))):
+        crop = crop_frame(images[index], boxes[index], 256)
+        pncc, mask = render_fit_pncc(model, fit.alpha[index:index + 1], fit.beta[index:index + 1],
+                                     fit.pose[index:index + 1], 256, 256)
+        Image.fromarray(overlay(crop, pncc[0], mask[0], landmarks[index], fit.projected[index].numpy())).save(
+            ARTIFACTS / f"s13_{label}_sfm_overlay.png")
 
 
 # -- eos's Surrey Face Model files -----------------------------------------------------------------
