@@ -97,7 +97,7 @@ SMALL_FACE_REGION = 2.0
 SMALL_FACE_CROP = 256
 #: Video mode: while no small face is tracked, the (costly) search for one runs on every this
 #: many-th frame only, so faceless stretches of a video cost little more than the face mesh.
-SMALL_FACE_SEARCH_EVERY = 8
+SMALL_FACE_SEARCH_EVERY = 25
 
 
 class MediapipeDetector(LandmarkDetector):
