@@ -118,6 +118,15 @@ def test_prepare_with_mediapipe_sees_the_toy_head(raw, tmp_path):
     assert sum(r.frames for r in fmt.read_manifest(out)) >= 24
 
 
+def test_a_faceless_video_is_skipped_with_its_size_and_what_the_detector_tried(tmp_path):
+    pytest.importorskip("mediapipe", reason="mediapipe is not installed")
+    path = tmp_path / "wall.mp4"
+    video.encode_video(path, np.full((10, 96, 160, 3), 128, np.uint8), fps=25, codec="h264")
+    with pytest.raises(video.MediaError, match="no face found in any of 10 frames") as raised:
+        prep.process_file(path, "wall.mp4", tmp_path / "out", prep.PrepareOptions(size=64))
+    assert "160x96" in str(raised.value) and "second pass for small faces" in str(raised.value)
+
+
 def test_prepare_bad_arguments(raw, tmp_path):
     with pytest.raises(ValueError, match="codec"):
         prep.prepare(raw, tmp_path / "o", _options(raw, codec="av1"))
