@@ -47,10 +47,11 @@ TORCH_LIBRARY(pncc, m) {
       "_corr_warp_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out,"
       " Tensor lse, float temperature, bool normalize, float eps)"
       " -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
-  // Which CPU implementation runs fp32 corr_warp's tile products (csrc/corr/corr_cpu_path.h):
-  // for tests, benchmarks and bug reports. They take no tensor, so they are defined here with
-  // their one kernel.
-  m.def("_corr_cpu_path(int channels, int value_channels) -> str", &pncc::corr::path::path_for);
+  // Which CPU implementation runs corr_warp's tile products (csrc/corr/corr_cpu_path.h): for
+  // tests, benchmarks and bug reports. They take no tensor, so they are defined here with their
+  // one kernel.
+  m.def("_corr_cpu_path(int channels, int value_channels, bool bf16=False) -> str",
+        &pncc::corr::path::path_for);
   m.def("_corr_cpu_path_mode(str mode) -> str", &pncc::corr::path::set_mode);
   m.def("_corr_cpu_path_stats() -> int[]", &pncc::corr::path::stats);
 }
