@@ -31,9 +31,10 @@ constexpr int kRounds = 5;
 // margin keeps noise from flipping the choice between processes, which would change results in
 // the last bits from one run to the next.
 constexpr double kMargin = 1.1;
-// The rounds stop after kEarly of each when every round of one path was faster than every round
-// of the other by this factor: on the two CPU families measured the paths differ by 1.25-2x, so
-// most calibrations take the warm-up and two rounds, not five.
+// The rounds stop after kEarly of each when the outcome is clear: every round of the challenger
+// faster than every round of the incumbent by kClearly, or no round of the challenger faster than
+// any of the incumbent's by kMargin. On the two CPU families measured the paths differ by
+// 1.25-2x, so most calibrations take the warm-up and two rounds, not five.
 constexpr int kEarly = 2;
 constexpr double kClearly = 1.3;
 
@@ -98,9 +99,9 @@ double median(std::vector<double> x) {
   return x[x.size() / 2];
 }
 
-// Whether every round of `fast` beat every round of `slow` by kClearly.
-bool clearly_faster(const std::vector<double>& fast, const std::vector<double>& slow) {
-  return *std::max_element(fast.begin(), fast.end()) * kClearly <
+// Whether every round of `fast` beat every round of `slow` by `factor`.
+bool faster_by(const std::vector<double>& fast, const std::vector<double>& slow, double factor) {
+  return *std::max_element(fast.begin(), fast.end()) * factor <
          *std::min_element(slow.begin(), slow.end());
 }
 
@@ -109,10 +110,14 @@ bool clearly_faster(const std::vector<double>& fast, const std::vector<double>& 
 bool incumbent_wins(const Measure& measure, Tiles incumbent, Tiles challenger) {
   std::vector<double> inc_s, cha_s;
   measure(incumbent, challenger,
-          [](const std::vector<double>& a, const std::vector<double>& b) {
-            const size_t n = std::min(a.size(), b.size());
-            return n >= size_t(kRounds) ||
-                   (n >= size_t(kEarly) && (clearly_faster(a, b) || clearly_faster(b, a)));
+          [](const std::vector<double>& inc, const std::vector<double>& cha) {
+            const size_t n = std::min(inc.size(), cha.size());
+            if (n >= size_t(kRounds)) return true;
+            if (n < size_t(kEarly)) return false;
+            const bool challenger_clearly = faster_by(cha, inc, kClearly);
+            const bool challenger_never = *std::min_element(cha.begin(), cha.end()) * kMargin >=
+                                          *std::max_element(inc.begin(), inc.end());
+            return challenger_clearly || challenger_never;
           },
           inc_s, cha_s);
   TORCH_INTERNAL_ASSERT(!inc_s.empty() && inc_s.size() == cha_s.size());

@@ -156,6 +156,29 @@ struct BandBuffer {
   }
 };
 
+// render_pncc's resolve of the first `pixels` pixels of a rasterized band: the PNCC image
+// (out[c * plane + offset], c < 3) and mask (mask[offset]) from the z-buffer, on the variant's
+// vector resolve for float32 meshes whose gathers' int32 offsets cannot overflow, otherwise one
+// interpolate_pixel at a time; bit-identical either way (raster_cull.h).
+template <typename T>
+void resolve_pncc_band(const RasterizedBand<T>& band, int64_t pixels, const T* ncc,
+                       const MeshView<T>& mesh, T* out, int64_t plane, T* mask,
+                       cull::Variant variant) {
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int64_t kMaxIndex = int64_t(1) << 30;
+    const cull::ResolveFn resolve = cull::resolve_function(variant);
+    if (resolve != nullptr && mesh.num_vertices * 3 < kMaxIndex &&
+        mesh.num_faces * 3 < kMaxIndex) {
+      resolve(band.keys, band.values, pixels, ncc, mesh.faces, out, plane, mask);
+      return;
+    }
+  }
+  for (int64_t offset = 0; offset < pixels; ++offset) {
+    const int32_t face = band.face(offset);
+    interpolate_pixel(ncc, 3, mesh.faces, face, band.bary(offset), out + offset, plane);
+    mask[offset] = face >= 0 ? T(1) : T(0);
+  }
+}
 
 }  // namespace raster
 }  // namespace pncc

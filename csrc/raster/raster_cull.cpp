@@ -289,6 +289,55 @@ __attribute__((target("avx512f"))) int cover_avx512(const float* vertices, const
   return n;
 }
 
+__attribute__((target("avx512f"))) void resolve_avx512(const uint64_t* keys,
+                                                       const float* bary_depth, int64_t pixels,
+                                                       const float* ncc, const int32_t* faces,
+                                                       float* out, int64_t plane, float* mask) {
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  const __m512i zero_i = _mm512_setzero_si512(), three = _mm512_set1_epi32(3);
+  const __m512i empty = _mm512_set1_epi64(int64_t(kEmptyKey));
+  // Offsets of the 16 pixels' (bary[3], depth) records.
+  const __m512i record = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
+                                                             5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(4));
+  for (int64_t base = 0; base < pixels; base += 16) {
+    const int64_t left = pixels - base;
+    const __mmask16 valid = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+    const __m512i keys_lo = _mm512_maskz_loadu_epi64(__mmask8(valid), keys + base);
+    const __m512i keys_hi = _mm512_maskz_loadu_epi64(__mmask8(valid >> 8), keys + base + 8);
+    // key_face: -1 for the empty key, its low 32 bits otherwise.
+    const __mmask16 covered =
+        __mmask16(_mm512_mask_cmpneq_epu64_mask(__mmask8(valid), keys_lo, empty)) |
+        __mmask16(_mm512_mask_cmpneq_epu64_mask(__mmask8(valid >> 8), keys_hi, empty) << 8);
+    float* o = out + base;
+    _mm512_mask_storeu_ps(mask + base, valid, _mm512_mask_blend_ps(covered, zero, one));
+    if (covered == 0) {
+      for (int c = 0; c < 3; ++c) _mm512_mask_storeu_ps(o + c * plane, valid, zero);
+      continue;
+    }
+    const __m512i face = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm512_cvtepi64_epi32(keys_lo)), _mm512_cvtepi64_epi32(keys_hi), 1);
+    const __m512i corner = _mm512_mullo_epi32(face, three);
+    __m512i at[3];
+    __m512 w[3];
+    const float* records = bary_depth + 4 * base;
+    for (int v = 0; v < 3; ++v) {
+      at[v] = _mm512_mullo_epi32(
+          _mm512_mask_i32gather_epi32(zero_i, covered, corner, faces + v, 4), three);
+      w[v] = _mm512_mask_i32gather_ps(zero, covered, record, records + v, 4);
+    }
+    for (int c = 0; c < 3; ++c) {
+      const __m512 a0 = _mm512_mask_i32gather_ps(zero, covered, at[0], ncc + c, 4);
+      const __m512 a1 = _mm512_mask_i32gather_ps(zero, covered, at[1], ncc + c, 4);
+      const __m512 a2 = _mm512_mask_i32gather_ps(zero, covered, at[2], ncc + c, 4);
+      // (w0 * a0 + w1 * a1) + w2 * a2, each product rounded, as interpolate_pixel.
+      const __m512 value = _mm512_add_ps(
+          _mm512_add_ps(_mm512_mul_ps(w[0], a0), _mm512_mul_ps(w[1], a1)), _mm512_mul_ps(w[2], a2));
+      _mm512_mask_storeu_ps(o + c * plane, valid, _mm512_maskz_mov_ps(covered, value));
+    }
+  }
+}
+
 #pragma GCC diagnostic pop
 #endif  // PNCC_CULL_SIMD_BUILT
 
@@ -335,6 +384,14 @@ std::string selected_name() { return name(selected()); }
 CoverFn cover_function(Variant variant) {
 #if PNCC_CULL_SIMD_BUILT
   if (variant == Variant::kAvx512) return cover_avx512;
+#endif
+  (void)variant;
+  return nullptr;
+}
+
+ResolveFn resolve_function(Variant variant) {
+#if PNCC_CULL_SIMD_BUILT
+  if (variant == Variant::kAvx512) return resolve_avx512;
 #endif
   (void)variant;
   return nullptr;

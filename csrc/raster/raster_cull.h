@@ -71,6 +71,16 @@ struct CoveredSamples {
 using CoverFn = int (*)(const float* vertices, const int32_t* faces, const SampleJobs& jobs,
                         CoveredSamples& out);
 
+// render_pncc's resolve of `pixels` consecutive pixels of a band z-buffer (raster_band.h): the
+// face of each pixel's key, interpolate_pixel of the (V, 3) float32 `ncc` with the stored weights
+// into out[c * plane + offset] (c < 3), and mask[offset] = 1 where covered, 0 elsewhere; the
+// vector variant computes interpolate_pixel's products and sums in its order on 16 pixels at once
+// (gathers for the face's vertices and their codes), so the values are bit-identical. (V * 3 and
+// F * 3 must fit in int32.)
+using ResolveFn = void (*)(const uint64_t* keys, const float* bary_depth, int64_t pixels,
+                           const float* ncc, const int32_t* faces, float* out, int64_t plane,
+                           float* mask);
+
 // The variant this process uses (see above), and its functions. Throws std::runtime_error with a
 // one-line message when PNCC_RASTER_SIMD is invalid or names a variant this CPU lacks.
 Variant selected();
@@ -78,6 +88,8 @@ CullFn function(Variant variant);
 // The variant's vector coverage test, or nullptr when it has none (then every survivor goes to
 // the scalar loop).
 CoverFn cover_function(Variant variant);
+// The variant's vector resolve, or nullptr when it has none (then the scalar loop resolves).
+ResolveFn resolve_function(Variant variant);
 bool supported(Variant variant);
 const char* name(Variant variant);
 
