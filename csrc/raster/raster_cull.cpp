@@ -2,6 +2,7 @@
 // attributes (the rest of the extension stays baseline x86-64) and only run when the CPU has it.
 #include "raster/raster_cull.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
@@ -63,6 +64,47 @@ __attribute__((target("avx512f"))) inline void store_compressed(float* out, __mm
   _mm512_storeu_ps(out, _mm512_maskz_compress_ps(keep, v));
 }
 
+// The three vertex indices of faces[first .. first + 16) (valid lanes only, 0 elsewhere): three
+// loads of the 48 contiguous indices and two permutes per corner, not three 16-lane gathers
+// (a gather costs one load per lane).
+__attribute__((target("avx512f"))) inline void load_corners16(const int32_t* f, int valid_faces,
+                                                              __m512i corner[3]) {
+  const int n = 3 * valid_faces;  // valid int32 elements at f (at most 48)
+  const auto mask = [n](int from) {
+    const int k = std::min(16, std::max(0, n - from));
+    return k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << k) - 1u);
+  };
+  const __m512i a = _mm512_maskz_loadu_epi32(mask(0), f);
+  const __m512i b = _mm512_maskz_loadu_epi32(mask(16), f + 16);
+  const __m512i c = _mm512_maskz_loadu_epi32(mask(32), f + 32);
+  const __m512i lane3 = _mm512_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39, 42, 45);
+  for (int v = 0; v < 3; ++v) {
+    // Element 3 * lane + v: from a or b when below 32, else from c.
+    const __m512i at = _mm512_add_epi32(lane3, _mm512_set1_epi32(v));
+    const __m512i from_ab = _mm512_permutex2var_epi32(a, at, b);
+    const __mmask16 in_c = _mm512_cmpge_epi32_mask(at, _mm512_set1_epi32(32));
+    corner[v] = _mm512_mask_permutexvar_epi32(from_ab, in_c,
+                                              _mm512_sub_epi32(at, _mm512_set1_epi32(32)), c);
+  }
+}
+
+// The 8-byte pairs at base + kScale * index[lane] for the `valid` lanes (0 elsewhere), split into
+// their first and second 4-byte halves: two 8-lane 64-bit gathers load 16 pairs, half the loads
+// of two 16-lane 32-bit gathers.
+template <int kScale>
+__attribute__((target("avx512f"))) inline void gather_pairs16(__m512i index, __mmask16 valid,
+                                                              const void* base, __m512i& first,
+                                                              __m512i& second) {
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i lo = _mm512_mask_i32gather_epi64(zero, __mmask8(valid),
+                                                 _mm512_castsi512_si256(index), base, kScale);
+  const __m512i hi = _mm512_mask_i32gather_epi64(zero, __mmask8(valid >> 8),
+                                                 _mm512_extracti64x4_epi64(index, 1), base, kScale);
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  first = _mm512_permutex2var_epi32(lo, even, hi);
+  second = _mm512_permutex2var_epi32(lo, _mm512_add_epi32(even, _mm512_set1_epi32(1)), hi);
+}
+
 __attribute__((target("avx512f"))) inline __m512i span_begin16(__m512i lo, __m512i first) {
   const __m512i ceil = _mm512_srai_epi32(_mm512_add_epi32(lo, _mm512_set1_epi32(kOneMinusUlp)),
                                          kFixedPointShift);
@@ -89,27 +131,18 @@ __attribute__((target("avx512f"))) int cull_avx512(const FixedPoint* points,
                                                    const int32_t* faces, int32_t first, int count,
                                                    int row_begin, int row_end, int width,
                                                    Survivors& out) {
-  static_assert(sizeof(FixedPoint) == 8, "x and y of a vertex are gathered as int32 pairs");
-  const int* xs = reinterpret_cast<const int*>(points);
-  const int* ys = xs + 1;
+  static_assert(sizeof(FixedPoint) == 8, "x and y of a vertex are gathered as one int32 pair");
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i three_lane = _mm512_mullo_epi32(lane, _mm512_set1_epi32(3));
   const __m512i col_first = _mm512_setzero_si512(), col_last = _mm512_set1_epi32(width - 1);
   const __m512i row_first = _mm512_set1_epi32(row_begin), row_last = _mm512_set1_epi32(row_end - 1);
-  const __m512i zero = _mm512_setzero_si512();
   int n = 0;
   for (int base = 0; base < count; base += 16) {
     const int left = count - base;
     const __mmask16 valid = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
-    const int32_t* f = faces + 3 * (int64_t(first) + base);
-    // Vertex indices, then each vertex's (x, y) pair at int offset 2 * index.
-    __m512i x[3], y[3];
-    for (int v = 0; v < 3; ++v) {
-      const __m512i index = _mm512_mask_i32gather_epi32(zero, valid, three_lane, f + v, 4);
-      const __m512i pair = _mm512_slli_epi32(index, 1);
-      x[v] = _mm512_mask_i32gather_epi32(zero, valid, pair, xs, 4);
-      y[v] = _mm512_mask_i32gather_epi32(zero, valid, pair, ys, 4);
-    }
+    // Vertex indices, then each vertex's (x, y) fixed-point pair.
+    __m512i index[3], x[3], y[3];
+    load_corners16(faces + 3 * (int64_t(first) + base), std::min(left, 16), index);
+    for (int v = 0; v < 3; ++v) gather_pairs16<8>(index[v], valid, points, x[v], y[v]);
     const __m512i x_lo = _mm512_min_epi32(_mm512_min_epi32(x[0], x[1]), x[2]);
     const __m512i x_hi = _mm512_max_epi32(_mm512_max_epi32(x[0], x[1]), x[2]);
     const __m512i y_lo = _mm512_min_epi32(_mm512_min_epi32(y[0], y[1]), y[2]);
@@ -248,8 +281,10 @@ __attribute__((target("avx512f"))) int cover_avx512(const float* vertices, const
     for (int v = 0; v < 3; ++v) {
       const __m512i index = _mm512_mask_i32gather_epi32(zero_i, valid, corner, faces + v, 4);
       const __m512i at = _mm512_mullo_epi32(index, three);
-      x[v] = _mm512_mask_i32gather_ps(zero, valid, at, vertices, 4);
-      y[v] = _mm512_mask_i32gather_ps(zero, valid, at, vertices + 1, 4);
+      __m512i xi, yi;
+      gather_pairs16<4>(at, valid, vertices, xi, yi);  // (x, y) as one 8-byte pair
+      x[v] = _mm512_castsi512_ps(xi);
+      y[v] = _mm512_castsi512_ps(yi);
       z[v] = _mm512_mask_i32gather_ps(zero, valid, at, vertices + 2, 4);
     }
     // setup_triangle: edge i is opposite vertex i; the doubled area decides the orientation.
@@ -296,10 +331,8 @@ __attribute__((target("avx512f"))) void resolve_avx512(const uint64_t* keys,
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
   const __m512i zero_i = _mm512_setzero_si512(), three = _mm512_set1_epi32(3);
   const __m512i empty = _mm512_set1_epi64(int64_t(kEmptyKey));
-  // Offsets of the 16 pixels' (bary[3], depth) records.
-  const __m512i record = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
-                                                             5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32(4));
+  // Field v of 8 (bary[3], depth) records held in two registers: elements v, v + 4, ..., v + 28.
+  const __m512i field = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
   for (int64_t base = 0; base < pixels; base += 16) {
     const int64_t left = pixels - base;
     const __mmask16 valid = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
@@ -318,21 +351,34 @@ __attribute__((target("avx512f"))) void resolve_avx512(const uint64_t* keys,
     const __m512i face = _mm512_inserti64x4(
         _mm512_castsi256_si512(_mm512_cvtepi64_epi32(keys_lo)), _mm512_cvtepi64_epi32(keys_hi), 1);
     const __m512i corner = _mm512_mullo_epi32(face, three);
-    __m512i at[3];
-    __m512 w[3];
+    // The 16 pixels' records are contiguous: four loads (masked past the end) and a transpose,
+    // not three 16-lane gathers.
     const float* records = bary_depth + 4 * base;
+    __m512 r[4];
+    for (int j = 0; j < 4; ++j) {
+      const int64_t k = std::min<int64_t>(16, std::max<int64_t>(0, 4 * left - 16 * j));
+      r[j] = _mm512_maskz_loadu_ps(k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << k) - 1u),
+                                   records + 16 * j);
+    }
+    __m512 w[3], a[3][3];  // a[c][v]: code c of corner v
     for (int v = 0; v < 3; ++v) {
-      at[v] = _mm512_mullo_epi32(
+      const __m512i pick = _mm512_add_epi32(field, _mm512_set1_epi32(v));
+      const __m512 low = _mm512_permutex2var_ps(r[0], pick, r[1]);
+      const __m512 high = _mm512_permutex2var_ps(r[2], pick, r[3]);
+      w[v] = _mm512_shuffle_f32x4(low, high, 0x44);  // low's lanes 0-7, then high's
+      const __m512i at = _mm512_mullo_epi32(
           _mm512_mask_i32gather_epi32(zero_i, covered, corner, faces + v, 4), three);
-      w[v] = _mm512_mask_i32gather_ps(zero, covered, record, records + v, 4);
+      __m512i c0, c1;
+      gather_pairs16<4>(at, covered, ncc, c0, c1);  // codes 0 and 1 as one 8-byte pair
+      a[0][v] = _mm512_castsi512_ps(c0);
+      a[1][v] = _mm512_castsi512_ps(c1);
+      a[2][v] = _mm512_mask_i32gather_ps(zero, covered, at, ncc + 2, 4);
     }
     for (int c = 0; c < 3; ++c) {
-      const __m512 a0 = _mm512_mask_i32gather_ps(zero, covered, at[0], ncc + c, 4);
-      const __m512 a1 = _mm512_mask_i32gather_ps(zero, covered, at[1], ncc + c, 4);
-      const __m512 a2 = _mm512_mask_i32gather_ps(zero, covered, at[2], ncc + c, 4);
       // (w0 * a0 + w1 * a1) + w2 * a2, each product rounded, as interpolate_pixel.
       const __m512 value = _mm512_add_ps(
-          _mm512_add_ps(_mm512_mul_ps(w[0], a0), _mm512_mul_ps(w[1], a1)), _mm512_mul_ps(w[2], a2));
+          _mm512_add_ps(_mm512_mul_ps(w[0], a[c][0]), _mm512_mul_ps(w[1], a[c][1])),
+          _mm512_mul_ps(w[2], a[c][2]));
       _mm512_mask_storeu_ps(o + c * plane, valid, _mm512_maskz_mov_ps(covered, value));
     }
   }
