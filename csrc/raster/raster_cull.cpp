@@ -33,6 +33,7 @@ int cull_scalar(const FixedPoint* points, const int32_t* faces, int32_t first, i
     out.col1[n] = s.col1;
     out.row0[n] = s.row0;
     out.row1[n] = s.row1;
+    for (int v = 0; v < 3; ++v) out.vertex[v][n] = idx[v];
     ++n;
   }
   return n;
@@ -158,6 +159,7 @@ __attribute__((target("avx512f"))) int cull_avx512(const FixedPoint* points,
     store_compressed(out.col1 + n, keep, c1);
     store_compressed(out.row0 + n, keep, r0);
     store_compressed(out.row1 + n, keep, r1);
+    for (int v = 0; v < 3; ++v) store_compressed(out.vertex[v] + n, keep, index[v]);
     n += __builtin_popcount(keep);
   }
   return n;
@@ -175,9 +177,10 @@ __attribute__((target("avx2"))) int cull_avx2(const FixedPoint* points, const in
   int n = 0, base = 0;
   for (; base + 8 <= count; base += 8) {
     const int32_t* f = faces + 3 * (int64_t(first) + base);
-    __m256i x[3], y[3];
+    __m256i index[3], x[3], y[3];
     for (int v = 0; v < 3; ++v) {
-      const __m256i pair = _mm256_slli_epi32(_mm256_i32gather_epi32(f + v, three_lane, 4), 1);
+      index[v] = _mm256_i32gather_epi32(f + v, three_lane, 4);
+      const __m256i pair = _mm256_slli_epi32(index[v], 1);
       x[v] = _mm256_i32gather_epi32(xs, pair, 4);
       y[v] = _mm256_i32gather_epi32(ys, pair, 4);
     }
@@ -191,7 +194,9 @@ __attribute__((target("avx2"))) int cull_avx2(const FixedPoint* points, const in
     const __m256i empty = _mm256_or_si256(_mm256_cmpgt_epi32(c0, c1), _mm256_cmpgt_epi32(r0, r1));
     unsigned keep = ~unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(empty))) & 0xFFu;
     if (keep == 0) continue;
-    alignas(32) int32_t lanes[5][8];
+    alignas(32) int32_t lanes[8][8];
+    for (int v = 0; v < 3; ++v)
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[5 + v]), index[v]);
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[0]), c0);
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[1]), c1);
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[2]), r0);
@@ -205,6 +210,7 @@ __attribute__((target("avx2"))) int cull_avx2(const FixedPoint* points, const in
       out.row0[n] = lanes[2][k];
       out.row1[n] = lanes[3][k];
       out.face[n] = lanes[4][k];
+      for (int v = 0; v < 3; ++v) out.vertex[v][n] = lanes[5 + v][k];
       ++n;
     }
   }
@@ -218,6 +224,7 @@ __attribute__((target("avx2"))) int cull_avx2(const FixedPoint* points, const in
     out.col1[n] = tail.col1[k];
     out.row0[n] = tail.row0[k];
     out.row1[n] = tail.row1[k];
+    for (int v = 0; v < 3; ++v) out.vertex[v][n] = tail.vertex[v][k];
   }
   return n;
 }
@@ -265,61 +272,97 @@ __attribute__((target("avx512f"))) inline __mmask16 inside16(const Edge16& e, __
          (_mm512_cmp_ps_mask(w, zero, _CMP_EQ_OQ) & owns);
 }
 
-__attribute__((target("avx512f"))) int cover_avx512(const float* vertices, const int32_t* faces,
-                                                    const SampleJobs& jobs, CoveredSamples& out) {
+__attribute__((target("avx512f"))) int cover_avx512(const float* vertices,
+                                                    const Survivors& survivors, int count,
+                                                    CoveredSamples& out, LargeSurvivors& large) {
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
-  const __m512i zero_i = _mm512_setzero_si512(), three = _mm512_set1_epi32(3);
+  const __m512i one_i = _mm512_set1_epi32(1);
+  const __m512i two_i = _mm512_set1_epi32(2), three = _mm512_set1_epi32(3);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int n = 0;
-  for (int base = 0; base < jobs.n; base += 16) {
-    const int left = jobs.n - base;
+  large.n = 0;
+  for (int base = 0; base < count; base += 16) {
+    const int left = count - base;
     const __mmask16 valid = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
-    const __m512i face = _mm512_maskz_loadu_epi32(valid, jobs.face + base);
-    const __m512i col = _mm512_maskz_loadu_epi32(valid, jobs.col + base);
-    const __m512i row = _mm512_maskz_loadu_epi32(valid, jobs.row + base);
-    const __m512i corner = _mm512_mullo_epi32(face, three);
+    const __m512i face = _mm512_maskz_loadu_epi32(valid, survivors.face + base);
+    const __m512i col0 = _mm512_maskz_loadu_epi32(valid, survivors.col0 + base);
+    const __m512i row0 = _mm512_maskz_loadu_epi32(valid, survivors.row0 + base);
+    const __m512i cols = _mm512_sub_epi32(
+        _mm512_maskz_loadu_epi32(valid, survivors.col1 + base), _mm512_sub_epi32(col0, one_i));
+    const __m512i rows = _mm512_sub_epi32(
+        _mm512_maskz_loadu_epi32(valid, survivors.row1 + base), _mm512_sub_epi32(row0, one_i));
+    // (bounds are clamped to the image, so the product cannot overflow)
+    const __m512i samples = _mm512_mullo_epi32(cols, rows);
+    const __mmask16 is_large =
+        _mm512_mask_cmpgt_epi32_mask(valid, samples, _mm512_set1_epi32(kMaxVectorSamples));
+    if (is_large != 0) {
+      store_compressed(large.index + large.n, is_large,
+                       _mm512_add_epi32(lane, _mm512_set1_epi32(base)));
+      large.n += __builtin_popcount(is_large);
+    }
+    const __mmask16 small = valid & ~is_large;
+    if (small == 0) continue;
     __m512 x[3], y[3], z[3];
     for (int v = 0; v < 3; ++v) {
-      const __m512i index = _mm512_mask_i32gather_epi32(zero_i, valid, corner, faces + v, 4);
+      const __m512i index = _mm512_maskz_loadu_epi32(small, survivors.vertex[v] + base);
       const __m512i at = _mm512_mullo_epi32(index, three);
       __m512i xi, yi;
-      gather_pairs16<4>(at, valid, vertices, xi, yi);  // (x, y) as one 8-byte pair
+      gather_pairs16<4>(at, small, vertices, xi, yi);  // (x, y) as one 8-byte pair
       x[v] = _mm512_castsi512_ps(xi);
       y[v] = _mm512_castsi512_ps(yi);
-      z[v] = _mm512_mask_i32gather_ps(zero, valid, at, vertices + 2, 4);
+      z[v] = _mm512_mask_i32gather_ps(zero, small, at, vertices + 2, 4);
     }
     // setup_triangle: edge i is opposite vertex i; the doubled area decides the orientation.
     const Edge16 e0 = edge16(x[1], y[1], x[2], y[2]);
     const Edge16 e1 = edge16(x[2], y[2], x[0], y[0]);
     const Edge16 e2 = edge16(x[0], y[0], x[1], y[1]);
     const __m512 area = edge_value16(e0, x[0], y[0]);
-    __mmask16 covered =
-        valid & _mm512_cmp_ps_mask(area, zero, _CMP_NEQ_UQ) & finite16(area);  // NaN != 0
+    const __mmask16 set_up =
+        small & _mm512_cmp_ps_mask(area, zero, _CMP_NEQ_UQ) & finite16(area);  // NaN != 0
+    if (set_up == 0) continue;
     const __m512 orient = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(area, zero, _CMP_GT_OQ),
                                                _mm512_set1_ps(-1.0f), one);
-    // cover_sample at (col, row).
-    const __m512 px = _mm512_cvtepi32_ps(col), py = _mm512_cvtepi32_ps(row);
-    const __m512 w0 = _mm512_mul_ps(orient, edge_value16(e0, px, py));
-    const __m512 w1 = _mm512_mul_ps(orient, edge_value16(e1, px, py));
-    const __m512 w2 = _mm512_mul_ps(orient, edge_value16(e2, px, py));
-    covered &= inside16(e0, orient, w0) & inside16(e1, orient, w1) & inside16(e2, orient, w2);
-    if (covered == 0) continue;
-    // bary_from_edges and interpolate_depth.
-    const __m512 sum = _mm512_add_ps(_mm512_add_ps(w0, w1), w2);
-    const __m512 inv = _mm512_div_ps(one, sum);
-    const __m512 b0 = _mm512_mul_ps(w0, inv), b1 = _mm512_mul_ps(w1, inv),
-                 b2 = _mm512_mul_ps(w2, inv);
-    const __m512 depth = _mm512_add_ps(
-        _mm512_add_ps(_mm512_mul_ps(b0, z[0]), _mm512_mul_ps(b1, z[1])), _mm512_mul_ps(b2, z[2]));
-    covered &= _mm512_cmp_ps_mask(sum, zero, _CMP_NEQ_UQ) & finite16(sum) & finite16(depth);
-    if (covered == 0) continue;
-    store_compressed(out.face + n, covered, face);
-    store_compressed(out.col + n, covered, col);
-    store_compressed(out.row + n, covered, row);
-    store_compressed(out.bary0 + n, covered, b0);
-    store_compressed(out.bary1 + n, covered, b1);
-    store_compressed(out.bary2 + n, covered, b2);
-    store_compressed(out.depth + n, covered, depth);
-    n += __builtin_popcount(covered);
+    // Sample k of a lane's bounds, in row-major order: a box of at most 4 samples is one row, one
+    // column, or 2 x 2.
+    const __mmask16 one_col = _mm512_cmpeq_epi32_mask(cols, one_i);
+    const __mmask16 two_cols = _mm512_cmpeq_epi32_mask(cols, two_i);
+    for (int k = 0; k < kMaxVectorSamples; ++k) {
+      const __mmask16 live = set_up & _mm512_cmpgt_epi32_mask(samples, _mm512_set1_epi32(k));
+      if (live == 0) break;  // samples > k fails for every larger k too
+      const __m512i kv = _mm512_set1_epi32(k);
+      const __m512i row_step = _mm512_mask_mov_epi32(
+          _mm512_maskz_mov_epi32(two_cols, _mm512_set1_epi32(k >> 1)), one_col, kv);
+      const __m512i col_step = _mm512_maskz_mov_epi32(
+          __mmask16(~one_col), _mm512_mask_mov_epi32(kv, two_cols, _mm512_set1_epi32(k & 1)));
+      const __m512i col = _mm512_add_epi32(col0, col_step);
+      const __m512i row = _mm512_add_epi32(row0, row_step);
+      // cover_sample at (col, row).
+      const __m512 px = _mm512_cvtepi32_ps(col), py = _mm512_cvtepi32_ps(row);
+      const __m512 w0 = _mm512_mul_ps(orient, edge_value16(e0, px, py));
+      const __m512 w1 = _mm512_mul_ps(orient, edge_value16(e1, px, py));
+      const __m512 w2 = _mm512_mul_ps(orient, edge_value16(e2, px, py));
+      __mmask16 covered =
+          live & inside16(e0, orient, w0) & inside16(e1, orient, w1) & inside16(e2, orient, w2);
+      if (covered == 0) continue;
+      // bary_from_edges and interpolate_depth.
+      const __m512 sum = _mm512_add_ps(_mm512_add_ps(w0, w1), w2);
+      const __m512 inv = _mm512_div_ps(one, sum);
+      const __m512 b0 = _mm512_mul_ps(w0, inv), b1 = _mm512_mul_ps(w1, inv),
+                   b2 = _mm512_mul_ps(w2, inv);
+      const __m512 depth =
+          _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(b0, z[0]), _mm512_mul_ps(b1, z[1])),
+                        _mm512_mul_ps(b2, z[2]));
+      covered &= _mm512_cmp_ps_mask(sum, zero, _CMP_NEQ_UQ) & finite16(sum) & finite16(depth);
+      if (covered == 0) continue;
+      store_compressed(out.face + n, covered, face);
+      store_compressed(out.col + n, covered, col);
+      store_compressed(out.row + n, covered, row);
+      store_compressed(out.bary0 + n, covered, b0);
+      store_compressed(out.bary1 + n, covered, b1);
+      store_compressed(out.bary2 + n, covered, b2);
+      store_compressed(out.depth + n, covered, depth);
+      n += __builtin_popcount(covered);
+    }
   }
   return n;
 }

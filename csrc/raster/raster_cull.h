@@ -34,10 +34,13 @@ enum class Variant { kScalar, kAvx2, kAvx512 };
 constexpr int kSlack = 16;
 
 struct Survivors {
-  static constexpr int kBatch = 64;  // faces culled per call
+  static constexpr int kBatch = 128;  // faces culled per call
   int32_t face[kBatch + kSlack];
   int32_t col0[kBatch + kSlack], col1[kBatch + kSlack], row0[kBatch + kSlack],
       row1[kBatch + kSlack];
+  // The face's three vertex indices, which culling has read anyway: the vector coverage test
+  // then loads them instead of gathering them again.
+  int32_t vertex[3][kBatch + kSlack];
 
   SampleBounds bounds(int k) const { return {col0[k], col1[k], row0[k], row1[k]}; }
 };
@@ -48,28 +51,32 @@ struct Survivors {
 using CullFn = int (*)(const FixedPoint* points, const int32_t* faces, int32_t first, int count,
                        int row_begin, int row_end, int width, Survivors& out);
 
-// Single-sample coverage jobs: a surviving float32 triangle with only a few samples in its bounds
-// (on a face mesh at 256x256, 94% of the survivors have one or two) becomes one job per sample,
-// and a vector variant tests 16 jobs at once: the triangle setup and cover_sample of
-// raster_math.h, operation for operation in the same IEEE single precision (no FMA, the same
-// comparisons, the same NaN outcomes), so the covered samples and their weights are bit-identical.
-struct SampleJobs {
-  static constexpr int kCapacity = 4 * Survivors::kBatch;
-  int32_t face[kCapacity], col[kCapacity], row[kCapacity];
-  int n = 0;
-};
+// The vector coverage test of the survivors of one culling call: a float32 triangle with at
+// most kMaxVectorSamples samples in its bounds (on a face mesh at 256x256, 94% of the survivors
+// have one or two) is set up and tested 16 triangles at a time, sample k of every lane's bounds
+// at once: the triangle setup and cover_sample of raster_math.h, operation for operation in the
+// same IEEE single precision (no FMA, the same comparisons, the same NaN outcomes), so the covered
+// samples and their weights are bit-identical. Larger triangles are left to the scalar loop.
+constexpr int kMaxVectorSamples = 4;
 
-// The jobs' samples that are covered, with the barycentric weights and depth cover_sample gives.
+// The covered samples, with the barycentric weights and depth cover_sample gives.
 struct CoveredSamples {
-  static constexpr int kSize = SampleJobs::kCapacity + kSlack;
+  static constexpr int kSize = kMaxVectorSamples * Survivors::kBatch + kSlack;
   int32_t face[kSize], col[kSize], row[kSize];
   float bary0[kSize], bary1[kSize], bary2[kSize], depth[kSize];
 };
 
-// Tests every job against its face of the (V, 3) float32 image-space `vertices`; writes the
-// covered ones to `out` and returns their number. (V * 3 and F * 3 must fit in int32.)
-using CoverFn = int (*)(const float* vertices, const int32_t* faces, const SampleJobs& jobs,
-                        CoveredSamples& out);
+// The survivors (their positions in Survivors) with more than kMaxVectorSamples samples.
+struct LargeSurvivors {
+  int32_t index[Survivors::kBatch + kSlack];
+  int n = 0;
+};
+
+// Tests the first `count` survivors against the (V, 3) float32 image-space `vertices`; writes
+// the covered samples of the small ones to `out` and returns their number, and lists the large
+// ones in `large`. (V * 3 must fit in int32.)
+using CoverFn = int (*)(const float* vertices, const Survivors& survivors, int count,
+                        CoveredSamples& out, LargeSurvivors& large);
 
 // render_pncc's resolve of `pixels` consecutive pixels of a band z-buffer (raster_band.h): the
 // face of each pixel's key, interpolate_pixel of the (V, 3) float32 `ncc` with the stored weights
