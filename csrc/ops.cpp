@@ -38,6 +38,9 @@ TORCH_LIBRARY(pncc, m) {
   // The CPU rasterizer's triangle-culling variant (csrc/raster/raster_cull.h): "avx512", "avx2"
   // or "scalar". Takes no tensor, so it is defined here with its one kernel.
   m.def("_raster_cpu_variant() -> str", &pncc::raster::cull::selected_name);
+  // The calibration that chose it: thread CPU seconds per variant (scalar, avx2, avx512), -1 for
+  // a variant not timed.
+  m.def("_raster_cpu_calibration() -> float[]", &pncc::raster::cull::selection_seconds);
 
   // ---- correspondence softmax-warp (csrc/corr) ----
   m.def(

@@ -9,15 +9,18 @@
 // variant produces the same survivors and bounds, and the rasterizer's outputs stay bitwise
 // identical whichever runs.
 //
-// Variant selection, once per process: avx512 when the CPU has AVX-512F, else scalar, unless
-// PNCC_RASTER_SIMD names one ("avx512", "avx2" or "scalar"; asking for one the CPU lacks is an
-// error). The avx2 variant (8-lane culling, scalar coverage) measured slower than scalar on a
-// Zen 5 core (bench_raster.py's time split, bench/RESULTS.md), so it is never picked by itself;
-// it stays, tested, for AVX2-only CPUs to measure on.
+// Variant selection, once per process, by measuring: the first call times every variant this CPU
+// supports on a small synthetic face-like mesh (about 1 ms each, on the calling thread, before
+// any parallel region) and keeps the fastest; PNCC_RASTER_SIMD names one instead ("avx512",
+// "avx2" or "scalar"; asking for one the CPU lacks is an error). All variants give bit-identical
+// outputs, so the choice changes nothing but the speed. On a Zen 5 core the avx2 variant (8-lane
+// culling, scalar coverage) measured slower than scalar and avx512 fastest (bench_raster.py's time
+// split, bench/RESULTS.md); on another CPU the measurement decides.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "raster/raster_math.h"
 
@@ -102,6 +105,11 @@ const char* name(Variant variant);
 
 // name(selected()), for the _raster_cpu_variant debug op.
 std::string selected_name();
+
+// The calibration behind selected() (for the _raster_cpu_calibration debug op): thread CPU
+// seconds of the synthetic workload per variant, indexed by Variant (scalar, avx2, avx512); -1
+// for a variant not timed (unsupported, or PNCC_RASTER_SIMD chose without measuring).
+std::vector<double> selection_seconds();
 
 }  // namespace cull
 }  // namespace raster
