@@ -224,8 +224,9 @@ def generate(generator, face_model, dataset, specs, batch_size=8, device="cpu"):
     try:
         with torch.no_grad():
             for batch in _fixed_pair_loader(dataset, list(specs), batch_size):
-                source, driving, pncc_source, pncc_driving = prepare_batch(batch, face_model, resolution, device)
-                output = generator(source, pncc_source, pncc_driving)["output"]
+                source, driving, pncc_source, pncc_driving, geometric = prepare_batch(
+                    batch, face_model, resolution, device, geometric=generator.config.geometric_input)
+                output = generator(source, pncc_source, pncc_driving, geometric)["output"]
                 params = {k: v.numpy() for k, v in batch.items() if k not in ("source", "driving")}
                 keep = ~params["pad"]  # a clip that broke while decoding was replaced: not its pair
                 if not keep.all():
@@ -254,32 +255,13 @@ COPY_SOURCE = "copy source"
 METHODS = (MODEL, GEOMETRIC, COPY_SOURCE)
 
 
-def crop_pose(pose, dataset_size, resolution):
-    """Poses (B, 3, 4) in dataset-crop pixels -> in pixels of the crop resized to ``resolution``
-    (pixel centres on integers in both: x_r = (x_s + 0.5) * r / s - 0.5; depth scaled alike)."""
-    factor = resolution / dataset_size
-    pose = pose * factor
-    pose[:, :2, 3] += 0.5 * factor - 0.5
-    return pose
-
-
 def geometric_baseline(face_model, batch, dataset_size):
     """The training-free geometric warp (:func:`reenact.warp.geometric_reenact`) of a
     :func:`generate` batch's source by its driving parameters, at the batch's resolution, in
     [-1, 1], the mouth interior darkened as ``reenact reenact`` does."""
-    from .warp import geometric_reenact, shade_mouth
+    from .data.pncc import batch_geometric
 
-    source = batch["source"]
-    resolution = source.shape[-1]
-    model = face_model.to(source.device)
-
-    def tensor(key):
-        return torch.from_numpy(batch[key]).float().to(source.device)
-
-    warp = geometric_reenact(model, (source + 1) / 2, tensor("alpha"), tensor("beta_source"),
-                             crop_pose(tensor("pose_source"), dataset_size, resolution), tensor("beta_driving"),
-                             crop_pose(tensor("pose_driving"), dataset_size, resolution), mode="absolute")
-    return shade_mouth(warp).clamp(0, 1) * 2 - 1
+    return batch_geometric(face_model, batch, batch["source"], dataset_size)[:, :3]
 
 
 def method_outputs(face_model, batch, dataset_size):
@@ -295,25 +277,40 @@ def detect_landmarks(detector, images, dataset_size):
     """Landmarks of (B, 3, R, R) images in [-1, 1], upsampled to :data:`DETECT_SIZE` for the detector.
 
     Returns (landmarks (B, 68, 2) float64 in dataset crop pixels, NaN where no face was found,
-    found (B,) bool).
+    found (B,) bool, dense (B, 478, 3) float64: the detector's face mesh in dataset crop pixels, its
+    depth scaled like x and y, NaN where not found or when the detector has no mesh).
     """
     up = F.interpolate(images.detach().float().cpu().clamp(-1, 1), size=(DETECT_SIZE, DETECT_SIZE),
                        mode="bicubic", align_corners=False)
     pixels = ((up.clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     landmarks = np.full((len(pixels), 68, 2), np.nan)
+    dense = np.full((len(pixels), DENSE_POINTS, 3), np.nan)
+    scale = dataset_size / DETECT_SIZE
     for index, image in enumerate(pixels):
         detection = detector.detect(np.ascontiguousarray(image))
         if detection is not None:
             # Pixel centres on integers in both images: x_dataset = (x_up + 0.5) * S / U - 0.5.
-            landmarks[index] = (detection.landmarks + 0.5) * dataset_size / DETECT_SIZE - 0.5
-    return landmarks, np.isfinite(landmarks).all(axis=(1, 2))
+            landmarks[index] = (detection.landmarks + 0.5) * scale - 0.5
+            if detection.dense is not None and len(detection.dense) == DENSE_POINTS:
+                dense[index, :, :2] = (detection.dense[:, :2] + 0.5) * scale - 0.5
+                dense[index, :, 2] = detection.dense[:, 2] * scale
+    return landmarks, np.isfinite(landmarks).all(axis=(1, 2)), dense
 
 
-def _refit(face_model, landmarks, clips):
-    """Fit the found frames (one identity per clip) -> (rotation (N, 3, 3), beta (N, Ke)) float64."""
-    from .face3d.fit import fit_landmarks
+#: Points of mediapipe's face mesh (468 plus 10 iris points), what the dense re-fit reads.
+DENSE_POINTS = 478
 
-    fit = fit_landmarks(face_model.to("cpu"), torch.from_numpy(landmarks), clip_index=torch.from_numpy(clips))
+
+def _refit(face_model, landmarks, clips, dense=None):
+    """Fit the found frames (one identity per clip) -> (rotation (N, 3, 3), beta (N, Ke)) float64.
+    A model fitted to mediapipe's dense mesh (``face_model.dense``, the built-in ``mediapipe``
+    model) re-fits ``dense`` (N, 478, 3) as ``reenact prepare`` does; others fit the 68 landmarks."""
+    if getattr(face_model, "dense", False):
+        fit = face_model.to("cpu").fit_dense(dense, clip_index=clips)
+    else:
+        from .face3d.fit import fit_landmarks
+
+        fit = fit_landmarks(face_model.to("cpu"), torch.from_numpy(landmarks), clip_index=torch.from_numpy(clips))
     return fit.rotation.double(), fit.beta.double()
 
 
@@ -324,7 +321,8 @@ def pose_expression_errors(face_model, records):
         records: dict of numpy arrays over N pairs: clip (N,), beta_driving (N, Ke), pose_driving
             (N, 3, 4), landmarks_driving (N, 68, 2) (the dataset's), landmarks_output and
             landmarks_frame (N, 68, 2) detected on the output and on the driving frame (NaN where
-            not found).
+            not found); for a dense model (the built-in ``mediapipe``) also dense_output and
+            dense_frame (N, 478, 3), the detected meshes it re-fits.
     Returns:
         dict: detection rates, then per comparison ("output_vs_params", "driving_frame_vs_params",
         "output_vs_driving_frame") the frames used and the means of rotation_deg,
@@ -341,8 +339,12 @@ def pose_expression_errors(face_model, records):
     for role in ("output", "frame"):
         landmarks = records[f"landmarks_{role}"]
         found[role] = np.isfinite(landmarks).all(axis=(1, 2))
+        dense = records.get(f"dense_{role}")
+        if dense is not None:
+            found[role] &= np.isfinite(dense).all(axis=(1, 2))
         if found[role].any():
-            fits[role] = _refit(face_model, landmarks[found[role]], records["clip"][found[role]])
+            fits[role] = _refit(face_model, landmarks[found[role]], records["clip"][found[role]],
+                                None if dense is None else dense[found[role]])
 
     def compare(rotation, beta, landmarks, reference_rotation, reference_beta, reference_landmarks, scale):
         return {"frames": int(rotation.shape[0]),
@@ -388,7 +390,7 @@ class EvalOptions:
     device: str = None
     source_frame: int = 0
     detector: str = "mediapipe"
-    face_model: str = "toy"
+    face_model: str = None  # None: the checkpoint's training face model, else the dataset's
     id_model: str = None
     inception: str = None
     overwrite: bool = False
@@ -441,12 +443,19 @@ def _open(options, device):
     from .train import TrainingError, load_generator, read_checkpoint_meta
 
     try:
-        step = int(read_checkpoint_meta(options.checkpoint)["step"])
+        meta = read_checkpoint_meta(options.checkpoint)
+        step = int(meta["step"])
         generator, _ = load_generator(options.checkpoint, device=device)
     except TrainingError as err:
         raise EvalError(f"--checkpoint: {_first_line(err)}") from None
+    name = options.face_model
+    if name is None:
+        from .data.format import dataset_face_model
+
+        trained = meta.get("options", {}).get("face_model") if isinstance(meta.get("options"), dict) else None
+        name = trained if isinstance(trained, str) else (dataset_face_model(options.data) or "toy")
     try:
-        face_model = load_model(options.face_model)
+        face_model = load_model(name)
     except (FileNotFoundError, ValueError, ImportError) as err:
         raise EvalError(f"--face-model: {_first_line(err)}") from None
     try:
@@ -481,8 +490,8 @@ def _detector(name, face_model=None):
     """(detector or None, reason when None)."""
     if name == "none":
         return None, "not computed (--detector none)"
-    if getattr(face_model, "dense", False):
-        return None, "not computed (the re-fit fits 68 landmarks; the mediapipe model's dense re-fit is not wired yet)"
+    if getattr(face_model, "dense", False) and name != "mediapipe":
+        return None, f"not computed (the {face_model.name!r} model re-fits mediapipe's dense mesh; --detector {name} has none)"
     from .face3d.detectors import make_detector
 
     try:
@@ -501,8 +510,8 @@ def _metrics_of(face_model, options, records, store, statistics, driving_statist
     """The metrics dict of one method from its per-pair values (``store``) and the shared records."""
     metrics = {name: _summary(store[name]) for name in ("l1", "psnr", "ssim")}
     if detected:
-        metrics["pose"] = dict(pose_expression_errors(face_model.to("cpu"),
-                                                      dict(records, landmarks_output=store["landmarks_output"])),
+        outputs = {key: store[key] for key in ("landmarks_output", "dense_output") if key in store}
+        metrics["pose"] = dict(pose_expression_errors(face_model.to("cpu"), dict(records, **outputs)),
                                detector=options.detector)
     else:
         metrics["pose"] = {"status": pose_reason}
@@ -544,8 +553,9 @@ def evaluate(options):
 
     bar = progress_bar(len(specs), "eval", "frame", options.progress)
     collected = {key: [] for key in ("clip", "frame_driving", "beta_driving", "pose_driving", "landmarks_driving",
-                                     "landmarks_frame", "id_driving")}
-    per_method = {name: {"l1": [], "psnr": [], "ssim": [], "landmarks_output": [], "id_output": []}
+                                     "landmarks_frame", "dense_frame", "id_driving")}
+    dense = getattr(face_model, "dense", False)  # the re-fit reads the detected mesh
+    per_method = {name: {"l1": [], "psnr": [], "ssim": [], "landmarks_output": [], "dense_output": [], "id_output": []}
                   for name in METHODS}
     statistics = {name: GaussianStatistics() for name in METHODS + ("driving",)}
     try:
@@ -555,7 +565,10 @@ def evaluate(options):
             for key in ("clip", "frame_driving", "beta_driving", "pose_driving", "landmarks_driving"):
                 collected[key].append(batch[key])
             if detector is not None:
-                collected["landmarks_frame"].append(detect_landmarks(detector, batch["driving"], dataset.size)[0])
+                landmarks, _, meshes = detect_landmarks(detector, batch["driving"], dataset.size)
+                collected["landmarks_frame"].append(landmarks)
+                if dense:
+                    collected["dense_frame"].append(meshes)
             with torch.no_grad():
                 source_id = networks["identity"](batch["source"]) if "identity" in networks else None
                 if source_id is not None:
@@ -569,7 +582,10 @@ def evaluate(options):
                     for metric, values in image_metrics(output, batch["driving"]).items():
                         store[metric].append(values.numpy())
                     if detector is not None:
-                        store["landmarks_output"].append(detect_landmarks(detector, output, dataset.size)[0])
+                        landmarks, _, meshes = detect_landmarks(detector, output, dataset.size)
+                        store["landmarks_output"].append(landmarks)
+                        if dense:
+                            store["dense_output"].append(meshes)
                     if source_id is not None:
                         store["id_output"].append(
                             cosine_similarity(networks["identity"](output), source_id).cpu().numpy())
@@ -720,7 +736,9 @@ def add_eval_parser(subparsers):
     parser.add_argument("--source-frame", type=int, default=0, help="the source frame of each clip (default 0)")
     parser.add_argument("--detector", default="mediapipe", choices=["mediapipe", "dlib", "none"],
                         help="landmark detector of the pose/expression re-fit (default mediapipe)")
-    parser.add_argument("--face-model", default="toy", help="the face model the dataset was fitted with (default toy)")
+    parser.add_argument("--face-model", default=None,
+                        help="the face model the dataset was fitted with (default: the checkpoint's training "
+                             "model, else the one the dataset's parameter files name)")
     parser.add_argument("--id-model", help="ArcFace IResNet weights (.safetensors or weights-only torch file)")
     parser.add_argument("--inception", help="torchvision Inception-v3 weights (.safetensors or weights-only torch file)")
     parser.add_argument("--overwrite", action="store_true",

@@ -72,7 +72,9 @@ def add_train_parser(subparsers):
     parser.add_argument("--num-workers", type=int, default=0, help="fallback loader worker processes (default 0)")
     parser.add_argument("--device", help="training device (default: cuda when available, else cpu; under torchrun "
                                          "'cuda' or 'cpu': rank r uses cuda:LOCAL_RANK)")
-    parser.add_argument("--face-model", default="toy", help="the face model the dataset was fitted with (default toy)")
+    parser.add_argument("--face-model", default=None,
+                        help="the face model the dataset was fitted with (default: the one its parameter files "
+                             "name, e.g. mediapipe for `reenact prepare`'s real videos, toy for `reenact synth`)")
     parser.add_argument("--lr-g", type=float, default=1e-4, help="generator Adam learning rate (default 1e-4)")
     parser.add_argument("--lr-d", type=float, default=4e-4, help="discriminator Adam learning rate (default 4e-4)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -62,7 +62,7 @@ class TrainOptions:
     seed: int = 0
     loader: str = "auto"
     device: str = None
-    face_model: str = "toy"
+    face_model: str = None  # None: the model the dataset was fitted with (validate() resolves it)
     lr_g: float = 1e-4
     lr_d: float = 4e-4
     betas: tuple = (0.5, 0.999)
@@ -100,6 +100,10 @@ class TrainOptions:
                 raise TrainingError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value!r}")
         if not pathlib.Path(self.data).is_dir():
             raise TrainingError(f"--data is not a directory: {self.data}")
+        if self.face_model is None:
+            from ..data.format import dataset_face_model
+
+            self.face_model = dataset_face_model(self.data) or "toy"
         out = pathlib.Path(self.out)
         if out.exists() and not out.is_dir():
             raise TrainingError(f"--out must be a directory: {out}")
@@ -212,18 +216,21 @@ def dataset_crop_scale(clips):
     return round(float(np.median(np.concatenate(ratios))), 4)
 
 
-def prepare_batch(batch, face_model, resolution, device, ops=None):
-    """(source, driving, P_s, P_d') on ``device`` at ``resolution``. PNCCs are rendered at the
-    dataset's crop size (the poses are in its pixels) and resized with the images, by
-    ``ops.render_pncc`` (default: the fused op; ``--ops reference`` renders with the reference)."""
-    from ..data.pncc import batch_pncc
+def prepare_batch(batch, face_model, resolution, device, ops=None, geometric=False):
+    """(source, driving, P_s, P_d', geometric) on ``device`` at ``resolution``. PNCCs are rendered
+    at the dataset's crop size (the poses are in its pixels) and resized with the images, by
+    ``ops.render_pncc`` (default: the fused op; ``--ops reference`` renders with the reference).
+    ``geometric`` (``ModelConfig.geometric_input``): the last item is the geometric warp input
+    (B, 4, R, R) of :func:`reenact.data.pncc.batch_geometric`, warped at ``resolution``; else None."""
+    from ..data.pncc import batch_geometric, batch_pncc
 
     size = int(batch["source"].shape[-1])
     pncc = batch_pncc(face_model, batch, size=size, device=device, ops=ops)
     source = _resize(batch["source"].to(device), resolution, "bilinear")
     driving = _resize(batch["driving"].to(device), resolution, "bilinear")
+    warp = batch_geometric(face_model, batch, source, size) if geometric else None
     return (source, driving, _resize(pncc["pncc_source"], resolution, "bilinear"),
-            _resize(pncc["pncc_driving"], resolution, "bilinear"))
+            _resize(pncc["pncc_driving"], resolution, "bilinear"), warp)
 
 
 # -- logging ---------------------------------------------------------------------------------------
@@ -590,13 +597,14 @@ class Trainer:
         step = self.step + 1
         batch = self.stream.next()
         images = prepare_batch(batch, self.face_model, self.config.model.resolution, self.device,
-                               self.pncc_ops)
+                               self.pncc_ops, self.config.model.geometric_input)
         if self.options.channels_last:
-            images = [image.contiguous(memory_format=torch.channels_last) for image in images]
-        source, driving, pncc_source, pncc_driving = images
+            images = [None if image is None else image.contiguous(memory_format=torch.channels_last)
+                      for image in images]
+        source, driving, pncc_source, pncc_driving, geometric = images
         with _compile_errors(self.options.compile):
             with self._autocast():
-                outputs = self.generator_step_module(source, pncc_source, pncc_driving)
+                outputs = self.generator_step_module(source, pncc_source, pncc_driving, geometric)
                 # The plain discriminator: generator_loss runs it with detached parameters.
                 g = self.losses.generator_loss(outputs, driving, pncc_driving, self.discriminator)
             g_values = self._loss_values(step, g, "G")
