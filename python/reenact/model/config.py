@@ -213,10 +213,13 @@ class ReenactorConfig:
     loss: LossConfig = field(default_factory=LossConfig)
 
     @classmethod
-    def small(cls, resolution=64):
-        """The small CPU model (tests, the offline demo, CPU benchmarks); perceptual loss off."""
+    def small(cls, resolution=64, geometric_input=False):
+        """The small CPU model (tests, the offline demo, CPU benchmarks); perceptual loss off.
+        ``geometric_input``: see ModelConfig; ``reenact train``'s default config and the demo turn it on
+        (it wins on held-out pairs, bench/RESULTS.md), the network tests leave it off."""
         model = ModelConfig(
             resolution=resolution,
+            geometric_input=geometric_input,
             geometry_channels=(8, 16, 32),
             geometry_blocks=1,
             correspondence_channels=32,

@@ -112,7 +112,8 @@ class TrainOptions:
 # -- configuration ---------------------------------------------------------------------------------
 
 def build_config(options):
-    """The ReenactorConfig of a fresh run: ``--config`` (or the small preset) with the command-line
+    """The ReenactorConfig of a fresh run: ``--config`` (or the small preset with
+    ``geometric_input``) with the command-line
     overrides (``--resolution``, ``--ops``, ``--no-perceptual``) applied."""
     from ..model import ReenactorConfig
 
@@ -122,7 +123,8 @@ def build_config(options):
         except (FileNotFoundError, ValueError, TypeError) as err:
             raise TrainingError(f"--config: {err}") from None
     else:
-        config = ReenactorConfig.small(options.resolution or 64)
+        # With the geometric warp as an input: it beats the PNCC-only generator (issue 13, bench/RESULTS.md).
+        config = ReenactorConfig.small(options.resolution or 64, geometric_input=True)
     data = config.to_dict()
     if options.resolution is not None:
         data["model"]["resolution"] = options.resolution
