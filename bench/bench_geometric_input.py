@@ -33,9 +33,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if any((ROOT / "pncc_cuda").glob("_C*.so")):
     sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 
-from reenact import demo, evaluate  # noqa: E402
+from reenact import demo, eval as evaluate  # noqa: E402
 from reenact.model import ReenactorConfig  # noqa: E402
-from reenact.train import TrainOptions, load_generator, train  # noqa: E402
+from reenact.training import TrainOptions, load_generator, train  # noqa: E402
 
 VARIANTS = {"model + geometric input": True, "model (PNCC only)": False}
 METRICS = (("l1", "L1", 4), ("psnr", "PSNR dB", 2), ("ssim", "SSIM", 4))
@@ -76,7 +76,7 @@ def sample_grid(path, checkpoints, heldout, pairs=4):
     from PIL import Image
 
     from reenact.data.dataset import ClipDataset
-    from reenact.face3d.morphable import load_model
+    from reenact.face3d.loading import load_model
     from reenact.data.format import dataset_face_model
 
     dataset = ClipDataset(heldout)

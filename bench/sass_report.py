@@ -5,8 +5,9 @@
 For sm_80 and sm_90 it prints, per kernel: registers, spills (local-memory stores and loads in the
 SASS, and the stack frame), static and dynamic shared memory per block, the theoretical occupancy
 in warps per SM on an H100 and an A100, and the counts of HMMA, LDSM, LDGSTS (cp.async),
-LDG.E.128 (16-byte global loads) and generic LD.E loads, both in the whole kernel and inside its
-loops (instructions between a backward branch and its target: the main loop and any other).
+LDG.E.128 (16-byte global loads), generic LD.E loads and FFMA (the SIMT kernel's fp32 FMAs), both
+in the whole kernel and inside its loops (instructions between a backward branch and its target:
+the main loop and any other).
 
 The cubins come from the build when it is current (pncc_cuda/_C*.so, compiled with
 FORCE_CUDA=1 for both architectures), otherwise from nvcc -fatbin on csrc/**/*_cuda.cu, cached
@@ -39,6 +40,7 @@ GPUS = {
     "H100": (90, 132, 65536, 228 * 1024, 64, 32, 989.4, 3.35, 1.83),
     "A100": (80, 108, 65536, 164 * 1024, 64, 32, 312.0, 2.04, 1.41),
 }
+FP32_LANES_PER_SM = {"H100": 128, "A100": 64}  # FFMA lanes: one warp FFMA per cycle per sub-partition on sm_90, one per 2 on sm_80
 SMEM_RESERVED_PER_BLOCK = 1024  # the runtime keeps 1 KiB per block on sm_80+
 REG_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256
 
@@ -46,17 +48,12 @@ REG_ALLOC_UNIT = 256  # registers are allocated per warp in units of 256
 BENCH = dict(B=16, N=4096, C=256, Cv=258, elem=2)
 
 
-def _old_tile_smem(n_out, elem=2):
-    """Dynamic shared memory of the pre-rewrite corr_tile_kernel (csrc/corr/corr_cuda.cu's
-    TileLayout and launch_tile), for an output width of n_out channels."""
-    kBR = kBC = 64
-    kKC = 32
-    pad = 8 if elem == 2 else 4
-    out_tile = min(max(-(-n_out // 16) * 16, 16), 512)
-    sizes = [kBR * (kKC + pad) * elem, kBC * (kKC + pad) * elem, kBR * (kBC + 4) * 4,
-             kBR * (kBC + 4) * 4, kBR * (kBC + pad) * elem, kBC * (out_tile + pad) * elem,
-             kBR * (out_tile + 4) * 4, 6 * 64 * 4]
-    return sum((s + 127) // 128 * 128 for s in sizes)
+def _simt_smem(nb):
+    """SimtSmem<NB>::kBytes of the register-tiled SIMT kernel (csrc/corr/corr_kernels.cuh): region 0
+    (the two k-major score chunks, 2 x 32 x 68 floats, or the X chunk, 32 x (32 NB + 4)) and P^T
+    (64 x 68 floats)."""
+    region0 = max(2 * 32 * 68, 32 * (32 * nb + 4))
+    return (region0 + 64 * 68) * 4
 
 
 _B, _N, _C, _CV = BENCH["B"], BENCH["N"], BENCH["C"], BENCH["Cv"]
@@ -87,12 +84,13 @@ def _flash_dq_smem(C, Cv, elem=2):
 # matrix-product FLOPs of one launch at the benchmark shape or None). First match wins.
 # Keep in step with the launchers: a new kernel needs an entry here (its test fails until then).
 LAUNCH_CONFIG = [
-    # The pre-rewrite corr kernels (Mode 0..4 = fwd, D, dq, dk, dv).
-    (r"corr_tile_kernel<.*Mode\)0>", 128, _old_tile_smem(_CV), 2 * _B * _N * _N * (_C + _CV)),
-    (r"corr_tile_kernel<.*Mode\)1>", 128, _old_tile_smem(0), 2 * _B * _N * _N * (_C + _CV)),
-    (r"corr_tile_kernel<.*Mode\)2>", 128, _old_tile_smem(_C), 2 * _B * _N * _N * (2 * _C + _CV)),
-    (r"corr_tile_kernel<.*Mode\)3>", 128, _old_tile_smem(_C), 2 * _B * _N * _N * (2 * _C + _CV)),
-    (r"corr_tile_kernel<.*Mode\)4>", 128, _old_tile_smem(_CV), 2 * _B * _N * _N * (_C + _CV)),
+    # The register-tiled SIMT kernel (Mode 0..4 = fwd, D, dq, dk, dv; the last template argument
+    # NB: output windows of 32 NB channels, 9 at the benchmark shape, 2 for outputs <= 64 and kD).
+    (r"corr_simt_kernel<.*Mode\)1, 2>", 256, _simt_smem(2), 2 * _B * _N * _N * (_C + _CV)),
+    (r"corr_simt_kernel<.*, 2>", 256, _simt_smem(2), None),
+    (r"corr_simt_kernel<.*Mode\)0, 9>", 256, _simt_smem(9), 2 * _B * _N * _N * (_C + _CV)),
+    (r"corr_simt_kernel<.*Mode\)[23], 9>", 256, _simt_smem(9), 2 * _B * _N * _N * (2 * _C + _CV)),
+    (r"corr_simt_kernel<.*Mode\)4, 9>", 256, _simt_smem(9), 2 * _B * _N * _N * (_C + _CV)),
     # The FlashAttention-2 style bf16/fp16 kernels (csrc/corr/corr_kernels.cuh), at C = 256 and
     # Cv = 258: the forward's window of 8 * 33 = 264 value channels, the backward's (NTK, NTV) =
     # (32, 33) tiles. Shared memory from FlashForwardSmem / FlashBackwardSmem / launch_flash_dq_shape.
@@ -114,6 +112,7 @@ OPCODES = {
     "LDGSTS": lambda op: op.startswith("LDGSTS"),
     "LDG.128": lambda op: op.startswith("LDG") and ".128" in op,
     "LD.E": lambda op: op == "LD" or op.startswith("LD."),  # generic-address loads
+    "FFMA": lambda op: op.startswith("FFMA"),
 }
 SPILL = lambda op: op.startswith("STL") or op.startswith("LDL")  # noqa: E731
 
@@ -373,8 +372,8 @@ def analyse(archs=(80, 90)):
 
 
 def kernel_name(demangled):
-    """`void pncc::corr::(anonymous namespace)::corr_tile_kernel<__nv_bfloat16, (pncc::corr::
-    (anonymous namespace)::Mode)0>(...)` -> `corr_tile_kernel<__nv_bfloat16, (Mode)0>`."""
+    """`void pncc::corr::(anonymous namespace)::corr_simt_kernel<float, (pncc::corr::
+    (anonymous namespace)::Mode)0, 9>(...)` -> `corr_simt_kernel<float, (Mode)0, 9>`."""
     name = re.sub(r"\(anonymous namespace\)::", "", demangled)
     name = re.sub(r"^void ", "", name)
     name = re.sub(r"\b(?:\w+::)+(\w+)\)", r"\1)", name)  # (pncc::corr::Mode)0 -> (Mode)0
@@ -392,23 +391,33 @@ def kernel_name(demangled):
 # ---- roofline ----
 def roofline(k):
     """Lower-bound time estimate (ms) of one launch at the benchmark shape on the GPU of k.arch:
-    the largest of tensor-core time at the published dense peak, issue time (instructions per
-    HMMA in the loops x HMMAs needed, 4 warp-instructions per cycle per SM) and HBM time for
-    reading the inputs once. An estimate from static counts, not a measurement."""
+    the largest of the arithmetic time at the published peak, issue time and HBM time for reading
+    the inputs once. Tensor-core kernels: HMMA time at the dense bf16 peak, and instructions per
+    HMMA in the loops x HMMAs needed, 4 warp-instructions per cycle per SM. The fp32 SIMT kernel
+    (no HMMA): FFMA time at the SM's fp32 lanes, and instructions per FFMA in the loops x FFMAs
+    needed (64 FLOP each). An estimate from static counts, not a measurement."""
     gpu = next(g for g, s in GPUS.items() if s[0] == k.arch)
     _, sms, _, _, _, _, tflops, tbps, ghz = GPUS[gpu]
-    if not k.flops or not k.loop_counts.get("HMMA"):
+    if not k.flops:
         return None
-    hmma_needed = k.flops / (16 * 8 * 16 * 2)
-    per_hmma = k.loop_instructions / k.loop_counts["HMMA"]
-    t_tensor = k.flops / (tflops * 1e12)
-    t_issue = hmma_needed * per_hmma / (sms * 4 * ghz * 1e9)
     b = BENCH
-    t_mem = b["B"] * b["N"] * (2 * b["C"] + b["Cv"]) * b["elem"] / (tbps * 1e12)
-    t = max(t_tensor, t_issue, t_mem)
-    bound = {t_tensor: "tensor", t_issue: "issue", t_mem: "memory"}[t]
-    return dict(gpu=gpu, ms=t * 1e3, tflops=k.flops / t / 1e12, bound=bound,
-                instructions_per_hmma=per_hmma)
+    if k.loop_counts.get("HMMA"):
+        unit, per_unit_flop = "HMMA", 16 * 8 * 16 * 2
+        t_math = k.flops / (tflops * 1e12)
+        elem = b["elem"]
+    elif k.loop_counts.get("FFMA"):
+        unit, per_unit_flop = "FFMA", 2 * 32
+        t_math = k.flops / (sms * FP32_LANES_PER_SM[gpu] * 2 * ghz * 1e9)
+        elem = 4
+    else:
+        return None
+    per_unit = k.loop_instructions / k.loop_counts[unit]
+    t_issue = k.flops / per_unit_flop * per_unit / (sms * 4 * ghz * 1e9)
+    t_mem = b["B"] * b["N"] * (2 * b["C"] + b["Cv"]) * elem / (tbps * 1e12)
+    t = max(t_math, t_issue, t_mem)
+    bound = {t_math: "tensor" if unit == "HMMA" else "fp32", t_issue: "issue", t_mem: "memory"}[t]
+    return dict(gpu=gpu, ms=t * 1e3, tflops=k.flops / t / 1e12, bound=bound, unit=unit,
+                instructions_per_unit=per_unit)
 
 
 def fmt(v):
@@ -417,8 +426,8 @@ def fmt(v):
 
 def print_report(kernels, with_roofline):
     header = ("| arch | kernel | regs | spills (STL/LDL, stack B) | smem static+dynamic B | "
-              "warps/SM H100 | warps/SM A100 | HMMA | LDSM | LDGSTS | LDG.128 | LD.E | "
-              "in loops: HMMA / LDSM / LDGSTS / LDG.128 / LD.E |")
+              "warps/SM H100 | warps/SM A100 | HMMA | LDSM | LDGSTS | LDG.128 | LD.E | FFMA | "
+              "in loops: HMMA / LDSM / LDGSTS / LDG.128 / LD.E / FFMA |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for k in kernels:
@@ -426,21 +435,21 @@ def print_report(kernels, with_roofline):
         print(f"| sm_{k.arch} | `{k.name}` | {k.regs} | {k.spill_instructions}, {k.stack} | "
               f"{k.static_smem}+{fmt(k.dynamic_smem)} | {fmt(k.occupancy.get('H100'))} | "
               f"{fmt(k.occupancy.get('A100'))} | {c['HMMA']} | {c['LDSM']} | {c['LDGSTS']} | "
-              f"{c['LDG.128']} | {c['LD.E']} | {lc['HMMA']} / {lc['LDSM']} / {lc['LDGSTS']} / "
-              f"{lc['LDG.128']} / {lc['LD.E']} |")
+              f"{c['LDG.128']} | {c['LD.E']} | {c['FFMA']} | {lc['HMMA']} / {lc['LDSM']} / "
+              f"{lc['LDGSTS']} / {lc['LDG.128']} / {lc['LD.E']} / {lc['FFMA']} |")
     if with_roofline:
         print()
-        print("Roofline ESTIMATE at B=16, N=4096, C=256, Cv=258 (bf16), from static instruction "
-              "counts and published peaks; not a measurement:")
+        print("Roofline ESTIMATE at B=16, N=4096, C=256, Cv=258 (bf16 tensor-core kernels, fp32 "
+              "SIMT kernel), from static instruction counts and published peaks; not a measurement:")
         print()
-        print("| GPU | kernel | matrix FLOPs | instructions per HMMA in loops | estimated ms | "
+        print("| GPU | kernel | matrix FLOPs | instructions per HMMA/FFMA in loops | estimated ms | "
               "estimated TFLOP/s | bound |")
         print("|---|---|---|---|---|---|---|")
         for k in kernels:
-            r = roofline(k) if "bfloat16" in k.name else None
+            r = roofline(k) if "bfloat16" in k.name or k.name.startswith("corr_simt_kernel<float") else None
             if r:
-                print(f"| {r['gpu']} | `{k.name}` | {k.flops:.3g} | {r['instructions_per_hmma']:.1f} | "
-                      f"{r['ms']:.3f} | {r['tflops']:.0f} | {r['bound']} |")
+                print(f"| {r['gpu']} | `{k.name}` | {k.flops:.3g} | {r['instructions_per_unit']:.1f} "
+                      f"{r['unit']} | {r['ms']:.3f} | {r['tflops']:.1f} | {r['bound']} |")
 
 
 def main():

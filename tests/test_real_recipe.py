@@ -8,7 +8,6 @@ short (CPU time: about a minute on an idle core); the README's recipe trains lon
 """
 import itertools
 import json
-import pathlib
 
 import numpy as np
 import pytest

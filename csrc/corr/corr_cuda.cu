@@ -50,10 +50,11 @@ struct CudaType<c10::BFloat16> {
 
 int64_t round_up64(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-// The rows of x (B, N, C) normalised (or, with normalize false and scale 1, copied) into a new
-// (B, N, ld) tensor whose channels past C are zero; the rows' statistics go to *stats when given.
+// The rows of x (B, N, C) normalised (or, with normalize false, copied) into a new (B, N, ld)
+// tensor whose channels past C are zero; the rows' statistics go to *stats when given. Never scaled
+// by 1/temperature: the kernels apply it to the fp32 scores (DESIGN-NOTES, issue 10).
 template <typename T>
-at::Tensor padded_rows(const at::Tensor& x, int64_t ld, double scale, bool normalize, double eps,
+at::Tensor padded_rows(const at::Tensor& x, int64_t ld, bool normalize, double eps,
                        at::Tensor* stats, cudaStream_t stream) {
   at::Tensor out = at::empty({x.size(0), x.size(1), ld}, x.options());
   NormalizeParams p{};
@@ -62,7 +63,6 @@ at::Tensor padded_rows(const at::Tensor& x, int64_t ld, double scale, bool norma
   p.n_rows = x.size(0) * x.size(1);
   p.C = x.size(2);
   p.ld_out = ld;
-  p.scale = scale;
   p.eps = eps;
   p.normalize = normalize;
   if (stats != nullptr) {
@@ -81,7 +81,7 @@ at::Tensor copy_ready_rows(const at::Tensor& v, cudaStream_t stream) {
   const int64_t ld = round_up64(v.size(2) == 0 ? 8 : v.size(2), 8);
   const bool aligned = reinterpret_cast<uintptr_t>(v.const_data_ptr()) % 16 == 0;
   if (ld == v.size(2) && aligned) return v;
-  return padded_rows<T>(v, ld, 1.0, false, 1.0, nullptr, stream);
+  return padded_rows<T>(v, ld, false, 1.0, nullptr, stream);
 }
 
 int max_dynamic_smem_bytes() {
@@ -97,9 +97,8 @@ void forward_flash(const at::Tensor& query, const at::Tensor& key, const at::Ten
                    double temperature, bool normalize, double eps, at::Tensor& out,
                    at::Tensor& lse, cudaStream_t stream) {
   const int64_t ld_qk = round_up64(query.size(2), 16);
-  const at::Tensor qs = padded_rows<T>(query, ld_qk, 1.0 / temperature, normalize, eps, nullptr,
-                                       stream);
-  const at::Tensor kn = padded_rows<T>(key, ld_qk, 1.0, normalize, eps, nullptr, stream);
+  const at::Tensor qs = padded_rows<T>(query, ld_qk, normalize, eps, nullptr, stream);
+  const at::Tensor kn = padded_rows<T>(key, ld_qk, normalize, eps, nullptr, stream);
   const at::Tensor v = copy_ready_rows<T>(value, stream);
   // Without value channels lse is still an output: run 8 channels of zeros into scratch.
   const bool no_channels = value.size(2) == 0;
@@ -110,6 +109,7 @@ void forward_flash(const at::Tensor& query, const at::Tensor& key, const at::Ten
   p.v = v.const_data_ptr();
   p.out = o.mutable_data_ptr();
   p.lse = lse.mutable_data_ptr<double>();
+  p.inv_t = 1.0 / temperature;
   p.Nq = query.size(1);
   p.Nk = key.size(1);
   p.Cv = o.size(2);
@@ -129,9 +129,8 @@ template <typename T>
 void forward_simt(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                   double temperature, bool normalize, double eps, at::Tensor& out,
                   at::Tensor& lse, cudaStream_t stream) {
-  const at::Tensor qs =
-      padded_rows<T>(query, query.size(2), 1.0 / temperature, normalize, eps, nullptr, stream);
-  const at::Tensor kn = padded_rows<T>(key, key.size(2), 1.0, normalize, eps, nullptr, stream);
+  const at::Tensor qs = padded_rows<T>(query, query.size(2), normalize, eps, nullptr, stream);
+  const at::Tensor kn = padded_rows<T>(key, key.size(2), normalize, eps, nullptr, stream);
   // Without value channels lse is still an output: take the product with 16 channels of zeros.
   const bool no_channels = value.size(2) == 0;
   const at::Tensor v = no_channels ? at::zeros({key.size(0), key.size(1), 16}, value.options())
@@ -149,6 +148,7 @@ void forward_simt(const at::Tensor& query, const at::Tensor& key, const at::Tens
   prm.n_out = v.size(2);
   prm.out = o.mutable_data_ptr();
   prm.lse_out = lse.mutable_data_ptr<double>();
+  prm.inv_t = 1.0 / temperature;
   C10_CUDA_CHECK((launch_tile<T, Mode::kFwd>(prm, query.size(0), stream)));
 }
 
@@ -169,10 +169,12 @@ void forward_impl(const at::Tensor& query, const at::Tensor& key, const at::Tens
 
 // ---- backward ----
 
-// The normalisation's backward: dL/dx from dL/dx^ (fp32, row stride ld_g) and the rows' stats.
+// The normalisation's backward: dL/dx from g = T dL/dx^ (fp32, row stride ld_g; the kernels leave
+// 1/T to this pass, which applies it in double) and the rows' statistics.
 template <typename T>
 at::Tensor normalize_backward(const at::Tensor& g, int64_t ld_g, const at::Tensor& x,
-                              const at::Tensor& stats, double eps, cudaStream_t stream) {
+                              const at::Tensor& stats, double eps, double temperature,
+                              cudaStream_t stream) {
   at::Tensor grad_x = at::empty_like(x);
   NormalizeBackwardParams p{};
   p.g = g.const_data_ptr<float>();
@@ -183,6 +185,7 @@ at::Tensor normalize_backward(const at::Tensor& g, int64_t ld_g, const at::Tenso
   p.C = x.size(2);
   p.ld_g = ld_g;
   p.eps = eps;
+  p.g_scale = 1.0 / temperature;
   C10_CUDA_CHECK(launch_normalize_backward<T>(p, stream));
   return grad_x;
 }
@@ -196,9 +199,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_flash(
   const int64_t ld_qk = 8 * backward_ntk(query.size(2));
   const int64_t ld_v = round_up64(Cv == 0 ? 8 : Cv, 8);
   at::Tensor q_stats, k_stats;
-  const at::Tensor qs =
-      padded_rows<T>(query, ld_qk, 1.0 / temperature, normalize, eps, &q_stats, stream);
-  const at::Tensor kn = padded_rows<T>(key, ld_qk, 1.0, normalize, eps, &k_stats, stream);
+  const at::Tensor qs = padded_rows<T>(query, ld_qk, normalize, eps, &q_stats, stream);
+  const at::Tensor kn = padded_rows<T>(key, ld_qk, normalize, eps, &k_stats, stream);
   const at::Tensor v = copy_ready_rows<T>(value, stream);
   // D = rowsum(dO * O), and dO padded like V.
   at::Tensor d = at::empty({B, Nq}, query.options().dtype(at::kFloat));
@@ -229,6 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_flash(
   p.dq = grad_qs.mutable_data_ptr<float>();
   p.dk = grad_kn.mutable_data_ptr<float>();
   p.dv = grad_v.mutable_data_ptr();
+  p.inv_t = 1.0 / temperature;
   p.Nq = Nq;
   p.Nk = Nk;
   p.Cv = Cv;
@@ -236,8 +239,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_flash(
   p.ld_v = static_cast<int>(v.size(2));
   p.single_key = Nk == 1;
   C10_CUDA_CHECK(launch_flash_backward<T>(p, B, deterministic, stream));
-  return {normalize_backward<T>(grad_qs, ld_qk, query, q_stats, eps, stream),
-          normalize_backward<T>(grad_kn, ld_qk, key, k_stats, eps, stream), grad_v};
+  return {normalize_backward<T>(grad_qs, ld_qk, query, q_stats, eps, temperature, stream),
+          normalize_backward<T>(grad_kn, ld_qk, key, k_stats, eps, temperature, stream), grad_v};
 }
 
 // The SIMT backward: four passes without atomics (deterministic); D = rowsum(P * dP) from the
@@ -250,9 +253,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_simt(
   const int64_t B = query.size(0), Nq = query.size(1), Nk = key.size(1);
   const int64_t C = query.size(2), Cv = value.size(2);
   at::Tensor q_stats, k_stats;
-  const at::Tensor qs =
-      padded_rows<T>(query, C, 1.0 / temperature, normalize, eps, &q_stats, stream);
-  const at::Tensor kn = padded_rows<T>(key, C, 1.0, normalize, eps, &k_stats, stream);
+  const at::Tensor qs = padded_rows<T>(query, C, normalize, eps, &q_stats, stream);
+  const at::Tensor kn = padded_rows<T>(key, C, normalize, eps, &k_stats, stream);
   const auto f32 = query.options().dtype(at::kFloat);
   at::Tensor d = at::empty({B, Nq}, f32);
   check_tile_windows(std::max<int64_t>(C, Cv), std::max(Nq, Nk));
@@ -268,6 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_simt(
     prm.n_out = x.size(2);
     prm.lse = lse.const_data_ptr<double>();
     prm.d = d.const_data_ptr<float>();
+    prm.inv_t = 1.0 / temperature;
     return prm;
   };
   if (Cv > 0) {
@@ -297,8 +300,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_simt(
   C10_CUDA_CHECK((launch_tile<T, Mode::kDq>(dq, B, stream)));
   C10_CUDA_CHECK((launch_tile<T, Mode::kDk>(dk, B, stream)));
   C10_CUDA_CHECK((launch_tile<T, Mode::kDv>(dv, B, stream)));
-  return {normalize_backward<T>(grad_qs, C, query, q_stats, eps, stream),
-          normalize_backward<T>(grad_kn, C, key, k_stats, eps, stream), grad_v};
+  return {normalize_backward<T>(grad_qs, C, query, q_stats, eps, temperature, stream),
+          normalize_backward<T>(grad_kn, C, key, k_stats, eps, temperature, stream), grad_v};
 }
 
 template <typename scalar_t>

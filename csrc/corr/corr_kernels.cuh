@@ -8,7 +8,7 @@
 // The kernels, per direction and dtype:
 //
 //   kernel                          dtypes       what
-//   corr_normalize_kernel           all          q^ = (q - mean) / (|q - mean| + eps) / T, k^ alike,
+//   corr_normalize_kernel           all          q^ = (q - mean) / (|q - mean| + eps), k^ alike,
 //                                                in the compute dtype, zero-padded to a row stride;
 //                                                optionally the per-row statistics (RowNorm); with
 //                                                normalisation off it is a padded copy (V, dO)
@@ -24,7 +24,11 @@
 //                                   fallbacks)   FMAs (never TF32), modes kFwd/kD/kDq/kDk/kDv
 //   corr_normalize_backward_kernel  all          dL/dq, dL/dk from dL/dq^, dL/dk^
 //
-// Statistics are fp32; the saved lse is double (see corr_math.h).
+// Statistics are fp32; the saved lse is double (see corr_math.h). 1/temperature is never folded
+// into the rounded q^ (at fp16 and C = 16 that tripled the output error, DESIGN-NOTES issue 10):
+// the kernels scale the fp32 scores (forward: (s - m) * log2(e)/T, the subtraction first; backward:
+// s/T - lse with a split 1/T and FMAs), and the normalisation backward applies 1/T to dL/dq^ and
+// dL/dk^ in double (FlashAttention's softmax_scale on dQ and dK, fused into the next kernel).
 #pragma once
 
 #include <algorithm>
@@ -146,8 +150,7 @@ constexpr int kRowThreads = 256;  // threads per block of the warp-per-row kerne
 
 // Row statistics in double, as the CPU kernel computes them (two passes; see row_norm_finish).
 template <typename T>
-__device__ RowNorm<double> warp_row_stats(const T* x, int64_t C, double scale, bool normalize,
-                                          double eps) {
+__device__ RowNorm<double> warp_row_stats(const T* x, int64_t C, bool normalize, double eps) {
   const int lane = threadIdx.x % 32;
   double sum = 0;
   for (int64_t c = lane; c < C; c += 32) sum += to_float(x[c]);
@@ -157,17 +160,17 @@ __device__ RowNorm<double> warp_row_stats(const T* x, int64_t C, double scale, b
     const double d = to_float(x[c]) - mean;
     sum_sq += d * d;
   }
-  return row_norm_finish<double>(warp_sum(sum_sq), mean, scale, normalize, eps);
+  return row_norm_finish<double>(warp_sum(sum_sq), mean, 1.0, normalize, eps);
 }
 
-// x (n_rows, C) -> out (n_rows, ld_out) with out[:, C:] = 0. With normalize false and scale 1 it
-// is an exact copy, which pads V and dO for the 16-byte copies of the flash kernels.
+// x (n_rows, C) -> out (n_rows, ld_out) with out[:, C:] = 0, never scaled by 1/temperature. With
+// normalize false it is an exact copy, which pads V and dO for the 16-byte copies of the flash kernels.
 struct NormalizeParams {
   const void* x;
   void* out;
   RowNorm<double>* stats;  // (n_rows,) or null
   int64_t n_rows, C, ld_out;
-  double scale, eps;
+  double eps;
   bool normalize;
 };
 
@@ -177,7 +180,7 @@ __global__ void __launch_bounds__(kRowThreads) corr_normalize_kernel(const Norma
   if (r >= p.n_rows) return;  // whole warps leave together: n_rows is per warp
   const T* x = static_cast<const T*>(p.x) + r * p.C;
   T* out = static_cast<T*>(p.out) + r * p.ld_out;
-  const RowNorm<double> st = warp_row_stats(x, p.C, p.scale, p.normalize, p.eps);
+  const RowNorm<double> st = warp_row_stats(x, p.C, p.normalize, p.eps);
   const int lane = threadIdx.x % 32;
   for (int64_t c = lane; c < p.ld_out; c += 32) {
     const double v = c < p.C ? row_norm_apply(st, double(to_float(x[c]))) : 0.0;
@@ -186,14 +189,15 @@ __global__ void __launch_bounds__(kRowThreads) corr_normalize_kernel(const Norma
   if (p.stats != nullptr && lane == 0) p.stats[r] = st;
 }
 
-// dL/dx from dL/dx^ (fp32, row stride ld_g) and the statistics of the forward's rows.
+// dL/dx from g = T dL/dx^ (fp32, row stride ld_g: the main kernels' products of the unscaled dS)
+// and the statistics of the forward's rows; g_scale = 1/temperature is applied here, in double.
 struct NormalizeBackwardParams {
   const float* g;
   const void* x;
   const RowNorm<double>* stats;
   void* grad_x;
   int64_t n_rows, C, ld_g;
-  double eps;
+  double eps, g_scale;
 };
 
 template <typename T>
@@ -206,15 +210,17 @@ __global__ void __launch_bounds__(kRowThreads)
   const float* gr = p.g + r * p.ld_g;
   const RowNorm<double> st = p.stats[r];
   double g_dot_c = 0;
-  for (int64_t c = lane; c < p.C; c += 32) g_dot_c += double(gr[c]) * (to_float(xr[c]) - st.mean);
+  for (int64_t c = lane; c < p.C; c += 32)
+    g_dot_c += double(gr[c]) * p.g_scale * (to_float(xr[c]) - st.mean);
   const double coef = row_norm_grad_coef(st, warp_sum(g_dot_c), p.eps);
   double sum = 0;
   for (int64_t c = lane; c < p.C; c += 32)
-    sum += row_norm_grad_c(st, coef, double(gr[c]), double(to_float(xr[c])));
+    sum += row_norm_grad_c(st, coef, double(gr[c]) * p.g_scale, double(to_float(xr[c])));
   const double mean = st.centred ? warp_sum(sum) / static_cast<double>(p.C) : 0.0;
   T* gx = static_cast<T*>(p.grad_x) + r * p.C;
   for (int64_t c = lane; c < p.C; c += 32) {
-    const double dc = row_norm_grad_c(st, coef, double(gr[c]), double(to_float(xr[c])));
+    const double dc =
+        row_norm_grad_c(st, coef, double(gr[c]) * p.g_scale, double(to_float(xr[c])));
     gx[c] = from_float<T>(static_cast<float>(dc - mean));
   }
 }
@@ -283,6 +289,20 @@ constexpr int kFlashThreads = 32 * kFlashWarps;
 constexpr int kFlashRows = 16 * kFlashWarps;  // rows of the resident tile
 constexpr int kFlashCols = 64;                // rows of a streamed tile
 constexpr float kLog2e = 1.4426950408889634f;
+
+// The exponent s/T - lse of a probability recomputed in the backward, from the unscaled score s,
+// 1/T split into fp32 hi + lo and the split lse. The FMA rounds s * hi - lse.hi once, after the
+// subtraction, so scores near the row maximum keep their bits at 1/T = 1000 (s * (1/T) rounded
+// first would put an ulp of 1000, 6e-5, on every probability).
+__device__ __forceinline__ float scaled_minus_lse(float s, const SplitLse<float>& inv_t,
+                                                  const SplitLse<float>& lse) {
+  return fmaf(s, inv_t.hi, -lse.hi) + fmaf(s, inv_t.lo, -lse.lo);
+}
+
+// The lse of a finished row from its unscaled running maximum m and sum l: m/T + log(l), double.
+__device__ __forceinline__ double scaled_lse(float m, float l, double inv_t) {
+  return l > 0.f ? double(m) * inv_t + ::log(double(l)) : -double(INFINITY);
+}
 
 __host__ __device__ constexpr int smem_stride(int width) { return round_up(width, 16) + 8; }
 
@@ -379,11 +399,12 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&af)[4], const float (&acc)[N
 // ---- flash forward ----
 
 struct FlashForwardParams {
-  const void* q;  // (B, Nq, ld_qk): q^ / temperature, channels zero-padded to ld_qk
+  const void* q;  // (B, Nq, ld_qk): q^ (not scaled by 1/T), channels zero-padded to ld_qk
   const void* k;  // (B, Nk, ld_qk): k^
   const void* v;  // (B, Nk, ld_v), 16-byte aligned rows (ld_v a multiple of 8)
   void* out;      // (B, Nq, Cv)
   double* lse;    // (B, Nq)
+  double inv_t;   // 1 / temperature
   int64_t Nq, Nk, Cv;
   int ld_qk;  // a multiple of 16
   int ld_v;
@@ -429,7 +450,8 @@ __global__ void __launch_bounds__(kFlashThreads, 2)
   float o[NT][4];
 #pragma unroll
   for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY};  // rows g and g + 8 of the warp, natural-log units
+  float m[2] = {-INFINITY, -INFINITY};  // rows g and g + 8 of the warp, unscaled scores
+  const float scale_log2 = static_cast<float>(p.inv_t * double(kLog2e));  // log2(e) / T
   float l[2] = {0.f, 0.f};              // this lane's part of the row sums
   const T* sq_warp = sq + 16 * warp * ldq;
 
@@ -460,14 +482,15 @@ __global__ void __launch_bounds__(kFlashThreads, 2)
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = fmaxf(m[r], mx);  // finite: a tile holds at least one key
-      const float alpha = ptx::exp2_approx((m[r] - m_new) * kLog2e);
+      const float alpha = ptx::exp2_approx((m[r] - m_new) * scale_log2);
       m[r] = m_new;
       float sum = 0.f;
 #pragma unroll
       for (int n = 0; n < 8; ++n) {
-        // (s - m) first: exact near the maximum, so large 1/temperature loses nothing to log2e.
-        s[n][2 * r] = ptx::exp2_approx((s[n][2 * r] - m_new) * kLog2e);
-        s[n][2 * r + 1] = ptx::exp2_approx((s[n][2 * r + 1] - m_new) * kLog2e);
+        // (s - m) first: exact near the maximum, so a large 1/temperature loses nothing to the
+        // scale (S is never scaled before the subtraction, q^ never before its rounding).
+        s[n][2 * r] = ptx::exp2_approx((s[n][2 * r] - m_new) * scale_log2);
+        s[n][2 * r + 1] = ptx::exp2_approx((s[n][2 * r + 1] - m_new) * scale_log2);
         sum += s[n][2 * r] + s[n][2 * r + 1];
       }
       l[r] = l[r] * alpha + sum;
@@ -508,7 +531,7 @@ __global__ void __launch_bounds__(kFlashThreads, 2)
         const int64_t col = c0 + 8 * n + 2 * t + e;
         if (col < p.Cv) out[row * p.Cv + col] = from_float<T>(o[n][2 * r + e] * inv_l);
       }
-    if (blockIdx.y == 0 && t == 0) p.lse[b * p.Nq + row] = online_softmax_lse(m[r], l[r]);
+    if (blockIdx.y == 0 && t == 0) p.lse[b * p.Nq + row] = scaled_lse(m[r], l[r], p.inv_t);
   }
 }
 
@@ -579,15 +602,16 @@ cudaError_t launch_flash_forward(const FlashForwardParams& p, int64_t batch,
 // block barriers per tile. Every S, P, dP and dS is computed once per role that needs it.
 
 struct FlashBackwardParams {
-  const void* q;     // (B, Nq, ld_qk): q^ / temperature, zero-padded
+  const void* q;     // (B, Nq, ld_qk): q^ (not scaled by 1/T), zero-padded
   const void* k;     // (B, Nk, ld_qk): k^
   const void* v;     // (B, Nk, ld_v)
   const void* dout;  // (B, Nq, ld_v): dO, zero-padded
   const double* lse;  // (B, Nq)
   const float* d;     // (B, Nq): rowsum(dO * O)
   float* dq;          // (B, Nq, ld_qk), zeroed; null: dQ is left to corr_flash_dq_kernel
-  float* dk;          // (B, Nk, ld_qk): dL/dk^
+  float* dk;          // (B, Nk, ld_qk): T dL/dk^ (dQ alike: 1/T is the normalisation backward's)
   void* dv;           // (B, Nk, Cv)
+  double inv_t;       // 1 / temperature
   int64_t Nq, Nk, Cv;
   int ld_qk;  // 8 * NTK exactly
   int ld_v;   // a multiple of 8, at most 8 * NTV
@@ -621,12 +645,12 @@ __device__ __forceinline__ void store_u32(void* p, uint32_t v) {
 #endif
 }
 
-// P^T of one warp's 16 keys x 8 NT queries, in place of the scores S^T: exp(S - lse) with the
-// queries' split lse from shared memory; keys past Nk and queries past Nq get 0.
+// P^T of one warp's 16 keys x 8 NT queries, in place of the unscaled scores S^T: exp(S/T - lse)
+// with the queries' split lse from shared memory; keys past Nk and queries past Nq get 0.
 template <int NT>
 __device__ __forceinline__ void probabilities_t(float (&s)[NT][4], const float* lse_hi,
-                                                const float* lse_lo, int64_t key0, int64_t Nk,
-                                                int64_t q0, int64_t Nq) {
+                                                const float* lse_lo, const SplitLse<float>& inv_t,
+                                                int64_t key0, int64_t Nk, int64_t q0, int64_t Nq) {
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
   for (int n = 0; n < NT; ++n)
@@ -635,7 +659,7 @@ __device__ __forceinline__ void probabilities_t(float (&s)[NT][4], const float* 
       const int qi = 8 * n + 2 * t + (e % 2);
       const bool valid = key0 + g + 8 * (e / 2) < Nk && q0 + qi < Nq;
       const SplitLse<float> lse{lse_hi[qi], lse_lo[qi]};
-      s[n][e] = valid ? ptx::exp2_approx(score_minus_lse(s[n][e], lse) * kLog2e) : 0.f;
+      s[n][e] = valid ? ptx::exp2_approx(scaled_minus_lse(s[n][e], inv_t, lse) * kLog2e) : 0.f;
     }
 }
 
@@ -693,6 +717,7 @@ __device__ void backward_dk_role(const BackwardTiles<T, NTK, NTV>& s,
   for (int n = 0; n < NTK; ++n) dk[n][0] = dk[n][1] = dk[n][2] = dk[n][3] = 0.f;
   const T* k_warp = s.k + 16 * warp * Tiles::kLdQK;
   const T* v_warp = s.v + 16 * warp * Tiles::kLdV;
+  const SplitLse<float> inv_t = split_lse<float>(p.inv_t);
   for (int64_t q0 = 0; q0 < p.Nq; q0 += kFlashCols) {
     load_query_tile(s, p, b, q0);
     ptx::cp_async_wait<0>();
@@ -710,7 +735,7 @@ __device__ void backward_dk_role(const BackwardTiles<T, NTK, NTV>& s,
       for (int n = 0; n < 4; ++n) st[n][0] = st[n][1] = st[n][2] = st[n][3] = 0.f;
       mma_nt_smem<T, 4>(st, k_warp, Tiles::kLdQK, s.q + 32 * h * Tiles::kLdQK, Tiles::kLdQK,
                         NTK / 2);
-      probabilities_t<4>(st, s.lse_hi + 32 * h, s.lse_lo + 32 * h, k0 + 16 * warp, p.Nk,
+      probabilities_t<4>(st, s.lse_hi + 32 * h, s.lse_lo + 32 * h, inv_t, k0 + 16 * warp, p.Nk,
                          q0 + 32 * h, p.Nq);
 #pragma unroll
       for (int n = 0; n < 4; ++n)
@@ -760,6 +785,7 @@ __device__ void backward_dv_role(const BackwardTiles<T, NTK, NTV>& s,
 #pragma unroll
   for (int n = 0; n < NTV; ++n) dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0.f;
   const T* k_warp = s.k + 16 * warp * Tiles::kLdQK;
+  const SplitLse<float> inv_t = split_lse<float>(p.inv_t);
   for (int64_t q0 = 0; q0 < p.Nq; q0 += kFlashCols) {
     load_query_tile(s, p, b, q0);
     ptx::cp_async_wait<0>();
@@ -768,7 +794,7 @@ __device__ void backward_dv_role(const BackwardTiles<T, NTK, NTV>& s,
 #pragma unroll
     for (int n = 0; n < 8; ++n) st[n][0] = st[n][1] = st[n][2] = st[n][3] = 0.f;
     mma_nt_smem<T, 8>(st, k_warp, Tiles::kLdQK, s.q, Tiles::kLdQK, NTK / 2);
-    probabilities_t<8>(st, s.lse_hi, s.lse_lo, k0 + 16 * warp, p.Nk, q0, p.Nq);
+    probabilities_t<8>(st, s.lse_hi, s.lse_lo, inv_t, k0 + 16 * warp, p.Nk, q0, p.Nq);
     uint32_t pt[4][4];  // P^T packed to T up front: half the registers of st next to dv
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) acc_to_a<T, 8>(pt[kk], st, kk);
@@ -872,6 +898,7 @@ __global__ void __launch_bounds__(kFlashThreads, 1)
     lse[r] = split_lse<float>(row_valid[r] ? p.lse[b * p.Nq + q] : 0.0);
     d[r] = row_valid[r] ? p.d[b * p.Nq + q] : 0.f;
   }
+  const SplitLse<float> inv_t = split_lse<float>(p.inv_t);
   float dq[NTK][4];
 #pragma unroll
   for (int n = 0; n < NTK; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
@@ -894,7 +921,7 @@ __global__ void __launch_bounds__(kFlashThreads, 1)
       for (int e = 0; e < 4; ++e) {
         const int r = e / 2;
         const bool valid = row_valid[r] && k0 + 8 * n + 2 * t + (e % 2) < p.Nk && !p.single_key;
-        const float prob = ptx::exp2_approx(score_minus_lse(sc[n][e], lse[r]) * kLog2e);
+        const float prob = ptx::exp2_approx(scaled_minus_lse(sc[n][e], inv_t, lse[r]) * kLog2e);
         sc[n][e] = valid ? softmax_grad(prob, dp[n][e], d[r]) : 0.f;  // now dS
       }
 #pragma unroll
@@ -1089,6 +1116,7 @@ struct TileParams {
   void* out;          // (B, n_rows, n_out): kFwd and kDv
   float* out_f32;     // (B, n_rows, n_out): kDq and kDk
   double* lse_out;    // (B, Nq): kFwd
+  double inv_t;       // 1 / temperature: rows and cols are unscaled, kDq/kDk write T dL/dx^
   int64_t n_rows, n_cols, C, Cv, n_out;
   int out_tile;  // output columns per block, a multiple of 16
   int64_t batch_offset;
@@ -1155,6 +1183,8 @@ __global__ void __launch_bounds__(kThreads) corr_tile_kernel(const TileParams pr
   const T* cols = static_cast<const T*>(prm.cols) + b * prm.n_cols * prm.C;
   const T* x = static_cast<const T*>(prm.x) + b * prm.n_cols * prm.n_out;
 
+  const float inv_f = static_cast<float>(prm.inv_t);
+  const SplitLse<float> inv_t = split_lse<float>(prm.inv_t);
   zero_f32(acc_s, L.ld_acc, kBR, out_w);
   if (threadIdx.x < kBR) {
     m_s[threadIdx.x] = -INFINITY;
@@ -1195,18 +1225,20 @@ __global__ void __launch_bounds__(kThreads) corr_tile_kernel(const TileParams pr
         float* s_row = s_s + i * L.ld_s;
         float tile_max = -INFINITY;
         for (int j = 0; j < valid_cols; ++j) tile_max = fmaxf(tile_max, s_row[j]);
-        const OnlineSoftmaxStep<float> st = online_softmax_step(m_s[i], tile_max);
+        // Unscaled scores: the maximum first, then (s - m) / T (exact near the maximum).
+        const float m_new = fmaxf(m_s[i], tile_max);
+        const float alpha = m_s[i] == m_new ? 1.f : acc_exp((m_s[i] - m_new) * inv_f);
         float row_sum = 0.f;
         for (int j = 0; j < kBC; ++j) {
-          const float p = j < valid_cols ? acc_exp(s_row[j] - st.m_new) : 0.f;
+          const float p = j < valid_cols ? acc_exp((s_row[j] - m_new) * inv_f) : 0.f;
           const T p_t = from_float<T>(p);
           p_s[i * L.ld_p + j] = p_t;
           // Sum what the product with V will see, so numerator and denominator round alike.
           row_sum += to_float(p_t);
         }
-        m_s[i] = st.m_new;
-        l_s[i] = l_s[i] * st.alpha + row_sum;
-        alpha_s[i] = st.alpha;
+        m_s[i] = m_new;
+        l_s[i] = l_s[i] * alpha + row_sum;
+        alpha_s[i] = alpha;
       }
       __syncthreads();
       for (int e = threadIdx.x; e < kBR * out_w; e += kThreads) {
@@ -1220,7 +1252,7 @@ __global__ void __launch_bounds__(kThreads) corr_tile_kernel(const TileParams pr
         const SplitLse<float> lse{lse_hi_s[i], lse_lo_s[i]};
         float sum = 0.f;
         for (int j = 0; j < valid_cols; ++j)
-          sum += softmax_prob(s_s[i * L.ld_s + j], lse) * dp_s[i * L.ld_s + j];
+          sum += acc_exp(scaled_minus_lse(s_s[i * L.ld_s + j], inv_t, lse)) * dp_s[i * L.ld_s + j];
         l_s[i] += sum;
       }
       __syncthreads();  // s_s and dp_s are read before the next tile overwrites them
@@ -1232,7 +1264,7 @@ __global__ void __launch_bounds__(kThreads) corr_tile_kernel(const TileParams pr
         float v = 0.f;
         if (j < valid_cols) {
           const SplitLse<float> lse{lse_hi_s[st], lse_lo_s[st]};
-          const float p = softmax_prob(s_s[i * L.ld_s + j], lse);
+          const float p = acc_exp(scaled_minus_lse(s_s[i * L.ld_s + j], inv_t, lse));
           v = kNeedsDp ? softmax_grad(p, dp_s[i * L.ld_s + j], d_s[st]) : p;
         }
         p_s[i * L.ld_p + j] = from_float<T>(v);
@@ -1266,7 +1298,7 @@ __global__ void __launch_bounds__(kThreads) corr_tile_kernel(const TileParams pr
   if constexpr (mode == Mode::kFwd) {
     if (blockIdx.y == 0 && threadIdx.x < kBR && row0 + threadIdx.x < prm.n_rows)
       prm.lse_out[b * Nq + row0 + threadIdx.x] =
-          online_softmax_lse(m_s[threadIdx.x], l_s[threadIdx.x]);
+          scaled_lse(m_s[threadIdx.x], l_s[threadIdx.x], prm.inv_t);
   }
 }
 

@@ -1,5 +1,7 @@
-"""PNCCs of a training batch, rendered on the training device (PNCCs are never stored)."""
+"""PNCCs of a training batch, rendered on the training device (PNCCs are never stored), and the
+network inputs of a batch (:func:`prepare_batch`, shared by training and evaluation)."""
 import torch
+import torch.nn.functional as F
 
 from ..face3d.pncc import reconstruct_pncc
 
@@ -36,6 +38,29 @@ def batch_pncc(model, batch, size=None, device=None, ops=None):
     return {"pncc_source": pncc_s, "mask_source": mask_s, "pncc_driving": pncc_d, "mask_driving": mask_d}
 
 
+def _resize(images, size, mode):
+    if images.shape[-1] == size:
+        return images
+    if images.shape[-1] > size:
+        return F.interpolate(images, size=(size, size), mode="area")
+    return F.interpolate(images, size=(size, size), mode=mode, align_corners=False)
+
+
+def prepare_batch(batch, face_model, resolution, device, ops=None, geometric=False):
+    """(source, driving, P_s, P_d', geometric) on ``device`` at ``resolution``. PNCCs are rendered
+    at the dataset's crop size (the poses are in its pixels) and resized with the images, by
+    ``ops.render_pncc`` (default: the fused op; ``--ops reference`` renders with the reference).
+    ``geometric`` (``ModelConfig.geometric_input``): the last item is the geometric warp input
+    (B, 4, R, R) of :func:`batch_geometric`, warped at ``resolution``; else None."""
+    size = int(batch["source"].shape[-1])
+    pncc = batch_pncc(face_model, batch, size=size, device=device, ops=ops)
+    source = _resize(batch["source"].to(device), resolution, "bilinear")
+    driving = _resize(batch["driving"].to(device), resolution, "bilinear")
+    warp = batch_geometric(face_model, batch, source, size) if geometric else None
+    return (source, driving, _resize(pncc["pncc_source"], resolution, "bilinear"),
+            _resize(pncc["pncc_driving"], resolution, "bilinear"), warp)
+
+
 def crop_pose(pose, dataset_size, resolution):
     """Poses (B, 3, 4) in dataset-crop pixels -> in pixels of the crop resized to ``resolution``
     (pixel centres on integers in both: x_r = (x_s + 0.5) * r / s - 0.5; depth scaled alike)."""
@@ -48,9 +73,10 @@ def crop_pose(pose, dataset_size, resolution):
 def batch_geometric(model, batch, source, dataset_size, ops=None):
     """The geometric warp input of ``ModelConfig.geometric_input`` for a batch of pairs.
 
-    The source image sampled along the identity-matched driving mesh (:func:`reenact.warp.geometric_reenact`,
-    the pair's own poses: ``mode="absolute"``), its mouth interior darkened as ``reenact reenact``'s
-    geometric mode does (:func:`reenact.warp.shade_mouth`), and the hole mask.
+    The source image sampled along the identity-matched driving mesh
+    (:func:`reenact.warp.geometric_reenact`, the pair's own poses: ``mode="absolute"``), its mouth
+    interior darkened as ``reenact reenact``'s geometric mode does (:func:`reenact.warp.shade_mouth`),
+    and the hole mask.
 
     Args:
         model: the MorphableModel of the dataset's parameters.
@@ -58,6 +84,8 @@ def batch_geometric(model, batch, source, dataset_size, ops=None):
             numpy arrays; poses in dataset-crop pixels).
         source: (B, 3, R, R) source images in [-1, 1] at the model's resolution R.
         dataset_size: the dataset's crop side (the poses' pixels).
+        ops: what rasterizes (anything with pncc_cuda's ``rasterize`` and ``interpolate``); default
+            the fused ops.
     Returns:
         (B, 4, R, R) float32: [warped source in [-1, 1], holes in {0, 1}].
     """
