@@ -26,7 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 
 from _common import cpu_model  # noqa: E402
-from reenact.data import framing, prepare as prep  # noqa: E402
+from reenact.data import framing, prepare as prep, prepare_worker  # noqa: E402
 from reenact.data.video import encode_video, iter_frames  # noqa: E402
 from reenact.face3d.calibration import fit_options_for  # noqa: E402
 from reenact.face3d.detectors import make_detector  # noqa: E402
@@ -54,7 +54,7 @@ def profile(path, model, options, legacy):
     detector.close()
     landmarks = np.array(landmarks)
     found = np.isfinite(landmarks).all((1, 2))
-    pieces = prep._segments(found, options.clip_length, options.min_clip_length)
+    pieces = prepare_worker._segments(found, options.clip_length, options.min_clip_length)
     started = time.process_time()
     plans = []
     for first, stop in pieces:

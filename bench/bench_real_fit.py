@@ -25,7 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 
 from _common import cpu_model  # noqa: E402  (bench/, the script's directory)
 from reenact.data.framing import crop_boxes, to_crop  # noqa: E402
-from reenact.data.prepare import _segments  # noqa: E402
+from reenact.data.prepare_worker import _segments  # noqa: E402
 from reenact.face3d import calibration  # noqa: E402
 from reenact.face3d.detectors import MEDIAPIPE_TO_IBUG68  # noqa: E402
 from reenact.face3d.fit import fit_landmarks, inter_ocular_distance  # noqa: E402
