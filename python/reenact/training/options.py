@@ -23,6 +23,7 @@ class TrainOptions:
     resolution: int = None
     ops: str = None
     perceptual: bool = True
+    gan: bool = True  # False: adversarial and feature-matching weights 0 (no discriminator step)
     resume: bool = False
     overwrite: bool = False
     keep_last: int = 3
@@ -81,7 +82,7 @@ class TrainOptions:
 def build_config(options):
     """The ReenactorConfig of a fresh run: ``--config`` (or the small preset with
     ``geometric_input``) with the command-line
-    overrides (``--resolution``, ``--ops``, ``--no-perceptual``) applied."""
+    overrides (``--resolution``, ``--ops``, ``--no-perceptual``, ``--no-gan``) applied."""
     if options.config is not None:
         try:
             config = ReenactorConfig.from_json(options.config)
@@ -97,6 +98,8 @@ def build_config(options):
         data["model"]["ops"] = options.ops
     if not options.perceptual:
         data["loss"]["perceptual"] = 0.0
+    if not options.gan:
+        data["loss"]["adversarial"] = data["loss"]["feature_matching"] = 0.0
     if data["model"]["resolution"] not in RESOLUTIONS:
         raise TrainingError(f"the config's model.resolution must be one of {RESOLUTIONS}, "
                             f"got {data['model']['resolution']!r} (or pass --resolution)")
