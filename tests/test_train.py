@@ -51,6 +51,7 @@ def test_cli_train_no_gan_drops_the_discriminator_terms(dataset, tmp_path):
     # Both discriminator terms off: no discriminator step is taken or logged.
     assert all("D/total" not in entry and "G/reconstruction" in entry for entry in log_entries(run))
 
+
 class _Killed(Exception):
     pass
 
