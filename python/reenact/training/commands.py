@@ -65,7 +65,8 @@ def run(args):
     require("reenact train", "safetensors", *(("av",) if args.loader == "fallback" else ()))
     options = TrainOptions(
         data=args.data, out=args.out, config=args.config, steps=args.steps, batch_size=args.batch_size,
-        resolution=args.resolution, ops=args.ops, perceptual=not args.no_perceptual, gan=not args.no_gan, resume=args.resume,
+        resolution=args.resolution, ops=args.ops, perceptual=not args.no_perceptual, gan=not args.no_gan,
+        resume=args.resume,
         overwrite=args.overwrite, keep_last=args.keep_last, checkpoint_every=args.checkpoint_every,
         sample_every=args.sample_every,
         seed=args.seed, loader=args.loader, device=args.device, face_model=args.face_model,
