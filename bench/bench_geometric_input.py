@@ -35,9 +35,11 @@ if any((ROOT / "pncc_cuda").glob("_C*.so")):
 
 from reenact import demo, eval as evaluate  # noqa: E402
 from reenact.model import ReenactorConfig  # noqa: E402
+from reenact import training  # noqa: E402
 from reenact.training import TrainOptions, load_generator, train  # noqa: E402
 
 VARIANTS = {"model + geometric input": True, "model (PNCC only)": False}
+VARIANTS_BY_FLAG = {"geometric": "model + geometric input", "plain": "model (PNCC only)"}
 METRICS = (("l1", "L1", 4), ("psnr", "PSNR dB", 2), ("ssim", "SSIM", 4))
 
 
@@ -61,14 +63,21 @@ def config_file(path, resolution, geometric, recipe):
 
 
 def train_variant(out, data, resolution, steps, geometric, seed, recipe):
+    """Train one variant, or reuse the same ``--out``'s finished run of it (its last checkpoint and
+    the CPU seconds it took), so variants can be trained by separate processes (``--only``)."""
     run = out / ("run-geometric" if geometric else "run-plain")
+    finished, timing = training.checkpoint_path(run, steps), run / "train_cpu_seconds.json"
+    if finished.is_file() and timing.is_file():
+        return finished, json.loads(timing.read_text())["seconds"]
     options = dict(data=str(data), out=str(run), steps=steps, checkpoint_every=steps, batch_size=recipe.batch_size,
                    config=str(config_file(out / f"config-{int(geometric)}.json", resolution, geometric, recipe)),
                    perceptual=False, seed=seed, loader="fallback", device="cpu", progress=False, keep_last=1,
                    overwrite=True, lr_g=recipe.lr_g, lr_d=recipe.lr_d)
     started = time.process_time()
     checkpoint = train(TrainOptions(**options))
-    return checkpoint, time.process_time() - started
+    seconds = time.process_time() - started
+    timing.write_text(json.dumps({"seconds": seconds}))
+    return checkpoint, seconds
 
 
 def sample_grid(path, checkpoints, heldout, pairs=4):
@@ -105,6 +114,8 @@ def main():
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--only", choices=sorted(VARIANTS_BY_FLAG),
+                        help="train just this variant (a later run with the same --out reuses it)")
     args = parser.parse_args()
     torch.set_num_threads(demo.THREADS)
     out = pathlib.Path(args.out)
@@ -125,6 +136,10 @@ def main():
                 return 0
     steps = args.steps or recipe.steps
     results, checkpoints, seconds = {}, {}, {}
+    if args.only:
+        geometric = VARIANTS[VARIANTS_BY_FLAG[args.only]]
+        print("trained:", train_variant(out, data, args.resolution, steps, geometric, args.seed, recipe)[0])
+        return 0
     for name, geometric in VARIANTS.items():
         checkpoints[name], seconds[name] = train_variant(out, data, args.resolution, steps, geometric, args.seed, recipe)
         results[name] = evaluate.evaluate(evaluate.EvalOptions(
