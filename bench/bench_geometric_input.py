@@ -14,8 +14,8 @@ Datasets:
   - ``--real TRAIN HELD``: two prepared datasets (``reenact prepare`` of
     ``../shared/data/real-videos/``, the built-in mediapipe model), the same recipe at 64x64.
 
-It writes ``OUT/table.md`` and ``OUT/grid.png`` (source | driving | geometric warp | PNCC-only
-model | model + geometric input, a few held-out pairs).
+It writes ``OUT/table.md`` and ``OUT/grid.png`` (source | driving | geometric warp | model +
+geometric input | PNCC-only model, a few held-out pairs).
 
     python bench/bench_geometric_input.py --synthetic --out /tmp/geo-synth
     python bench/bench_geometric_input.py --real TRAIN_DIR HELD_DIR --steps 600 --out /tmp/geo-real
