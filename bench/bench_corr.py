@@ -38,12 +38,11 @@ import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import pncc_cuda  # noqa: E402
-from cpu_info import describe as describe_cpu  # noqa: E402
+from _common import describe as describe_cpu, peak_bytes, random_qkv, sync  # noqa: E402
 from pncc_cuda.reference import corr_warp_normalize, corr_warp_reference  # noqa: E402
-from test_corr import _inputs, _peak_cpu_bytes  # noqa: E402  (the tests' fixtures)
 
 TEMPERATURE = 0.01
 
@@ -123,11 +122,6 @@ def calibration_ms(C, Cv):
     return path, ms
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def make_step(fn, q, k, v, grad_out, backward):
     if not backward:
         def step():
@@ -144,19 +138,8 @@ def make_step(fn, q, k, v, grad_out, backward):
     return step
 
 
-def peak_bytes(step, device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    return _peak_cpu_bytes(step)
-
-
 def run_config(device, dtype, B, N, C, Cv, backward, repeats, warmup=1, sdpa_backends=False):
-    q, k, v = _inputs(B, N, N, C, Cv, dtype=dtype, device=device)
+    q, k, v = random_qkv(B, N, N, C, Cv, dtype=dtype, device=device)
     grad_out = torch.randn(B, N, Cv, dtype=dtype, device=device)
     impls, rejected = implementations(device, sdpa_backends, q, k, v)
     steps = {name: make_step(fn, q, k, v, grad_out, backward) for name, fn in impls.items()}
@@ -169,13 +152,13 @@ def run_config(device, dtype, B, N, C, Cv, backward, repeats, warmup=1, sdpa_bac
     for _ in range(warmup):
         for step in steps.values():
             step()
-    _sync(device)
+    sync(device)
     for _ in range(repeats):  # interleaved rounds
         for name, step in steps.items():
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             step()
-            _sync(device)
+            sync(device)
             times[name].append(time.perf_counter() - t0)
     flops = 2.0 * B * N * N * (C + Cv) * (3.5 if backward else 1.0)
     shape = dict(device=device, dtype=str(dtype).removeprefix("torch."), B=B, N=N, C=C, Cv=Cv,
@@ -274,13 +257,13 @@ def test_bench_corr(benchmark, device, backward, impl):
         pytest.skip(f"{impl}: this CPU has only one corr_warp path")
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     s = _SIZES
-    q, k, v = _inputs(s["B"], s["N"], s["N"], s["C"], s["Cv"], dtype=dtype, device=device)
+    q, k, v = random_qkv(s["B"], s["N"], s["N"], s["C"], s["Cv"], dtype=dtype, device=device)
     grad_out = torch.randn(s["B"], s["N"], s["Cv"], dtype=dtype, device=device)
     step = make_step(IMPLS[impl], q, k, v, grad_out, backward)
 
     def timed():
         step()
-        _sync(device)
+        sync(device)
 
     benchmark.pedantic(timed, rounds=5 if _FULL else 10, warmup_rounds=1)
 

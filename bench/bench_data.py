@@ -33,7 +33,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 
-from cpu_info import describe as describe_cpu  # noqa: E402  (bench/, the script's directory)
+from _common import describe as describe_cpu  # noqa: E402  (bench/, the script's directory)
 from reenact.data import loaders, synth  # noqa: E402
 from reenact.data import prepare as prep  # noqa: E402
 from reenact.data.dataset import ClipDataset  # noqa: E402

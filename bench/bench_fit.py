@@ -31,7 +31,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 
-from cpu_info import describe as describe_cpu  # noqa: E402  (bench/, the script's directory)
+from _common import describe as describe_cpu  # noqa: E402  (bench/, the script's directory)
 from reenact.face3d.fit import fit_landmarks  # noqa: E402
 from reenact.face3d.morphable import load_npz_model  # noqa: E402
 from reenact.face3d.pose import axis_angle_to_matrix, decompose_pose, rotation_angle_between  # noqa: E402

@@ -32,46 +32,18 @@ import json
 import pathlib
 import statistics
 import sys
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "python"), str(ROOT / "tests"), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT), str(ROOT / "python"), str(ROOT / "bench")]
 
 import torch  # noqa: E402
 
-from model_fixtures import synthetic_batch  # noqa: E402  (the tests' inputs)
 from reenact.model import LossConfig, ReenactmentLoss, Reenactor, ReenactorConfig  # noqa: E402
-from bench_corr import peak_bytes  # noqa: E402  (CUDA allocator peak, or the CPU profiler's)
-from cpu_info import describe as describe_cpu  # noqa: E402
+from reenact.model.testing import synthetic_batch  # noqa: E402  (the model tests' inputs)
+from _common import describe as describe_cpu, interleaved_times, peak_bytes  # noqa: E402
 
 OPS = ("fused", "reference")
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def interleaved_times(steps, device, repeats, warmup, prepare=None):
-    """Wall and process-CPU seconds of each callable of ``steps`` (name -> step), timed in
-    interleaved rounds after ``warmup`` untimed ones, so drifting machine load hits every step
-    alike -> ({name: [wall s]}, {name: [CPU s]}). ``prepare(name)``, when given, runs before each
-    call, outside the timing."""
-    times = {name: [] for name in steps}
-    cpu_times = {name: [] for name in steps}
-    for round_ in range(warmup + repeats):
-        for name, step in steps.items():
-            if prepare is not None:
-                prepare(name)
-            _sync(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            step()
-            _sync(device)
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
-                cpu_times[name].append(time.process_time() - cpu_start)
-    return times, cpu_times
 
 
 def build_model(config_name, resolution, correspondence_level, device):

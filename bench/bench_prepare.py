@@ -25,13 +25,13 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 
-from bench_real_fit import cpu_model  # noqa: E402
-from reenact.data import prepare as prep  # noqa: E402
+from _common import cpu_model  # noqa: E402
+from reenact.data import framing, prepare as prep, prepare_worker  # noqa: E402
 from reenact.data.video import encode_video, iter_frames  # noqa: E402
 from reenact.face3d.calibration import fit_options_for  # noqa: E402
 from reenact.face3d.detectors import make_detector  # noqa: E402
 from reenact.face3d.fit import fit_clip, fit_landmarks  # noqa: E402
-from reenact.face3d.morphable import load_model  # noqa: E402
+from reenact.face3d.loading import load_model  # noqa: E402
 
 SHARED = pathlib.Path(os.environ.get("PNCC_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
@@ -54,12 +54,12 @@ def profile(path, model, options, legacy):
     detector.close()
     landmarks = np.array(landmarks)
     found = np.isfinite(landmarks).all((1, 2))
-    pieces = prep._segments(found, options.clip_length, options.min_clip_length)
+    pieces = prepare_worker._segments(found, options.clip_length, options.min_clip_length)
     started = time.process_time()
     plans = []
     for first, stop in pieces:
-        boxes = prep.crop_boxes(landmarks[first:stop], options.crop_scale, options.smooth_sigma)
-        points = torch.from_numpy(prep.to_crop(landmarks[first:stop], boxes, options.size))
+        boxes = framing.crop_boxes(landmarks[first:stop], options.crop_scale, options.smooth_sigma)
+        points = torch.from_numpy(framing.to_crop(landmarks[first:stop], boxes, options.size))
         if legacy:
             fit_landmarks(model, points)
         else:
@@ -67,7 +67,7 @@ def profile(path, model, options, legacy):
         plans.append((first, stop, boxes))
     seconds["fit"] = time.process_time() - started
     started = time.process_time()
-    crops = [[prep.crop_frame(frames[first + k], boxes[k], options.size) for k in range(stop - first)]
+    crops = [[framing.crop_frame(frames[first + k], boxes[k], options.size) for k in range(stop - first)]
              for first, stop, boxes in plans]
     seconds["crop"] = time.process_time() - started
     with tempfile.TemporaryDirectory() as work:

@@ -38,7 +38,7 @@ if any((ROOT / "pncc_cuda").glob("_C*.so")):
 sys.path.insert(0, str(ROOT / "bench"))
 
 import pncc_cuda  # noqa: E402
-from cpu_info import describe as describe_cpu  # noqa: E402
+from _common import machine as machine_facts  # noqa: E402
 from pncc_cuda import reference  # noqa: E402
 from pncc_cuda.testing import face_mesh  # noqa: E402
 
@@ -264,11 +264,7 @@ def markdown(rows):
 
 
 def machine():
-    info = {"cpu": describe_cpu(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "raster_cull_variant": torch.ops.pncc._raster_cpu_variant()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
+    return machine_facts(raster_cull_variant=torch.ops.pncc._raster_cpu_variant())
 
 
 def plot(rows, path):

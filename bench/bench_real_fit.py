@@ -14,8 +14,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
-import subprocess
 import sys
 import time
 
@@ -25,25 +23,19 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "python")]
 
-from reenact.data.prepare import _segments, crop_boxes, to_crop  # noqa: E402
+from _common import cpu_model  # noqa: E402  (bench/, the script's directory)
+from reenact.data.framing import crop_boxes, to_crop  # noqa: E402
+from reenact.data.prepare_worker import _segments  # noqa: E402
 from reenact.face3d import calibration  # noqa: E402
 from reenact.face3d.detectors import MEDIAPIPE_TO_IBUG68  # noqa: E402
 from reenact.face3d.fit import fit_landmarks, inter_ocular_distance  # noqa: E402
-from reenact.face3d.morphable import load_model  # noqa: E402
+from reenact.face3d.loading import load_model  # noqa: E402
 
 SHARED = pathlib.Path(os.environ.get("PNCC_SHARED_DATA", ROOT.parent / "shared" / "data"))
 VIDEOS = SHARED / "real-videos"
 SFM_PATH = SHARED / "face-models" / "sfm_3448.npz"
 INNER = slice(17, 68)
 CROP = 256
-
-
-def cpu_model():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def video_landmarks(path, cache):
@@ -108,7 +100,7 @@ def grid(model, stems, clips, fits_before, fits_after, path, cache):
     and after, and the clip's identity (neutral, 3/4 view) before and after."""
     from PIL import Image
 
-    from reenact.data.prepare import crop_frame
+    from reenact.data.framing import crop_frame
     from reenact.data.video import iter_frames
     from reenact.face3d.pncc import reconstruct_pncc
     from reenact.face3d.pose import compose_pose, euler_to_matrix

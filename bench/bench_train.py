@@ -18,7 +18,7 @@ a warm-up, so drifting machine load hits both alike. Reported: the median wall t
 iteration (it/s), the median CPU time of the process per iteration (all threads; it swings much
 less than wall time on a shared machine), and the peak memory of one iteration above what
 existed before it: on CUDA `torch.cuda.max_memory_allocated`, on the CPU every torch allocation
-and free of the iteration from the profiler's memory timeline (bench_corr.peak_bytes); numpy and
+and free of the iteration from the profiler's memory timeline (_common.peak_bytes); numpy and
 Python allocations are not torch's and are not counted.
 
 Rows: CPU at 128x128, small config, batch 4, fp32. GPU (when CUDA is visible): 256x256, paper
@@ -34,13 +34,11 @@ import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "python"), str(ROOT / "tests"), str(ROOT / "bench")]
+sys.path[:0] = [str(ROOT), str(ROOT / "python"), str(ROOT / "bench")]
 
 import torch  # noqa: E402
 
-from bench_corr import peak_bytes  # noqa: E402  (CUDA allocator peak, or the CPU profiler's)
-from bench_model import interleaved_times  # noqa: E402
-from bench_raster import machine  # noqa: E402
+from _common import interleaved_times, machine, peak_bytes  # noqa: E402
 from reenact.data import synth  # noqa: E402
 from reenact.model import ReenactorConfig  # noqa: E402
 from reenact.training import Trainer, TrainOptions  # noqa: E402
@@ -199,7 +197,7 @@ def main(argv=None):
                 case = dataclasses.replace(case, correspondence_level=args.correspondence_level)
             rows += run_case(case, pathlib.Path(workdir))
     table = markdown(rows)
-    info = machine()
+    info = machine(raster_cull_variant=torch.ops.pncc._raster_cpu_variant())
     print(f"Machine: {info}\n")
     print(table, end="")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,8 @@ ground truth is a pure warp of the source: the task a correspondence can learn.
 import pytest
 import torch
 
+from reenact.model.testing import synthetic_batch, synthetic_face  # noqa: F401  (re-exported to the tests)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def single_thread():
@@ -20,37 +22,3 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
-
-
-def synthetic_face(centres, resolution, radius=0.45):
-    """centres: (B, 2) face centres (x, y) in [-1, 1] -> (image (B,3,R,R) in [-1,1],
-    pncc (B,3,R,R) in [0,1])."""
-    coords = (torch.arange(resolution, dtype=torch.float32) * 2 + 1) / resolution - 1
-    y, x = torch.meshgrid(coords, coords, indexing="ij")
-    u = (x[None] - centres[:, 0, None, None]) / radius
-    v = (y[None] - centres[:, 1, None, None]) / radius
-    inside = (u**2 + v**2 < 1).float()
-    depth = torch.sqrt((1 - u**2 - v**2).clamp(min=0))
-    pncc = torch.stack(((u + 1) / 2, (v + 1) / 2, depth), dim=1) * inside[:, None]
-    texture = torch.stack((
-        torch.sin(3.0 * u) * 0.8,
-        torch.cos(4.0 * v) * 0.8,
-        torch.sin(2.0 * (u + v)) * 0.8,
-    ), dim=1)
-    background = torch.tensor([-0.5, 0.2, 0.6]).view(1, 3, 1, 1)
-    image = texture * inside[:, None] + background * (1 - inside[:, None])
-    return image, pncc
-
-
-def synthetic_batch(batch, resolution, seed=0, shift=0.15):
-    """A dict of source_image, source_pncc, driving_image, driving_pncc (source and driving face
-    centres differ by up to `shift` in each direction)."""
-    generator = torch.Generator().manual_seed(seed)
-    source_centres = (torch.rand(batch, 2, generator=generator) - 0.5) * 0.2
-    driving_centres = source_centres + (torch.rand(batch, 2, generator=generator) * 2 - 1) * shift
-    source_image, source_pncc = synthetic_face(source_centres, resolution)
-    driving_image, driving_pncc = synthetic_face(driving_centres, resolution)
-    return {
-        "source_image": source_image, "source_pncc": source_pncc,
-        "driving_image": driving_image, "driving_pncc": driving_pncc,
-    }

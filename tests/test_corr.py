@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 import pncc_cuda
 from pncc_cuda.reference import corr_warp_normalize, corr_warp_reference
+from pncc_cuda.testing import peak_cpu_bytes
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -409,34 +410,6 @@ def test_cuda_side_stream():
 # ---- memory ---------------------------------------------------------------------------------
 
 
-def _peak_cpu_bytes(fn):
-    """Peak of the CPU memory allocated while fn runs, from the profiler's memory counters.
-
-    The profiler's memory timeline lists every allocation and free, including the temporaries
-    inside a fused op; replaying it gives the peak of live bytes above what existed before.
-    """
-    from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
-
-    # The profiler's (private) data-flow pass now and then asserts "version mismatch" on a trace
-    # it cannot pair up (seen once in ~10 runs of bench_train's training step): profile again.
-    for attempt in range(3):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                    profile_memory=True, record_shapes=True, with_stack=True) as prof:
-            fn()
-        try:
-            timeline = MemoryProfileTimeline(prof._memory_profile()).timeline
-            break
-        except AssertionError:
-            if attempt == 2:
-                raise
-    live = peak = 0
-    for _, action, _, size in timeline:
-        if action == Action.CREATE:
-            live += size
-        elif action == Action.DESTROY:
-            live -= size
-        peak = max(peak, live)
-    return peak
 
 
 @pytest.mark.slow
@@ -449,8 +422,8 @@ def test_memory_is_a_fraction_of_unfused():
         for t in (q, k, v):
             t.grad = None
 
-    fused = _peak_cpu_bytes(lambda: run(pncc_cuda.corr_warp))
-    unfused = _peak_cpu_bytes(lambda: run(corr_warp_reference))
+    fused = peak_cpu_bytes(lambda: run(pncc_cuda.corr_warp))
+    unfused = peak_cpu_bytes(lambda: run(corr_warp_reference))
     assert unfused > 4 * 4096 * 4096 * 4  # the reference holds at least one (B, Nq, Nk) matrix
     assert fused * 8 < unfused, (
         f"fused peak {fused / 2**20:.0f} MiB, unfused {unfused / 2**20:.0f} MiB"

@@ -7,7 +7,7 @@ import pytest
 from data_support import build_corrupt_corpus, hanging_or_crashing_decoder, noisy_decoder
 from reenact import cli
 from reenact.data import format as fmt
-from reenact.data import prepare as prep
+from reenact.data import framing, prepare as prep
 from reenact.data import synth, video
 from reenact.data.dataset import ClipDataset, SkipBudgetExceeded
 
@@ -205,6 +205,6 @@ def test_fast_crop_matches_the_reference_sampling_within_one_level():
     frame = cv2.GaussianBlur((rng.random((120, 90, 3)) * 255).astype(np.uint8), (5, 5), 1.5)
     for box in (np.array([10.3, 20.7, 70.1, 80.5]), np.array([-30.0, -25.0, 110.0, 115.0])):  # inside; past the edges
         step = (box[2] - box[0]) / 48
-        fast, reference = prep.crop_frame(frame, box, 48), prep._crop_frame_torch(frame, box, 48, step)
+        fast, reference = framing.crop_frame(frame, box, 48), framing._crop_frame_torch(frame, box, 48, step)
         assert fast.shape == reference.shape == (48, 48, 3) and fast.dtype == np.uint8
         assert np.abs(fast.astype(int) - reference).max() <= 1

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from reenact import cli, demo, train as training
+from reenact import cli, demo, training
 from reenact.data.video import probe
 
 TINY = demo.DemoRecipe(clips=2, frames=8, heldout_frames=8, steps=2, batch_size=2)

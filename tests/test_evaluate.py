@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from model_fixtures import single_thread  # noqa: F401 (autouse fixture: one intra-op thread)
-from reenact import cli, evaluate, train as training
+from reenact import cli, eval as evaluate, training
 from reenact.data import synth
-from reenact.eval_networks import IResNet, InceptionV3Features, load_feature_network
+from reenact.eval.networks import IResNet, InceptionV3Features, load_feature_network
 
 SIZE = 64
 CLIPS, FRAMES = 2, 4
@@ -108,7 +108,7 @@ class PooledPixels(torch.nn.Module):
 
 
 def test_eval_scores_identity_and_fid_of_every_method_against_the_right_frames(run, tmp_path, monkeypatch):
-    from reenact import eval_networks
+    from reenact.eval import networks as eval_networks
 
     projection = torch.randn(48, 16, generator=torch.Generator().manual_seed(0))
     networks = {"identity": PooledPixels(projection), "inception": PooledPixels()}

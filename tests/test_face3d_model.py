@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from face3d_support import model_by_name, sfm_model, toy_model
-from reenact.face3d.morphable import MorphableModel, load_model, load_npz_model, save_npz_model
+from reenact.face3d.loading import load_model
+from reenact.face3d.morphable import MorphableModel, load_npz_model, save_npz_model
 from reenact.face3d.pose import (
     axis_angle_to_matrix, compose_pose, decompose_pose, euler_to_matrix, matrix_to_axis_angle,
     relative_pose, rotation_angle_between,

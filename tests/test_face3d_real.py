@@ -14,7 +14,7 @@ import torch
 from face3d_support import sfm_model, toy_model
 from reenact.face3d import calibration, eos_sfm, registry
 from reenact.face3d.fit import fit_landmarks, inter_ocular_distance
-from reenact.face3d.morphable import load_model
+from reenact.face3d.loading import load_model
 from reenact.face3d.synthetic import project_landmarks, random_parameters
 
 SHARED = pathlib.Path(os.environ.get("PNCC_SHARED_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -129,7 +129,7 @@ def _real_landmarks(name, frames):
     if not video.exists():
         pytest.skip(f"real clips not available: {video} is absent (set PNCC_SHARED_DATA)")
     detectors = pytest.importorskip("reenact.face3d.detectors")
-    from reenact.data.prepare import crop_boxes, to_crop
+    from reenact.data.framing import crop_boxes, to_crop
     from reenact.data.video import iter_frames
 
     try:

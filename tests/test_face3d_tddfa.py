@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from reenact.face3d.morphable import load_model
+from reenact.face3d.loading import load_model
 from reenact.face3d.tddfa import (
     MobileNetV1, TDDFARegressor, crop_image, decode_params, load_regressor, load_tddfa_bfm,
     roi_box_from_bbox, roi_box_from_landmarks, safe_load_pickle,

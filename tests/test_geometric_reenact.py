@@ -10,7 +10,7 @@ pytest.importorskip("pncc_cuda", reason="pncc_cuda's extension is not built")
 
 from reenact import cli  # noqa: E402
 from reenact.data import synth  # noqa: E402
-from reenact.face3d.morphable import load_model  # noqa: E402
+from reenact.face3d.loading import load_model  # noqa: E402
 from reenact.inference import GEOMETRIC_RESOLUTION, animate  # noqa: E402
 from reenact.model import Reenactor, ReenactorConfig  # noqa: E402
 
@@ -62,7 +62,7 @@ def test_cli_without_a_checkpoint_runs_the_geometric_mode(tmp_path, capsys):
     pytest.importorskip("matplotlib.cbook", reason="matplotlib provides grace_hopper.jpg")
     from PIL import Image
 
-    from reenact import real_demo
+    from reenact.demo import real_face as real_demo
     from reenact.data.video import encode_video, iter_frames
 
     torch.set_num_threads(1)

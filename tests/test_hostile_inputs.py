@@ -16,7 +16,7 @@ from PIL import Image
 from hostile_support import (
     check_case, npz_with_header, pickle_allocating, pickle_payload, png_header, run_cases, tree_digest,
     zip_bomb_npz)
-from reenact import train as training
+from reenact import training
 from reenact.data import format as fmt
 from reenact.data import synth
 from reenact.data.video import iter_frames

@@ -10,11 +10,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from reenact import cli, inference, train as training
+from reenact import cli, training
+from reenact.inference import commands as inference
 from reenact.data import synth
-from reenact.data.prepare import to_crop
+from reenact.data.framing import to_crop
 from reenact.data.video import iter_frames, probe
-from reenact.face3d.morphable import load_model
+from reenact.face3d.loading import load_model
 from reenact.face3d.pose import apply_pose
 from reenact.inference import animate, feathered_mask, paste_back, pose_to_crop
 from reenact.model import Reenactor, ReenactorConfig, build_discriminator
@@ -299,7 +300,7 @@ def test_animate_encodes_the_source_once_and_matches_per_batch_forward(pose_mode
 
 
 def test_faceless_frames_hold_the_last_good_parameters():
-    from reenact.inference import _fill_missing
+    from reenact.inference import fill_missing as _fill_missing
 
     found = np.array([False, True, False, False, True, False])
     values = np.array([[1.0], [2.0]])

@@ -14,7 +14,8 @@ import torch
 
 from reenact.data import format as fmt
 from reenact.face3d import detectors, tddfa
-from reenact.face3d.morphable import load_model, read_npz
+from reenact.face3d.loading import load_model
+from reenact.face3d.morphable import read_npz
 from reenact.face3d.pipeline import load_parameters
 
 

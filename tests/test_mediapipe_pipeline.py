@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("pncc_cuda", reason="pncc_cuda's extension is not built")
 pytest.importorskip("mediapipe", reason="mediapipe==0.10.21 is not installed (optional extra)")
 
-from reenact import evaluate, train as training  # noqa: E402
+from reenact import eval as evaluate, training  # noqa: E402
 from reenact.data import format as fmt, prepare as prep  # noqa: E402
 from reenact.data.video import encode_video, iter_frames  # noqa: E402
 

@@ -11,7 +11,7 @@ pytest.importorskip("mediapipe", reason="mediapipe==0.10.21 is not installed (op
 pytest.importorskip("skimage.data", reason="scikit-image provides the astronaut photo")
 pytest.importorskip("matplotlib.cbook", reason="matplotlib provides grace_hopper.jpg")
 
-from reenact import real_demo  # noqa: E402
+from reenact.demo import real_face as real_demo  # noqa: E402
 from reenact.face3d import load_model  # noqa: E402
 from reenact.face3d.detectors import MediapipeDetector  # noqa: E402
 from reenact.face3d.expressions import expression_offsets  # noqa: E402

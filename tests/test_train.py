@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from model_fixtures import single_thread  # noqa: F401  (autouse: one intra-op thread)
-from reenact import cli, train as training
+from reenact import cli, training
 from reenact.model import ReenactmentLoss
 from train_support import SIZE, checkpoint_steps, log_entries, losses_of, make_dataset, options, requires_dali
 

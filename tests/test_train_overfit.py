@@ -5,7 +5,7 @@ Held frames: 3 synthetic toy-head clips of 16 frames at 64 px are rendered; fram
 every clip are *held out*: the training dataset is a copy of the clips without them (re-encoded,
 parameters sliced), so no training pair ever shows them. The held-frame L1 is measured on the
 fixed pairs (clip c, source frame 0, driving frame t) for t in 4, 9, 14: 9 pairs, the source frame
-being a training frame, the driving frame an unseen one. It is ``reenact.evaluate``'s L1 (images in
+being a training frame, the driving frame an unseen one. It is ``reenact.eval``'s L1 (images in
 [0, 1], the generator in eval mode, no gradients), before training (the run's initial weights) and
 after it (the last checkpoint).
 
@@ -23,7 +23,7 @@ import time
 import pytest
 import torch
 
-from reenact import evaluate, train as training
+from reenact import eval as evaluate, training
 from reenact.data import format as fmt, synth
 from reenact.data.pairs import PairSpec
 from reenact.data.video import encode_video, iter_frames

@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from model_fixtures import single_thread  # noqa: F401  (autouse: one intra-op thread)
-from reenact import cli, train as training
+from reenact import cli, training
 from reenact.model import Reenactor, build_discriminator
-from reenact.training import trainer as trainer_module
+from reenact.training import precision as precision_module
 from train_support import (
     checkpoint_steps,
     cli_args,
@@ -242,7 +242,7 @@ def test_non_finite_losses_are_still_caught_under_bf16(dataset, tmp_path, monkey
 
 
 def test_bf16_where_it_cannot_run_is_a_clear_error(dataset, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(trainer_module, "_cpu_bf16_autocast_works", lambda: False)
+    monkeypatch.setattr(precision_module, "cpu_bf16_autocast_works", lambda: False)
     args = cli_args(dataset, tmp_path / "run", 2, precision="bf16")
     assert cli.main(args) == 1
     assert "--precision bf16: this torch build cannot autocast to bfloat16 on the CPU" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from reenact import train as training
+from reenact import training
 from reenact.data import synth
 from reenact.data.loaders import dali_available
 

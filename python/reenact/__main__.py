@@ -1,6 +1,6 @@
 """`python -m reenact ...`: the same as the `reenact` command."""
 import sys
 
-from reenact.cli import main
+from .cli import main
 
 sys.exit(main())

@@ -19,6 +19,14 @@ class OutputFolderError(ValueError):
     """An output folder the command may not write into or delete from (the message says why)."""
 
 
+def unless_input(folder, name, inputs):
+    """``folder / name``, refused when it is one of the ``inputs`` (a command never writes over its input)."""
+    path = pathlib.Path(folder) / name
+    if any(path.resolve() == pathlib.Path(i).resolve() for i in inputs):
+        raise OutputFolderError(f"refusing to overwrite the input {path}")
+    return path
+
+
 def marker_path(folder, command):
     return pathlib.Path(folder) / f".reenact-{command}"
 

@@ -118,9 +118,14 @@ def read_bytes(path, what, max_bytes):
 
 # -- plain values ----------------------------------------------------------------------------------
 
+def is_int(value):
+    """Whether ``value`` is an int and not a bool (``True`` is an int to Python, never a count here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def integer(value, where, low=None, high=None):
     """``value`` as an int in [low, high] (bools and floats refused)."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise InputError(f"{where} must be an integer, got {type(value).__name__} {_short(value)}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise InputError(f"{where} must be in [{low}, {high}], got {value}")

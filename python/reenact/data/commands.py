@@ -1,49 +1,20 @@
-"""The data subcommands of ``reenact``: ``synth`` and ``prepare`` (registered in reenact/cli.py)."""
+"""The data subcommands of ``reenact``: ``synth``, ``prepare`` and ``merge-datasets``."""
+import contextlib
 import pathlib
 
-from .progress import progress_bar
-
-
-def _error(message):
-    from ..cli import CommandError
-
-    return CommandError(message)
-
-
-def run_synth(args):
-    """``reenact synth OUT_DIR --clips N``: a synthetic toy-head dataset (or raw videos with --raw)."""
-    from .synth import synth_dataset
-
-    from .. import output_folders
-
-    out_dir = pathlib.Path(args.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise _error(f"OUT_DIR must be a directory: {out_dir}")
-    if not args.raw and (out_dir / "manifest.jsonl").exists() and not args.overwrite:
-        raise _error(f"{out_dir} already holds a dataset (manifest.jsonl); pass --overwrite to replace it")
-    try:
-        output_folders.claim(out_dir, "synth", "a rerun with --overwrite replaces the clips here", flag="OUT_DIR",
-                      overwrite=args.overwrite)
-    except output_folders.OutputFolderError as err:
-        raise _error(str(err)) from None
-    bar = progress_bar(args.clips, "synth", "clip", not args.quiet)
-    try:
-        results = synth_dataset(out_dir, args.clips, frames=args.frames, size=args.size, fps=args.fps,
-                                codec=args.codec, identities=args.identities, seed=args.seed, raw=args.raw,
-                                progress=bar.update)
-    except (ValueError, ImportError, OSError) as err:
-        raise _error(str(err)) from None
-    finally:
-        bar.close()
-    what = "raw videos with .landmarks.npy" if args.raw else "clips"
-    print(f"wrote {len(results)} synthetic toy-head {what} ({args.frames} frames, {args.size}px, "
-          f"{args.codec}) to {out_dir} [synthetic model]")
-    return 0
+from .. import output_folders
+from ..cli.errors import CommandError, reported
+from ..progress import progress_bar
+from ..cli.arguments import add_detector, add_quiet, detector_module, directory, missing, require, subcommand
+from .dataset import SkipBudgetExceeded
+from .merge import merge_datasets, parse_shard
+from .prepare import PrepareOptions, prepare
+from .synth import synth_dataset
 
 
 def add_synth_parser(subparsers):
-    parser = subparsers.add_parser(
-        "synth", help="render a synthetic toy-head dataset with ground-truth parameters",
+    parser = subcommand(
+        subparsers, "synth", run, help="render a synthetic toy-head dataset with ground-truth parameters",
         description="Render clips of the built-in synthetic toy head (random identities, expression "
                     "trajectories and head motion) in the prepared-dataset format, with exact parameters.")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="output directory (created if needed)")
@@ -58,47 +29,12 @@ def add_synth_parser(subparsers):
     parser.add_argument("--raw", action="store_true",
                         help="write uncropped raw videos plus <name>.landmarks.npy (input for `reenact prepare`)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset's manifest")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run_synth)
-
-
-def run_prepare(args):
-    """``reenact prepare RAW_VIDEO_DIR OUT_DIR``."""
-    from .dataset import SkipBudgetExceeded
-    from .prepare import PrepareOptions, prepare
-
-    options = PrepareOptions(size=args.size, codec=args.codec, clip_length=args.clip_length,
-                             min_clip_length=args.min_clip_length, crop_scale=args.crop_scale,
-                             smooth_sigma=args.smooth, model=args.model, detector=args.detector,
-                             landmarks_from=args.landmarks_from)
-    if options.landmarks_from is None:
-        # Checked without creating a detector: mediapipe objects must not exist before the fork.
-        import importlib.util
-
-        module = {"mediapipe": "mediapipe", "dlib": "dlib"}[options.detector]
-        if importlib.util.find_spec(module) is None:
-            raise _error(f"the {options.detector} detector is not installed (`pip install "
-                         f"{'mediapipe==0.10.21' if module == 'mediapipe' else 'dlib'}`), "
-                         f"or pass --landmarks-from DIR")
-    try:
-        from .merge import parse_shard
-
-        report = prepare(args.raw_dir, args.out_dir, options, workers=args.workers, timeout=args.timeout,
-                         max_skip_fraction=args.max_skip_fraction, retry_skipped=args.retry_skipped,
-                         progress=not args.quiet, overwrite=args.overwrite,
-                         shard=parse_shard(args.shard))
-    except SkipBudgetExceeded as err:
-        report_path = pathlib.Path(args.out_dir) / "prepare_report.json"
-        raise _error(f"{err} (the manifest of the good files and {report_path} were written)") from None
-    except (ValueError, FileNotFoundError, ImportError, OSError) as err:
-        raise _error(str(err)) from None
-    print(report.summary())
-    return 0
+    add_quiet(parser)
 
 
 def add_prepare_parser(subparsers):
-    parser = subparsers.add_parser(
-        "prepare", help="turn raw videos into a training dataset (face crops, fitted parameters)",
+    parser = subcommand(
+        subparsers, "prepare", run, help="turn raw videos into a training dataset (face crops, fitted parameters)",
         description="Detect and track the face, crop it stably, fit the morphable model (one identity "
                     "per clip), encode 256x256 clips and write manifest.jsonl. Resumable; broken files "
                     "are skipped and reported.")
@@ -117,7 +53,7 @@ def add_prepare_parser(subparsers):
     parser.add_argument("--crop-scale", type=float, default=1.7, help="crop side over the landmark box side")
     parser.add_argument("--smooth", type=float, default=2.0, help="crop smoothing (Gaussian sigma in frames)")
     parser.add_argument("--model", default="toy", help="'toy', a model .npz, or 3DDFA_V2's bfm .pkl")
-    parser.add_argument("--detector", default="mediapipe", choices=["mediapipe", "dlib"])
+    add_detector(parser)
     parser.add_argument("--landmarks-from", metavar="DIR",
                         help="read landmarks instead of detecting: DIR/<video name>.landmarks.npy (or .npy/.npz/.txt), "
                              "as written by `reenact synth --raw`")
@@ -128,29 +64,80 @@ def add_prepare_parser(subparsers):
                         help="take only shard K (0-based) of N of the input videos, split by a hash of each path, "
                              "so N machines can run at once (e.g. --shard $SLURM_ARRAY_TASK_ID/N); join the "
                              "outputs with `reenact merge-datasets`")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run_prepare)
-
-
-def run_merge(args):
-    """``reenact merge-datasets OUT_DIR SHARD_DIR...``."""
-    from .merge import merge_datasets
-
-    try:
-        merged = merge_datasets(args.out_dir, args.shard_dirs, copy=args.copy)
-    except (ValueError, FileNotFoundError, OSError) as err:
-        raise _error(str(err)) from None
-    print(f"merged {len(merged)} clip(s) from {len(args.shard_dirs)} shard(s) into {args.out_dir}")
-    return 0
+    add_quiet(parser)
 
 
 def add_merge_parser(subparsers):
-    parser = subparsers.add_parser(
-        "merge-datasets", help="join the outputs of sharded `prepare` runs into one dataset",
+    parser = subcommand(
+        subparsers, "merge-datasets", run, help="join the outputs of sharded `prepare` runs into one dataset",
         description="Hard-link (or copy) the clips of prepared shard datasets into OUT_DIR and write one "
                     "manifest and report; refuses duplicate sources or clip names, mixed crop sizes or "
                     "face models. The shards are left unchanged.")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="new dataset directory")
     parser.add_argument("shard_dirs", metavar="SHARD_DIR", nargs="+", help="prepared shard datasets")
     parser.add_argument("--copy", action="store_true", help="copy files instead of hard-linking them")
-    parser.set_defaults(func=run_merge)
+
+
+def add_parser(subparsers):
+    """Register ``synth``, ``prepare`` and ``merge-datasets``."""
+    add_synth_parser(subparsers)
+    add_prepare_parser(subparsers)
+    add_merge_parser(subparsers)
+
+
+def run_synth(args):
+    """``reenact synth OUT_DIR --clips N``: a synthetic toy-head dataset (or raw videos with --raw)."""
+    require("reenact synth", "av")  # before any work: each clip is rendered, then encoded with PyAV
+    out_dir = directory(args.out_dir, "OUT_DIR")
+    if not args.raw and (out_dir / "manifest.jsonl").exists() and not args.overwrite:
+        raise CommandError(f"{out_dir} already holds a dataset (manifest.jsonl); pass --overwrite to replace it")
+    with reported(output_folders.OutputFolderError):
+        output_folders.claim(out_dir, "synth", "a rerun with --overwrite replaces the clips here", flag="OUT_DIR",
+                             overwrite=args.overwrite)
+    bar = progress_bar(args.clips, "synth", "clip", not args.quiet)
+    with reported(ValueError, ImportError, OSError), contextlib.closing(bar):
+        results = synth_dataset(out_dir, args.clips, frames=args.frames, size=args.size, fps=args.fps,
+                                codec=args.codec, identities=args.identities, seed=args.seed, raw=args.raw,
+                                progress=bar.update)
+    what = "raw videos with .landmarks.npy" if args.raw else "clips"
+    print(f"wrote {len(results)} synthetic toy-head {what} ({args.frames} frames, {args.size}px, "
+          f"{args.codec}) to {out_dir} [synthetic model]")
+    return 0
+
+
+def run_prepare(args):
+    """``reenact prepare RAW_VIDEO_DIR OUT_DIR``."""
+    options = PrepareOptions(size=args.size, codec=args.codec, clip_length=args.clip_length,
+                             min_clip_length=args.min_clip_length, crop_scale=args.crop_scale,
+                             smooth_sigma=args.smooth, model=args.model, detector=args.detector,
+                             landmarks_from=args.landmarks_from)
+    require("reenact prepare", "av")  # every clip is decoded and encoded with PyAV
+    # Checked without creating a detector: mediapipe objects must not exist before the fork.
+    if options.landmarks_from is None and missing(detector_module(options.detector)):
+        raise CommandError(f"the {options.detector} detector is not installed (`pip install "
+                           f"{missing(detector_module(options.detector))[0]}`), or pass --landmarks-from DIR")
+    try:
+        report = prepare(args.raw_dir, args.out_dir, options, workers=args.workers, timeout=args.timeout,
+                         max_skip_fraction=args.max_skip_fraction, retry_skipped=args.retry_skipped,
+                         progress=not args.quiet, overwrite=args.overwrite,
+                         shard=parse_shard(args.shard))
+    except SkipBudgetExceeded as err:
+        report_path = pathlib.Path(args.out_dir) / "prepare_report.json"
+        raise CommandError(f"{err} (the manifest of the good files and {report_path} were written)") from None
+    except (ValueError, FileNotFoundError, ImportError, OSError) as err:
+        raise CommandError(str(err)) from None  # after SkipBudgetExceeded, a ValueError with more to say
+    print(report.summary())
+    return 0
+
+
+def run_merge(args):
+    """``reenact merge-datasets OUT_DIR SHARD_DIR...``."""
+    with reported(ValueError, FileNotFoundError, OSError):
+        merged = merge_datasets(args.out_dir, args.shard_dirs, copy=args.copy)
+    print(f"merged {len(merged)} clip(s) from {len(args.shard_dirs)} shard(s) into {args.out_dir}")
+    return 0
+
+
+def run(args):
+    """Run the data subcommand that ``args`` names."""
+    return {"synth": run_synth, "prepare": run_prepare, "merge-datasets": run_merge}[args.command](args)

@@ -46,18 +46,20 @@ class PairLoader:
         if not isinstance(dataset, ClipDataset):
             dataset = ClipDataset(dataset, codecs=self.codecs, max_skip_fraction=max_skip_fraction)
         self.dataset = dataset
-        self.batch_size, self.seed, self.epoch = batch_size, seed, epoch
+        self.batch_size, self.seed, self.epoch, self.skip = batch_size, seed, epoch, 0
         self.shard_id, self.num_shards, self.config = shard_id, num_shards, config
         self.device = torch.device(device)
         epoch_schedule(dataset.frame_counts, batch_size, seed, 0, shard_id, num_shards, config,
                        dataset.valid_frames)  # validates
 
-    def set_epoch(self, epoch):
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch, skip=0):
+        """Take epoch ``epoch``'s batches, less its first ``skip`` ones (a resumed epoch's consumed batches)."""
+        self.epoch, self.skip = int(epoch), int(skip)
 
     def schedule(self):
+        """This rank's batches of the epoch, in order: lists of PairSpecs (the first ``skip`` left out)."""
         return epoch_schedule(self.dataset.frame_counts, self.batch_size, self.seed, self.epoch,
-                              self.shard_id, self.num_shards, self.config, self.dataset.valid_frames)
+                              self.shard_id, self.num_shards, self.config, self.dataset.valid_frames)[self.skip:]
 
     def __len__(self):
         per_step = self.batch_size * self.num_shards

@@ -1,5 +1,7 @@
-"""PNCCs of a training batch, rendered on the training device (PNCCs are never stored)."""
+"""PNCCs of a training batch, rendered on the training device (PNCCs are never stored), and the
+network inputs of a batch (:func:`prepare_batch`, shared by training and evaluation)."""
 import torch
+import torch.nn.functional as F
 
 from ..face3d.pncc import reconstruct_pncc
 
@@ -34,3 +36,23 @@ def batch_pncc(model, batch, size=None, device=None, ops=None):
     pncc_d, mask_d = reconstruct_pncc(model, alpha, batch["beta_driving"].to(device),
                                       batch["pose_driving"].to(device), size=size, ops=ops)
     return {"pncc_source": pncc_s, "mask_source": mask_s, "pncc_driving": pncc_d, "mask_driving": mask_d}
+
+
+def _resize(images, size, mode):
+    if images.shape[-1] == size:
+        return images
+    if images.shape[-1] > size:
+        return F.interpolate(images, size=(size, size), mode="area")
+    return F.interpolate(images, size=(size, size), mode=mode, align_corners=False)
+
+
+def prepare_batch(batch, face_model, resolution, device, ops=None):
+    """(source, driving, P_s, P_d') on ``device`` at ``resolution``. PNCCs are rendered at the
+    dataset's crop size (the poses are in its pixels) and resized with the images, by
+    ``ops.render_pncc`` (default: the fused op; ``--ops reference`` renders with the reference)."""
+    size = int(batch["source"].shape[-1])
+    pncc = batch_pncc(face_model, batch, size=size, device=device, ops=ops)
+    source = _resize(batch["source"].to(device), resolution, "bilinear")
+    driving = _resize(batch["driving"].to(device), resolution, "bilinear")
+    return (source, driving, _resize(pncc["pncc_source"], resolution, "bilinear"),
+            _resize(pncc["pncc_driving"], resolution, "bilinear"))

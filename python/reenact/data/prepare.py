@@ -11,7 +11,7 @@ that one file, never the run):
    landmarks mapped into the crop, and a face3d fit with one identity shared by the clip's frames
    (``fit_clip``: the identity from every 4th frame, then each frame with it; detected landmarks
    use the model and detector's calibration, see ``reenact.face3d.calibration``);
-4. crop the frames kept from step 1 (or, when they exceed ``FRAME_CACHE_BYTES``, decode again),
+4. crop the frames kept from step 1 (or, when they exceed ``prepare_worker.FRAME_CACHE_BYTES``, decode again),
    resample to ``size`` x ``size`` and encode each clip (VP9 by default).
 
 Workers write their native console output (mediapipe's TFLite/absl lines) to
@@ -31,39 +31,22 @@ import multiprocessing.connection
 from multiprocessing import forkserver
 import os
 import pathlib
-import re
 import sys
 import time
-import traceback
-
-import numpy as np
 
 from .. import output_folders, validation
+from ..face3d.loading import load_model
 from . import format as fmt
+from ..progress import progress_bar
 from .dataset import SkipBudgetExceeded, check_skip_fraction
-from .progress import progress_bar
-from .video import CODECS, MediaError, check_codec, encode_video, iter_frames, probe
+from .framing import CROP_SCALE_RANGE, crop_boxes, crop_frame, to_crop
+from .merge import shard_of
+from .prepare_worker import NATIVE_LOG, STATE_DIR, _worker, decode_for_prepare, process_file  # noqa: F401 (NATIVE_LOG: public)
+from .video import check_codec
 
 log = logging.getLogger("reenact.data")
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".ogv", ".flv", ".ts"}
-STATE_DIR = ".prepare"
-#: Sensible crop framings (crop side over the landmark box side): below 1 the crop cuts the face,
-#: far above it the face is a few pixels of the crop. Files and options outside are refused.
-CROP_SCALE_RANGE = (1.0, 8.0)
-
-NATIVE_LOG = "native.log"
-#: Decoded frames a worker keeps from the detection pass for the cropping pass (a 512x512 video
-#: fits whole up to 680 frames); a longer or larger video is decoded a second time instead.
-FRAME_CACHE_BYTES = 512 * 2 ** 20
-
-
-def decode_for_prepare(path):
-    """The frames ``prepare`` reads: swscale's YUV conversion (iter_frames' exact one costs more
-    than the detector and is only needed by the training loaders)."""
-    return iter_frames(path, exact_colour=False)
-
-
 @dataclasses.dataclass(frozen=True)
 class PrepareOptions:
     """Settings of one ``prepare`` run (all per-file work reads these)."""
@@ -118,242 +101,6 @@ class PrepareReport:
             lines.append(f"skipped {len(self.skipped)} file(s):")
             lines += [f"  {name}: {reason}" for name, reason in self.skipped]
         return "\n".join(lines)
-
-
-# -- per-file work (runs in a worker process) ------------------------------------------------------
-
-def _gaussian_smooth(values, sigma):
-    """Smooth (T, C) along T with a Gaussian (edges reflected)."""
-    if sigma <= 0 or len(values) < 2:
-        return values
-    radius = int(3 * sigma + 0.5)
-    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    kernel /= kernel.sum()
-    padded = np.pad(values, ((radius, radius), (0, 0)), mode="reflect" if len(values) > radius else "edge")
-    return np.stack([np.convolve(padded[:, c], kernel, mode="valid") for c in range(values.shape[1])], 1)
-
-
-def landmark_box_side(landmarks):
-    """The side (T,) of each frame's landmark box: the larger extent of landmarks (T, 68, 2).
-    A crop's ``scale`` is its side over this one."""
-    return (landmarks.max(1) - landmarks.min(1)).max(1)
-
-
-def crop_boxes(landmarks, scale, sigma):
-    """Square crop boxes (T, 4) x0, y0, x1, y1 from landmarks (T, 68, 2): box centre and size,
-    smoothed over time so the crop does not jitter with the landmarks."""
-    low, high = landmarks.min(1), landmarks.max(1)
-    centre = (low + high) / 2
-    side = scale * landmark_box_side(landmarks)[:, None]
-    smooth = _gaussian_smooth(np.concatenate([centre, side], 1), sigma)
-    centre, half = smooth[:, :2], smooth[:, 2:] / 2
-    return np.concatenate([centre - half, centre + half], 1)
-
-
-def to_crop(points, boxes, size):
-    """Map source-image points (T, N, 2) into the crops (pixel centres on integers, both sides)."""
-    step = (boxes[:, 2] - boxes[:, 0]) / size  # source pixels per crop pixel
-    origin = boxes[:, :2] + 0.5 * step[:, None] - 0.5  # source point of crop pixel (0, 0)
-    return (points - origin[:, None]) / step[:, None, None]
-
-
-def crop_frame(frame, box, size):
-    """Resample the square ``box`` of an (H, W, 3) uint8 frame to (size, size, 3) (bilinear, edges replicated).
-
-    OpenCV's fixed-point warp when cv2 is importable (mediapipe installs it; 50x faster than the
-    float path, within 1 level of it), else the same sampling through torch's ``grid_sample``.
-    """
-    step = (box[2] - box[0]) / size
-    try:
-        import cv2
-    except ImportError:
-        return _crop_frame_torch(frame, box, size, step)
-    # Crop pixel (j, i) samples source point (x0 + (j + 0.5) * step - 0.5, y0 + (i + 0.5) * step - 0.5).
-    to_source = np.array([[step, 0.0, box[0] + 0.5 * step - 0.5], [0.0, step, box[1] + 0.5 * step - 0.5]])
-    return cv2.warpAffine(np.ascontiguousarray(frame), to_source, (size, size),
-                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
-
-
-def _crop_frame_torch(frame, box, size, step):
-    import torch
-
-    coords = box[0] + (np.arange(size) + 0.5) * step - 0.5, box[1] + (np.arange(size) + 0.5) * step - 0.5
-    height, width = frame.shape[:2]
-    gx = torch.from_numpy((2 * coords[0] + 1) / width - 1).float()
-    gy = torch.from_numpy((2 * coords[1] + 1) / height - 1).float()
-    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], -1)[None]
-    image = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
-    out = torch.nn.functional.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
-
-
-def _segments(found, clip_length, min_length):
-    """Runs of consecutive found frames, split evenly into pieces of at most clip_length."""
-    runs, start = [], None
-    for index, ok in enumerate(list(found) + [False]):
-        if ok and start is None:
-            start = index
-        elif not ok and start is not None:
-            runs.append((start, index))
-            start = None
-    pieces = []
-    for first, stop in runs:
-        count = -(-(stop - first) // clip_length)
-        edges = np.linspace(first, stop, count + 1).round().astype(int)
-        pieces += [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b - a >= min_length]
-    return pieces
-
-
-def _safe_stem(path):
-    stem = re.sub(r"[^A-Za-z0-9_.]+", "_", pathlib.Path(path).stem).strip("._-") or "video"
-    return stem[:40]
-
-
-def _landmarks_for(options, relative):
-    from ..face3d.detectors import load_landmarks_file
-
-    base = pathlib.Path(options.landmarks_from) / relative
-    for candidate in (base.with_name(base.stem + ".landmarks.npy"), base.with_suffix(".npy"),
-                      base.with_suffix(".npz"), base.with_suffix(".txt")):
-        if candidate.is_file():
-            return load_landmarks_file(candidate)
-    raise FileNotFoundError(f"no landmark file for {relative} in {options.landmarks_from} "
-                            f"(looked for <name>.landmarks.npy, .npy, .npz, .txt)")
-
-
-def process_file(path, relative, out_dir, options, decode=decode_for_prepare, model=None):
-    """Prepare one raw video -> (list of ClipRecord, frames decoded, each clip's fraction of valid
-    frames). Raises MediaError/ValueError
-    (and the detector's errors) to skip the file. ``model``: the loaded face model (default: load
-    ``options.model``)."""
-    import torch
-
-    from ..face3d import detectors as det
-    from ..face3d.calibration import fit_options_for
-    from ..face3d.fit import fit_clip
-    from ..face3d.morphable import load_model
-
-    fps = probe(path)[1]  # also rejects unreadable files before any decoding
-    model = model if model is not None else load_model(options.model)
-    dense_model = getattr(model, "dense", False)  # fitted to mediapipe's mesh, not to 68 landmarks
-    if dense_model and (options.landmarks_from is not None or options.detector != "mediapipe"):
-        raise ValueError(f"the {model.name!r} model is fitted to mediapipe's dense face mesh: prepare it with "
-                         f"the mediapipe detector, not landmark files or {options.detector}")
-    if options.landmarks_from is not None:
-        given = _landmarks_for(options, relative)
-        detector = None
-    else:
-        detector = det.make_detector(options.detector, video=True)
-    landmarks, dense, kept = [], [], []  # kept: decoded frames while they fit FRAME_CACHE_BYTES, else None
-    try:
-        for index, frame in enumerate(decode(path)):
-            if kept is not None and (len(kept) + 1) * frame.nbytes <= FRAME_CACHE_BYTES:
-                kept.append(frame)
-            else:
-                kept = None
-            if detector is None:
-                points = given[index] if index < len(given) else np.full((68, 2), np.nan)
-            else:
-                found = detector.detect(frame)
-                points = found.landmarks if found is not None else np.full((68, 2), np.nan)
-                if dense_model:
-                    dense.append(found.dense if found is not None else np.full((478, 3), np.nan))
-            landmarks.append(points)
-    finally:
-        if detector is not None:
-            detector.close()
-    if not landmarks:
-        raise MediaError("no frame decodes")
-    landmarks = np.asarray(landmarks, dtype=np.float64)
-    found = np.isfinite(landmarks).all((1, 2))
-    if not found.any():
-        height, width = frame.shape[:2]
-        hint = "" if detector is None else (
-            f" ({width}x{height}; the {options.detector} detector misses faces narrower than about an eighth "
-            f"of the shorter side, ~{min(width, height) // 8} px here, as in full-body shots: crop such videos "
-            f"around the face first)")
-        raise MediaError(f"no face found in any of {len(found)} frames{hint}")
-    pieces = _segments(found, options.clip_length, options.min_clip_length)
-    if not pieces:
-        raise MediaError(f"no run of >= {options.min_clip_length} consecutive frames with a face "
-                         f"({int(found.sum())} of {len(found)} frames have one)")
-
-    key = hashlib.sha1(str(relative).encode("utf-8")).hexdigest()[:8]
-    stem = f"{_safe_stem(relative)}_{key}"
-    clips_dir = pathlib.Path(out_dir) / "clips"
-    clips_dir.mkdir(parents=True, exist_ok=True)
-    # Detected landmarks get the (model, detector) calibration; given landmarks the plain fit.
-    fit_options = fit_options_for(model, None if detector is None else options.detector)
-    plans = []
-    for number, (first, stop) in enumerate(pieces):
-        boxes = crop_boxes(landmarks[first:stop], options.crop_scale, options.smooth_sigma)
-        crop_points = to_crop(landmarks[first:stop], boxes, options.size)
-        if dense_model:  # the mesh into the crop; its depth scales like x and y
-            mesh = np.asarray(dense[first:stop], dtype=np.float64)
-            step = (boxes[:, 2] - boxes[:, 0]) / options.size
-            fit = model.fit_dense(np.concatenate([to_crop(mesh[..., :2], boxes, options.size),
-                                                  mesh[..., 2:] / step[:, None, None]], -1))
-        else:
-            fit = fit_clip(model, torch.from_numpy(crop_points), **fit_options)
-        plans.append((number, first, stop, boxes, crop_points, fit))
-
-    records, valid_fractions, frames_of = [], [], {n: [] for n, *_ in plans}
-    starts = {plan[1]: plan for plan in plans}
-    active = None
-    for index, frame in enumerate(kept if kept is not None else decode(path)):
-        if index in starts:
-            active = starts[index]
-        if active is not None and active[1] <= index < active[2]:
-            frames_of[active[0]].append(crop_frame(frame, active[3][index - active[1]], options.size))
-        if active is not None and index + 1 == active[2]:
-            record, valid = _write_clip(out_dir, stem, active, frames_of.pop(active[0]), fps, relative, model, options)
-            records.append(record)
-            valid_fractions.append(valid)
-            active = None
-    if len(records) != len(plans):
-        raise MediaError("the video decoded differently the second time (frames missing)")
-    return records, len(landmarks), valid_fractions
-
-
-def _write_clip(out_dir, stem, plan, frames, fps, relative, model, options):
-    number, first, stop, boxes, crop_points, fit = plan
-    if len(frames) != stop - first:
-        raise MediaError(f"clip {number}: {len(frames)} frames decoded, {stop - first} expected")
-    name = f"{stem}_{number:03d}"
-    clip_rel, params_rel = f"clips/{name}{CODECS[options.codec][1]}", f"clips/{name}.npz"
-    identity = pathlib.PurePath(relative).stem
-    encode_video(pathlib.Path(out_dir) / clip_rel, np.stack(frames), fps=fps, codec=options.codec)
-    fmt.save_params(pathlib.Path(out_dir) / params_rel, alpha=fit.clip_alpha[0].numpy(), pose=fit.pose.numpy(),
-                    beta=fit.beta.numpy(), landmarks=crop_points, crop_box=boxes, valid=fit.ok.numpy(),
-                    identity=identity, model_name=model.name, image_size=options.size)
-    return fmt.ClipRecord(clip=clip_rel, params=params_rel, frames=len(frames), fps=float(fps),
-                          identity=identity, source=str(pathlib.PurePosixPath(*pathlib.PurePath(relative).parts)),
-                          codec=options.codec, size=options.size, synthetic=model.synthetic), float(fit.ok.float().mean())
-
-
-def _send_native_output_to(path):
-    """Point this process's stderr (file descriptor 2, which native libraries such as mediapipe's
-    TFLite and absl write to directly) at the end of ``path``."""
-    handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(handle, 2)
-    os.close(handle)
-
-
-def _worker(connection, path, relative, out_dir, options, decode, model):
-    """Worker process entry: one file; sends ("ok", records, frames, valid fractions) or ("skip", reason)."""
-    try:
-        _send_native_output_to(pathlib.Path(out_dir) / STATE_DIR / NATIVE_LOG)
-        import torch
-
-        torch.set_num_threads(1)
-        records, frames, valid = process_file(path, relative, out_dir, options, decode, model)
-        connection.send(("ok", [dataclasses.asdict(r) for r in records], frames, valid))
-    except (MediaError, ValueError, FileNotFoundError, ImportError, OSError) as err:
-        connection.send(("skip", f"{type(err).__name__}: {err}", 0, None))
-    except Exception as err:  # noqa: BLE001 - any other failure costs this file, with its trace logged
-        connection.send(("skip", f"unexpected {type(err).__name__}: {err} | {traceback.format_exc(limit=3)}", 0, None))
-    finally:
-        connection.close()
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -437,8 +184,6 @@ def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=18
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
     raw_dir, out_dir = pathlib.Path(os.fspath(raw_dir)), pathlib.Path(os.fspath(out_dir))
-    from .merge import shard_of
-
     index, count = shard
     videos = [v for v in find_videos(raw_dir) if shard_of(v.relative_to(raw_dir), count) == index]
     if out_dir.resolve() == raw_dir.resolve() or raw_dir.resolve() in out_dir.resolve().parents:
@@ -465,8 +210,6 @@ def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=18
             resumed += 1
             continue
         pending.append((path, relative, state))
-
-    from ..face3d.morphable import load_model
 
     model = load_model(options.model)
     bar = progress_bar(len(pending), "prepare", "file", progress)
@@ -542,7 +285,7 @@ def _worker_context():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "av", "reenact.face3d.fit", "reenact.face3d.detectors",
-                                    "reenact.data.prepare"])
+                                    "reenact.data.prepare_worker"])
     previous = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     try:

@@ -15,7 +15,8 @@ Modules:
 Importing this package does not import the compiled ops; ``reconstruct_pncc`` does, on first use.
 """
 from .fit import FitResult, fit_landmarks
-from .morphable import MorphableModel, load_model, load_npz_model, save_npz_model
+from .loading import load_model
+from .morphable import MorphableModel, load_npz_model, save_npz_model
 from .pncc import locate_codes, reconstruct_pncc, reconstruct_vertices
 from .pose import compose_pose, decompose_pose, relative_pose
 from .toy import make_toy_head

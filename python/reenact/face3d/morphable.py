@@ -3,12 +3,12 @@
 Model space is x right, y up, z towards the viewer (see :mod:`reenact.face3d.pose`); image space
 is reached with a batch of 3x4 poses.
 """
-import os
 import pathlib
 
 import numpy as np
 import torch
 
+from ..validation import read_npz as checked_read_npz
 from .pose import apply_pose
 
 NUM_LANDMARKS = 68
@@ -35,8 +35,6 @@ def as_tensor(name, value, dtype, shape_hint):
 def read_npz(path, what):
     """All arrays of an ``.npz`` (never unpickling; headers checked against the file first, see
     :func:`reenact.validation.read_npz`), with errors that say which file and why."""
-    from ..validation import read_npz as checked_read_npz
-
     return checked_read_npz(path, what)
 
 
@@ -261,41 +259,3 @@ def save_npz_model(model, path):
     if model.colors is not None:
         arrays["colors"] = model.colors.cpu().numpy()
     np.savez(path, **arrays)
-
-
-def load_model(spec, **kwargs):
-    """Load a model by name or path.
-
-    ``"toy"`` gives the built-in synthetic head; ``"mediapipe"`` the built-in real face model
-    (:mod:`reenact.face3d.mediapipe_face`, licence-free); a ``.npz`` path the project's format; a ``.pkl``
-    path 3DDFA_V2's ``bfm_noneck_v3.pkl`` (see :func:`reenact.face3d.tddfa.load_tddfa_bfm`, whose
-    keyword arguments pass through); a folder eos's Surrey Face Model files
-    (:func:`reenact.face3d.eos_sfm.load_eos_sfm`); any other name an installed model
-    (:mod:`reenact.face3d.registry`).
-    """
-    if isinstance(spec, MorphableModel):
-        return spec
-    from .registry import resolve
-
-    text = os.fspath(resolve(spec))
-    if text == "toy":
-        from .toy import make_toy_head
-
-        return make_toy_head(**kwargs)
-    if text == MEDIAPIPE_MODEL:
-        from .mediapipe_face import make_mediapipe_model
-
-        return make_mediapipe_model(**kwargs)
-    if pathlib.Path(text).is_dir():
-        from .eos_sfm import load_eos_sfm
-
-        return load_eos_sfm(text, **kwargs)
-    suffix = pathlib.Path(text).suffix.lower()
-    if suffix == ".npz":
-        return load_npz_model(text, **kwargs)
-    if suffix == ".pkl":
-        from .tddfa import load_tddfa_bfm
-
-        return load_tddfa_bfm(text, **kwargs)
-    raise ValueError(f"unknown face model {text!r}: expected 'toy', 'mediapipe', a model name, a .npz, "
-                     f"a 3DDFA_V2 .pkl or a folder of eos's Surrey Face Model files")

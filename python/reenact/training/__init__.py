@@ -1,4 +1,4 @@
-"""``reenact train``: training of the reenactment model, on one process or under ``torchrun``
+"""Training of the reenactment model, on one process or under ``torchrun``
 (DDP), with exact resume.
 
 One step is a generator step then a discriminator step (Adam for both)::
@@ -53,25 +53,18 @@ from .checkpoints import (
     read_checkpoint_meta,
     save_checkpoint,
 )
-from .command import add_train_parser, run_train
+from ..data.pncc import prepare_batch
 from .distributed import World
 from .errors import NonFiniteLoss, TrainingError
-from .trainer import (
-    PRECISIONS,
-    RESOLUTIONS,
-    DataStream,
-    Trainer,
-    TrainOptions,
-    build_config,
-    prepare_batch,
-    save_sample_grid,
-    train,
-)
+from .options import PRECISIONS, RESOLUTIONS, TrainOptions, build_config
+from .run_files import save_sample_grid
+from .stream import DataStream
+from .trainer import Trainer, train
 
 __all__ = [
     "CHECKPOINT_DIR", "CHECKPOINT_PATTERN", "FORMAT_VERSION", "METADATA_KEY", "PRECISIONS", "RESOLUTIONS",
     "DataStream", "NonFiniteLoss", "Trainer", "TrainOptions", "TrainingError", "World",
-    "add_train_parser", "build_config", "checkpoint_path", "list_checkpoints", "load_generator",
-    "prepare_batch", "prune_checkpoints", "read_checkpoint", "read_checkpoint_meta", "run_train", "save_checkpoint",
+    "build_config", "checkpoint_path", "list_checkpoints", "load_generator",
+    "prepare_batch", "prune_checkpoints", "read_checkpoint", "read_checkpoint_meta", "save_checkpoint",
     "save_sample_grid", "train",
 ]

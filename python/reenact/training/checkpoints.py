@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from .. import validation
+from ..data.framing import CROP_SCALE_RANGE
+from ..model import Reenactor, ReenactorConfig
 from .distributed import unwrap
 from .errors import TrainingError
 
@@ -212,9 +214,6 @@ def check_meta(meta, path):
 
     The training-only parts (optimiser and RNG states) are checked when present, so a malformed
     one fails here and not inside torch or numpy on ``--resume``."""
-    from ..data.prepare import CROP_SCALE_RANGE
-    from ..model import ReenactorConfig
-
     where = f"checkpoint {path}"
     validation.integer(meta.get("step"), f"{where}: step", 0, MAX_STEP)
     validation.mapping(meta.get("config"), f"{where}: config")
@@ -310,8 +309,6 @@ def load_generator(path, device="cpu", ops=None):
     Reads only the generator's tensors (not D's or the optimisers'). Any file that is not a
     compatible checkpoint, weights that do not fit the recorded config included, raises
     TrainingError naming the problem."""
-    from ..model import Reenactor, ReenactorConfig
-
     tensors, meta = _open_checkpoint(path, tensor_prefix="G/")
     try:
         config = ReenactorConfig.from_dict(meta["config"])

@@ -2,27 +2,28 @@
 on one process or on every rank of a ``torchrun`` run (see :mod:`reenact.training` for the run
 directory, the checkpoint layout, the batch semantics and what rank 0 owns)."""
 import contextlib
-import dataclasses
-import importlib
 import json
 import logging
 import math
-import os
 import pathlib
 import random
-import sys
 import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import output_folders, validation
+from ..data.dataset import check_parameter_sizes
+from ..data.framing import dataset_crop_scale
+from ..data.loaders import make_loader
+from ..data.pncc import prepare_batch
+from ..face3d.loading import load_model
+from ..model import Reenactor, ReenactmentLoss, ReenactorConfig, build_discriminator, get_ops, preview_panels
+from ..progress import progress_bar
 from . import distributed
 from .checkpoints import (
     CHECKPOINT_DIR,
     FORMAT_VERSION,
-    _atomic_write,
     _module_state,
     _unflatten_optimizer,
     checkpoint_path,
@@ -35,310 +36,12 @@ from .checkpoints import (
     saved_world_size,
 )
 from .errors import NonFiniteLoss, TrainingError
+from .options import build_config
+from .precision import autocast_dtype, check_compile_available, compile_errors
+from .run_files import save_sample_grid, tensorboard_writer, truncate_log
+from .stream import DataStream
 
 log = logging.getLogger("reenact.train")
-
-RESOLUTIONS = (64, 128, 256)
-PRECISIONS = ("fp32", "bf16")
-
-
-@dataclasses.dataclass
-class TrainOptions:
-    """The options of ``reenact train`` (see :func:`add_train_parser` for their meaning)."""
-
-    data: str
-    out: str
-    config: str = None
-    steps: int = 1000
-    batch_size: int = 8
-    resolution: int = None
-    ops: str = None
-    perceptual: bool = True
-    resume: bool = False
-    overwrite: bool = False
-    keep_last: int = 3
-    checkpoint_every: int = 500
-    sample_every: int = None
-    seed: int = 0
-    loader: str = "auto"
-    device: str = None
-    face_model: str = "toy"
-    lr_g: float = 1e-4
-    lr_d: float = 4e-4
-    betas: tuple = (0.5, 0.999)
-    num_workers: int = 0
-    progress: bool = True
-    precision: str = "fp32"
-    channels_last: bool = False
-    compile: bool = False
-
-    def validate(self):
-        def positive_int(name, minimum=1):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                flag = "--" + name.replace("_", "-")
-                raise TrainingError(f"{flag} must be an integer >= {minimum}, got {value!r}")
-
-        for name in ("steps", "batch_size", "keep_last", "checkpoint_every"):
-            positive_int(name)
-        if self.sample_every is not None:
-            positive_int("sample_every")
-        positive_int("num_workers", 0)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise TrainingError(f"--seed must be an integer >= 0, got {self.seed!r}")
-        if self.resolution is not None and self.resolution not in RESOLUTIONS:
-            raise TrainingError(f"--resolution must be one of {RESOLUTIONS}, got {self.resolution!r}")
-        if self.ops is not None and self.ops not in ("fused", "reference"):
-            raise TrainingError(f"--ops must be 'fused' or 'reference', got {self.ops!r}")
-        if self.precision not in PRECISIONS:
-            raise TrainingError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.loader not in ("auto", "dali", "fallback"):
-            raise TrainingError(f"--loader must be 'auto', 'dali' or 'fallback', got {self.loader!r}")
-        for name in ("lr_g", "lr_d"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise TrainingError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value!r}")
-        if not pathlib.Path(self.data).is_dir():
-            raise TrainingError(f"--data is not a directory: {self.data}")
-        out = pathlib.Path(self.out)
-        if out.exists() and not out.is_dir():
-            raise TrainingError(f"--out must be a directory: {out}")
-
-
-# -- configuration ---------------------------------------------------------------------------------
-
-def build_config(options):
-    """The ReenactorConfig of a fresh run: ``--config`` (or the small preset) with the command-line
-    overrides (``--resolution``, ``--ops``, ``--no-perceptual``) applied."""
-    from ..model import ReenactorConfig
-
-    if options.config is not None:
-        try:
-            config = ReenactorConfig.from_json(options.config)
-        except (FileNotFoundError, ValueError, TypeError) as err:
-            raise TrainingError(f"--config: {err}") from None
-    else:
-        config = ReenactorConfig.small(options.resolution or 64)
-    data = config.to_dict()
-    if options.resolution is not None:
-        data["model"]["resolution"] = options.resolution
-    if options.ops is not None:
-        data["model"]["ops"] = options.ops
-    if not options.perceptual:
-        data["loss"]["perceptual"] = 0.0
-    if data["model"]["resolution"] not in RESOLUTIONS:
-        raise TrainingError(f"the config's model.resolution must be one of {RESOLUTIONS}, "
-                            f"got {data['model']['resolution']!r} (or pass --resolution)")
-    return ReenactorConfig.from_dict(data)
-
-
-# -- data ------------------------------------------------------------------------------------------
-
-class DataStream:
-    """Endless batches from a loader, epoch after epoch, that knows its position.
-
-    ``epoch`` is the current epoch and ``position`` the number of its batches already consumed, so
-    ``DataStream(loader, epoch, position)`` continues exactly where a stream with that state was.
-    A resumed epoch runs the loader on the rest of its schedule (both loaders take their batches
-    from ``schedule()``), so the skipped batches are not decoded. Batches are fetched under
-    ``torch.random.fork_rng``: a DataLoader draws its base seed from the global torch RNG when its
-    iterator starts, which would otherwise differ between a resumed and an uninterrupted run.
-    """
-
-    def __init__(self, loader, epoch=0, position=0):
-        self.loader, self.epoch, self.position = loader, int(epoch), int(position)
-        self._iterator = None
-
-    def _start_epoch(self):
-        loader = self.loader
-        loader.set_epoch(self.epoch)
-        loader.__dict__.pop("schedule", None)
-        if self.position:
-            remaining = loader.schedule()[self.position:]
-            if not remaining:
-                # The state was saved after the epoch's last batch: start the next epoch here,
-                # because DALI refuses an empty schedule where the fallback would just stop.
-                self.epoch, self.position = self.epoch + 1, 0
-                return self._start_epoch()
-            loader.schedule = lambda: remaining
-        self._iterator = iter(loader)
-
-    def next(self):
-        for _ in range(2):
-            if self._iterator is None:
-                self._start_epoch()
-            try:
-                with torch.random.fork_rng(devices=[]):
-                    batch = next(self._iterator)
-            except StopIteration:
-                self._iterator = None
-                self.loader.__dict__.pop("schedule", None)
-                self.epoch, self.position = self.epoch + 1, 0
-                continue
-            self.position += 1
-            return batch
-        raise TrainingError(f"the loader gave no batch for epoch {self.epoch}")
-
-    def close(self):
-        self._iterator = None
-        self.loader.__dict__.pop("schedule", None)
-
-
-def _resize(images, size, mode):
-    if images.shape[-1] == size:
-        return images
-    if images.shape[-1] > size:
-        return F.interpolate(images, size=(size, size), mode="area")
-    return F.interpolate(images, size=(size, size), mode=mode, align_corners=False)
-
-
-def dataset_crop_scale(clips):
-    """How the dataset frames its faces: the median over valid frames of crop side over landmark box
-    side (``reenact prepare``'s ``crop_scale``; about 2 for ``reenact synth``), or None without
-    landmarks. Checkpoints record it so that inference crops new faces the way training saw them."""
-    from ..data.prepare import landmark_box_side
-
-    ratios = []
-    for clip in clips:
-        landmarks, size = clip.params.get("landmarks"), clip.params.get("image_size")
-        if landmarks is None or size is None:
-            continue
-        landmarks = np.asarray(landmarks, dtype=np.float64)
-        valid = np.asarray(clip.params.get("valid", np.ones(len(landmarks), bool)), dtype=bool)
-        side = landmark_box_side(landmarks)[valid]
-        ratios.append(float(size) / side[side > 0])
-    if not ratios:
-        return None
-    return round(float(np.median(np.concatenate(ratios))), 4)
-
-
-def prepare_batch(batch, face_model, resolution, device, ops=None):
-    """(source, driving, P_s, P_d') on ``device`` at ``resolution``. PNCCs are rendered at the
-    dataset's crop size (the poses are in its pixels) and resized with the images, by
-    ``ops.render_pncc`` (default: the fused op; ``--ops reference`` renders with the reference)."""
-    from ..data.pncc import batch_pncc
-
-    size = int(batch["source"].shape[-1])
-    pncc = batch_pncc(face_model, batch, size=size, device=device, ops=ops)
-    source = _resize(batch["source"].to(device), resolution, "bilinear")
-    driving = _resize(batch["driving"].to(device), resolution, "bilinear")
-    return (source, driving, _resize(pncc["pncc_source"], resolution, "bilinear"),
-            _resize(pncc["pncc_driving"], resolution, "bilinear"))
-
-
-# -- logging ---------------------------------------------------------------------------------------
-
-def _truncate_log(path, step):
-    """Drop log lines of steps after ``step`` (written by a run that died after its last checkpoint)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(entry, dict) and entry.get("step", 0) <= step:
-            kept.append(line)
-    _atomic_write(path, ("\n".join(kept) + "\n" if kept else "").encode())
-
-
-def save_sample_grid(path, source, driving, driving_pncc, outputs, max_rows=8):
-    """A PNG of :func:`preview_panels` rows (source | driving | P_d' | warped | output)."""
-    from PIL import Image
-
-    from ..model import preview_panels
-
-    panels = preview_panels(source[:max_rows], driving[:max_rows], driving_pncc[:max_rows],
-                            {key: outputs[key][:max_rows] for key in ("flow", "output")})
-    grid = torch.cat(list(panels), dim=1)  # rows stacked: (3, B H, 5 W)
-    array = (grid.permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer_path = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(array).save(buffer_path, format="PNG")
-    os.replace(buffer_path, path)
-
-
-def _tensorboard(run_dir):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(pathlib.Path(run_dir) / "tensorboard"))
-
-
-def _progress(total, initial, enabled):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr)
-
-
-# -- precision, layout, compilation ---------------------------------------------------------------
-
-def _cpu_bf16_autocast_works():
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            probe = F.conv2d(torch.ones(1, 1, 3, 3), torch.ones(1, 1, 1, 1))
-    except RuntimeError:
-        return False
-    return probe.dtype == torch.bfloat16
-
-
-def autocast_dtype(precision, device):
-    """The autocast dtype of ``--precision`` on ``device`` (None: fp32, no autocast)."""
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        if torch.cuda.get_device_capability(device) < (8, 0):  # native bf16 from Ampere on
-            raise TrainingError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support "
-                                f"(compute capability 8.0 or newer is needed); use --precision fp32")
-    elif device.type == "cpu":
-        if not _cpu_bf16_autocast_works():
-            raise TrainingError("--precision bf16: this torch build cannot autocast to bfloat16 on the CPU; "
-                                "use --precision fp32")
-    else:
-        raise TrainingError(f"--precision bf16 runs on CUDA or the CPU, not on {device}")
-    return torch.bfloat16
-
-
-def check_compile_available(device):
-    """Raise TrainingError when ``torch.compile`` (TorchInductor) cannot run on ``device``."""
-    try:
-        dynamo = importlib.import_module("torch._dynamo")
-        cpp_builder = importlib.import_module("torch._inductor.cpp_builder")
-    except ImportError as err:
-        raise TrainingError(f"--compile: this torch has no TorchInductor ({err}); leave --compile out") from None
-    if not dynamo.is_dynamo_supported():
-        raise TrainingError(f"--compile: torch.compile does not support Python {sys.version.split()[0]} with "
-                            f"torch {torch.__version__}; leave --compile out")
-    if device.type == "cpu":
-        try:
-            cpp_builder.get_cpp_compiler()
-        except (RuntimeError, OSError, ImportError) as err:
-            raise TrainingError(f"--compile on the CPU needs a C++ compiler for TorchInductor ({err}); "
-                                f"install one (g++) or leave --compile out") from None
-
-
-@contextlib.contextmanager
-def _compile_errors(enabled):
-    """Turn a TorchInductor/Dynamo failure of the first compiled call into a TrainingError."""
-    if not enabled:
-        yield
-        return
-    from torch._dynamo.exc import BackendCompilerFailed
-
-    try:
-        yield
-    except BackendCompilerFailed as err:
-        cause = getattr(err, "inner_exception", None) or err
-        reason = (str(cause).strip().splitlines() or [""])[0]
-        raise TrainingError(f"--compile: torch.compile failed ({type(cause).__name__}: {reason}); "
-                            f"leave --compile out") from None
-
 
 # -- training --------------------------------------------------------------------------------------
 
@@ -418,11 +121,6 @@ class Trainer:
             raise
 
     def _build(self, tensors, meta):
-        from ..data.dataset import check_parameter_sizes
-        from ..data.loaders import make_loader
-        from ..face3d.morphable import load_model
-        from ..model import Reenactor, ReenactmentLoss, build_discriminator, get_ops
-
         options, config, world = self.options, self.config, self.world
         _seed_everything(options.seed)  # the same initial weights on every rank
         try:
@@ -487,8 +185,6 @@ class Trainer:
             self._owns_group = False
 
     def _resumed_config(self, meta):
-        from ..model import ReenactorConfig
-
         options = self.options
         for name in _FIXED_ON_RESUME:
             if name not in meta["options"]:
@@ -594,7 +290,7 @@ class Trainer:
         if self.options.channels_last:
             images = [image.contiguous(memory_format=torch.channels_last) for image in images]
         source, driving, pncc_source, pncc_driving = images
-        with _compile_errors(self.options.compile):
+        with compile_errors(self.options.compile):
             with self._autocast():
                 outputs = self.generator_step_module(source, pncc_source, pncc_driving)
                 # The plain discriminator: generator_loss runs it with detached parameters.
@@ -641,14 +337,14 @@ def train(options):
             trainer.close()
             raise TrainingError(f"--out {run_dir}: cannot write there ({err.strerror or err})") from None
         if trainer.resumed_from is not None:
-            _truncate_log(log_path, trainer.step)
+            truncate_log(log_path, trainer.step)
         elif log_path.exists():
             log_path.unlink()
     if trainer.resumed_from is not None:
         log.info("rank %d resumed from %s at step %d", trainer.world.rank, trainer.resumed_from, trainer.step)
     sample_every = options.sample_every or options.checkpoint_every
-    writer = _tensorboard(run_dir) if main else None
-    bar = _progress(options.steps, trainer.step, options.progress and main)
+    writer = tensorboard_writer(run_dir) if main else None
+    bar = progress_bar(options.steps, "train", "step", options.progress and main, initial=trainer.step)
     last = trainer.resumed_from
     try:
         with (open(log_path, "a") if main else contextlib.nullcontext()) as log_file:
@@ -673,24 +369,20 @@ def train(options):
                     if step % sample_every == 0 or step == options.steps:
                         save_sample_grid(run_dir / "samples" / f"step-{step:08d}.png", *sample)
                         if writer is not None:
-                            from ..model import preview_panels
-
                             panels = preview_panels(*sample[:3], sample[3])
                             writer.add_images("preview", panels[:8], step)
                 if step % options.checkpoint_every == 0 or step == options.steps:
                     last = trainer.save()
-                if bar is not None:
-                    bar.set_postfix({name[0]: f"{entry[name]:.3f}" for name in ("G/total", "D/total") if name in entry},
-                                    refresh=False)
-                    bar.update(1)
+                bar.set_postfix({name[0]: f"{entry[name]:.3f}" for name in ("G/total", "D/total") if name in entry},
+                                refresh=False)
+                bar.update(1)
         # Every rank leaves together. A rank that tore its process group down while rank 0 was
         # still writing the last checkpoint aborted at exit now and then ("terminate called
         # without an active exception", about 1 run in 15 under load).
         distributed.barrier(trainer.world)
     finally:
         trainer.close()
-        if bar is not None:
-            bar.close()
+        bar.close()
         if writer is not None:
             writer.close()
     return last

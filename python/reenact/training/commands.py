@@ -1,41 +1,16 @@
 """The ``reenact train`` subcommand: argument parsing and one-line error reporting."""
+from ..cli.errors import CommandError, reported
+from ..cli.arguments import add_device, add_face_model, add_quiet, require, subcommand
 from .distributed import World
 from .errors import TrainingError
-from .trainer import PRECISIONS, RESOLUTIONS, TrainOptions, train
+from .options import PRECISIONS, RESOLUTIONS, TrainOptions
+from .trainer import train
 
 
-def run_train(args):
-    from ..cli import CommandError, UsageError
-
-    options = TrainOptions(
-        data=args.data, out=args.out, config=args.config, steps=args.steps, batch_size=args.batch_size,
-        resolution=args.resolution, ops=args.ops, perceptual=not args.no_perceptual, resume=args.resume,
-        overwrite=args.overwrite, keep_last=args.keep_last, checkpoint_every=args.checkpoint_every,
-        sample_every=args.sample_every,
-        seed=args.seed, loader=args.loader, device=args.device, face_model=args.face_model,
-        lr_g=args.lr_g, lr_d=args.lr_d, num_workers=args.num_workers, progress=not args.quiet,
-        precision=args.precision, channels_last=args.channels_last, compile=args.compile)
-    try:
-        options.validate()
-    except TrainingError as err:
-        raise UsageError(str(err)) from None
-    try:
-        world = World.from_env()
-        last = train(options)
-    except TrainingError as err:
-        raise CommandError(str(err)) from None
-    except RuntimeError as err:
-        if options.device and "cuda" in str(err).lower():
-            raise CommandError(f"--device {options.device}: {err}") from None
-        raise
-    if world.is_main:
-        print(f"trained to step {options.steps}; last checkpoint {last}")
-    return 0
-
-
-def add_train_parser(subparsers):
-    parser = subparsers.add_parser(
-        "train", help="train the reenactment model (one process or torchrun DDP; --resume continues exactly)",
+def add_parser(subparsers):
+    """Register ``train``."""
+    parser = subcommand(
+        subparsers, "train", run, help="train the reenactment model (one process or torchrun DDP; --resume continues exactly)",
         description="Train the generator and discriminator on a prepared dataset (`reenact prepare` or "
                     "`reenact synth`). Writes safetensors checkpoints, log.jsonl, sample grids and TensorBoard "
                     "events to --out. Multi-process: `torchrun --nproc_per_node N -m reenact train ...` "
@@ -70,10 +45,38 @@ def add_train_parser(subparsers):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--loader", default="auto", choices=["auto", "dali", "fallback"])
     parser.add_argument("--num-workers", type=int, default=0, help="fallback loader worker processes (default 0)")
-    parser.add_argument("--device", help="training device (default: cuda when available, else cpu; under torchrun "
+    add_device(parser, help="training device (default: cuda when available, else cpu; under torchrun "
                                          "'cuda' or 'cpu': rank r uses cuda:LOCAL_RANK)")
-    parser.add_argument("--face-model", default="toy", help="the face model the dataset was fitted with (default toy)")
+    add_face_model(parser)
     parser.add_argument("--lr-g", type=float, default=1e-4, help="generator Adam learning rate (default 1e-4)")
     parser.add_argument("--lr-d", type=float, default=4e-4, help="discriminator Adam learning rate (default 4e-4)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run_train)
+    add_quiet(parser)
+
+
+
+def run(args):
+    """``reenact train``: validate the options, then train (one process or one torchrun rank)."""
+    # Checked before any work: checkpoints are safetensors; the fallback loader decodes with PyAV.
+    require("reenact train", "safetensors", *(("av",) if args.loader == "fallback" else ()))
+    options = TrainOptions(
+        data=args.data, out=args.out, config=args.config, steps=args.steps, batch_size=args.batch_size,
+        resolution=args.resolution, ops=args.ops, perceptual=not args.no_perceptual, resume=args.resume,
+        overwrite=args.overwrite, keep_last=args.keep_last, checkpoint_every=args.checkpoint_every,
+        sample_every=args.sample_every,
+        seed=args.seed, loader=args.loader, device=args.device, face_model=args.face_model,
+        lr_g=args.lr_g, lr_d=args.lr_d, num_workers=args.num_workers, progress=not args.quiet,
+        precision=args.precision, channels_last=args.channels_last, compile=args.compile)
+    with reported(TrainingError, usage=True):
+        options.validate()
+    try:
+        world = World.from_env()
+        last = train(options)
+    except TrainingError as err:
+        raise CommandError(str(err)) from None
+    except RuntimeError as err:
+        if options.device and "cuda" in str(err).lower():
+            raise CommandError(f"--device {options.device}: {err}") from None
+        raise
+    if world.is_main:
+        print(f"trained to step {options.steps}; last checkpoint {last}")
+    return 0

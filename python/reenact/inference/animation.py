@@ -29,13 +29,18 @@ Pipeline (DESIGN.md, steps 1-5, per driving frame):
 demo and other callers need no detector.
 """
 import dataclasses
-import pathlib
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.prepare import CROP_SCALE_RANGE, PrepareOptions, crop_boxes, crop_frame
+from ..data.framing import crop_boxes, crop_frame
+from ..data.prepare import PrepareOptions
+from ..face3d.detectors import check_image
+from ..face3d.pncc import reconstruct_pncc
+from ..face3d.synthetic import project_landmarks
+from ..validation import is_int
+from ..warp import geometric_reenact, shade_mouth
 
 #: The crop framing of ``reenact prepare``: a square of this many landmark-box sides.
 DEFAULT_CROP_SCALE = PrepareOptions.crop_scale
@@ -136,7 +141,6 @@ def _params(params, key, where, ndim):
 
 
 def _landmarks(face_model, alpha, beta, pose):
-    from .face3d.synthetic import project_landmarks
 
     return project_landmarks(face_model, alpha.to(face_model.device), beta.to(face_model.device),
                              pose.to(face_model.device)).cpu().numpy()
@@ -167,12 +171,9 @@ def animate(generator, face_model, source_image, source_params, driving_params, 
             smoothed over time like ``reenact prepare``'s.
         progress: optional callable, called with the number of frames finished after each batch.
     """
-    from .face3d.detectors import check_image
-    from .face3d.pncc import reconstruct_pncc
-
     if pose_mode not in POSE_MODES:
         raise ValueError(f"pose_mode must be one of {POSE_MODES}, got {pose_mode!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     source_image = check_image(source_image, "source_image")
     if not source_image.flags.writeable:
@@ -229,8 +230,6 @@ def animate(generator, face_model, source_image, source_params, driving_params, 
                                           size=resolution, **driving)
             count = stop - start
             if geometric:
-                from .warp import geometric_reenact, shade_mouth
-
                 warp = geometric_reenact(model, (crop + 1) / 2, alpha, beta_src, pose_src_crop,
                                          beta_drv[start:stop], **driving)
                 face = shade_mouth(warp).clamp(0, 1)
@@ -252,190 +251,15 @@ def side_by_side(source, driving, pncc, result):
     The driving frame keeps its aspect ratio (width rounded to even)."""
     height = source.shape[0]
     if driving.shape[0] != height:
-        from PIL import Image
+        from PIL import Image  # optional dependency (pillow), needed only to resize a mismatched driving frame
 
         width = max(2, int(round(driving.shape[1] * height / driving.shape[0] / 2)) * 2)
         driving = np.asarray(Image.fromarray(driving).resize((width, height), Image.BILINEAR))
     return np.concatenate([source, driving, pncc, result], axis=1)
 
 
-def load_checkpoint(path, device="cpu"):
-    """(generator in eval mode, checkpoint metadata) of a training checkpoint; raises CommandError
-    naming the problem when the file is not a compatible reenact checkpoint."""
-    from .cli import CommandError
-    from .train import TrainingError, load_generator, read_checkpoint_meta
-
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise CommandError(f"checkpoint not found: {path}")
-    try:
-        meta = read_checkpoint_meta(path)
-        generator, _ = load_generator(path, device=device)
-    except TrainingError as err:
-        raise CommandError(f"--checkpoint: {err}") from None
-    return generator, meta
-
-
-def _even(image):
-    height, width = image.shape[:2]
-    return image[:height - height % 2, :width - width % 2]
-
-
-def _detector(args, landmarks, video):
-    from .face3d import detectors as det
-
-    if landmarks:
-        return det.FileLandmarks(landmarks)
-    return det.make_detector(args.detector, video=video)
-
-
-def _fill_missing(found, values):
+def fill_missing(found, values):
     """Values (N, ...) of the found frames -> (T, ...) where a frame without a face holds the last
     good frame's value (the first good one's before it)."""
     last_good = np.cumsum(found) - 1  # row of `values` of the last found frame at or before each frame
     return values[np.maximum(last_good, 0)]
-
-
-def _fit_driving(args, model, path, bar):
-    """Detect and fit every driving frame -> (driving_params, frame count, faceless count)."""
-    from .data.video import iter_frames
-    from .face3d.pipeline import reconstruct
-
-    detector = _detector(args, args.driving_landmarks, video=True)
-    try:
-        frames = iter_frames(path)
-        if args.driving_landmarks:
-            frames = _checked_count(frames, len(detector), args.driving_landmarks)
-        result = reconstruct(frames, model, detector, progress=bar.update)
-    finally:
-        detector.close()
-        bar.close()
-    if result.fit is None:
-        raise ValueError(f"no face found in any of the {len(result.found)} driving frames of {path}")
-    found = result.found
-    fit = result.fit
-    params = {"beta": _fill_missing(found, fit.beta.numpy()), "pose": _fill_missing(found, fit.pose.numpy()),
-              "landmarks": _fill_missing(found, result.landmarks[found])}
-    return params, len(found), int((~found).sum())
-
-
-def _checked_count(frames, expected, landmarks_path):
-    count = 0
-    for frame in frames:
-        count += 1
-        if count > expected:
-            raise ValueError(f"the driving landmark file {landmarks_path} has {expected} frames; the video has more")
-        yield frame
-    if count != expected:
-        raise ValueError(f"the driving landmark file {landmarks_path} has {expected} frames; the video has {count}")
-
-
-def run_reenact(args):
-    """``reenact reenact``: see the module docstring."""
-    from .cli import CommandError, UsageError, _output_path
-    from .data.progress import progress_bar
-    from .data.video import MediaError, encode_video, iter_frames, probe
-    from .face3d.morphable import load_model
-    from .face3d.pipeline import read_image, reconstruct
-
-    source, driving, out = (pathlib.Path(p) for p in (args.source, args.driving, args.out))
-    for flag, path in (("--source", source), ("--driving", driving)):
-        if not path.is_file():
-            raise UsageError(f"{flag} not found: {path}")
-    inputs = [source, driving] + ([pathlib.Path(args.checkpoint)] if args.checkpoint else [])
-    inputs += [pathlib.Path(p) for p in (args.source_landmarks, args.driving_landmarks) if p]
-    out = _output_path(out.parent, out.name, inputs)
-    codec = OUTPUT_CODECS.get(out.suffix.lower())
-    if codec is None:
-        raise UsageError(f"--out must end in {' or '.join(OUTPUT_CODECS)}, got {out.name!r}")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise UsageError(f"--out's folder is not a directory: {out.parent}")
-    if out.is_dir():
-        raise UsageError(f"--out names a folder, not a video file: {out}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    low, high = CROP_SCALE_RANGE
-    if args.crop_scale is not None and not low <= args.crop_scale <= high:
-        raise UsageError(f"--crop-scale must be in [{low:g}, {high:g}], got {args.crop_scale}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.checkpoint:
-        generator, meta = load_checkpoint(args.checkpoint, device)
-        model_name = meta.get("options", {}).get("face_model", "toy")
-    else:  # the training-free geometric mode
-        generator, meta, model_name = None, {}, GEOMETRIC_FACE_MODEL
-    crop_scale = args.crop_scale or meta.get("data", {}).get("crop_scale") or DEFAULT_CROP_SCALE
-    verbose = not args.quiet
-    try:
-        model = load_model(args.face_model or model_name)
-        image = read_image(source)
-        fps = probe(driving)[1]
-        detector = _detector(args, args.source_landmarks, video=False)
-        try:
-            found = reconstruct([image], model, detector)
-        finally:
-            detector.close()
-        if found.fit is None:
-            raise CommandError(f"no face found in the source image {source}")
-        even = _even(image)
-        if even.shape != image.shape:
-            print(f"note: the source is {image.shape[1]}x{image.shape[0]}; the video is "
-                  f"{even.shape[1]}x{even.shape[0]} (H.264/VP9 4:2:0 needs even sizes)")
-        fit = found.fit
-        source_params = {"alpha": fit.alpha[0], "beta": fit.beta[0], "pose": fit.pose[0],
-                         "landmarks": found.landmarks[0]}
-        driving_params, count, faceless = _fit_driving(
-            args, model, driving, progress_bar(None, f"fit {driving.name}", "frame", verbose))
-        if faceless:
-            print(f"{faceless} of {count} driving frame(s) had no face; each holds the last good frame's "
-                  f"pose and expression")
-        bar = progress_bar(count, "reenact", "frame", verbose)
-        frames = animate(generator, model, even, source_params, driving_params, pose_mode=args.pose,
-                         batch_size=args.batch_size, crop_scale=crop_scale, progress=bar.update)
-        if args.side_by_side:
-            frames = (side_by_side(even, _even(drv), f.pncc, f.image)
-                      for f, drv in zip(frames, iter_frames(driving)))
-        else:
-            frames = (f.image for f in frames)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            written = encode_video(out, frames, fps=fps, codec=codec)
-        finally:
-            bar.close()
-    except MediaError as err:
-        raise CommandError(str(err)) from None
-    except (FileNotFoundError, ValueError, ImportError) as err:
-        raise CommandError(str(err)) from None
-    label = " [synthetic face model]" if model.synthetic else ""
-    mode = "learned" if generator is not None else "geometric (no checkpoint)"
-    print(f"wrote {out}: {written} frame(s), {args.pose} pose, {mode} mode{label}")
-    return 0
-
-
-def add_reenact_parser(subparsers):
-    parser = subparsers.add_parser(
-        "reenact", help="animate a source image with a driving video",
-        description="Detect and fit the source and every driving frame, reconstruct identity-matched "
-                    "PNCCs, generate the animated face and paste it back into the source image; "
-                    "writes an H.264 .mp4 (or VP9 .webm) of the source image's size.")
-    parser.add_argument("--checkpoint", help="a training checkpoint (.safetensors); without one, the "
-                                             "training-free geometric mode warps the source along the "
-                                             "identity-matched driving mesh")
-    parser.add_argument("--source", required=True, help="source image")
-    parser.add_argument("--driving", required=True, help="driving video")
-    parser.add_argument("--out", required=True, help="output video (.mp4 or .webm)")
-    parser.add_argument("--pose", default="relative", choices=POSE_MODES,
-                        help="relative: the driving head motion since its first frame, applied to the "
-                             "source pose (default); absolute: the driving pose as it is")
-    parser.add_argument("--side-by-side", action="store_true", help="write source | driving | P_d' | result")
-    parser.add_argument("--batch-size", type=int, default=8, help="frames per generator call (default 8)")
-    parser.add_argument("--detector", default="mediapipe", choices=["mediapipe", "dlib"])
-    parser.add_argument("--source-landmarks", help="read the source's 68 landmarks from this file instead of detecting")
-    parser.add_argument("--driving-landmarks", help="read the driving frames' landmarks from this file (one set per frame)")
-    parser.add_argument("--face-model", help="face model (default: the one the checkpoint was trained with; "
-                                             f"{GEOMETRIC_FACE_MODEL!r} without a checkpoint)")
-    parser.add_argument("--crop-scale", type=float,
-                        help="face crop side over the landmark box side (default: the framing of the "
-                             f"checkpoint's training data, else {DEFAULT_CROP_SCALE}, `reenact prepare`'s)")
-    parser.add_argument("--device", help="default: cuda when available, else cpu")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars (reports are still printed)")
-    parser.set_defaults(func=run_reenact)

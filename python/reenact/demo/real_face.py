@@ -19,6 +19,15 @@ import pathlib
 import numpy as np
 import torch
 
+from ..data.video import encode_video
+from ..face3d.detectors import MediapipeDetector
+from ..face3d.expressions import falloff, script_parameters
+from ..face3d.loading import load_model
+from ..face3d.pncc import reconstruct_pncc
+from ..face3d.pose import axis_angle_to_matrix, compose_pose, decompose_pose, matrix_to_axis_angle
+from ..face3d.visualize import pncc_to_uint8
+from ..warp import geometric_reenact, shade_mouth
+
 #: The astronaut photo's square around her head and shoulders (rows, cols), shown at SIZE.
 ASTRONAUT_CROP = (slice(16, 240), slice(108, 332))
 SIZE = 256
@@ -45,7 +54,7 @@ class RealFaceDemo:
 
 def astronaut():
     """The astronaut's head-and-shoulders square, SIZE x SIZE uint8 RGB."""
-    import skimage.data
+    import skimage.data  # optional dependencies (scikit-image, pillow), checked by the demo's stage 0
     from PIL import Image
 
     crop = skimage.data.astronaut()[ASTRONAUT_CROP]
@@ -53,7 +62,7 @@ def astronaut():
 
 
 def grace_hopper():
-    import matplotlib.cbook
+    import matplotlib.cbook  # optional dependencies (matplotlib, pillow), checked by the demo's stage 0
     from PIL import Image
 
     with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as handle:
@@ -64,8 +73,6 @@ def photo_expression(model, alpha_driver, alpha_source):
     """A single photo's expression, as far as one photo tells it: the driver's face minus the
     source's in the regions expressions move (lips, eyes, brows and around them, weight 1 there
     fading to 0 over ~10 mm), as offsets (Ke,). Everything else of the driver's face is identity."""
-    from .face3d.expressions import falloff
-
     mean = model.mean.numpy().astype(np.float64)
     moving = [v for name in ("lips", "right_eye", "left_eye", "right_brow", "left_brow") for v in model.regions[name]]
     weight = torch.from_numpy(falloff(mean, mean[moving], 6.0)).float()
@@ -77,9 +84,6 @@ def photo_expression(model, alpha_driver, alpha_source):
 
 def driving_parameters(model, fit, hopper_fit):
     """The script's frames, then a move to Hopper's pose and expression and a hold."""
-    from .face3d.expressions import script_parameters
-    from .face3d.pose import axis_angle_to_matrix, compose_pose, decompose_pose, matrix_to_axis_angle
-
     script = script_parameters(model, fit.beta[0], fit.pose[0])
     rotation, scale, translation = decompose_pose(fit.pose[:1])
     hopper_rotation = decompose_pose(hopper_fit.pose[:1])[0]
@@ -96,12 +100,6 @@ def driving_parameters(model, fit, hopper_fit):
 
 def run_real_face():
     """Fit, drive and warp -> :class:`RealFaceDemo`."""
-    from .face3d import load_model
-    from .face3d.detectors import MediapipeDetector
-    from .face3d.pncc import reconstruct_pncc
-    from .face3d.visualize import pncc_to_uint8
-    from .warp import geometric_reenact, shade_mouth
-
     model = load_model("mediapipe")
     source = astronaut()
     with MediapipeDetector() as detector:
@@ -141,8 +139,6 @@ def grid_frames(labels):
 
 def write_real_face(out_dir):
     """Run the real-face demo and write OUT/real_face.mp4 and OUT/real_face_grid.png -> paths."""
-    from .data.video import encode_video
-
     out_dir = pathlib.Path(out_dir)
     demo = run_real_face()
     frames = (np.concatenate([demo.source, p, r], 1) for p, r in zip(demo.pncc, demo.results))
@@ -162,7 +158,7 @@ CAPTION = 14
 
 def grid_image(demo, picks):
     """Rows of source | P_d' | result (labelled) for the frames ``picks``, in GRID_BLOCKS blocks."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw  # optional dependency (pillow), checked by the demo before any work
 
     rows_per_block = -(-len(picks) // GRID_BLOCKS)
     block_width = 3 * SIZE

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.losses import load_state_dict_file
+
 
 class _ConvBN(nn.Module):
     """torchvision's BasicConv2d: conv (no bias), batch norm (eps 1e-3), ReLU."""
@@ -248,8 +250,6 @@ def load_feature_network(kind, path):
 
     Raises FileNotFoundError, ValueError or ImportError with a message naming ``path``.
     """
-    from .model.losses import load_state_dict_file
-
     state = load_state_dict_file(path)
     if kind == "inception":
         return _load_into(InceptionV3Features(), state, path)

@@ -5,13 +5,13 @@ training demo on the built-in toy head.
 
 Stages:
 
-0. the real face (:mod:`reenact.real_demo`): skimage's astronaut portrait, fitted with the built-in
+0. the real face (:mod:`reenact.demo.real_face`): skimage's astronaut portrait, fitted with the built-in
    mediapipe face model and animated in the training-free geometric mode by a scripted smile, open
    mouth, brow raise, blink, turn and nod and by Grace Hopper's pose and expression ->
    ``OUT/real_face.mp4`` and ``OUT/real_face_grid.png`` (source | P_d' | result), in seconds;
 1. ``reenact synth``-style data: training clips of many toy-head identities, and two held-out
    clips (identities never seen in training) at the model's resolution;
-2. training of the small config through :func:`reenact.train.train` (the recipe, and why, is in
+2. training of the small config through :func:`reenact.training.train` (the recipe, and why, is in
    DESIGN-NOTES.md, "Demo recipe");
 3. reenactment of the held-out source identity by the other held-out clip with the known
    parameters, through :func:`reenact.inference.animate` (no detector);
@@ -31,8 +31,18 @@ import time
 
 import numpy as np
 
-from . import output_folders
-from .output_folders import OutputFolderError
+import torch
+
+from .. import output_folders
+from ..data import format as fmt, synth
+from ..data.video import encode_video, iter_frames
+from ..face3d.loading import load_model
+from ..face3d.pose import decompose_pose, matrix_to_axis_angle
+from ..inference import animate, side_by_side
+from ..model import ReenactorConfig
+from ..output_folders import OutputFolderError
+from ..training import TrainOptions, load_generator, train
+from .real_face import write_real_face
 
 #: Panels are upscaled by this factor in the grid and the video (the model works at 64x64).
 DISPLAY_SCALE = 2
@@ -66,19 +76,6 @@ class DemoRecipe:
 MARKER = output_folders.marker_path("", "demo").name
 
 
-#: Modules the demo needs (import name -> pip requirement); tensorboard, tqdm and matplotlib are
-#: optional (the demo runs without them).
-REQUIRED_MODULES = {"safetensors": "safetensors", "av": "av==18.1.0", "PIL": "pillow"}
-
-
-def missing_requirements():
-    """The pip requirements of :data:`REQUIRED_MODULES` that cannot be imported here."""
-    import importlib.util
-
-    return [requirement for module, requirement in REQUIRED_MODULES.items()
-            if importlib.util.find_spec(module) is None]
-
-
 class DemoError(ValueError):
     """A demo that cannot run as asked (the message names the problem)."""
 
@@ -107,8 +104,6 @@ def _stage(message, quiet):
 
 def make_data(out_dir, recipe, seed):
     """Training dataset and the two held-out clips -> (train dir, held-out dir)."""
-    from .data import synth
-
     data = out_dir / "data"
     train_dir, heldout_dir = data / "train", data / "heldout"
     for folder in (train_dir, heldout_dir):
@@ -121,17 +116,12 @@ def make_data(out_dir, recipe, seed):
 
 def _clip(root, index):
     """(frames (T, H, W, 3) uint8, params dict) of a clip of a synthetic dataset."""
-    from .data import format as fmt
-    from .data.video import iter_frames
-
     record = fmt.read_manifest(root)[index]
     frames = np.stack(list(iter_frames(root / record.clip)))
     return frames, fmt.load_params(root / record.params, frames=len(frames))
 
 
 def _config_file(out_dir, recipe):
-    from .model import ReenactorConfig
-
     config = ReenactorConfig.small(recipe.resolution).to_dict()
     config["loss"].update(reconstruction=recipe.reconstruction, warp=recipe.warp,
                           adversarial=recipe.adversarial, feature_matching=recipe.feature_matching)
@@ -141,9 +131,7 @@ def _config_file(out_dir, recipe):
 
 
 def train_model(out_dir, train_dir, recipe, seed, *, minutes=None, quiet=False):
-    """Train with :func:`reenact.train.train` -> (last checkpoint, steps run)."""
-    from .train import TrainOptions, train
-
+    """Train with :func:`reenact.training.train` -> (last checkpoint, steps run)."""
     run = out_dir / "run"
     _fresh(out_dir, run)  # an earlier demo's run (claim_output checked the marker): start afresh
     options = dict(data=str(train_dir), out=str(run), config=str(_config_file(out_dir, recipe)),
@@ -164,7 +152,7 @@ def train_model(out_dir, train_dir, recipe, seed, *, minutes=None, quiet=False):
 
 
 def _panel(image):
-    from PIL import Image
+    from PIL import Image  # optional dependency (pillow), checked by `reenact demo` before any work
 
     height, width = image.shape[:2]
     return np.asarray(Image.fromarray(image).resize((width * DISPLAY_SCALE, height * DISPLAY_SCALE),
@@ -175,10 +163,6 @@ def diverse_frames(pose, beta, count):
     """``count`` frame indices, in order, whose head rotations and expressions differ most (greedy
     farthest-point sampling from frame 0 over rotation vectors in units of 10 degrees and the
     expression coefficients): grid rows that show the motion rather than near-repeats."""
-    import torch
-
-    from .face3d.pose import decompose_pose, matrix_to_axis_angle
-
     rotation = decompose_pose(torch.as_tensor(np.asarray(pose, dtype=np.float64)))[0]
     features = np.concatenate([np.degrees(matrix_to_axis_angle(rotation).numpy()) / 10.0,
                                np.asarray(beta, dtype=np.float64)], axis=1)
@@ -194,10 +178,6 @@ def diverse_frames(pose, beta, count):
 def reenact_heldout(checkpoint, heldout_dir, quiet=False):
     """Animate held-out clip 0's first frame by held-out clip 1 -> (list of (H, 4W, 3) uint8 rows
     (source | driving | P_d' | output), one per driving frame; the driving parameters)."""
-    from .face3d.morphable import load_model
-    from .inference import animate, side_by_side
-    from .train import load_generator
-
     generator, _ = load_generator(checkpoint)
     model = load_model("toy")
     source_frames, source = _clip(heldout_dir, 0)
@@ -217,7 +197,7 @@ def reenact_heldout(checkpoint, heldout_dir, quiet=False):
 
 def write_grid(path, rows, picks, steps, seed):
     """Rows ``picks`` of source | driving | P_d' | output, with a caption."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw  # optional dependency (pillow), checked by `reenact demo` first
 
     body = np.concatenate([_panel(rows[i]) for i in picks], axis=0)
     caption = 24
@@ -235,7 +215,7 @@ def write_grid(path, rows, picks, steps, seed):
 def write_loss_plot(path, log_path):
     """Training losses per step (matplotlib) -> path, or None without matplotlib."""
     try:
-        import matplotlib
+        import matplotlib  # optional dependency: without it the demo skips the loss plot
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -264,8 +244,6 @@ def write_loss_plot(path, log_path):
 def run_demo(out, *, recipe=None, steps=None, minutes=None, seed=0, quiet=False, threads=THREADS, real_face=True):
     """The whole demo -> dict of the written paths and the step count (``real_face=False`` skips
     stage 0)."""
-    import torch
-
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -283,16 +261,12 @@ def real_face_stage(out_dir, quiet):
         return {}
     started = time.perf_counter()
     _stage("animating the astronaut portrait (built-in mediapipe face model, geometric mode, no training)", quiet)
-    from .real_demo import write_real_face
-
     written = write_real_face(out_dir)
     _stage(f"wrote {written['real_video']} and {written['real_grid']} in {time.perf_counter() - started:.1f} s", quiet)
     return {"real_video": written["real_video"], "real_grid": written["real_grid"]}
 
 
 def _run_demo(out, recipe, steps, minutes, seed, quiet, real_face=True):
-    from .data.video import encode_video
-
     recipe = dataclasses.replace(recipe or DemoRecipe(), **({"steps": steps} if steps else {}))
     out_dir = pathlib.Path(out)
     claim_output(out_dir)
@@ -312,59 +286,3 @@ def _run_demo(out, recipe, steps, minutes, seed, quiet, real_face=True):
     _stage(f"wrote {video}, {grid}" + (f", {loss}" if loss else " (no loss plot: matplotlib is not installed)")
            + f" in {time.perf_counter() - started:.0f} s", quiet)
     return {"video": video, "grid": grid, "loss": loss, "checkpoint": checkpoint, "steps": trained, **real}
-
-
-def _run(args):
-    from .cli import CommandError, UsageError
-    from .train import TrainingError
-
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    if args.minutes is not None and not args.minutes > 0:
-        raise UsageError(f"--minutes must be > 0, got {args.minutes}")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
-    if args.clips is not None and args.clips < 1:
-        raise UsageError(f"--clips must be >= 1, got {args.clips}")
-    missing = missing_requirements()
-    if missing:  # checked before any work: the first checkpoint comes minutes into training
-        raise CommandError(f"the demo needs {', '.join(missing)}, which cannot be imported; install them with "
-                           f"`pip install {' '.join(repr(m) if '=' in m else m for m in missing)}` "
-                           f"(or the whole extra: `pip install 'pncc-cuda[reenact]'`)")
-    out = pathlib.Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out must be a directory: {out}")
-    recipe = DemoRecipe()
-    if args.clips is not None:
-        recipe = dataclasses.replace(recipe, clips=args.clips)
-    try:
-        result = run_demo(out, recipe=recipe, steps=args.steps, minutes=args.minutes, seed=args.seed,
-                          quiet=args.quiet, real_face=not args.no_real_face)
-    except (TrainingError, DemoError) as err:
-        raise CommandError(str(err)) from None
-    if "real_grid" in result:
-        print(f"demo: real face (no training): wrote {result['real_video']} and {result['real_grid']}")
-    print(f"demo: trained {result['steps']} steps; wrote {result['video']} and {result['grid']} "
-          f"[synthetic toy heads]")
-    return 0
-
-
-def add_demo_parser(subparsers):
-    parser = subparsers.add_parser(
-        "demo", help="offline demo: animate a real portrait (no training), then synthesise toy-head data, "
-                     "train briefly and reenact a held-out identity",
-        description="Animate the astronaut portrait with the built-in mediapipe face model in the "
-                    "training-free geometric mode (OUT/real_face.mp4, OUT/real_face_grid.png); then generate a synthetic toy-head dataset, train the small model on the CPU for a few "
-                    "minutes, reenact a held-out identity with a held-out driving clip, and write "
-                    "OUT/result.mp4, OUT/grid.png and OUT/loss.png (all synthetic).")
-    parser.add_argument("--out", default="demo", help="output directory (default: demo)")
-    budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, help=f"training steps (default {DemoRecipe.steps}: about 2.5 minutes "
-                                                  f"in all on one idle CPU core)")
-    budget.add_argument("--minutes", type=float, help="train for about this long instead (step count from the "
-                                                      "measured speed; less repeatable than --steps)")
-    parser.add_argument("--clips", type=int, help=f"training clips (default {DemoRecipe.clips})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the training (default 0)")
-    parser.add_argument("--no-real-face", action="store_true", help="skip the real-face stage")
-    parser.add_argument("--quiet", action="store_true", help="no stage messages or progress bars")
-    parser.set_defaults(func=_run)
