@@ -685,17 +685,31 @@ struct BackwardTiles {
   }
 };
 
-// Starts the copies of query tile [q0, q0 + 64) (q^ and dO) and stores its statistics; both
-// roles call it at the top of each tile, after the barrier that ends the previous one.
+// The copies of one query tile are split by when their buffers fall free. dO and the statistics
+// are last read before barrier (B) (dP^T, P^T and dS^T in one role, dV += P^T dO in the other), so
+// the next tile's are started right after it and land while both roles run their dK and dQ
+// products; q^ is read until barrier (C) (dK += dS^T Q), so its copy starts at the top of the
+// tile. Every block thread calls both (async_tile shares the copy among all 256).
+
+// Starts the copy of q^ of query tile [q0, q0 + 64).
 template <typename T, int NTK, int NTV>
-__device__ __forceinline__ void load_query_tile(const BackwardTiles<T, NTK, NTV>& s,
+__device__ __forceinline__ void load_query_rows(const BackwardTiles<T, NTK, NTV>& s,
                                                 const FlashBackwardParams& p, int64_t b,
                                                 int64_t q0) {
   using Tiles = BackwardTiles<T, NTK, NTV>;
   const T* qg = static_cast<const T*>(p.q) + b * p.Nq * p.ld_qk;
-  const T* dog = static_cast<const T*>(p.dout) + b * p.Nq * p.ld_v;
   async_tile<kBackwardThreads>(s.q, Tiles::kLdQK, qg, p.ld_qk, q0, p.Nq, 0, p.ld_qk, kFlashCols,
                                NTK);
+  ptx::cp_async_commit();
+}
+
+// Starts the copy of dO of query tile [q0, q0 + 64) and stores its statistics (lse, D).
+template <typename T, int NTK, int NTV>
+__device__ __forceinline__ void load_query_grads(const BackwardTiles<T, NTK, NTV>& s,
+                                                 const FlashBackwardParams& p, int64_t b,
+                                                 int64_t q0) {
+  using Tiles = BackwardTiles<T, NTK, NTV>;
+  const T* dog = static_cast<const T*>(p.dout) + b * p.Nq * p.ld_v;
   async_tile<kBackwardThreads>(s.dout, Tiles::kLdV, dog, p.ld_v, q0, p.Nq, 0, p.ld_v, kFlashCols,
                                Tiles::kVChunks);
   ptx::cp_async_commit();
@@ -721,9 +735,9 @@ __device__ void backward_dk_role(const BackwardTiles<T, NTK, NTV>& s,
   const T* v_warp = s.v + 16 * warp * Tiles::kLdV;
   const SplitLse<float> inv_t = split_lse<float>(p.inv_t);
   for (int64_t q0 = 0; q0 < p.Nq; q0 += kFlashCols) {
-    load_query_tile(s, p, b, q0);
+    load_query_rows(s, p, b, q0);
     ptx::cp_async_wait<0>();
-    __syncthreads();  // (A) the query tile is in
+    __syncthreads();  // (A) the query tile is in (its dO and statistics since the last tile)
     float dpt[8][4];
 #pragma unroll
     for (int n = 0; n < 8; ++n) dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.f;
@@ -758,7 +772,8 @@ __device__ void backward_dk_role(const BackwardTiles<T, NTK, NTV>& s,
       store_u32(row + 8, dst[kk][2]);
       store_u32(row + 8 * kDsStride + 8, dst[kk][3]);
     }
-    __syncthreads();  // (B) dS^T is shared
+    __syncthreads();  // (B) dS^T is shared; dO and the statistics are free
+    if (q0 + kFlashCols < p.Nq) load_query_grads(s, p, b, q0 + kFlashCols);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
       mma_nn_regs<T, NTK>(dk, dst[kk], s.q + 16 * kk * Tiles::kLdQK, Tiles::kLdQK);
@@ -789,7 +804,7 @@ __device__ void backward_dv_role(const BackwardTiles<T, NTK, NTV>& s,
   const T* k_warp = s.k + 16 * warp * Tiles::kLdQK;
   const SplitLse<float> inv_t = split_lse<float>(p.inv_t);
   for (int64_t q0 = 0; q0 < p.Nq; q0 += kFlashCols) {
-    load_query_tile(s, p, b, q0);
+    load_query_rows(s, p, b, q0);
     ptx::cp_async_wait<0>();
     __syncthreads();  // (A)
     float st[8][4];
@@ -803,7 +818,8 @@ __device__ void backward_dv_role(const BackwardTiles<T, NTK, NTV>& s,
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
       mma_nn_regs<T, NTV>(dv, pt[kk], s.dout + 16 * kk * Tiles::kLdV, Tiles::kLdV);
-    __syncthreads();  // (B) dS^T is in shared memory
+    __syncthreads();  // (B) dS^T is in shared memory; dO and the statistics are free
+    if (q0 + kFlashCols < p.Nq) load_query_grads(s, p, b, q0 + kFlashCols);
     if (p.dq != nullptr) {
       // dQ (16 queries of this warp x C) += dS K, 64 channels at a time; dS = (dS^T)^T comes
       // from ldmatrix .trans of the stored dS^T (rows are keys).
@@ -862,7 +878,8 @@ __global__ void __launch_bounds__(kBackwardThreads, 1)
                                NTK);
   async_tile<kBackwardThreads>(s.v, Tiles::kLdV, vg, p.ld_v, k0, p.Nk, 0, p.ld_v, kFlashCols,
                                Tiles::kVChunks);
-  ptx::cp_async_commit();  // waited for with the first query tile's group
+  ptx::cp_async_commit();  // waited for with the first query tile's groups
+  if (p.Nq > 0) load_query_grads(s, p, b, 0);  // no copy may outlive the block
   if (threadIdx.x < 32 * 4) {
     backward_dk_role(s, p, b, k0);
   } else {
