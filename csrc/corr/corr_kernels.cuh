@@ -921,9 +921,11 @@ __global__ void __launch_bounds__(kFlashThreads, 1)
   float dq[NTK][4];
 #pragma unroll
   for (int n = 0; n < NTK; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+  // V_j is last read by dP = dO V_j^T, K_j by dQ += dS K_j: V_{j+1} is copied during the softmax
+  // gradient and the dQ product (one extra barrier a tile), K_{j+1} only once K_j is free.
+  if (p.Nk > 0) async_tile(sv, ldv, vg, p.ld_v, 0, p.Nk, 0, p.ld_v, kFlashCols, Tiles::kVChunks);
   for (int64_t k0 = 0; k0 < p.Nk; k0 += kFlashCols) {
     async_tile(sk, ldq, kg, p.ld_qk, k0, p.Nk, 0, p.ld_qk, kFlashCols, NTK);
-    async_tile(sv, ldv, vg, p.ld_v, k0, p.Nk, 0, p.ld_v, kFlashCols, Tiles::kVChunks);
     ptx::cp_async_commit();
     ptx::cp_async_wait<0>();
     __syncthreads();  // K_j, V_j (and Q, dO) are in
@@ -934,6 +936,12 @@ __global__ void __launch_bounds__(kFlashThreads, 1)
       for (int e = 0; e < 4; ++e) sc[n][e] = dp[n][e] = 0.f;
     mma_nt_smem<T, 8>(sc, sq + 16 * warp * ldq, ldq, sk, ldq, NTK / 2);
     mma_nt_smem<T, 8>(dp, sdo + 16 * warp * ldv, ldv, sv, ldv, Tiles::kVChunks / 2);
+    if (k0 + kFlashCols < p.Nk) {  // uniform over the block
+      __syncthreads();  // every warp is done with V_j
+      async_tile(sv, ldv, vg, p.ld_v, k0 + kFlashCols, p.Nk, 0, p.ld_v, kFlashCols,
+                 Tiles::kVChunks);
+      ptx::cp_async_commit();
+    }
 #pragma unroll
     for (int n = 0; n < 8; ++n)
 #pragma unroll
@@ -949,7 +957,7 @@ __global__ void __launch_bounds__(kFlashThreads, 1)
       acc_to_a<T, 8>(af, sc, kk);
       mma_nn_regs<T, NTK>(dq, af, sk + 16 * kk * ldq, ldq);
     }
-    __syncthreads();  // every warp is done with K_j, V_j
+    __syncthreads();  // every warp is done with K_j
   }
   float* dq_g = p.dq + b * p.Nq * p.ld_qk;
 #pragma unroll

@@ -120,6 +120,11 @@ int main() {
   // backward): ragged rows, two key tiles, two channel chunks.
   corr_case(1, 37, 70, 40, 80, at::kFloat, 0.05, true);
   corr_case(1, 20, 30, 264, 8, at::kBFloat16, 0.05, true);
+  // Deterministic mode: the dQ pass (corr_flash_dq_kernel) instead of atomics, over two key tiles
+  // (its V prefetch rides on a barrier of its own).
+  at::globalContext().setDeterministicAlgorithms(true, false);
+  corr_case(1, 37, 70, 16, 5, at::kHalf, 0.05, true);
+  at::globalContext().setDeterministicAlgorithms(false, false);
   for (const auto dtype : {at::kFloat, at::kDouble}) {
     raster_case(2, 40, 60, 17, 23, dtype);
     raster_case(1, 3, 0, 5, 5, dtype);  // empty mesh
