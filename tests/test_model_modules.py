@@ -326,6 +326,42 @@ def test_reenactor_rejects_bad_input():
         Reenactor(ReenactorConfig.small(64))
 
 
+def test_geometric_input_blends_the_warp_and_learns_where():
+    """ModelConfig.geometric_input: the decoder sees [warped source, holes] and blends the warp into
+    its output. It starts mostly on the warp (the blend mask's bias), every parameter and the warp
+    input get gradients, drive() takes it too, and a model refuses the input it was not built for."""
+    torch.manual_seed(0)
+    config = ReenactorConfig.small(64)
+    config.model.geometric_input = True
+    model = Reenactor(config.model)
+    batch = synthetic_batch(2, 64, seed=3)
+    holes = torch.zeros(2, 1, 64, 64)
+    holes[..., 20:30, 20:40] = 1
+    warped = batch["driving_image"].flip(-1).requires_grad_()  # far from the source image
+    geometric = torch.cat([warped, holes], 1)
+    outputs = model(batch["source_image"], batch["source_pncc"], batch["driving_pncc"], geometric)
+    output = outputs["output"]
+    assert output.shape == (2, 3, 64, 64) and output.abs().max() <= 1
+    # sigmoid(BLEND_BIAS) = 0.88 of the warp at the start: much closer to it than to the source.
+    to_warp = (output - warped).abs().mean()
+    assert to_warp < 0.5 * (output - batch["source_image"]).abs().mean()
+    assert to_warp < 0.25
+    backward_random([output, outputs["warped"]])
+    assert_every_parameter_learns(model)
+    assert_input_gradient(warped, "the warped source")
+    with torch.no_grad():
+        encoding = model.encode_source(batch["source_image"][:1], batch["source_pncc"][:1])
+        driven = model.drive(encoding, batch["driving_pncc"][:1], geometric[:1].detach())["output"]
+        torch.testing.assert_close(driven, output[:1].detach(), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="geometric_input=True"):
+        model(batch["source_image"], batch["source_pncc"], batch["driving_pncc"])
+    with pytest.raises(ValueError, match="geometric must have shape"):
+        model(batch["source_image"], batch["source_pncc"], batch["driving_pncc"], geometric[:, :3])
+    plain = Reenactor(ReenactorConfig.small(64).model)
+    with pytest.raises(ValueError, match="geometric_input=False"):
+        plain(batch["source_image"], batch["source_pncc"], batch["driving_pncc"], geometric)
+
+
 OUTPUT_KEYS = ("output", "warped", "warped_pncc", "flow")
 
 

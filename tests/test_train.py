@@ -40,6 +40,18 @@ def test_cli_train_writes_checkpoints_log_and_grid(dataset, tmp_path):
     assert config.model.resolution == SIZE and not generator.training
 
 
+def test_cli_train_no_gan_drops_the_discriminator_terms(dataset, tmp_path):
+    run = tmp_path / "run"
+    status = cli.main(["train", "--data", str(dataset), "--out", str(run), "--steps", "2", "--batch-size", "2",
+                       "--resolution", "64", "--checkpoint-every", "2", "--loader", "fallback",
+                       "--device", "cpu", "--no-perceptual", "--no-gan", "--quiet"])
+    assert status == 0
+    loss = json.loads((run / "config.json").read_text())["loss"]
+    assert loss["adversarial"] == loss["feature_matching"] == 0.0 and loss["warp"] > 0
+    # Both discriminator terms off: no discriminator step is taken or logged.
+    assert all("D/total" not in entry and "G/reconstruction" in entry for entry in log_entries(run))
+
+
 class _Killed(Exception):
     pass
 

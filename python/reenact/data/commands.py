@@ -52,7 +52,10 @@ def add_prepare_parser(subparsers):
     parser.add_argument("--min-clip-length", type=int, default=8, help="shorter face runs are dropped")
     parser.add_argument("--crop-scale", type=float, default=1.7, help="crop side over the landmark box side")
     parser.add_argument("--smooth", type=float, default=2.0, help="crop smoothing (Gaussian sigma in frames)")
-    parser.add_argument("--model", default="toy", help="'toy', a model .npz, or 3DDFA_V2's bfm .pkl")
+    parser.add_argument("--model", default=None,
+                        help="'mediapipe' (built in, licence-free; the default for real videos), 'toy' (the "
+                             "default with --landmarks-from or --detector dlib, and for synthetic data), a model "
+                             ".npz, or 3DDFA_V2's bfm .pkl; a rerun keeps the model of the clips it resumes")
     add_detector(parser)
     parser.add_argument("--landmarks-from", metavar="DIR",
                         help="read landmarks instead of detecting: DIR/<video name>.landmarks.npy (or .npy/.npz/.txt), "
@@ -103,11 +106,26 @@ def run_synth(args):
     return 0
 
 
+def default_prepare_model(args):
+    """``--model``, else the face model of the dataset being resumed, else the built-in ``mediapipe``
+    model for real videos (faces found by the mediapipe detector) and the toy head where the
+    landmarks are given (``--landmarks-from``: ``reenact synth --raw``'s toy-head videos) or come
+    from dlib (68 points, no dense mesh to fit the mediapipe model to)."""
+    if args.model is not None:
+        return args.model
+    from .format import dataset_face_model
+
+    resumed = dataset_face_model(args.out_dir)  # a rerun resumes with the model of the finished clips
+    if resumed is not None:
+        return resumed
+    return "mediapipe" if args.landmarks_from is None and args.detector == "mediapipe" else "toy"
+
+
 def run_prepare(args):
     """``reenact prepare RAW_VIDEO_DIR OUT_DIR``."""
     options = PrepareOptions(size=args.size, codec=args.codec, clip_length=args.clip_length,
                              min_clip_length=args.min_clip_length, crop_scale=args.crop_scale,
-                             smooth_sigma=args.smooth, model=args.model, detector=args.detector,
+                             smooth_sigma=args.smooth, model=default_prepare_model(args), detector=args.detector,
                              landmarks_from=args.landmarks_from)
     require("reenact prepare", "av")  # every clip is decoded and encoded with PyAV
     # Checked without creating a detector: mediapipe objects must not exist before the fork.

@@ -103,6 +103,26 @@ def read_manifest(root):
     return records
 
 
+def dataset_face_model(root):
+    """The built-in face model ("toy" or "mediapipe") the first readable clip of a prepared dataset
+    was fitted with; None for another model, without a manifest or without a readable parameter
+    file. Commands use it as their default face model."""
+    from ..face3d.mediapipe_face import MEDIAPIPE_NAME
+    from ..face3d.toy import TOY_NAME
+
+    try:
+        records = read_manifest(root)
+    except DatasetError:
+        return None
+    for record in records:
+        try:
+            name = str(load_params(pathlib.Path(os.fspath(root)) / record.params)["model_name"])
+        except (DatasetError, KeyError, OSError):
+            continue
+        return {TOY_NAME: "toy", MEDIAPIPE_NAME: "mediapipe"}.get(name)
+    return None
+
+
 def _bounded_lines(handle, path):
     """The file's lines (bytes), refusing one longer than MAX_MANIFEST_LINE_BYTES before it is read whole."""
     number = 0

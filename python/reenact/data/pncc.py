@@ -46,13 +46,58 @@ def _resize(images, size, mode):
     return F.interpolate(images, size=(size, size), mode=mode, align_corners=False)
 
 
-def prepare_batch(batch, face_model, resolution, device, ops=None):
-    """(source, driving, P_s, P_d') on ``device`` at ``resolution``. PNCCs are rendered at the
-    dataset's crop size (the poses are in its pixels) and resized with the images, by
-    ``ops.render_pncc`` (default: the fused op; ``--ops reference`` renders with the reference)."""
+def prepare_batch(batch, face_model, resolution, device, ops=None, geometric=False):
+    """(source, driving, P_s, P_d', geometric) on ``device`` at ``resolution``. PNCCs are rendered
+    at the dataset's crop size (the poses are in its pixels) and resized with the images, by
+    ``ops.render_pncc`` (default: the fused op; ``--ops reference`` renders with the reference).
+    ``geometric`` (``ModelConfig.geometric_input``): the last item is the geometric warp input
+    (B, 4, R, R) of :func:`batch_geometric`, warped at ``resolution``; else None."""
     size = int(batch["source"].shape[-1])
     pncc = batch_pncc(face_model, batch, size=size, device=device, ops=ops)
     source = _resize(batch["source"].to(device), resolution, "bilinear")
     driving = _resize(batch["driving"].to(device), resolution, "bilinear")
+    warp = batch_geometric(face_model, batch, source, size) if geometric else None
     return (source, driving, _resize(pncc["pncc_source"], resolution, "bilinear"),
-            _resize(pncc["pncc_driving"], resolution, "bilinear"))
+            _resize(pncc["pncc_driving"], resolution, "bilinear"), warp)
+
+
+def crop_pose(pose, dataset_size, resolution):
+    """Poses (B, 3, 4) in dataset-crop pixels -> in pixels of the crop resized to ``resolution``
+    (pixel centres on integers in both: x_r = (x_s + 0.5) * r / s - 0.5; depth scaled alike)."""
+    factor = resolution / dataset_size
+    pose = pose * factor
+    pose[:, :2, 3] += 0.5 * factor - 0.5
+    return pose
+
+
+def batch_geometric(model, batch, source, dataset_size, ops=None):
+    """The geometric warp input of ``ModelConfig.geometric_input`` for a batch of pairs.
+
+    The source image sampled along the identity-matched driving mesh
+    (:func:`reenact.warp.geometric_reenact`, the pair's own poses: ``mode="absolute"``), its mouth
+    interior darkened as ``reenact reenact``'s geometric mode does (:func:`reenact.warp.shade_mouth`),
+    and the hole mask.
+
+    Args:
+        model: the MorphableModel of the dataset's parameters.
+        batch: a dict with alpha, beta_source, pose_source, beta_driving, pose_driving (tensors or
+            numpy arrays; poses in dataset-crop pixels).
+        source: (B, 3, R, R) source images in [-1, 1] at the model's resolution R.
+        dataset_size: the dataset's crop side (the poses' pixels).
+        ops: what rasterizes (anything with pncc_cuda's ``rasterize`` and ``interpolate``); default
+            the fused ops.
+    Returns:
+        (B, 4, R, R) float32: [warped source in [-1, 1], holes in {0, 1}].
+    """
+    from ..warp import geometric_reenact, shade_mouth
+
+    device, resolution = source.device, int(source.shape[-1])
+    model = model.to(device) if model.device != device else model
+
+    def tensor(key):
+        return torch.as_tensor(batch[key]).float().to(device)
+
+    warp = geometric_reenact(model, (source.float() + 1) / 2, tensor("alpha"), tensor("beta_source"),
+                             crop_pose(tensor("pose_source"), dataset_size, resolution), tensor("beta_driving"),
+                             crop_pose(tensor("pose_driving"), dataset_size, resolution), mode="absolute", ops=ops)
+    return torch.cat([shade_mouth(warp).clamp(0, 1) * 2 - 1, warp.holes], dim=1)

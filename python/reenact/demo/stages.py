@@ -122,7 +122,7 @@ def _clip(root, index):
 
 
 def _config_file(out_dir, recipe):
-    config = ReenactorConfig.small(recipe.resolution).to_dict()
+    config = ReenactorConfig.small(recipe.resolution, geometric_input=True).to_dict()
     config["loss"].update(reconstruction=recipe.reconstruction, warp=recipe.warp,
                           adversarial=recipe.adversarial, feature_matching=recipe.feature_matching)
     path = out_dir / "config.json"

@@ -21,9 +21,9 @@ from .metrics import (
 from .options import EvalError, EvalOptions
 from .refit import DETECT_SIZE, detect_landmarks, pose_expression_errors
 from .report import COPY_SOURCE, GEOMETRIC, METHODS, MODEL, markdown_table, write_report
+from ..data.pncc import crop_pose
 from .run import (
     NOT_COMPUTED_NO_WEIGHTS,
-    crop_pose,
     evaluate,
     generate,
     geometric_baseline,

@@ -24,7 +24,9 @@ def add_parser(subparsers):
     parser.add_argument("--source-frame", type=int, default=0, help="the source frame of each clip (default 0)")
     add_detector(parser, choices=("mediapipe", "dlib", "none"),
                  help="landmark detector of the pose/expression re-fit (default mediapipe)")
-    add_face_model(parser)
+    add_face_model(parser, default=None,
+                   help="the face model the dataset was fitted with (default: the checkpoint's training model, "
+                        "else the one the dataset's parameter files name)")
     parser.add_argument("--id-model", help="ArcFace IResNet weights (.safetensors or weights-only torch file)")
     parser.add_argument("--inception", help="torchvision Inception-v3 weights (.safetensors or weights-only torch file)")
     add_overwrite(parser, "eval")

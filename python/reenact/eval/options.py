@@ -23,7 +23,7 @@ class EvalOptions:
     device: str = None
     source_frame: int = 0
     detector: str = "mediapipe"
-    face_model: str = "toy"
+    face_model: str = None  # None: the checkpoint's training face model, else the dataset's
     id_model: str = None
     inception: str = None
     overwrite: bool = False

@@ -38,9 +38,9 @@ import numpy as np
 import torch
 
 from .. import output_folders
-from ..data.pncc import prepare_batch
+from ..data.pncc import batch_geometric, prepare_batch
 from ..data.dataset import ClipDataset, check_parameter_sizes
-from ..data.format import DatasetError
+from ..data.format import DatasetError, dataset_face_model
 from ..data.loaders import FallbackLoader
 from ..data.pairs import NO_AUGMENTATION, PairSpec
 from ..data.video import MediaError
@@ -49,7 +49,6 @@ from ..face3d.loading import load_model
 from ..progress import progress_bar
 from ..training.checkpoints import load_generator, read_checkpoint_meta
 from ..training.errors import TrainingError
-from ..warp import geometric_reenact, shade_mouth
 from . import networks as feature_networks
 from .metrics import GaussianStatistics, cosine_similarity, frechet_distance, image_metrics
 from .options import EvalError, device_of, first_line
@@ -107,8 +106,9 @@ def generate(generator, face_model, dataset, specs, batch_size=8, device="cpu"):
     try:
         with torch.no_grad():
             for batch in _fixed_pair_loader(dataset, list(specs), batch_size):
-                source, driving, pncc_source, pncc_driving = prepare_batch(batch, face_model, resolution, device)
-                output = generator(source, pncc_source, pncc_driving)["output"]
+                source, driving, pncc_source, pncc_driving, geometric = prepare_batch(
+                    batch, face_model, resolution, device, geometric=generator.config.geometric_input)
+                output = generator(source, pncc_source, pncc_driving, geometric)["output"]
                 params = {k: v.numpy() for k, v in batch.items() if k not in ("source", "driving")}
                 keep = ~params["pad"]  # a clip that broke while decoding was replaced: not its pair
                 if not keep.all():
@@ -130,30 +130,12 @@ def reenactment_scores(generator, face_model, dataset, specs, batch_size=8, devi
     return {name: np.concatenate(values) for name, values in scores.items()}
 
 
-def crop_pose(pose, dataset_size, resolution):
-    """Poses (B, 3, 4) in dataset-crop pixels -> in pixels of the crop resized to ``resolution``
-    (pixel centres on integers in both: x_r = (x_s + 0.5) * r / s - 0.5; depth scaled alike)."""
-    factor = resolution / dataset_size
-    pose = pose * factor
-    pose[:, :2, 3] += 0.5 * factor - 0.5
-    return pose
-
-
 def geometric_baseline(face_model, batch, dataset_size):
     """The training-free geometric warp (:func:`reenact.warp.geometric_reenact`) of a
     :func:`generate` batch's source by its driving parameters, at the batch's resolution, in
-    [-1, 1], the mouth interior darkened as ``reenact reenact`` does."""
-    source = batch["source"]
-    resolution = source.shape[-1]
-    model = face_model.to(source.device)
-
-    def tensor(key):
-        return torch.from_numpy(batch[key]).float().to(source.device)
-
-    warp = geometric_reenact(model, (source + 1) / 2, tensor("alpha"), tensor("beta_source"),
-                             crop_pose(tensor("pose_source"), dataset_size, resolution), tensor("beta_driving"),
-                             crop_pose(tensor("pose_driving"), dataset_size, resolution), mode="absolute")
-    return shade_mouth(warp).clamp(0, 1) * 2 - 1
+    [-1, 1], the mouth interior darkened as ``reenact reenact`` does (what a model with
+    ``geometric_input`` is given, :func:`reenact.data.pncc.batch_geometric`)."""
+    return batch_geometric(face_model, batch, batch["source"], dataset_size)[:, :3]
 
 
 def method_outputs(face_model, batch, dataset_size):
@@ -166,12 +148,17 @@ def method_outputs(face_model, batch, dataset_size):
 def _open(options, device):
     """(generator, step, face model, dataset, feature networks) or EvalError."""
     try:
-        step = int(read_checkpoint_meta(options.checkpoint)["step"])
+        meta = read_checkpoint_meta(options.checkpoint)
+        step = int(meta["step"])
         generator, _ = load_generator(options.checkpoint, device=device)
     except TrainingError as err:
         raise EvalError(f"--checkpoint: {first_line(err)}") from None
+    name = options.face_model
+    if name is None:  # the model the checkpoint was trained with, else the one the dataset names
+        trained = meta.get("options", {}).get("face_model") if isinstance(meta.get("options"), dict) else None
+        name = trained if isinstance(trained, str) else (dataset_face_model(options.data) or "toy")
     try:
-        face_model = load_model(options.face_model)
+        face_model = load_model(name)
     except (FileNotFoundError, ValueError, ImportError) as err:
         raise EvalError(f"--face-model: {first_line(err)}") from None
     try:
@@ -204,8 +191,8 @@ def _detector(name, face_model=None):
     """(detector or None, reason when None)."""
     if name == "none":
         return None, "not computed (--detector none)"
-    if getattr(face_model, "dense", False):
-        return None, "not computed (the re-fit fits 68 landmarks; the mediapipe model's dense re-fit is not wired yet)"
+    if getattr(face_model, "dense", False) and name != "mediapipe":
+        return None, f"not computed (the {face_model.name!r} model re-fits mediapipe's dense mesh; --detector {name} has none)"
     try:
         return make_detector(name), None
     except (ImportError, FileNotFoundError, ValueError) as err:
@@ -222,8 +209,8 @@ def _metrics_of(face_model, options, records, store, statistics, driving_statist
     """The metrics dict of one method from its per-pair values (``store``) and the shared records."""
     metrics = {name: _summary(store[name]) for name in ("l1", "psnr", "ssim")}
     if detected:
-        metrics["pose"] = dict(pose_expression_errors(face_model.to("cpu"),
-                                                      dict(records, landmarks_output=store["landmarks_output"])),
+        outputs = {key: store[key] for key in ("landmarks_output", "dense_output") if key in store}
+        metrics["pose"] = dict(pose_expression_errors(face_model.to("cpu"), dict(records, **outputs)),
                                detector=options.detector)
     else:
         metrics["pose"] = {"status": pose_reason}
@@ -263,8 +250,9 @@ def evaluate(options):
     detector, pose_reason = _detector(options.detector, face_model)
     bar = progress_bar(len(specs), "eval", "frame", options.progress)
     collected = {key: [] for key in ("clip", "frame_driving", "beta_driving", "pose_driving", "landmarks_driving",
-                                     "landmarks_frame", "id_driving")}
-    per_method = {name: {"l1": [], "psnr": [], "ssim": [], "landmarks_output": [], "id_output": []}
+                                     "landmarks_frame", "dense_frame", "id_driving")}
+    dense = getattr(face_model, "dense", False)  # the re-fit reads the detected mesh
+    per_method = {name: {"l1": [], "psnr": [], "ssim": [], "landmarks_output": [], "dense_output": [], "id_output": []}
                   for name in METHODS}
     statistics = {name: GaussianStatistics() for name in METHODS + ("driving",)}
     try:
@@ -274,7 +262,10 @@ def evaluate(options):
             for key in ("clip", "frame_driving", "beta_driving", "pose_driving", "landmarks_driving"):
                 collected[key].append(batch[key])
             if detector is not None:
-                collected["landmarks_frame"].append(detect_landmarks(detector, batch["driving"], dataset.size)[0])
+                landmarks, _, meshes = detect_landmarks(detector, batch["driving"], dataset.size)
+                collected["landmarks_frame"].append(landmarks)
+                if dense:
+                    collected["dense_frame"].append(meshes)
             with torch.no_grad():
                 source_id = networks["identity"](batch["source"]) if "identity" in networks else None
                 if source_id is not None:
@@ -288,7 +279,10 @@ def evaluate(options):
                     for metric, values in image_metrics(output, batch["driving"]).items():
                         store[metric].append(values.numpy())
                     if detector is not None:
-                        store["landmarks_output"].append(detect_landmarks(detector, output, dataset.size)[0])
+                        landmarks, _, meshes = detect_landmarks(detector, output, dataset.size)
+                        store["landmarks_output"].append(landmarks)
+                        if dense:
+                            store["dense_output"].append(meshes)
                     if source_id is not None:
                         store["id_output"].append(
                             cosine_similarity(networks["identity"](output), source_id).cpu().numpy())

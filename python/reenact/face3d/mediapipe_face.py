@@ -287,13 +287,17 @@ def _model_arrays():
     return mean, mirror, faces, hole_faces, regions, _rigid_weights(mean, regions, skin), MEDIAPIPE_TO_IBUG68
 
 
+#: The model's ``name`` (what a prepared dataset's parameter files record as ``model_name``).
+MEDIAPIPE_NAME = "mediapipe face mesh (built-in, Apache-2.0)"
+
+
 def make_mediapipe_model():
     """The built-in real face model (see the module docstring)."""
     mean, mirror, faces, hole_faces, regions, rigid, ibug68 = _model_arrays()
     basis = torch.eye(3 * NUM_VERTICES).reshape(NUM_VERTICES, 3, 3 * NUM_VERTICES)
     model = MediapipeFaceModel(
         mean=mean, id_basis=basis, exp_basis=basis, faces=faces, landmarks68=np.array(ibug68),
-        name="mediapipe face mesh (built-in, Apache-2.0)",
+        name=MEDIAPIPE_NAME,
         exp_names=[f"offset{v}{axis}" for v in range(NUM_VERTICES) for axis in "xyz"],
     )
     model.hole_faces = torch.from_numpy(hole_faces)

@@ -229,12 +229,17 @@ def animate(generator, face_model, source_image, source_params, driving_params, 
             pncc, mask = reconstruct_pncc(model, alpha, beta_drv[start:stop], pose_src=pose_src_crop,
                                           size=resolution, **driving)
             count = stop - start
-            if geometric:
+            warped = None
+            if geometric or generator.config.geometric_input:
                 warp = geometric_reenact(model, (crop + 1) / 2, alpha, beta_src, pose_src_crop,
                                          beta_drv[start:stop], **driving)
-                face = shade_mouth(warp).clamp(0, 1)
+                warped = shade_mouth(warp).clamp(0, 1)
+            if geometric:
+                face = warped
             else:
-                face = (generator.drive(encoding, pncc)["output"] + 1) / 2
+                # ModelConfig.geometric_input: the warp and its holes, as in training (batch_geometric).
+                extra = None if warped is None else torch.cat([warped * 2 - 1, warp.holes], 1)
+                face = (generator.drive(encoding, pncc, extra)["output"] + 1) / 2
             images = paste_back(source_image, face, feathered_mask(mask_src, mask), source_box)
             panels = paste_back(black, pncc, mask, source_box)
             faces = _to_uint8(face)

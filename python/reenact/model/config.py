@@ -72,6 +72,13 @@ class ModelConfig:
         geometry_coordinates: append the pixel grid (2 channels) to the PNCC input of E_g, so that
             the uniform background (PNCC = 0) still has position-dependent features and matches
             the same place in the source, instead of averaging over the whole background.
+        geometric_input: give the generator the training-free geometric warp of the source
+            (:mod:`reenact.warp`: the source image sampled along the identity-matched mesh) and its
+            hole mask as a fourth input, (B, 4, H, W) = [warped RGB in [-1, 1], holes in {0, 1}].
+            The decoder then predicts an image and a blend mask m; the output is
+            m * warped + (1 - m) * decoded, so it starts near the warp and learns where to repair
+            it (holes, the mouth interior, the mesh border). False in a config that does not name
+            it, so checkpoints written before the flag existed load as they were trained.
         correspondence_channels: C of the correspondence features (query/key of corr_warp).
         correspondence_level: the pyramid level where corr_warp runs: 2 (1/4 resolution, the
             design's default) or 1 (1/2 resolution: 4x the positions, 16x the work and the size
@@ -93,6 +100,7 @@ class ModelConfig:
     geometry_channels: tuple = (64, 128, 256)
     geometry_blocks: int = 2
     geometry_coordinates: bool = True
+    geometric_input: bool = False
     correspondence_channels: int = 256
     correspondence_level: int = 2
     appearance_channels: tuple = (64, 128, 256)
@@ -126,7 +134,7 @@ class ModelConfig:
                               ("discriminator_layers", MAX_DISCRIMINATOR_LAYERS),
                               ("discriminator_scales", MAX_DISCRIMINATOR_SCALES)):
             _check_positive_int(getattr(self, name), name, maximum)
-        for name in ("geometry_coordinates", "discriminator_spectral_norm"):
+        for name in ("geometry_coordinates", "geometric_input", "discriminator_spectral_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         _check_weight(self.temperature, "temperature")
@@ -207,10 +215,13 @@ class ReenactorConfig:
     loss: LossConfig = field(default_factory=LossConfig)
 
     @classmethod
-    def small(cls, resolution=64):
-        """The small CPU model (tests, the offline demo, CPU benchmarks); perceptual loss off."""
+    def small(cls, resolution=64, geometric_input=False):
+        """The small CPU model (tests, the offline demo, CPU benchmarks); perceptual loss off.
+        ``geometric_input``: see ModelConfig; ``reenact train``'s default config and the demo turn it on
+        (it wins on held-out pairs, bench/RESULTS.md), the network tests leave it off."""
         model = ModelConfig(
             resolution=resolution,
+            geometric_input=geometric_input,
             geometry_channels=(8, 16, 32),
             geometry_blocks=1,
             correspondence_channels=32,

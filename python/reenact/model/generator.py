@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GeometryAwareGate", "SPADE", "SPADEResidualBlock", "SPADEDecoder", "resize_pncc"]
+__all__ = ["GEOMETRIC_CHANNELS", "GeometryAwareGate", "SPADE", "SPADEResidualBlock", "SPADEDecoder", "resize_pncc"]
 
 _NEGATIVE_SLOPE = 0.2
+#: Channels of the geometric warp input (ModelConfig.geometric_input): warped RGB and the hole mask.
+GEOMETRIC_CHANNELS = 4
 
 
 def resize_pncc(pncc, size):
@@ -111,29 +113,42 @@ class SPADEDecoder(nn.Module):
         channels: decoder widths at levels 2, 1, 0 (coarse to fine).
         hidden_channels: SPADE hidden width.
         blocks: SPADE residual blocks per level.
+        geometric: also take the geometric warp input (B, 4, H, W) = [warped RGB, holes] at full
+            resolution (ModelConfig.geometric_input): it joins the level-0 input, and the last conv
+            predicts a blend mask m besides the image; the output is m * warped + (1 - m) * image.
     """
 
-    def __init__(self, skip_channels, geometry_channels, channels, hidden_channels, blocks=1):
+    #: The blend mask starts mostly on the warp (sigmoid(2) = 0.88): the decoder learns where to
+    #: take over (holes, the mouth interior, the mesh border) instead of first re-learning the face.
+    BLEND_BIAS = 2.0
+
+    def __init__(self, skip_channels, geometry_channels, channels, hidden_channels, blocks=1, geometric=False):
         super().__init__()
+        self.geometric = geometric
         self.levels = nn.ModuleList()
         previous = geometry_channels
         for index, width in enumerate(channels):
             level = 2 - index
-            in_channels = previous + skip_channels[level]
+            in_channels = previous + skip_channels[level] + (GEOMETRIC_CHANNELS if geometric and level == 0 else 0)
             self.levels.append(nn.ModuleList(
                 [SPADEResidualBlock(in_channels, width, hidden_channels)]
                 + [SPADEResidualBlock(width, width, hidden_channels) for _ in range(blocks - 1)]
             ))
             previous = width
-        self.to_rgb = nn.Conv2d(previous, 3, 3, padding=1)
+        self.to_rgb = nn.Conv2d(previous, 4 if geometric else 3, 3, padding=1)
+        if geometric:
+            with torch.no_grad():
+                self.to_rgb.bias[3] = self.BLEND_BIAS
 
-    def forward(self, gated_skips, driving_geometry, driving_pncc):
+    def forward(self, gated_skips, driving_geometry, driving_pncc, geometric=None):
         """
         Args:
             gated_skips: (skip_0, skip_1, skip_2), skip_l of shape (B, skip_channels[l], H/2^l,
                 W/2^l).
             driving_geometry: (B, geometry_channels, H/4, W/4), E_g(P_d') at 1/4.
             driving_pncc: (B, 3, H, W), the SPADE condition.
+            geometric: (B, 4, H, W) [warped RGB in [-1, 1], holes], given exactly when the decoder
+                was built with ``geometric=True``.
 
         Returns:
             (B, 3, H, W) in [-1, 1].
@@ -144,6 +159,12 @@ class SPADEDecoder(nn.Module):
             if index > 0:
                 x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = torch.cat((x, skip.to(x.dtype)), dim=1)
+            if self.geometric and index == len(self.levels) - 1:
+                x = torch.cat((x, geometric.to(x.dtype)), dim=1)
             for block in blocks:
                 x = block(x, driving_pncc)
-        return torch.tanh(self.to_rgb(F.leaky_relu(x, _NEGATIVE_SLOPE)))
+        out = self.to_rgb(F.leaky_relu(x, _NEGATIVE_SLOPE))
+        if not self.geometric:
+            return torch.tanh(out)
+        blend = torch.sigmoid(out[:, 3:])
+        return blend * geometric[:, :3].to(out.dtype) + (1 - blend) * torch.tanh(out[:, :3])

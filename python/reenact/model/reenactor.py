@@ -37,7 +37,7 @@ from .config import NUM_LEVELS, ModelConfig
 from .correspondence import Correspondence, resize_flow, warp_image, warp_with_flow
 from .discriminator import MultiScaleDiscriminator
 from .encoders import AppearanceEncoder, GeometryEncoder, GeometryFeatures
-from .generator import GeometryAwareGate, SPADEDecoder, resize_pncc
+from .generator import GEOMETRIC_CHANNELS, GeometryAwareGate, SPADEDecoder, resize_pncc
 
 __all__ = ["Reenactor", "SourceEncoding", "build_discriminator", "preview_panels"]
 
@@ -111,7 +111,7 @@ class Reenactor(nn.Module):
         ])
         self.decoder = SPADEDecoder(
             config.appearance_channels, config.geometry_channels[2], config.decoder_channels,
-            config.spade_hidden_channels, config.decoder_blocks)
+            config.spade_hidden_channels, config.decoder_blocks, config.geometric_input)
 
     @property
     def ops(self):
@@ -128,6 +128,17 @@ class Reenactor(nn.Module):
         shape = (None, 3, resolution, resolution)
         _check_image(source_image, "source_image", shape)
         _check_image(source_pncc, "source_pncc", (source_image.shape[0],) + shape[1:])
+
+    def _check_geometric(self, geometric, driving_pncc):
+        if not self.config.geometric_input:
+            if geometric is not None:
+                raise ValueError("geometric was given but this model's config has geometric_input=False")
+            return
+        if geometric is None:
+            raise ValueError("this model's config has geometric_input=True: pass geometric, the geometric warp "
+                             "of the source and its hole mask (reenact.data.pncc.batch_geometric)")
+        resolution = self.config.resolution
+        _check_image(geometric, "geometric", (driving_pncc.shape[0], GEOMETRIC_CHANNELS, resolution, resolution))
 
     def _check_encoding(self, encoding, driving_pncc):
         if not isinstance(encoding, SourceEncoding):
@@ -172,7 +183,7 @@ class Reenactor(nn.Module):
         geometry = self.geometry_encoder(source_pncc)
         return self._encode_source(source_image, source_pncc, geometry.correspondence)
 
-    def drive(self, encoding, driving_pncc):
+    def drive(self, encoding, driving_pncc, geometric=None):
         """The driving stage: the outputs of `forward` for the encoded source and each P_d'.
 
         Args:
@@ -180,6 +191,7 @@ class Reenactor(nn.Module):
                 B driving frames (expanded views; only corr_warp's row layout copies its key and
                 values per frame).
             driving_pncc: (B, 3, H, W) in [0, 1], P_d'.
+            geometric: as in `forward`.
 
         Returns:
             the dict of `forward`.
@@ -187,15 +199,19 @@ class Reenactor(nn.Module):
         resolution = self.config.resolution
         _check_image(driving_pncc, "driving_pncc", (None, 3, resolution, resolution))
         self._check_encoding(encoding, driving_pncc)
-        return self._drive(encoding, driving_pncc, self.geometry_encoder(driving_pncc))
+        self._check_geometric(geometric, driving_pncc)
+        return self._drive(encoding, driving_pncc, self.geometry_encoder(driving_pncc), geometric)
 
-    def forward(self, source_image, source_pncc, driving_pncc):
+    def forward(self, source_image, source_pncc, driving_pncc, geometric=None):
         """
         Args:
             source_image: (B, 3, H, W) in [-1, 1], H = W = config.resolution.
             source_pncc: (B, 3, H, W) in [0, 1], P_s.
             driving_pncc: (B, 3, H, W) in [0, 1], P_d' (source identity, driving expression
                 and pose).
+            geometric: (B, 4, H, W), [the source warped along the identity-matched mesh in
+                [-1, 1], its hole mask], required exactly when config.geometric_input
+                (`reenact.data.pncc.batch_geometric`); None otherwise.
 
         Returns:
             dict with
@@ -214,13 +230,14 @@ class Reenactor(nn.Module):
         self._check_source(source_image, source_pncc)
         batch, resolution = source_image.shape[0], self.config.resolution
         _check_image(driving_pncc, "driving_pncc", (batch, 3, resolution, resolution))
+        self._check_geometric(geometric, driving_pncc)
 
         geometry = self.geometry_encoder(torch.cat((source_pncc, driving_pncc), dim=0))
         source_correspondence, driving_correspondence = geometry.correspondence.chunk(2)
         driving_geometry = GeometryFeatures(tuple(level[batch:] for level in geometry.pyramid),
                                             driving_correspondence)
         encoding = self._encode_source(source_image, source_pncc, source_correspondence)
-        return self._drive(encoding, driving_pncc, driving_geometry)
+        return self._drive(encoding, driving_pncc, driving_geometry, geometric)
 
     def _encode_source(self, source_image, source_pncc, source_correspondence):
         """The source stage after E_g(P_s): E_a and the corr_warp values -> SourceEncoding."""
@@ -235,7 +252,7 @@ class Reenactor(nn.Module):
         ), dim=1)
         return SourceEncoding(source_correspondence, values, appearance, pncc)
 
-    def _drive(self, encoding, driving_pncc, driving_geometry):
+    def _drive(self, encoding, driving_pncc, driving_geometry, geometric=None):
         """The driving stage after E_g(P_d'): steps 3-5 of the module docstring -> outputs."""
         encoding = encoding.expand(driving_pncc.shape[0])
         warped_values, flow = self.correspondence(
@@ -260,7 +277,7 @@ class Reenactor(nn.Module):
             gates.append(gate)
             gated_skips.append(gate * warped_features)
 
-        output = self.decoder(gated_skips, driving_geometry.pyramid[2], driving_pncc)
+        output = self.decoder(gated_skips, driving_geometry.pyramid[2], driving_pncc, geometric)
         return {
             "output": output,
             "warped": warped_image,

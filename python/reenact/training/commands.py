@@ -27,6 +27,9 @@ def add_parser(subparsers):
                         help="training resolution (default: the config's; 64 for the small preset)")
     parser.add_argument("--ops", choices=["fused", "reference"], help="correspondence ops (default: the config's)")
     parser.add_argument("--no-perceptual", action="store_true", help="switch the VGG-19 perceptual loss off")
+    parser.add_argument("--no-gan", action="store_true",
+                        help="switch the adversarial and feature-matching losses off (L1 + warp only, no "
+                             "discriminator step: the demo's and the real-video recipe's CPU setting)")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="fp32, or bf16 autocast of the forward passes and losses (CUDA with compute "
                              "capability >= 8.0, or the CPU); weights and optimiser states stay fp32 (default fp32)")
@@ -45,7 +48,9 @@ def add_parser(subparsers):
     parser.add_argument("--num-workers", type=int, default=0, help="fallback loader worker processes (default 0)")
     add_device(parser, help="training device (default: cuda when available, else cpu; under torchrun "
                                          "'cuda' or 'cpu': rank r uses cuda:LOCAL_RANK)")
-    add_face_model(parser)
+    add_face_model(parser, default=None,
+                   help="the face model the dataset was fitted with (default: the one its parameter files name: "
+                        "mediapipe for `reenact prepare`'s real videos, toy for `reenact synth`)")
     parser.add_argument("--lr-g", type=float, default=1e-4, help="generator Adam learning rate (default 1e-4)")
     parser.add_argument("--lr-d", type=float, default=4e-4, help="discriminator Adam learning rate (default 4e-4)")
     add_quiet(parser)
@@ -58,7 +63,8 @@ def run(args):
     require("reenact train", "safetensors", *(("av",) if args.loader == "fallback" else ()))
     options = TrainOptions(
         data=args.data, out=args.out, config=args.config, steps=args.steps, batch_size=args.batch_size,
-        resolution=args.resolution, ops=args.ops, perceptual=not args.no_perceptual, resume=args.resume,
+        resolution=args.resolution, ops=args.ops, perceptual=not args.no_perceptual, gan=not args.no_gan,
+        resume=args.resume,
         overwrite=args.overwrite, keep_last=args.keep_last, checkpoint_every=args.checkpoint_every,
         sample_every=args.sample_every,
         seed=args.seed, loader=args.loader, device=args.device, face_model=args.face_model,

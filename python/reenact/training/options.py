@@ -23,6 +23,7 @@ class TrainOptions:
     resolution: int = None
     ops: str = None
     perceptual: bool = True
+    gan: bool = True  # False: adversarial and feature-matching weights 0 (no discriminator step)
     resume: bool = False
     overwrite: bool = False
     keep_last: int = 3
@@ -31,7 +32,7 @@ class TrainOptions:
     seed: int = 0
     loader: str = "auto"
     device: str = None
-    face_model: str = "toy"
+    face_model: str = None  # None: the model the dataset was fitted with (validate() resolves it)
     lr_g: float = 1e-4
     lr_d: float = 4e-4
     betas: tuple = (0.5, 0.999)
@@ -69,21 +70,27 @@ class TrainOptions:
                 raise TrainingError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value!r}")
         if not pathlib.Path(self.data).is_dir():
             raise TrainingError(f"--data is not a directory: {self.data}")
+        if self.face_model is None:
+            from ..data.format import dataset_face_model
+
+            self.face_model = dataset_face_model(self.data) or "toy"
         out = pathlib.Path(self.out)
         if out.exists() and not out.is_dir():
             raise TrainingError(f"--out must be a directory: {out}")
 
 
 def build_config(options):
-    """The ReenactorConfig of a fresh run: ``--config`` (or the small preset) with the command-line
-    overrides (``--resolution``, ``--ops``, ``--no-perceptual``) applied."""
+    """The ReenactorConfig of a fresh run: ``--config`` (or the small preset with
+    ``geometric_input``) with the command-line
+    overrides (``--resolution``, ``--ops``, ``--no-perceptual``, ``--no-gan``) applied."""
     if options.config is not None:
         try:
             config = ReenactorConfig.from_json(options.config)
         except (FileNotFoundError, ValueError, TypeError) as err:
             raise TrainingError(f"--config: {err}") from None
     else:
-        config = ReenactorConfig.small(options.resolution or 64)
+        # With the geometric warp as an input: it beats the PNCC-only generator (issue 13, bench/RESULTS.md).
+        config = ReenactorConfig.small(options.resolution or 64, geometric_input=True)
     data = config.to_dict()
     if options.resolution is not None:
         data["model"]["resolution"] = options.resolution
@@ -91,6 +98,8 @@ def build_config(options):
         data["model"]["ops"] = options.ops
     if not options.perceptual:
         data["loss"]["perceptual"] = 0.0
+    if not options.gan:
+        data["loss"]["adversarial"] = data["loss"]["feature_matching"] = 0.0
     if data["model"]["resolution"] not in RESOLUTIONS:
         raise TrainingError(f"the config's model.resolution must be one of {RESOLUTIONS}, "
                             f"got {data['model']['resolution']!r} (or pass --resolution)")

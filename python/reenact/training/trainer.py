@@ -286,13 +286,14 @@ class Trainer:
         step = self.step + 1
         batch = self.stream.next()
         images = prepare_batch(batch, self.face_model, self.config.model.resolution, self.device,
-                               self.pncc_ops)
+                               self.pncc_ops, self.config.model.geometric_input)
         if self.options.channels_last:
-            images = [image.contiguous(memory_format=torch.channels_last) for image in images]
-        source, driving, pncc_source, pncc_driving = images
+            images = [None if image is None else image.contiguous(memory_format=torch.channels_last)
+                      for image in images]
+        source, driving, pncc_source, pncc_driving, geometric = images
         with compile_errors(self.options.compile):
             with self._autocast():
-                outputs = self.generator_step_module(source, pncc_source, pncc_driving)
+                outputs = self.generator_step_module(source, pncc_source, pncc_driving, geometric)
                 # The plain discriminator: generator_loss runs it with detached parameters.
                 g = self.losses.generator_loss(outputs, driving, pncc_driving, self.discriminator)
             g_values = self._loss_values(step, g, "G")
