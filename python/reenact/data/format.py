@@ -12,7 +12,9 @@ import zipfile
 import numpy as np
 
 from .. import validation
+from ..face3d.mediapipe_face import MEDIAPIPE_NAME
 from ..face3d.morphable import read_npz
+from ..face3d.toy import TOY_NAME
 
 #: Bumped whenever a field changes meaning; readers refuse versions they do not know.
 FORMAT_VERSION = 1
@@ -107,8 +109,6 @@ def dataset_face_model(root):
     """The built-in face model ("toy" or "mediapipe") the first readable clip of a prepared dataset
     was fitted with; None for another model, without a manifest or without a readable parameter
     file. Commands use it as their default face model."""
-    from ..face3d.mediapipe_face import MEDIAPIPE_NAME
-    from ..face3d.toy import TOY_NAME
 
     try:
         records = read_manifest(root)
