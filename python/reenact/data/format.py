@@ -109,6 +109,7 @@ def dataset_face_model(root):
     """The built-in face model ("toy" or "mediapipe") the first readable clip of a prepared dataset
     was fitted with; None for another model, without a manifest or without a readable parameter
     file. Commands use it as their default face model."""
+
     try:
         records = read_manifest(root)
     except DatasetError:

@@ -90,6 +90,7 @@ def batch_geometric(model, batch, source, dataset_size, ops=None):
     Returns:
         (B, 4, R, R) float32: [warped source in [-1, 1], holes in {0, 1}].
     """
+
     device, resolution = source.device, int(source.shape[-1])
     model = model.to(device) if model.device != device else model
 

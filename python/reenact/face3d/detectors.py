@@ -163,7 +163,7 @@ class MediapipeDetector(LandmarkDetector):
 
     def _small_face(self, image, index):
         """The second pass (see the class docstring): points in image pixels, or None."""
-        import cv2  # optional dependencies (mediapipe, with its OpenCV), present once __init__ ran
+        import cv2  # optional dependencies, imported on the first small face
         from mediapipe.python.solutions import face_detection, face_mesh
 
         if self._small is None:
