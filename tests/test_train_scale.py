@@ -2,6 +2,7 @@
 TensorBoard events, and resuming after a real SIGKILL of the training process."""
 import functools
 import io
+import json
 import logging
 import math
 import os
@@ -13,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from PIL import Image
 
@@ -332,10 +334,48 @@ def test_tensorboard_events_hold_the_logged_scalars_and_the_sample_grid(dataset,
 
 # -- a real kill -----------------------------------------------------------------------------------
 
-def test_sigkill_during_training_then_resume_gives_the_uninterrupted_losses(dataset, tmp_path):
+@pytest.fixture
+def corr_path_mode():
+    """Sets corr_warp's CPU path mode for one test; restores the previous one afterwards."""
+    previous = torch.ops.pncc._corr_cpu_path_mode("")
+    yield torch.ops.pncc._corr_cpu_path_mode
+    torch.ops.pncc._corr_cpu_path_mode(previous)
+
+
+def test_a_run_pins_one_corr_cpu_path_records_it_and_a_resume_pins_the_record(dataset, tmp_path, corr_path_mode):
+    corr_path_mode("recalibrate")
+    run = tmp_path / "run"
+    training.train(options(dataset, run, steps=2, checkpoint_every=2))
+    assert corr_path_mode("") == "auto"  # unpinned when the run ends
+    _, meta = training.read_checkpoint(training.checkpoint_path(run, 2))
+    assert meta["corr_cpu_path"] in ("simd", "aten", "bf16")
+    # A resume takes the recorded path, whatever its own timing would choose: "aten" runs on
+    # every CPU, so record it and watch the tile-product counter of that path move.
+    path = training.checkpoint_path(run, 2)
+    tensors, meta = training.read_checkpoint(path)
+    meta["corr_cpu_path"] = "aten"
+    path.write_bytes(safetensors.torch.save(tensors, metadata={training.checkpoints.METADATA_KEY: json.dumps(meta)}))
+    aten_before = torch.ops.pncc._corr_cpu_path_stats()[3]
+    trainer = training.Trainer(options(dataset, run, steps=3, checkpoint_every=3, resume=True))
+    try:
+        assert trainer.corr_cpu_path == "aten" and corr_path_mode("") == "aten"
+        trainer.train_step()
+        assert torch.ops.pncc._corr_cpu_path_stats()[3] > aten_before
+        assert trainer._meta()["corr_cpu_path"] == "aten"
+    finally:
+        trainer.close()
+    assert corr_path_mode("") == "auto"
+
+
+def test_sigkill_during_training_then_resume_gives_the_uninterrupted_losses(dataset, tmp_path, corr_path_mode):
+    # The straight run below is a run of its own, which may time corr_warp's CPU paths otherwise
+    # than the killed one and pin another (the test above covers what a resume pins): one path
+    # for all three processes.
+    corr_path_mode("aten")
+    env = dict(subprocess_env(), PNCC_CORR_SIMD="0")
     run = tmp_path / "killed"
     command = [sys.executable, "-m", "reenact"] + cli_args(dataset, run, 10_000, checkpoint_every=3, keep_last=100)
-    process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240
         while not checkpoint_steps(run) and process.poll() is None and time.monotonic() < deadline:
@@ -355,7 +395,7 @@ def test_sigkill_during_training_then_resume_gives_the_uninterrupted_losses(data
 
     resumed = subprocess.run([sys.executable, "-m", "reenact"]
                              + cli_args(dataset, run, steps, checkpoint_every=3, keep_last=100, resume=True),
-                             env=subprocess_env(), capture_output=True, text=True, timeout=240)
+                             env=env, capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     straight = tmp_path / "straight"
     training.train(options(dataset, straight, steps=steps, checkpoint_every=3, keep_last=100))

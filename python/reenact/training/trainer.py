@@ -164,6 +164,7 @@ class Trainer:
         self.step, epoch, position = 0, 0, 0
         if meta is not None:
             epoch, position = self._restore(tensors, meta)
+        self.corr_cpu_path = self._pin_corr_cpu_path(meta)
         self.stream = DataStream(loader, epoch, position)
         self.generator_step_module = self._wrap(self.generator)
         self.discriminator_step_module = self._wrap(self.discriminator)
@@ -175,8 +176,41 @@ class Trainer:
             module = torch.compile(module)
         return module
 
+    def _pin_corr_cpu_path(self, meta):
+        """One corr_warp CPU path for the whole run -> its name (None off the CPU or without the op).
+
+        corr_warp's CPU path (AVX-512 kernels, ATen's GEMMs or the bf16 kernels) is chosen by
+        timing it once per process, and the paths differ in the last bits. A resumed run (or a
+        noisy machine) could therefore choose another path than the run it continues, and its
+        losses would part from the uninterrupted run's. So the run chooses once, from the model's
+        widest warp, pins that path for every shape until `close`, and records it in each
+        checkpoint; a resume pins the recorded path where this CPU has it (PNCC_CORR_SIMD wins)."""
+        if self.device.type != "cpu" or self.config.model.ops != "fused":
+            return None
+        ops = torch.ops.pncc
+        self._corr_path_before = ops._corr_cpu_path_mode("")
+        recorded = (meta or {}).get("corr_cpu_path")
+        if self._corr_path_before == "auto" and recorded in ("simd", "aten", "bf16"):
+            try:
+                ops._corr_cpu_path_mode(recorded)
+                return recorded
+            except RuntimeError as err:  # resumed on a CPU without that path
+                log.warning("--resume: the run used corr_warp's %r CPU path, which this CPU lacks "
+                            "(%s); the resumed losses differ from an uninterrupted run in the last bits",
+                            recorded, validation.one_line(err))
+        model = self.config.model
+        chosen = ops._corr_cpu_path(model.correspondence_channels, model.appearance_channels[-1] + 8,
+                                    self.autocast_dtype == torch.bfloat16)
+        ops._corr_cpu_path_mode(chosen)
+        return chosen
+
     def close(self):
-        """Release the data stream and, when this trainer created it, the process group."""
+        """Release the data stream and, when this trainer created it, the process group; unpin
+        corr_warp's CPU path."""
+        before = getattr(self, "_corr_path_before", None)
+        if before is not None:
+            torch.ops.pncc._corr_cpu_path_mode(before)
+            self._corr_path_before = None
         stream = getattr(self, "stream", None)
         if stream is not None:
             stream.close()
@@ -247,6 +281,7 @@ class Trainer:
             "options": {"batch_size": options.batch_size, "seed": options.seed, "face_model": options.face_model,
                         "world_size": self.world.size, "precision": options.precision,
                         "channels_last": options.channels_last, "compile": options.compile},
+            "corr_cpu_path": self.corr_cpu_path,
             "time": time.time(),
         }
 
