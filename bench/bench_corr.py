@@ -7,6 +7,9 @@ per row on a 2-core machine). Rows:
   corr_warp [simd], corr_warp [aten]
              CPU only, on a CPU with AVX-512F: the fused op forced onto the project's AVX-512
              kernels or onto ATen's GEMMs (csrc/corr/corr_cpu_path.h), to check the choice;
+  corr_warp [bf16]
+             CPU, bfloat16 inputs, on a CPU with AVX512-BF16: forced onto the project's
+             vdpbf16ps tile products (csrc/corr/corr_cpu_bf16.h);
   unfused    pncc_cuda.reference.corr_warp_reference (normalise, matmul, softmax, matmul);
   sdpa       torch.nn.functional.scaled_dot_product_attention on explicitly normalised inputs,
              scale = 1/temperature (what a user would write instead); with --sdpa-backends, one
@@ -68,6 +71,7 @@ IMPLS = {
     "corr_warp": on_cpu_path(START_MODE),
     "corr_warp [simd]": on_cpu_path("simd"),
     "corr_warp [aten]": on_cpu_path("aten"),
+    "corr_warp [bf16]": on_cpu_path("bf16"),
     "unfused": lambda q, k, v, t: corr_warp_reference(q, k, v, t),
     "sdpa": sdpa,
 }
@@ -87,7 +91,7 @@ def pinned_sdpa(backend):
 def implementations(device, sdpa_backends, q, k, v):
     """{row name: fn} and {row name: why it was not run}, probing each pinned backend once on
     the real inputs (a backend's support depends on dtype, head dims and device)."""
-    impls = {name: IMPLS[name] for name in impls_for(device)
+    impls = {name: IMPLS[name] for name in impls_for(device, q.dtype)
              if not (sdpa_backends and name == "sdpa")}
     rejected = {}
     for backend in SDPA_BACKENDS if sdpa_backends else ():
@@ -106,17 +110,23 @@ def implementations(device, sdpa_backends, q, k, v):
     return impls, rejected
 
 
-def impls_for(device):
-    """The rows that apply: the forced-path rows only on a CPU that has both paths."""
-    forced = device == "cpu" and torch.ops.pncc._corr_cpu_path_stats()[0] == 1
-    return [name for name in IMPLS if forced or not name.startswith("corr_warp [")]
+def impls_for(device, dtype):
+    """The rows that apply: the forced-path rows only on a CPU that has more than one path, the
+    bf16 one only for bfloat16 inputs on a CPU with AVX512-BF16."""
+    stats = torch.ops.pncc._corr_cpu_path_stats() if device == "cpu" else [0] * 6
+    forced = {"corr_warp [simd]": stats[0] == 1, "corr_warp [aten]": stats[0] == 1,
+              "corr_warp [bf16]": stats[4] == 1 and dtype == torch.bfloat16}
+    return [name for name in IMPLS if forced.get(name, True)]
 
 
-def calibration_ms(C, Cv):
-    """Milliseconds of the CPU path calibration of one shape class (a fresh one is forced)."""
+def calibration_ms(C, Cv, bf16=False):
+    """Milliseconds of the CPU path calibration of one shape class (a fresh one is forced; for
+    bf16 inputs, the fp32 class's calibration is run first, untimed, as it is its incumbent)."""
     previous = torch.ops.pncc._corr_cpu_path_mode("recalibrate")
+    if bf16:
+        torch.ops.pncc._corr_cpu_path(C, Cv)
     start = time.perf_counter()
-    path = torch.ops.pncc._corr_cpu_path(C, Cv)
+    path = torch.ops.pncc._corr_cpu_path(C, Cv, bf16)
     ms = (time.perf_counter() - start) * 1e3
     torch.ops.pncc._corr_cpu_path_mode(previous)
     return path, ms
@@ -144,9 +154,10 @@ def run_config(device, dtype, B, N, C, Cv, backward, repeats, warmup=1, sdpa_bac
     impls, rejected = implementations(device, sdpa_backends, q, k, v)
     steps = {name: make_step(fn, q, k, v, grad_out, backward) for name, fn in impls.items()}
     times = {name: [] for name in steps}
+    cpu_times = {name: [] for name in steps}  # process CPU time (all threads), CPU device only
     if device == "cpu":
         torch.ops.pncc._corr_cpu_path_mode(START_MODE)
-        path = torch.ops.pncc._corr_cpu_path(C, Cv)
+        path = torch.ops.pncc._corr_cpu_path(C, Cv, dtype == torch.bfloat16)
     else:
         path = None
     for _ in range(warmup):
@@ -156,10 +167,11 @@ def run_config(device, dtype, B, N, C, Cv, backward, repeats, warmup=1, sdpa_bac
     for _ in range(repeats):  # interleaved rounds
         for name, step in steps.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
             sync(device)
             times[name].append(time.perf_counter() - t0)
+            cpu_times[name].append(time.process_time() - c0)
     flops = 2.0 * B * N * N * (C + Cv) * (3.5 if backward else 1.0)
     shape = dict(device=device, dtype=str(dtype).removeprefix("torch."), B=B, N=N, C=C, Cv=Cv,
                  pass_="fwd+bwd" if backward else "fwd")
@@ -167,29 +179,37 @@ def run_config(device, dtype, B, N, C, Cv, backward, repeats, warmup=1, sdpa_bac
     for name, step in steps.items():
         ms = statistics.median(times[name]) * 1e3
         impl = f"corr_warp [{path}, chosen]" if name == "corr_warp" and path else name
+        cpu_ms = statistics.median(cpu_times[name]) * 1e3 if device == "cpu" else None
         rows.append(dict(impl=impl, **shape, ms=ms, ms_all=[t * 1e3 for t in times[name]],
+                         cpu_ms=cpu_ms,
                          tflops=flops / (ms * 1e-3) / 1e12,
                          peak_mib=peak_bytes(step, device) / 2**20))
     sdpa_ms = min(r["ms"] for r in rows if r["impl"].startswith("sdpa"))
     unfused_ms = next(r["ms"] for r in rows if r["impl"] == "unfused")
+    sdpa_cpu = min((r["cpu_ms"] for r in rows if r["impl"].startswith("sdpa")), default=None)
     for r in rows:
         r["speed_vs_sdpa"] = sdpa_ms / r["ms"]
         r["speed_vs_unfused"] = unfused_ms / r["ms"]
+        # On a shared machine the CPU-time ratio is the steadier one (a descheduled thread does
+        # not count); on a quiet one the two agree.
+        r["cpu_speed_vs_sdpa"] = sdpa_cpu / r["cpu_ms"] if sdpa_cpu and r["cpu_ms"] else None
     rows += [dict(impl=name, **shape, ms=None, rejected=why) for name, why in rejected.items()]
     return rows
 
 
 def markdown(rows):
     lines = ["| device | dtype | B | Cv | pass | impl | ms (median) | TFLOP/s | peak MiB | "
-             "x SDPA | x unfused |", "|" + "---|" * 11]
+             "x SDPA | x unfused | CPU ms (median) | x SDPA, CPU time |", "|" + "---|" * 13]
     for r in rows:
         head = f"| {r['device']} | {r['dtype']} | {r['B']} | {r['Cv']} | {r['pass_']} | {r['impl']} "
         if r["ms"] is None:
-            lines.append(head + f"| rejected: {r['rejected']} | | | | |")
+            lines.append(head + f"| rejected: {r['rejected']} | | | | | | |")
             continue
+        cpu = (f"{r['cpu_ms']:.1f} | {r['cpu_speed_vs_sdpa']:.2f}" if r.get("cpu_speed_vs_sdpa")
+               else "- | -")
         lines.append(
             head + f"| {r['ms']:.1f} | {r['tflops']:.3f} | {r['peak_mib']:.1f} | "
-            f"{r['speed_vs_sdpa']:.2f} | {r['speed_vs_unfused']:.2f} |")
+            f"{r['speed_vs_sdpa']:.2f} | {r['speed_vs_unfused']:.2f} | {cpu} |")
     return "\n".join(lines)
 
 
@@ -225,8 +245,8 @@ def main(argv=None):
     print(f"CPU: {cpu}\n")
     if args.device == "cpu":
         for cv in cvs:
-            path, ms = calibration_ms(c, cv)
-            print(f"CPU path calibration for C={c}, Cv={cv}: {ms:.1f} ms, chose {path}")
+            path, ms = calibration_ms(c, cv, dtype == torch.bfloat16)
+            print(f"CPU path calibration for C={c}, Cv={cv}, {dtype}: {ms:.1f} ms, chose {path}")
         print()
     print(table)
     out_dir = args.out
@@ -253,9 +273,9 @@ def test_bench_corr(benchmark, device, backward, impl):
     # bench/ has no conftest of its own: skip here, at run time, rather than query at import.
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device; none is visible")
-    if impl not in impls_for(device):
-        pytest.skip(f"{impl}: this CPU has only one corr_warp path")
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if impl not in impls_for(device, dtype):
+        pytest.skip(f"{impl}: this CPU (or dtype) has no such corr_warp path")
     s = _SIZES
     q, k, v = random_qkv(s["B"], s["N"], s["N"], s["C"], s["Cv"], dtype=dtype, device=device)
     grad_out = torch.randn(s["B"], s["N"], s["Cv"], dtype=dtype, device=device)

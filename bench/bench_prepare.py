@@ -4,10 +4,16 @@ Profile (one process, one thread; CPU time of the process, so other load on the 
 clip of ../shared/data/real-videos (default d11.mp4, 512x512, 225 frames): decode, detect
 (mediapipe face mesh, video mode), fit (SFM), crop and encode (VP9).
 Each stage is timed as it ran before issue 14 and as it runs now, interleaved in one process,
-median of ``--repeats``. (End-to-end rates of two checkouts: run ``process_file`` of each in
-alternating processes, as bench/RESULTS.md describes.)
+median of ``--repeats``.
+
+End to end (``--against CHECKOUT``): one worker's work on the file, ``process_file`` of this
+checkout and of another one (e.g. ``git archive c7352e0 python | tar -x -C /tmp/base``), each
+in a fresh process that first imports what that checkout's fork server preloads, alternating for
+``--repeats`` rounds; the CPU time of the call (it includes creating the detector and importing
+what the preload lacks, as a worker does) and its wall time.
 
     python bench/bench_prepare.py [--video d11.mp4] [--repeats 3]
+    python bench/bench_prepare.py --against /tmp/base [--repeats 3]
     python bench/bench_prepare.py --smoke     # one round (CI); says why and exits 0 without the data
 """
 import argparse
@@ -15,6 +21,7 @@ import json
 import os
 import pathlib
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +51,7 @@ def profile(path, model, options, legacy):
     started = time.process_time()
     frames = list(iter_frames(path, exact_colour=legacy))
     seconds["decode"] = (2 if legacy else 1) * (time.process_time() - started)
-    detector = make_detector("mediapipe", video=True)
+    detector = make_detector("mediapipe", video=True, dense=legacy)  # now: only the 68 points are read
     started = time.process_time()
     landmarks = []
     for frame in frames:
@@ -78,12 +85,52 @@ def profile(path, model, options, legacy):
     return seconds, len(frames)
 
 
+# Run in a fresh process per checkout: argv = checkout, video, model, out folder.
+_ONE_FILE = r"""
+import importlib, inspect, json, pathlib, sys, time
+sys.path[:0] = [sys.argv[1] + "/python"]
+import torch
+torch.set_num_threads(1)
+from reenact.data import prepare as prep
+preload = ["av", "reenact.face3d.fit", "reenact.face3d.detectors"]
+if "mediapipe" in inspect.getsource(prep._worker_context):
+    preload += ["mediapipe.python.solutions.face_mesh", "mediapipe.python.solutions.face_detection"]
+for name in preload:
+    importlib.import_module(name)
+try:
+    from reenact.face3d.loading import load_model
+except ImportError:
+    from reenact.face3d.morphable import load_model
+model = load_model(sys.argv[3])
+options = prep.PrepareOptions(model=sys.argv[3], size=256)
+cpu, wall = time.process_time(), time.perf_counter()
+result = prep.process_file(pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[2]).name, sys.argv[4], options, model=model)
+print(json.dumps({"cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall, "frames": result[1],
+                  "clips": len(result[0])}))
+"""
+
+
+def end_to_end(path, model_path, checkouts, repeats):
+    """{checkout: [(input frames per CPU second, per wall second), ...]} from alternating runs."""
+    rates = {checkout: [] for checkout in checkouts}
+    for _ in range(repeats):
+        for checkout in checkouts:
+            with tempfile.TemporaryDirectory() as work:
+                done = subprocess.run([sys.executable, "-c", _ONE_FILE, str(checkout), str(path), str(model_path),
+                                       work], capture_output=True, text=True, check=True,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1", "GLOG_minloglevel": "2"})
+            run = json.loads(done.stdout.strip().splitlines()[-1])
+            rates[checkout].append((run["frames"] / run["cpu"], run["frames"] / run["wall"]))
+    return rates
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--video", default="d11.mp4")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=str(ROOT / "bench" / "out" / "prepare.json"))
     parser.add_argument("--smoke", action="store_true", help="one round, for CI")
+    parser.add_argument("--against", help="another checkout: end-to-end rates of both (see the docstring)")
     args = parser.parse_args()
     if args.smoke:
         args.repeats = 1
@@ -95,6 +142,19 @@ def main():
             print(message)
             return
         sys.exit(message)
+    if args.against:
+        checkouts = [pathlib.Path(args.against).resolve(), ROOT]
+        rates = end_to_end(path, model_path, checkouts, args.repeats)
+        print(f"| checkout ({args.video}, {cpu_model()}, 1 torch thread) | input frames per CPU second "
+              f"(median) | per round | wall frames/s (median) |")
+        print("|---|---|---|---|")
+        base = statistics.median(cpu for cpu, _ in rates[checkouts[0]])
+        for checkout in checkouts:
+            cpu = statistics.median(c for c, _ in rates[checkout])
+            rounds = ", ".join(f"{c:.1f}" for c, _ in rates[checkout])
+            print(f"| {checkout} | {cpu:.1f} ({cpu / base:.2f}x) | {rounds} | "
+                  f"{statistics.median(w for _, w in rates[checkout]):.1f} |")
+        return
     torch.set_num_threads(1)
     model = load_model(model_path)
     options = prep.PrepareOptions(model=str(model_path), size=256)

@@ -9,6 +9,9 @@ ratios use the thread's CPU time, which a busy neighbour does not stretch:
     instead and the one the "x classic loop" column is taken to; the pure-PyTorch reference;
   - every thread: render_pncc; the unfused path a user could compose from our own ops
     (rasterize + interpolate + permute); the reference;
+  - 1 thread, back to back: render_pncc and the classic loop again, each called repeatedly (warm
+    caches, as in a loop rendering one image after another; the interleaved rows start every call
+    with caches the other rows filled);
   - render_pncc on CUDA, when a GPU is visible.
 Then the CPU rasterizer's time split (cull, cover, resolve) and triangle-rejection rate for every
 culling variant this CPU supports (bench/cpp/raster_split.cpp, one thread, one image).
@@ -150,6 +153,40 @@ def interleaved_medians(fns, device, repeats, sparse, cpu_clock, warmup=2):
             {name: statistics.median(t) for name, t in cpu.items()})
 
 
+def back_to_back_medians(fns, blocks, per_block):
+    """Median thread CPU seconds per call of each callable of `fns` run `per_block` times in a row
+    (after one untimed call), the blocks of the callables alternating: the caches then hold the
+    callable's own data, as in a loop that renders one image after another. One thread."""
+    times = {name: [] for name in fns}
+    for _ in range(blocks):
+        for name, fn in fns.items():
+            fn()
+            for _ in range(per_block):
+                start = time.thread_time()
+                fn()
+                times[name].append(time.thread_time() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def back_to_back_rows(mesh, vertices, faces, ncc, classic, repeats):
+    """render_pncc and the classic loop each run back to back on one thread (warm caches): the
+    interleaved rows above make every call start with caches that the other rows filled."""
+    fns = {"render_pncc (CPU, 1 thread, back to back)":
+           lambda: pncc_cuda.render_pncc(vertices, faces, ncc, SIZE, SIZE),
+           f"{CLASSIC} (CPU, 1 thread, back to back)": lambda: classic(vertices)}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    seconds = back_to_back_medians(fns, blocks=max(3, repeats // 3), per_block=10)
+    torch.set_num_threads(previous)
+    batch = vertices.shape[0]
+    base = seconds[f"{CLASSIC} (CPU, 1 thread, back to back)"]
+    return [{"mesh": mesh.source, "triangles": mesh.faces.shape[0], "batch": batch,
+             "device": "cpu", "threads": 1, "row": name,
+             "ms_per_image": 1e3 * t / batch, "cpu_ms_per_image": 1e3 * t / batch,
+             "images_per_s": batch / t, "is_reference": False, "speedup_vs_reference": None,
+             "time_vs_classic_loop": t / base} for name, t in seconds.items()]
+
+
 def peak_memory_ratio(vertices, faces, ncc):
     """CUDA peak memory of one render_pncc call over the bytes of its outputs plus the 8-byte
     z-buffer key per pixel (the design's bound; 1.0 means nothing else was allocated)."""
@@ -211,6 +248,8 @@ def run(meshes=MESHES, batches=BATCHES, repeats=15, devices=None, cuda_batches=C
                         if base is not None:
                             r["time_vs_classic_loop"] = r[key] / base[key]
                     rows += group
+                if classic is not None:
+                    rows += back_to_back_rows(mesh, vertices, faces, ncc, classic, repeats)
     return rows
 
 
@@ -254,10 +293,12 @@ def markdown(rows):
     for r in rows:
         memory = r.get("peak_memory_vs_outputs_plus_zbuffer")
         classic = r.get("time_vs_classic_loop")
+        speedup = r["speedup_vs_reference"]
         lines.append(
             f"| {r['mesh']} | {r['triangles']} | {r['batch']} | {r['row']} | "
             f"{r['ms_per_image']:.3f} | {r['cpu_ms_per_image']:.3f} | {r['images_per_s']:.0f} | "
-            f"{'-' if classic is None else f'{classic:.2f}x'} | {r['speedup_vs_reference']:.1f} | "
+            f"{'-' if classic is None else f'{classic:.2f}x'} | "
+            f"{'-' if speedup is None else f'{speedup:.1f}'} | "
             f"{'-' if memory is None else f'{memory:.2f}'} |"
         )
     return "\n".join(lines)

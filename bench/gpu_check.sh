@@ -18,7 +18,7 @@
 #      c. one 256x256 batch-16 bf16 training step, fused ops against --ops reference (~60-90 s;
 #         needs PyAV for its synthetic clips)
 #   4. compute-sanitizer memcheck over a small selection of the op tests, then racecheck over
-#      3-4 small corr_warp cases.                                                        ~3-4 min
+#      6 small corr_warp cases.                                                          ~3-4 min
 #
 # Results in $OUT (the device tool's output folder, which returns at most 8 files; bench/out/gpu
 # otherwise): gpu_check.log (all output), steps.tsv (step, exit code, seconds), cuda_tests.xml,
@@ -88,7 +88,7 @@ fi
 step "1. kernels registered" 60 "$PYTHON" scripts/check_build.py --require-cuda
 
 # ---- 2. CUDA tests -------------------------------------------------------------------------------
-tests=(tests/test_raster.py tests/test_raster_fuzz.py tests/test_corr.py)
+tests=(tests/test_raster.py tests/test_raster_fuzz.py tests/test_corr.py tests/test_corr_kernels.py)
 for module in tests/test_model_*.py tests/test_face3d_*.py; do tests+=("$module"); done
 if has nvidia.dali && has av; then
   tests+=(tests/test_data_*.py)
@@ -119,9 +119,9 @@ if [ -z "$SANITIZER" ]; then
 fi
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 step "4a. memcheck, small op cases" 150 "$SANITIZER" --tool memcheck --error-exitcode 1 \
-  "$PYTHON" -m pytest tests/test_raster.py tests/test_corr.py -m cuda -q -x -p no:cacheprovider \
-  -k "(test_accuracy and shape0) or stress_value_channels or (stress_sizes and not 1025) or rasterize_matches_reference or render_pncc_equals or degenerate_triangles or non_finite"
-step "4b. racecheck, 3-4 small corr_warp cases" 150 "$SANITIZER" --tool racecheck \
-  --error-exitcode 1 "$PYTHON" -m pytest tests/test_corr.py -m cuda -q -x -p no:cacheprovider \
-  -k "(stress_sizes and (17 or 97)) or (stress_value_channels and 258) or (test_accuracy and shape0 and bfloat16)"
+  "$PYTHON" -m pytest tests/test_raster.py tests/test_corr.py tests/test_corr_kernels.py -m cuda -q -x \
+  -p no:cacheprovider -k "(test_accuracy and shape0) or stress_value_channels or (stress_sizes and not 1025) or (low_precision_shapes and (shape0 or shape3)) or deterministic_mode or rasterize_matches_reference or render_pncc_equals or degenerate_triangles or non_finite"
+step "4b. racecheck, a few small corr_warp cases" 150 "$SANITIZER" --tool racecheck \
+  --error-exitcode 1 "$PYTHON" -m pytest tests/test_corr.py tests/test_corr_kernels.py -m cuda -q -x \
+  -p no:cacheprovider -k "(stress_sizes and (17 or 97)) or (stress_value_channels and 258) or (test_accuracy and shape0 and dtype2)"
 exit $status

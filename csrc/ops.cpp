@@ -38,6 +38,9 @@ TORCH_LIBRARY(pncc, m) {
   // The CPU rasterizer's triangle-culling variant (csrc/raster/raster_cull.h): "avx512", "avx2"
   // or "scalar". Takes no tensor, so it is defined here with its one kernel.
   m.def("_raster_cpu_variant() -> str", &pncc::raster::cull::selected_name);
+  // The calibration that chose it: thread CPU seconds per variant (scalar, avx2, avx512), -1 for
+  // a variant not timed.
+  m.def("_raster_cpu_calibration() -> float[]", &pncc::raster::cull::selection_seconds);
 
   // ---- correspondence softmax-warp (csrc/corr) ----
   m.def(
@@ -47,10 +50,11 @@ TORCH_LIBRARY(pncc, m) {
       "_corr_warp_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out,"
       " Tensor lse, float temperature, bool normalize, float eps)"
       " -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
-  // Which CPU implementation runs fp32 corr_warp's tile products (csrc/corr/corr_cpu_path.h):
-  // for tests, benchmarks and bug reports. They take no tensor, so they are defined here with
-  // their one kernel.
-  m.def("_corr_cpu_path(int channels, int value_channels) -> str", &pncc::corr::path::path_for);
+  // Which CPU implementation runs corr_warp's tile products (csrc/corr/corr_cpu_path.h): for
+  // tests, benchmarks and bug reports. They take no tensor, so they are defined here with their
+  // one kernel.
+  m.def("_corr_cpu_path(int channels, int value_channels, bool bf16=False) -> str",
+        &pncc::corr::path::path_for);
   m.def("_corr_cpu_path_mode(str mode) -> str", &pncc::corr::path::set_mode);
   m.def("_corr_cpu_path_stats() -> int[]", &pncc::corr::path::stats);
 }

@@ -5,116 +5,21 @@ q^ and k^ are the channel-mean-centred, L2-normalised rows of query and key. The
 kernels (csrc/corr) are flash-style: they never build the (Nq x Nk) similarity matrix. This
 module registers their fake kernels and their autograd formula.
 """
-import math
 import numbers
 
 import torch
 
 from . import _C  # noqa: F401  (loads the schemas before the registrations below)
+from ._corr_checks import LSE_DTYPE, check_backward_inputs, check_inputs
 
 __all__ = ["corr_warp"]
-
-_FLOATING = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _dtype_str(dtype):
-    return str(dtype).removeprefix("torch.")
-
-
-def _shape_str(t):
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
-
-def _check_rank3(t, name, dims):
-    if t.dim() != 3:
-        raise ValueError(f"{name} must have shape {dims}, got {_shape_str(t)}")
-
-
-def _check_dtype(t, name, query):
-    if t.dtype not in _FLOATING:
-        raise TypeError(
-            f"{name} must be a floating-point tensor (float32, float16 or bfloat16; float64 on "
-            f"CPU), got {_dtype_str(t.dtype)}"
-        )
-    if t.dtype != query.dtype:
-        raise TypeError(
-            f"{name} must have the dtype of query ({_dtype_str(query.dtype)}), got "
-            f"{_dtype_str(t.dtype)}"
-        )
-    if t.dtype == torch.float64 and t.device.type == "cuda":
-        raise TypeError(f"{name} must not be float64 on CUDA (float64 is supported on CPU only)")
-
-
-def _check_device(t, name, query):
-    if t.device != query.device:
-        raise ValueError(
-            f"{name} must be on the device of query ({query.device}), got {t.device}"
-        )
-
-
-def _lse_dtype(dtype):
-    # Always float64, as lse_dtype in csrc/corr/corr_check.cpp (see online_softmax_lse).
-    return torch.float64
-
-
-def check_inputs(query, key, value, temperature, eps):
-    """The preconditions of csrc/corr/corr_check.cpp, with the same messages (for fake kernels)."""
-    _check_rank3(query, "query", "(B, Nq, C)")
-    _check_rank3(key, "key", "(B, Nk, C)")
-    _check_rank3(value, "value", "(B, Nk, Cv)")
-    for t, name in ((query, "query"), (key, "key"), (value, "value")):
-        _check_dtype(t, name, query)
-    _check_device(key, "key", query)
-    _check_device(value, "value", query)
-    B, _, C = query.shape
-    Nk = key.shape[1]
-    if C < 1:
-        raise ValueError(
-            f"query must have at least one channel (C >= 1), got shape {_shape_str(query)}"
-        )
-    if key.shape[0] != B or key.shape[2] != C:
-        raise ValueError(
-            f"key must have shape (B, Nk, C) = ({B}, Nk, {C}) to match query, got "
-            f"{_shape_str(key)}"
-        )
-    if value.shape[0] != B or value.shape[1] != Nk:
-        raise ValueError(
-            f"value must have shape (B, Nk, Cv) = ({B}, {Nk}, Cv) to match query and key, got "
-            f"{_shape_str(value)}"
-        )
-    # `:g` prints a double the way C++ streams do, so both messages read the same.
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature:g}")
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps:g}")
-
-
-def check_backward_inputs(grad_out, query, key, value, out, lse, temperature, eps):
-    check_inputs(query, key, value, temperature, eps)
-    B, Nq, Cv = query.shape[0], query.shape[1], value.shape[2]
-    for t, name in ((grad_out, "grad_out"), (out, "out")):
-        if t.dim() != 3 or tuple(t.shape) != (B, Nq, Cv):
-            raise ValueError(
-                f"{name} must have shape (B, Nq, Cv) = ({B}, {Nq}, {Cv}), got {_shape_str(t)}"
-            )
-        _check_dtype(t, name, query)
-        _check_device(t, name, query)
-    if lse.dim() != 2 or tuple(lse.shape) != (B, Nq):
-        raise ValueError(f"lse must have shape (B, Nq) = ({B}, {Nq}), got {_shape_str(lse)}")
-    if lse.dtype != _lse_dtype(query.dtype):
-        raise TypeError(
-            f"lse must have dtype {_dtype_str(_lse_dtype(query.dtype))}, got "
-            f"{_dtype_str(lse.dtype)}"
-        )
-    _check_device(lse, "lse", query)
-
 
 @torch.library.register_fake("pncc::corr_warp")
 def _corr_warp_fake(query, key, value, temperature, normalize, eps):
     check_inputs(query, key, value, temperature, eps)
     B, Nq, _ = query.shape
     out = query.new_empty((B, Nq, value.shape[2]))
-    lse = query.new_empty((B, Nq), dtype=_lse_dtype(query.dtype))
+    lse = query.new_empty((B, Nq), dtype=LSE_DTYPE)
     return out, lse
 
 
@@ -132,6 +37,8 @@ def _corr_warp_backward_fake(grad_out, query, key, value, out, lse, temperature,
 def _setup_context(ctx, inputs, output):
     query, key, value, temperature, normalize, eps = inputs
     out, lse = output
+    # `out` is read by the CUDA flash backward (D = rowsum(dO * out), as FlashAttention-2); the
+    # CPU and SIMT backwards sum D from the recomputed P and dP and ignore it.
     ctx.save_for_backward(query, key, value, out, lse)
     ctx.temperature, ctx.normalize, ctx.eps = temperature, normalize, eps
     # lse is an auxiliary output for the backward: autograd must not pretend to differentiate it.

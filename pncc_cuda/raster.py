@@ -9,7 +9,7 @@ import numbers
 
 import torch
 
-from . import _checks
+from . import _raster_checks as _checks
 
 __all__ = ["rasterize", "interpolate", "render_pncc"]
 

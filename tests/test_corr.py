@@ -250,7 +250,7 @@ _BAD_INPUTS = [  # (make args from valid q (2, 5, 4), k (2, 6, 4), v (2, 6, 3)),
      "query must be a floating-point tensor"),
     (lambda q, k, v: (q, k, v.long(), 0.1), TypeError, "value must be a floating-point tensor"),
     (lambda q, k, v: (q, k.double(), v, 0.1), TypeError,
-     r"key must have the dtype of query \(float32\), got float64"),
+     r"key must have the dtype of query \(torch.float32\), got torch.float64"),
 ]
 
 
@@ -302,7 +302,7 @@ def test_backward_op_checks_its_inputs():
     out, lse = torch.ops.pncc.corr_warp(q, k, v, 0.1, True, 1e-6)
     with pytest.raises(ValueError, match=r"grad_out must have shape \(B, Nq, Cv\) = \(2, 5, 3\)"):
         torch.ops.pncc._corr_warp_backward(out[:, :2], q, k, v, out, lse, 0.1, True, 1e-6)
-    with pytest.raises(TypeError, match="lse must have dtype float64, got float32"):
+    with pytest.raises(TypeError, match="lse must have dtype torch.float64, got torch.float32"):
         torch.ops.pncc._corr_warp_backward(out, q, k, v, out, lse.float(), 0.1, True, 1e-6)
 
 

@@ -1,7 +1,7 @@
-"""corr_warp's CPU path choice (csrc/corr/corr_cpu_path.h): the AVX-512 kernels or ATen's GEMMs,
-chosen by measuring once per shape class, cached, forced by PNCC_CORR_SIMD or the
-_corr_cpu_path_mode debug op, and actually used (the tile-product counters of
-_corr_cpu_path_stats say which path ran)."""
+"""corr_warp's CPU path choice (csrc/corr/corr_cpu_path.h): the AVX-512 kernels or ATen's GEMMs in
+fp32, or the AVX512-BF16 kernels for bfloat16 inputs, chosen by measuring once per shape class,
+cached, forced by PNCC_CORR_SIMD or the _corr_cpu_path_mode debug op, and actually used (the
+tile-product counters of _corr_cpu_path_stats say which path ran)."""
 import os
 import subprocess
 import sys
@@ -16,12 +16,16 @@ OPS = torch.ops.pncc
 
 
 def stats():
-    available, calibrations, simd, aten = OPS._corr_cpu_path_stats()
-    return dict(available=bool(available), calibrations=calibrations, simd=simd, aten=aten)
+    available, calibrations, simd, aten, bf16_available, bf16 = OPS._corr_cpu_path_stats()
+    return dict(available=bool(available), calibrations=calibrations, simd=simd, aten=aten,
+                bf16_available=bool(bf16_available), bf16=bf16)
 
 
 SIMD_AVAILABLE = stats()["available"]
+BF16_AVAILABLE = stats()["bf16_available"]
 needs_simd = pytest.mark.skipif(not SIMD_AVAILABLE, reason="this CPU has no AVX-512F")
+needs_bf16 = pytest.mark.skipif(not BF16_AVAILABLE, reason="this CPU has no AVX512-BF16")
+PATHS = ("simd", "aten", "bf16")
 
 
 @pytest.fixture
@@ -51,32 +55,56 @@ def test_choice_is_measured_once_per_shape_class(path_mode):
     done = stats()
     assert done["calibrations"] == after["calibrations"]
     assert done[first] > after[first]
-    assert done["aten" if first == "simd" else "simd"] == after["aten" if first == "simd" else "simd"]
+    assert all(done[p] == after[p] for p in PATHS if p != first)
     # Another class is measured on its own.
     OPS._corr_cpu_path(8, 3)
     assert stats()["calibrations"] - done["calibrations"] == (1 if SIMD_AVAILABLE else 0)
 
 
-@pytest.mark.parametrize("mode", ["aten", pytest.param("simd", marks=needs_simd)])
-def test_forced_path_is_the_one_that_runs(path_mode, mode):
-    path_mode(mode)
-    assert OPS._corr_cpu_path(256, 256) == mode
-    other = "simd" if mode == "aten" else "aten"
+@needs_bf16
+def test_bf16_inputs_are_measured_as_a_class_of_their_own(path_mode):
+    path_mode("recalibrate")
     before = stats()
-    q, k, v = _inputs(2, 300, 700, 16, 5)
+    fp32 = OPS._corr_cpu_path(48, 40)
+    chosen = OPS._corr_cpu_path(48, 40, True)
+    # One calibration for the fp32 class, one for bf16 inputs (bf16 kernels against that path).
+    assert stats()["calibrations"] - before["calibrations"] == 2
+    assert chosen in ("bf16", fp32)
+    assert OPS._corr_cpu_path(64, 33, True) == chosen
+    q, k, v = _inputs(1, 40, 90, 48, 40, dtype=torch.bfloat16)
+    after = stats()
+    pncc_cuda.corr_warp(q, k, v, 0.05)
+    done = stats()
+    assert done["calibrations"] == after["calibrations"]
+    assert done[chosen] > after[chosen]
+    assert all(done[p] == after[p] for p in PATHS if p != chosen)
+
+
+MODES = ["aten", pytest.param("simd", marks=needs_simd), pytest.param("bf16", marks=needs_bf16)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forced_path_is_the_one_that_runs(path_mode, mode, dtype):
+    path_mode(mode)
+    # The bf16 mode takes the bf16 kernels for bfloat16 inputs, the AVX-512 ones for the others.
+    expected = "simd" if mode == "bf16" and dtype != torch.bfloat16 else mode
+    assert OPS._corr_cpu_path(256, 256, dtype == torch.bfloat16) == expected
+    before = stats()
+    q, k, v = _inputs(2, 300, 700, 16, 5, dtype=dtype)
     grad_out = torch.randn(2, 300, 5, generator=torch.Generator().manual_seed(2))
     _forward_backward(pncc_cuda.corr_warp, q, k, v, grad_out, temperature=0.02)
     after = stats()
-    assert after[mode] > before[mode]
-    assert after[other] == before[other]
+    assert after[expected] > before[expected]
+    assert all(after[p] == before[p] for p in PATHS if p != expected)
     assert after["calibrations"] == before["calibrations"]
-    # float64 never takes the AVX-512 kernels, whatever the mode.
+    # float64 never takes the project's kernels, whatever the mode.
     _forward_backward(pncc_cuda.corr_warp, q.double(), k.double(), v.double(), grad_out.double(),
                       temperature=0.02)
-    assert stats()["simd"] == after["simd"]
+    assert stats()["simd"] == after["simd"] and stats()["bf16"] == after["bf16"]
 
 
-@pytest.mark.parametrize("mode", ["aten", pytest.param("simd", marks=needs_simd)])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_each_path_agrees_with_the_reference(path_mode, mode, dtype):
     path_mode(mode)
@@ -98,10 +126,12 @@ def test_the_two_paths_agree_with_each_other(path_mode):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item()), name
 
 
-def test_auto_choice_is_the_same_for_every_thread_count(path_mode, num_threads):
-    path_mode("auto")
-    q, k, v = _inputs(2, 300, 1100, 16, 5)
-    grad_out = torch.randn(2, 300, 5, generator=torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("mode", ["auto", pytest.param("bf16", marks=needs_bf16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_results_are_the_same_for_every_thread_count(path_mode, num_threads, dtype, mode):
+    path_mode(mode)
+    q, k, v = _inputs(2, 300, 1100, 16, 5, dtype=dtype)
+    grad_out = torch.randn(2, 300, 5, generator=torch.Generator().manual_seed(3)).to(dtype)
     results = []
     for n in (1, 2, 3):
         num_threads(n)
@@ -113,7 +143,8 @@ def test_auto_choice_is_the_same_for_every_thread_count(path_mode, num_threads):
 
 
 def test_bad_mode_is_a_one_line_error(path_mode):
-    with pytest.raises(RuntimeError, match="must be 'auto', 'simd', 'aten' or 'recalibrate', not 'fast'"):
+    with pytest.raises(RuntimeError,
+                       match="must be 'auto', 'simd', 'aten', 'bf16' or 'recalibrate', not 'fast'"):
         path_mode("fast")
     with pytest.raises(RuntimeError, match="positive channel counts"):
         OPS._corr_cpu_path(0, 3)
@@ -127,16 +158,17 @@ def _in_fresh_process(env_value, code):
 
 
 @pytest.mark.parametrize("env_value, expected", [
-    ("0", "aten"), pytest.param("1", "simd", marks=needs_simd), ("auto", None)])
+    ("0", "aten"), pytest.param("1", "simd", marks=needs_simd),
+    pytest.param("bf16", "bf16", marks=needs_bf16), ("auto", None)])
 def test_environment_variable_sets_the_mode(env_value, expected):
-    code = ("print(torch.ops.pncc._corr_cpu_path_mode(''), torch.ops.pncc._corr_cpu_path(256, 256),"
-            " torch.ops.pncc._corr_cpu_path_stats()[1])")
+    code = ("print(torch.ops.pncc._corr_cpu_path_mode(''),"
+            " torch.ops.pncc._corr_cpu_path(256, 256, True), torch.ops.pncc._corr_cpu_path_stats()[1])")
     result = _in_fresh_process(env_value, code)
     assert result.returncode == 0, result.stderr[-2000:]
     mode, path, calibrations = result.stdout.split()
-    if expected is None:  # auto: measured (when there is a choice)
-        assert mode == "auto" and path in ("simd", "aten")
-        assert int(calibrations) == (1 if SIMD_AVAILABLE else 0)
+    if expected is None:  # auto: measured (when there is a choice; bf16 inputs: two classes)
+        assert mode == "auto" and path in PATHS
+        assert int(calibrations) == int(SIMD_AVAILABLE) + int(BF16_AVAILABLE)
     else:  # forced: nothing measured
         assert (mode, path, int(calibrations)) == (expected, expected, 0)
 
@@ -145,5 +177,5 @@ def test_bad_environment_variable_is_a_one_line_error():
     q = "q = torch.randn(1, 4, 3); pncc_cuda.corr_warp(q, q, q, 0.1)"
     result = _in_fresh_process("yes", q)
     assert result.returncode != 0
-    assert "PNCC_CORR_SIMD must be 0 (ATen GEMMs), 1 (AVX-512 kernels) or auto, not 'yes'" in (
-        result.stderr)
+    assert ("PNCC_CORR_SIMD must be 0 (ATen GEMMs), 1 (AVX-512 kernels), bf16 (AVX512-BF16 kernels"
+            " for bfloat16 inputs) or auto, not 'yes'") in result.stderr

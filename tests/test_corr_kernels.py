@@ -4,9 +4,9 @@ test_corr.py's stress cases run in float32, which on CUDA takes the SIMT kernel.
 same accuracy rule in float16 and bfloat16, on the shapes that select each tensor-core kernel
 instantiation (channels padded to 64 or 256, value windows of 16 to 264 channels, several
 windows, the SIMT fallbacks beyond), plus the corner cases the tensor-core backward handles on its
-own: a single key, the deterministic dQ pass, value rows that are not 16-byte aligned. On the CPU
-they check the CPU kernels; under tools/cuda_emu (whose plugin makes "cpu" run the CUDA code) and
-on a GPU they check the CUDA kernels.
+own: a single key, the deterministic dQ pass, value rows that are not 16-byte aligned; and the
+fp32 path's bitwise repeatability. On the CPU they check the CPU kernels; under tools/cuda_emu
+(whose plugin makes "cpu" run the CUDA code) and on a GPU they check the CUDA kernels.
 """
 import pytest
 import torch
@@ -105,3 +105,18 @@ def test_unaligned_value_rows(device, dtype):
     b = _forward_backward(pncc_cuda.corr_warp, q, k, v, grad_out, temperature=0.05)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_float32_is_repeatable(device):
+    # The fp32 path (the register-tiled SIMT kernel on CUDA) has no atomics in either direction:
+    # every output element is written by one thread, and the row maxima, sums and D reduce in a
+    # fixed order, so two runs agree bitwise in the default (non-deterministic) mode. The shape
+    # takes two key tiles, two channel chunks and the wide output window (Cv = 80).
+    q, k, v = _inputs(2, 70, 90, 40, 80, device=device)
+    grad_out = torch.randn(2, 70, 80, device=device)
+    first = _forward_backward(pncc_cuda.corr_warp, q, k, v, grad_out, temperature=0.05)
+    again = _forward_backward(pncc_cuda.corr_warp, q, k, v, grad_out, temperature=0.05)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert_accuracy(q, k, v, temperature=0.05)

@@ -62,6 +62,10 @@ def test_prepare_crops_fits_and_splits(raw, tmp_path):
     written = json.loads((out / "prepare_report.json").read_text(encoding="utf-8"))
     assert written["model"] == report.model and "synthetic" in report.model
     assert written["valid_fraction"] == {r.clip: 1.0 for r in records}
+    # and the CPU time of each stage over this run's frames, printed in the summary
+    assert written["stage_frames"] == 48 and set(written["stage_seconds"]) == set(prep.STAGES)
+    assert all(seconds >= 0 for seconds in written["stage_seconds"].values())
+    assert "CPU ms per input frame: decode" in report.summary()
 
 
 def test_prepare_resumes_without_duplicates(raw, tmp_path):
@@ -112,6 +116,15 @@ def test_prepare_with_mediapipe_sees_the_toy_head(raw, tmp_path):
                           progress=False)
     assert report.prepared == 2
     assert sum(r.frames for r in fmt.read_manifest(out)) >= 24
+
+
+def test_a_faceless_video_is_skipped_with_its_size_and_what_the_detector_tried(tmp_path):
+    pytest.importorskip("mediapipe", reason="mediapipe is not installed")
+    path = tmp_path / "wall.mp4"
+    video.encode_video(path, np.full((10, 96, 160, 3), 128, np.uint8), fps=25, codec="h264")
+    with pytest.raises(video.MediaError, match="no face found in any of 10 frames") as raised:
+        prep.process_file(path, "wall.mp4", tmp_path / "out", prep.PrepareOptions(size=64))
+    assert "160x96" in str(raised.value) and "second pass for small faces" in str(raised.value)
 
 
 def test_prepare_bad_arguments(raw, tmp_path):

@@ -81,6 +81,53 @@ def test_real_photos_fit_within_three_percent_of_the_inter_ocular_distance(name,
         ARTIFACTS / f"{name}_sfm_overlay.png")
 
 
+def small_face_frame(shrink=0.45):
+    """The astronaut photo shrunk into a grey 720x1080 (portrait) frame, as in a full-body shot:
+    its face's landmarks are about 41 px wide. Returns the frame and where the full-size photo's
+    landmarks land in it (the reference)."""
+    from PIL import Image
+
+    photo = photos()["astronaut"]
+    with make_detector("mediapipe") as detector:
+        reference = detector.detect(photo).landmarks
+    size = round(photo.shape[1] * shrink)
+    small = np.asarray(Image.fromarray(photo).resize((size, size), Image.BOX))
+    frame = np.full((1080, 720, 3), 120, np.uint8)
+    top, left = 620, 330
+    frame[top:top + size, left:left + size] = small
+    scale = size / photo.shape[1]
+    return frame, (reference + 0.5) * scale - 0.5 + np.array([left, top])
+
+
+def test_small_face_is_found_by_the_second_pass():
+    pytest.importorskip("mediapipe", reason="mediapipe==0.10.21 is not installed (optional extra)")
+    from reenact.face3d.detectors import MediapipeDetector
+
+    frame, expected = small_face_frame()
+    assert np.ptp(expected[:, 0]) < 45  # a face about 40 px wide
+    iod = inter_ocular_distance(torch.from_numpy(expected)).item()
+    with MediapipeDetector(small_faces=False) as first_pass_only:
+        assert first_pass_only.detect(frame) is None  # the face mesh alone misses it
+    with MediapipeDetector() as detector:
+        found = detector.detect(frame)
+    assert found is not None and found.dense.shape == (478, 3)
+    assert np.linalg.norm(found.landmarks - expected, axis=1).mean() < 0.06 * iod
+    with MediapipeDetector(video=True, dense=False) as tracker:  # found, then tracked
+        frames = [tracker.detect(frame) for _ in range(3)]
+    assert all(f is not None and np.linalg.norm(f.landmarks - expected, axis=1).mean() < 0.06 * iod
+               for f in frames)
+
+
+def test_68_points_without_the_mesh_match_the_mesh_mapping():
+    pytest.importorskip("mediapipe", reason="mediapipe==0.10.21 is not installed (optional extra)")
+    image = photos()["astronaut"]
+    with make_detector("mediapipe") as dense, make_detector("mediapipe", dense=False) as sparse:
+        full, light = dense.detect(image), sparse.detect(image)
+    assert light.dense is None
+    np.testing.assert_array_equal(light.landmarks, full.landmarks)
+    np.testing.assert_array_equal(full.landmarks, full.dense[list(MEDIAPIPE_TO_IBUG68), :2])
+
+
 def test_faceless_image_gives_no_detection(mediapipe_detector):
     flat = np.full((240, 320, 3), 127, np.uint8)
     noise = np.random.default_rng(0).integers(0, 255, (240, 320, 3), dtype=np.uint8)

@@ -2,6 +2,7 @@
 
 The real-data test reads a few frames of ../shared/data (skipped with the reason when absent).
 """
+import importlib.util
 import json
 import os
 import pathlib
@@ -18,7 +19,7 @@ from reenact.face3d.loading import load_model
 from reenact.face3d.synthetic import project_landmarks, random_parameters
 
 SHARED = pathlib.Path(os.environ.get("PNCC_SHARED_DATA", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"))
-ARTIFACTS = pathlib.Path(__file__).resolve().parent / "artifacts"
+ARTIFACTS = pathlib.Path(__file__).resolve().parents[1] / "out" / "test-artifacts" / "face3d"
 
 
 def synthetic_clip(model, frames, seed, offsets=None, noise=0.0):
@@ -150,10 +151,32 @@ def _real_landmarks(name, frames):
     return to_crop(points, boxes, 256), images, boxes
 
 
+def _write_overlays(name, model, fit, landmarks, images, boxes):
+    """The crop overlays (PNCC of the fit, detected and fitted landmarks) of the worst frame (largest
+    rms / IOD) and a median one: out/test-artifacts/face3d/<name>_{worst,median}_sfm_overlay.png,
+    the frames to judge by eye against their ``valid`` flag (in the file name)."""
+    if importlib.util.find_spec("pncc_cuda") is None:
+        return  # overlay artifacts need the built rasterizer; the assertions above stand without them
+    from PIL import Image
+
+    from reenact.data.framing import crop_frame
+    from reenact.face3d.visualize import overlay, render_fit_pncc
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    order = fit.rms_iod.argsort()
+    for label, index in (("worst", int(order[-1])), ("median", int(order[len(order) // 2]))):
+        crop = crop_frame(images[index], boxes[index], 256)
+        pncc, mask = render_fit_pncc(model, fit.alpha[index:index + 1], fit.beta[index:index + 1],
+                                     fit.pose[index:index + 1], 256, 256)
+        valid = "valid" if fit.ok[index] else "invalid"
+        Image.fromarray(overlay(crop, pncc[0], mask[0], landmarks[index], fit.projected[index].numpy())).save(
+            ARTIFACTS / f"{name}_{label}_{valid}_sfm_overlay.png")
+
+
 @pytest.mark.parametrize("video", ["d11.mp4", "vox_driving.mp4"])
 def test_real_clip_gets_a_plausible_identity_and_valid_frames(video):
     model = sfm_model()
-    landmarks, _, _ = _real_landmarks(video, 40)
+    landmarks, images, boxes = _real_landmarks(video, 40)
     assert len(landmarks) >= 30
     calibrated = fit_landmarks(model, torch.from_numpy(landmarks), **calibration.fit_options_for(model, "mediapipe"))
     alpha = calibrated.clip_alpha[0]
@@ -162,8 +185,30 @@ def test_real_clip_gets_a_plausible_identity_and_valid_frames(video):
     inner = (calibrated.residuals[:, 17:].norm(dim=-1).median(-1).values / iod).median()
     assert inner < 0.03
     assert calibrated.ok.float().mean() >= 0.95
+    _write_overlays(pathlib.Path(video).stem, model, calibrated, landmarks, images, boxes)
     legacy = fit_landmarks(model, torch.from_numpy(landmarks), **calibration.LEGACY_FIT)
     assert legacy.clip_alpha[0].norm() > 2 * alpha.norm()  # what the issue reported, for contrast
+
+
+def test_full_body_clips_small_face_is_found_fitted_and_valid():
+    """s13.mp4 (720x1080, a face about 40 px wide): no frame had a detection before the
+    detector's second pass for small faces. Writes overlays (out/test-artifacts/face3d/s13_*.png)."""
+    model = sfm_model()
+    landmarks, images, boxes = _real_landmarks("s13.mp4", 24)
+    assert len(landmarks) == 24  # a face in every frame
+    width = (landmarks[:, :, 0].max(1) - landmarks[:, :, 0].min(1)) * (boxes[:, 2] - boxes[:, 0]) / 256
+    assert np.median(width) < 100  # jaw to jaw in the frame (the inter-ocular distance is ~30 px)
+    from reenact.face3d.detectors import MediapipeDetector
+
+    with MediapipeDetector(small_faces=False) as first_pass_only:
+        assert first_pass_only.detect(images[0]) is None  # the face mesh alone misses it
+    fit = fit_landmarks(model, torch.from_numpy(landmarks), **calibration.fit_options_for(model, "mediapipe"))
+    alpha = fit.clip_alpha[0]
+    assert alpha.norm() <= 2 * model.num_id ** 0.5 and alpha.abs().max() < 5
+    iod = inter_ocular_distance(torch.from_numpy(landmarks)).float()
+    assert (fit.residuals[:, 17:].norm(dim=-1).median(-1).values / iod).median() < 0.03
+    assert fit.ok.all()
+    _write_overlays("s13", model, fit, landmarks, images, boxes)
 
 
 # -- eos's Surrey Face Model files -----------------------------------------------------------------

@@ -69,3 +69,85 @@ def test_benchmarks_and_tests_stay_apart():
     for path in (REPO / "tests").glob("*.py"):
         names = {n.split(".")[0] for n in imported_modules(path, "")}
         assert not names & benches, f"{path.name} imports benchmark modules {sorted(names & benches)}"
+
+
+#: ARCHITECTURE.md's size rule ("no module over about 450 lines"): past it, look for the seam.
+MAX_MODULE_LINES = 460
+
+
+def unexplained_local_imports(source):
+    """Line numbers of imports inside functions with no comment saying why: none on the import's
+    line, on the other imports of its block, or on the line just above the block."""
+    lines = source.splitlines()
+    found = []
+    for function in ast.walk(ast.parse(source)):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(function):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            first = node.lineno - 1
+            while first > 0 and lines[first - 1].strip().startswith(("import ", "from ")):
+                first -= 1  # the block of imports this one belongs to
+            block = lines[max(first - 1, 0):node.end_lineno]
+            if not any("#" in line for line in block):
+                found.append(node.lineno)
+    return found
+
+
+def test_unexplained_local_imports_finds_a_bare_one():
+    source = ("def f():\n    import os\n    return os\n\n\n"
+              "def g():\n    # optional dependency\n    import av\n    from av import open\n")
+    assert unexplained_local_imports(source) == [2]
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_local_imports_say_why_and_modules_stay_small(path):
+    # Function-local imports are for optional dependencies and start-up time only, each with a reason.
+    source = path.read_text()
+    assert not unexplained_local_imports(source), (
+        f"{path.relative_to(REPO)} imports inside a function without saying why, at lines "
+        f"{unexplained_local_imports(source)}")
+    assert len(source.splitlines()) <= MAX_MODULE_LINES, f"{path.relative_to(REPO)}: look for its seam"
+
+
+def import_cycles(graph):
+    """The strongly connected groups of more than one module in {module: imported modules}."""
+    order, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v):
+        order[v] = low[v] = len(order)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in order:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], order[w])
+        if low[v] == order[v]:
+            group = set()
+            while not group or v not in group:
+                group.add(stack.pop())
+            on_stack.difference_update(group)
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for v in graph:
+        if v not in order:
+            visit(v)
+    return cycles
+
+
+def test_import_cycles_finds_a_circle():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycles_between_modules():
+    # e.g. face3d/morphable -> tddfa -> toy -> morphable, which face3d/loading.py broke. Package
+    # __init__ files are left out: `from . import x` names the sibling module x as well.
+    modules = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts): p
+               for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    graph = {name: imported_modules(path, package_of(path)) & modules.keys() - {name}
+             for name, path in modules.items()}
+    assert not import_cycles(graph)

@@ -1,6 +1,6 @@
-"""The CPU rasterizer's triangle-culling variants (csrc/raster/raster_cull.h): picked at run time,
-forced by PNCC_RASTER_SIMD, and bitwise identical to each other on every workload and thread
-count. (The C++ test tests/cpp/test_raster_cull.cpp checks the variants' survivors and bounds
+"""The CPU rasterizer's triangle-culling variants (csrc/raster/raster_cull.h): picked at run time
+by timing them, forced by PNCC_RASTER_SIMD, and bitwise identical to each other on every workload
+and thread count. (The C++ test tests/cpp/test_raster_cull.cpp checks the variants' survivors and bounds
 directly.)"""
 import os
 import pathlib
@@ -66,28 +66,35 @@ def _run_forced(variant, tmp_path):
     path = tmp_path / f"{variant}.pt"
     # (conftest puts this checkout's build first on the path, as under pytest)
     code = ("import conftest, torch, test_raster_cull as t\n"
-            f"torch.save((torch.ops.pncc._raster_cpu_variant(), t.workloads()), {str(path)!r})\n")
+            "forced = (torch.ops.pncc._raster_cpu_variant(), "
+            "torch.ops.pncc._raster_cpu_calibration())\n"
+            f"torch.save((forced, t.workloads()), {str(path)!r})\n")
     env = dict(os.environ, PNCC_RASTER_SIMD=variant)
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                             cwd=os.path.dirname(__file__))
     assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(path, weights_only=True)  # a str and tensors: no pickled code
+    return torch.load(path, weights_only=True)  # strs, floats and tensors: no pickled code
 
 
 @needs_cpuinfo
 @pytest.mark.skipif(os.environ.get("PNCC_RASTER_SIMD", "auto") != "auto",
                     reason="PNCC_RASTER_SIMD forces a variant in this process")
-def test_default_variant_is_avx512_where_the_cpu_has_it_else_scalar():
-    expected = "avx512" if supported("avx512") else "scalar"
-    assert torch.ops.pncc._raster_cpu_variant() == expected
+def test_default_variant_is_the_fastest_of_the_calibration():
+    # Chosen by timing every variant the CPU has (bit-identical outputs: only speed differs).
+    chosen = torch.ops.pncc._raster_cpu_variant()
+    seconds = dict(zip(VARIANTS, torch.ops.pncc._raster_cpu_calibration()))
+    for variant in VARIANTS:
+        assert (seconds[variant] > 0) == supported(variant), (variant, seconds)
+    assert seconds[chosen] == min(t for t in seconds.values() if t > 0), (chosen, seconds)
 
 
 @pytest.mark.parametrize("variant", [
     pytest.param(v, marks=pytest.mark.skipif(not supported(v), reason=f"this CPU lacks {v}"))
     for v in VARIANTS])
 def test_forced_variant_runs_and_renders_bitwise_identically(variant, tmp_path):
-    reported, outputs = _run_forced(variant, tmp_path)
+    (reported, calibration), outputs = _run_forced(variant, tmp_path)
     assert reported == variant
+    assert calibration == [-1.0] * 3  # a forced variant is not measured
     expected = workloads()  # this process: the default variant
     assert outputs.keys() == expected.keys()
     for name, tensors in expected.items():

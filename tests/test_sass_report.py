@@ -5,8 +5,9 @@ test asserts, for each bf16 and fp16 corr kernel that issues HMMA: no register s
 (LDSM) and cp.async (LDGSTS) present, no generic-address LD.E loads, and on sm_90 a theoretical
 occupancy of at least 8 warps per SM on an H100. Skips without cuobjdump, or without both a
 current CUDA build and nvcc. The assertions hold the FlashAttention-2 style kernels
-(corr_flash_*); the SIMT tile kernel (corr_tile_kernel: the fp32 path, and the bf16/fp16 fallback
-for C > 256 or a forward over the shared-memory limit) issues no HMMA and is not one of them.
+(corr_flash_*). The register-tiled SIMT kernel (corr_simt_kernel: the fp32 path, and the
+bf16/fp16 fallback for C > 256 or a forward over the shared-memory limit) has its own: no spills,
+fp32 FMAs in its loops and no HMMA at all (never TF32), and at least 8 warps per SM on an H100.
 """
 import pathlib
 import re
@@ -79,3 +80,26 @@ def test_report_reads_the_sass(report):
     assert any(n.startswith("zbuffer_kernel<") for n in names), sorted(names)[:10]
     for arch in (80, 90):
         assert any(k.arch == arch and k.counts["HMMA"] > 0 and "bfloat16" in k.name for k in report)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_simt_corr_kernel(report, arch):
+    kernels = [k for k in report if k.arch == arch and k.name.startswith("corr_simt_kernel<")]
+    assert {k.name.split(",")[0] for k in kernels} >= {"corr_simt_kernel<float"}, sorted(
+        k.name for k in kernels)
+    failures = {}
+    for k in kernels:
+        found = []
+        if k.spills:
+            found.append(f"spills ({k.spill_instructions} STL/LDL, {k.stack} B stack)")
+        if not k.loop_counts["FFMA"]:
+            found.append("no FFMA in its loops")
+        if k.counts["HMMA"]:
+            found.append(f"{k.counts['HMMA']} HMMA (tensor cores: TF32 or 16-bit products)")
+        if arch == 90:
+            warps = k.occupancy.get("H100")
+            if warps is None or warps < MIN_WARPS_PER_SM_H100:
+                found.append(f"{warps} warps/SM on H100 (< {MIN_WARPS_PER_SM_H100})")
+        if found:
+            failures[k.name] = found
+    assert not failures, "\n".join(f"sm_{arch} {n}: {', '.join(p)}" for n, p in failures.items())

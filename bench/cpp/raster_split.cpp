@@ -5,7 +5,8 @@
 //            (raster_cull.h, in the variant asked for);
 //   cover:   the survivors' triangle setup and pixel coverage (full rasterize minus cull; the
 //            avx512 variant tests small triangles' samples 16 at a time);
-//   resolve: the PNCC image and mask from the z-buffer, as render_pncc_cpu writes them.
+//   resolve: the PNCC image and mask from the z-buffer, as render_pncc_cpu writes them
+//            (resolve_pncc_band: 16 pixels at a time in the avx512 variant).
 #include <algorithm>
 #include <cstring>
 #include <ctime>
@@ -62,15 +63,10 @@ extern "C" int raster_split(const float* vertices, int num_vertices, const int32
     const RasterizedBand<float> result = band.rasterize(mesh, 0, 0, height, fn);
     const double r = thread_seconds() - start;
     start = thread_seconds();
-    covered = 0;
-    for (int64_t offset = 0; offset < plane; ++offset) {
-      const int32_t face = result.face(offset);
-      interpolate_pixel(ncc, 3, mesh.faces, face, result.bary(offset), pncc.data() + offset,
-                        plane);
-      mask[offset] = face >= 0 ? 1.f : 0.f;
-      covered += face >= 0;
-    }
+    resolve_pncc_band(result, plane, ncc, mesh, pncc.data(), plane, mask.data(), fn);
     const double s = thread_seconds() - start;
+    covered = 0;
+    for (int64_t offset = 0; offset < plane; ++offset) covered += mask[offset] != 0.f;
     if (rep >= 2) {
       cull_s.push_back(c);
       raster_s.push_back(r);

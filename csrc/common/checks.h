@@ -1,6 +1,6 @@
 // Helpers for input validation messages. Messages follow Python's spelling of shapes, dtypes and
 // devices ("(12, 4)", "torch.float32", "cuda:0") so that the C++ checks and the Python fake
-// kernels (pncc_cuda/_checks.py) raise word-for-word the same errors.
+// kernels (pncc_cuda/_messages.py, _<op>_checks.py) raise word-for-word the same errors.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,4 +1,5 @@
-// Input validation of corr_warp (see corr_check.h). Messages match pncc_cuda/corr.py word for word.
+// Input validation of corr_warp (see corr_check.h). Messages match pncc_cuda/_corr_checks.py word
+// for word; shapes and dtypes are spelled by common/checks.h, as Python prints them.
 #include "corr/corr_check.h"
 
 #include <cmath>
@@ -9,37 +10,11 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include "common/checks.h"
+
 namespace pncc {
 namespace corr {
 namespace {
-
-// "(2, 3)": the way Python prints a shape, so C++ and fake-kernel messages are identical.
-std::string shape_str(const at::Tensor& t) {
-  std::ostringstream os;
-  os << "(";
-  for (int64_t i = 0; i < t.dim(); ++i) os << (i ? ", " : "") << t.size(i);
-  os << ")";
-  return os.str();
-}
-
-// Python's spelling of a dtype without the "torch." prefix (str(torch.int32) == "torch.int32").
-std::string dtype_str(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "float32";
-    case at::kDouble: return "float64";
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kByte: return "uint8";
-    case at::kChar: return "int8";
-    case at::kShort: return "int16";
-    case at::kInt: return "int32";
-    case at::kLong: return "int64";
-    case at::kBool: return "bool";
-    case at::kComplexFloat: return "complex64";
-    case at::kComplexDouble: return "complex128";
-    default: return c10::toString(t);
-  }
-}
 
 void check_rank3(const at::Tensor& t, const char* name, const char* dims) {
   TORCH_CHECK_VALUE(t.dim() == 3, name, " must have shape ", dims, ", got ", shape_str(t));
@@ -52,9 +27,9 @@ void check_dtype(const at::Tensor& t, const char* name, const at::Tensor& query)
   TORCH_CHECK_TYPE(floating, name,
                    " must be a floating-point tensor (float32, float16 or bfloat16; float64 on "
                    "CPU), got ",
-                   dtype_str(st));
+                   dtype_str(t));
   TORCH_CHECK_TYPE(st == query.scalar_type(), name, " must have the dtype of query (",
-                   dtype_str(query.scalar_type()), "), got ", dtype_str(st));
+                   dtype_str(query), "), got ", dtype_str(t));
   // float64 exists for gradcheck; the CUDA kernel's tensor-core and fp32 paths have no fp64 twin.
   TORCH_CHECK_TYPE(st != at::kDouble || t.device().type() != at::kCUDA, name,
                    " must not be float64 on CUDA (float64 is supported on CPU only)");
@@ -62,15 +37,10 @@ void check_dtype(const at::Tensor& t, const char* name, const at::Tensor& query)
 
 void check_device(const at::Tensor& t, const char* name, const at::Tensor& query) {
   TORCH_CHECK_VALUE(t.device() == query.device(), name, " must be on the device of query (",
-                    query.device().str(), "), got ", t.device().str());
+                    device_str(query), "), got ", device_str(t));
 }
 
 }  // namespace
-
-at::ScalarType lse_dtype(at::ScalarType /*input*/) {
-  // Always double: see online_softmax_lse in corr_math.h.
-  return at::kDouble;
-}
 
 void check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                   double temperature, double eps) {
@@ -111,9 +81,8 @@ void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& query,
   }
   TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == Nq,
                     "lse must have shape (B, Nq) = (", B, ", ", Nq, "), got ", shape_str(lse));
-  TORCH_CHECK_TYPE(lse.scalar_type() == lse_dtype(query.scalar_type()), "lse must have dtype ",
-                   dtype_str(lse_dtype(query.scalar_type())), ", got ",
-                   dtype_str(lse.scalar_type()));
+  TORCH_CHECK_TYPE(lse.scalar_type() == kLseDtype, "lse must have dtype torch.float64, got ",
+                   dtype_str(lse));
   check_device(lse, "lse", query);
 }
 
@@ -121,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> forward_outputs(const at::Tensor& query, cons
                                                    const at::Tensor& value) {
   const int64_t B = query.size(0), Nq = query.size(1), Cv = value.size(2);
   at::Tensor out = at::empty({B, Nq, Cv}, query.options());
-  at::Tensor lse = at::empty({B, Nq}, query.options().dtype(lse_dtype(query.scalar_type())));
+  at::Tensor lse = at::empty({B, Nq}, query.options().dtype(kLseDtype));
   if (key.size(1) == 0) {  // softmax over no keys: an empty sum
     out.zero_();
     lse.fill_(-std::numeric_limits<double>::infinity());

@@ -27,7 +27,7 @@ void check_inputs(const at::Tensor& query, const at::Tensor& key, const at::Tens
 
 // Validates the backward arguments: the forward ones, plus
 //   grad_out, out: (B, Nq, Cv), dtype of query;
-//   lse:           (B, Nq), float64 (see lse_dtype).
+//   lse:           (B, Nq), float64 (kLseDtype).
 void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& query,
                            const at::Tensor& key, const at::Tensor& value, const at::Tensor& out,
                            const at::Tensor& lse, double temperature, double eps);
@@ -44,9 +44,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> zero_grads(const at::Tensor& quer
                                                           const at::Tensor& key,
                                                           const at::Tensor& value);
 
-// dtype of the saved log-sum-exp for inputs of dtype `input`: float64 for every input dtype, so
-// that probabilities recomputed from it keep fp32 accuracy at large 1/temperature.
-at::ScalarType lse_dtype(at::ScalarType input);
+// dtype of the saved log-sum-exp, for every input dtype: float64, so that probabilities
+// recomputed from it keep fp32 accuracy at large 1/temperature (online_softmax_lse, corr_math.h).
+constexpr at::ScalarType kLseDtype = at::kDouble;
 
 }  // namespace corr
 }  // namespace pncc

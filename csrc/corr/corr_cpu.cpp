@@ -4,10 +4,12 @@
 // pointers into the tile buffers, the softmax bookkeeping runs on the tile in place, so no
 // (Nq x Nk) tensor is ever allocated. The per-element maths comes from corr_math.h.
 //
-// Two implementations of the GEMMs and row passes, one loop structure: the kernels of
-// corr_cpu_simd.h (fp32 accumulation on a CPU with AVX-512F), or ATen's GEMMs (MKL) on views of
-// the same buffers and ATen's vectorised exp. Which one runs fp32 is measured per machine and
-// shape class (corr_cpu_path.h); float64 always takes ATen's.
+// Three implementations of the GEMMs, one loop structure: the kernels of corr_cpu_simd.h (fp32
+// accumulation on a CPU with AVX-512F), ATen's GEMMs (MKL) on views of the same buffers, and for
+// bfloat16 inputs the AVX512-BF16 kernels of corr_cpu_bf16.h (bf16 operands converted from the
+// fp32 buffers, fp32 sums). The row passes run on corr_cpu_simd.h's kernels with the first and
+// the last, on the portable loops and ATen's vectorised exp with ATen's GEMMs. Which path runs is
+// measured per machine and shape class (corr_cpu_path.h); float64 always takes ATen's.
 //
 // Determinism: the work partition depends on the sizes only, never on the thread count, and
 // every floating-point sum has a fixed order. The forward owns one (batch, query tile) per task.
@@ -20,12 +22,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <chrono>
+#include <atomic>
+#include <ctime>
 #include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "corr/corr_check.h"
+#include "corr/corr_cpu_bf16.h"
 #include "corr/corr_cpu_path.h"
 #include "corr/corr_cpu_simd.h"
 #include "corr/corr_math.h"
@@ -264,8 +268,57 @@ template <typename acc_t>
 void tile_gemm(bool simd, int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t a_rs,
                int64_t a_cs, const acc_t* b, int64_t b_rs, int64_t b_cs, const acc_t* b_packed,
                acc_t* c, int64_t ldc, bool accumulate) {
-  path::count_product(std::is_same_v<acc_t, float> && simd);
+  path::count_product(std::is_same_v<acc_t, float> && simd ? path::Tiles::kSimd
+                                                           : path::Tiles::kAten);
   gemm_on_path<acc_t>(simd, m, n, k, a, a_rs, a_cs, b, b_rs, b_cs, b_packed, c, ldc, accumulate);
+}
+
+// bf16::gemm, counted likewise.
+void bf16_tile_gemm(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t a_rs,
+                    int64_t a_ps, const uint32_t* b, int64_t ldb, int64_t b_panel_stride,
+                    float* c, int64_t ldc, bool accumulate) {
+  path::count_product(path::Tiles::kBf16);
+  bf16::gemm(m, n, kp, a, a_rs, a_ps, b, ldb, b_panel_stride, c, ldc, accumulate);
+}
+
+// bf16 pairs (corr_cpu_bf16.h) of matrices that the bf16 tile products read many times, converted
+// once, in parallel (the conversions are O(size), the products that read them O(size * tile)).
+using Pairs = std::vector<uint32_t>;
+
+// rows_to_pairs of every row of a contiguous (R, C) fp32 matrix: R x pairs(C).
+Pairs rows_as_pairs(const float* x, int64_t R, int64_t C, bool serial = false) {
+  const int64_t kp = bf16::pairs(C);
+  Pairs out(static_cast<size_t>(R * kp));
+  at::parallel_for(0, R, serial ? std::max<int64_t>(R, 1) : 256, [&](int64_t begin, int64_t end) {
+    bf16::rows_to_pairs(x + begin * C, end - begin, C, C, out.data() + begin * kp, kp);
+  });
+  return out;
+}
+
+// cols_to_pairs of a contiguous (R, C) fp32 matrix: pairs(R) x C.
+Pairs cols_as_pairs(const float* x, int64_t R, int64_t C, bool serial = false) {
+  const int64_t rp = bf16::pairs(R);
+  Pairs out(static_cast<size_t>(rp * C));
+  at::parallel_for(0, rp, serial ? std::max<int64_t>(rp, 1) : 128, [&](int64_t begin, int64_t end) {
+    bf16::cols_to_pairs(x + 2 * begin * C, std::min(2 * end, R) - 2 * begin, C, C,
+                        out.data() + begin * C, C);
+  });
+  return out;
+}
+
+// pack_transposed of a contiguous (R, C) fp32 matrix, one panel of kPanel rows per task.
+Pairs transposed_as_pairs(const float* x, int64_t R, int64_t C, bool serial = false) {
+  const int64_t kp = bf16::pairs(C), panels = ceil_div(R, bf16::kPanel);
+  Pairs out(static_cast<size_t>(bf16::packed_size(R, C)));
+  at::parallel_for(0, panels, serial ? std::max<int64_t>(panels, 1) : 8,
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r0 = t * bf16::kPanel;
+      bf16::pack_transposed(x + r0 * C, std::min(bf16::kPanel, R - r0), C, C,
+                            out.data() + r0 * kp);
+    }
+  });
+  return out;
 }
 
 // pack_transposed of every (rows x cols) matrix of a contiguous (batch, rows, cols) fp32 tensor,
@@ -298,42 +351,43 @@ const acc_t* packed_at(const at::Tensor& packed, int64_t b, int64_t r0, int64_t 
   return nullptr;
 }
 
+// Seconds of CPU time of the calling thread: a calibration round on a shared machine is not
+// stretched by the time its thread spends descheduled.
+double thread_seconds() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
+
 // The calibration (corr_cpu_path.h) of the shape class (C, Cv). A round is the forward's two
-// products for one query tile against one key tile; every thread runs all the rounds at once, as
-// the kernel runs its tiles (so ATen's GEMMs run single-threaded inside the parallel region, as
-// there), and the first task's times are kept. One parallel region for the whole calibration:
-// on a busy machine each region's barrier waits for a descheduled thread. The query rows are cut
-// so that a round stays near 2^24 multiply-adds (64 rows at C = Cv = 256): the 12 rounds of a
-// calibration take a few milliseconds on a quiet machine.
+// products for one query tile against one key tile on one path (on the bf16 path with the
+// conversion of the probabilities between them, as in the forward); every thread runs the rounds
+// at once, as the kernel runs its tiles (so ATen's GEMMs run single-threaded inside the parallel
+// region, as there), and the first task's times are kept, in CPU time. One parallel region for the
+// whole calibration: on a busy machine each region's barrier waits for a descheduled thread. The
+// query rows are cut so that a round stays near 2^23 multiply-adds (32 rows at C = Cv = 256,
+// about 0.2 ms on one Zen 5 core): a calibration is then a few milliseconds of CPU time.
 class TileProductTimer {
  public:
   TileProductTimer(int64_t C, int64_t Cv)
       : C_(C), Cv_(Cv),
-        rows_(std::clamp<int64_t>((int64_t(1) << 24) / (kTileK * (C + Cv)), 8, kFwdTileQ)),
-        tiles_(std::max<int64_t>(1, at::get_num_threads())) {
-    for (Tile& t : tiles_) {
-      t.q.resize(rows_ * C);
-      t.k.resize(kTileK * C);
-      t.v.resize(kTileK * Cv);
-      t.s.resize(rows_ * kTileK);
-      t.out.resize(rows_ * Cv);
-      t.k_packed.resize(simd::packed_size(kTileK, C));
-      // Small values of mixed sign: the products must not overflow or denormalise.
-      for (size_t i = 0; i < t.q.size(); ++i) t.q[i] = float((i * 37) % 17) / 17.0f - 0.5f;
-      for (size_t i = 0; i < t.k.size(); ++i) t.k[i] = float((i * 11) % 13) / 13.0f - 0.5f;
-      for (size_t i = 0; i < t.v.size(); ++i) t.v[i] = float((i * 7) % 19) / 19.0f - 0.5f;
-      if (simd::available()) simd::pack_transposed(t.k.data(), kTileK, C, C, t.k_packed.data());
-    }
-  }
+        rows_(std::clamp<int64_t>((int64_t(1) << 23) / (kTileK * (C + Cv)), 8, kFwdTileQ)),
+        tiles_(std::max<int64_t>(1, at::get_num_threads())) {}
 
-  void operator()(int rounds, std::vector<double>& simd_s, std::vector<double>& aten_s) {
+  void operator()(path::Tiles first, path::Tiles second, const path::Enough& enough,
+                  std::vector<double>& first_s, std::vector<double>& second_s) {
+    std::atomic<bool> stop{false};
     at::parallel_for(0, int64_t(tiles_.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
-        for (int r = -1; r < rounds; ++r) {  // round -1: warm-up (caches, MKL's first call)
-          for (const bool simd : {true, false}) {
-            const double seconds = time_round(tiles_[task], simd);
-            if (task == 0 && r >= 0) (simd ? simd_s : aten_s).push_back(seconds);
-          }
+        Tile& t = tiles_[task];
+        fill(t, first == path::Tiles::kBf16 || second == path::Tiles::kBf16);
+        // Round -1 is the warm-up (caches, MKL's first call). Task 0 decides when to stop.
+        for (int r = -1; !stop.load(std::memory_order_relaxed); ++r) {
+          const double a = time_round(t, first), b = time_round(t, second);
+          if (task != 0 || r < 0) continue;
+          first_s.push_back(a);
+          second_s.push_back(b);
+          if (enough(first_s, second_s)) stop.store(true, std::memory_order_relaxed);
         }
       }
     });
@@ -342,31 +396,69 @@ class TileProductTimer {
  private:
   struct Tile {
     std::vector<float> q, k, k_packed, v, s, out;
+    Pairs q_pairs, k_pairs, v_pairs, s_pairs;  // the bf16 path's operands
   };
+
+  // The tile's inputs (small values of mixed sign: the products must not overflow or
+  // denormalise) and, for the paths that need them, their packed and bf16 forms.
+  void fill(Tile& t, bool bf16_too) const {
+    t.q.resize(rows_ * C_);
+    t.k.resize(kTileK * C_);
+    t.v.resize(kTileK * Cv_);
+    t.s.resize(rows_ * kTileK);
+    t.out.resize(rows_ * Cv_);
+    for (size_t i = 0; i < t.q.size(); ++i) t.q[i] = float((i * 37) % 17) / 17.0f - 0.5f;
+    for (size_t i = 0; i < t.k.size(); ++i) t.k[i] = float((i * 11) % 13) / 13.0f - 0.5f;
+    for (size_t i = 0; i < t.v.size(); ++i) t.v[i] = float((i * 7) % 19) / 19.0f - 0.5f;
+    if (simd::available()) {
+      t.k_packed.resize(simd::packed_size(kTileK, C_));
+      simd::pack_transposed(t.k.data(), kTileK, C_, C_, t.k_packed.data());
+    }
+    if (bf16_too) {
+      t.q_pairs = rows_as_pairs(t.q.data(), rows_, C_, /*serial=*/true);
+      t.k_pairs = transposed_as_pairs(t.k.data(), kTileK, C_, /*serial=*/true);
+      t.v_pairs = cols_as_pairs(t.v.data(), kTileK, Cv_, /*serial=*/true);
+      t.s_pairs.resize(rows_ * bf16::pairs(kTileK));
+    }
+  }
+
   // Seconds of one round on one tile.
-  double time_round(Tile& t, bool simd) const {
-    const auto start = std::chrono::steady_clock::now();
-    gemm_on_path<float>(simd, rows_, kTileK, C_, t.q.data(), C_, 1, t.k.data(), 1, C_,
-                        t.k_packed.data(), t.s.data(), kTileK, false);
-    gemm_on_path<float>(simd, rows_, Cv_, kTileK, t.s.data(), kTileK, 1, t.v.data(), Cv_, 1,
-                        nullptr, t.out.data(), Cv_, false);
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  double time_round(Tile& t, path::Tiles tiles) const {
+    const double start = thread_seconds();
+    if (tiles == path::Tiles::kBf16) {
+      const int64_t pc = bf16::pairs(C_), pk = bf16::pairs(kTileK);
+      bf16::gemm(rows_, kTileK, pc, t.q_pairs.data(), pc, 1, t.k_pairs.data(), bf16::kPanel,
+                 pc * bf16::kPanel, t.s.data(), kTileK, false);
+      bf16::rows_to_pairs(t.s.data(), rows_, kTileK, kTileK, t.s_pairs.data(), pk);
+      bf16::gemm(rows_, Cv_, pk, t.s_pairs.data(), pk, 1, t.v_pairs.data(), Cv_, bf16::kPanel,
+                 t.out.data(), Cv_, false);
+    } else {
+      const bool simd = tiles == path::Tiles::kSimd;
+      gemm_on_path<float>(simd, rows_, kTileK, C_, t.q.data(), C_, 1, t.k.data(), 1, C_,
+                          t.k_packed.data(), t.s.data(), kTileK, false);
+      gemm_on_path<float>(simd, rows_, Cv_, kTileK, t.s.data(), kTileK, 1, t.v.data(), Cv_, 1,
+                          nullptr, t.out.data(), Cv_, false);
+    }
+    return thread_seconds() - start;
   }
 
   int64_t C_, Cv_, rows_;
   std::vector<Tile> tiles_;
 };
 
-// Whether this call's fp32 tile products run on the AVX-512 kernels (never for float64).
-template <typename acc_t>
-bool choose_simd(int64_t C, int64_t Cv) {
-  if constexpr (!std::is_same_v<acc_t, float>) return false;
+// The path of this call's tile products: ATen's for float64 (and float16, whose opmath type is
+// float but which has no bf16 kernels: it takes the fp32 choice), measured or forced otherwise.
+template <typename scalar_t>
+path::Tiles choose_tiles(int64_t C, int64_t Cv) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (!std::is_same_v<acc_t, float>) return path::Tiles::kAten;
   // The timer (and its buffers) is built only when a calibration actually runs, with this call's
   // sizes standing for their shape class.
-  return path::use_simd(C, Cv, [C, Cv](int rounds, std::vector<double>& simd_s,
-                                       std::vector<double>& aten_s) {
-    TileProductTimer(C, Cv)(rounds, simd_s, aten_s);
-  });
+  return path::choose(C, Cv, std::is_same_v<scalar_t, c10::BFloat16>,
+                      [C, Cv](path::Tiles first, path::Tiles second, const path::Enough& enough,
+                              std::vector<double>& first_s, std::vector<double>& second_s) {
+                        TileProductTimer(C, Cv)(first, second, enough, first_s, second_s);
+                      });
 }
 
 template <typename scalar_t>
@@ -379,9 +471,30 @@ void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
   const auto acc_opts = query.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor qs = normalized_rows<scalar_t, acc_t>(query, 1.0 / temperature, normalize, eps);
   const at::Tensor kn = normalized_rows<scalar_t, acc_t>(key, 1.0, normalize, eps);
-  const bool fast = choose_simd<acc_t>(C, Cv);
-  const at::Tensor kn_packed = pack_rows_transposed<acc_t>(fast, kn);  // the B operand of q^ k^T
+  const path::Tiles tiles = choose_tiles<scalar_t>(C, Cv);
+  // The row passes run on the SIMD kernels with either of the project's products.
+  const bool fast = tiles != path::Tiles::kAten, use_bf16 = tiles == path::Tiles::kBf16;
+  // The B operand of q^ k^T on the SIMD path.
+  const at::Tensor kn_packed = pack_rows_transposed<acc_t>(tiles == path::Tiles::kSimd, kn);
   const at::Tensor v = value.to(acc_opts.dtype());
+  // The bf16 path's operands: q^ by rows, k^ transposed and packed, v by pairs of keys; each
+  // batch entry's block starts at a multiple of its size.
+  const int64_t pc = bf16::pairs(C), kn_per = bf16::packed_size(Nk, C);
+  const int64_t v_per = bf16::pairs(Nk) * Cv;
+  Pairs q_pairs, k_pairs, v_pairs;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (use_bf16) {
+      q_pairs = rows_as_pairs(qs.const_data_ptr<float>(), B * Nq, C);
+      k_pairs.resize(B * kn_per);
+      v_pairs.resize(B * v_per);
+      for (int64_t b = 0; b < B; ++b) {
+        Pairs kb = transposed_as_pairs(kn.const_data_ptr<float>() + b * Nk * C, Nk, C);
+        Pairs vb = cols_as_pairs(v.const_data_ptr<float>() + b * Nk * Cv, Nk, Cv);
+        std::copy(kb.begin(), kb.end(), k_pairs.begin() + b * kn_per);
+        std::copy(vb.begin(), vb.end(), v_pairs.begin() + b * v_per);
+      }
+    }
+  }
   at::Tensor out_acc =
       out.scalar_type() == acc_opts.dtype() ? out : at::empty(out.sizes(), acc_opts);
   const acc_t* qp = qs.const_data_ptr<acc_t>();
@@ -394,6 +507,7 @@ void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
   at::parallel_for(0, B * n_qt, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> s_buf(kFwdTileQ * kTileK), m(kFwdTileQ), l(kFwdTileQ), alpha(kFwdTileQ),
         tile_sum(kFwdTileQ);
+    Pairs p_pairs(use_bf16 ? kFwdTileQ * bf16::pairs(kTileK) : 0);  // P of the tile, bf16
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_qt, q0 = (task % n_qt) * kFwdTileQ;
       const int64_t nq = std::min(kFwdTileQ, Nq - q0);
@@ -405,8 +519,15 @@ void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
       for (int64_t kt = 0; kt < n_kt; ++kt) {
         const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
         acc_t* sp = s_buf.data();
-        tile_gemm<acc_t>(fast, nq, nk, C, q_tile, C, 1, kp + (b * Nk + k0) * C, 1, C,
-                         packed_at<acc_t>(kn_packed, b, k0, C), sp, nk, false);
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (use_bf16)
+            bf16_tile_gemm(nq, nk, pc, q_pairs.data() + (b * Nq + q0) * pc, pc, 1,
+                           k_pairs.data() + b * kn_per + k0 * pc, bf16::kPanel,
+                           pc * bf16::kPanel, sp, nk, false);
+        }
+        if (!use_bf16)
+          tile_gemm<acc_t>(fast, nq, nk, C, q_tile, C, 1, kp + (b * Nk + k0) * C, 1, C,
+                           packed_at<acc_t>(kn_packed, b, k0, C), sp, nk, false);
         for (int64_t i = 0; i < nq; ++i) {
           const OnlineSoftmaxStep<acc_t> st =
               online_softmax_step(m[i], row_max(fast, sp + i * nk, nk));
@@ -419,8 +540,18 @@ void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
           l[i] = kt == 0 ? tile_sum[i] : l[i] * alpha[i] + tile_sum[i];
           if (kt > 0 && alpha[i] != acc_t(1)) scale_row(fast, acc + i * Cv, Cv, alpha[i]);
         }
-        tile_gemm<acc_t>(fast, nq, Cv, nk, sp, nk, 1, vp + (b * Nk + k0) * Cv, Cv, 1, nullptr,
-                         acc, Cv, /*accumulate=*/kt > 0);
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (use_bf16) {
+            const int64_t pk = bf16::pairs(nk);
+            bf16::rows_to_pairs(sp, nq, nk, nk, p_pairs.data(), pk);
+            bf16_tile_gemm(nq, Cv, pk, p_pairs.data(), pk, 1,
+                           v_pairs.data() + b * v_per + (k0 / 2) * Cv, Cv, bf16::kPanel, acc, Cv,
+                           /*accumulate=*/kt > 0);
+          }
+        }
+        if (!use_bf16)
+          tile_gemm<acc_t>(fast, nq, Cv, nk, sp, nk, 1, vp + (b * Nk + k0) * Cv, Cv, 1, nullptr,
+                           acc, Cv, /*accumulate=*/kt > 0);
       }
       for (int64_t i = 0; i < nq; ++i) {
         scale_row(fast, acc + i * Cv, Cv, acc_t(1) / l[i]);
@@ -497,7 +628,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
     sum_parts_in_order(dq_part.const_data_ptr<acc_t>(), n_kt, chunk * C, C,
                        pending.n * task / n_kt, pending.n * (task + 1) / n_kt, dst);
   };
-  const bool fast = choose_simd<acc_t>(C, Cv);
+  const path::Tiles tiles = choose_tiles<scalar_t>(C, Cv);
+  const bool fast = tiles != path::Tiles::kAten, use_bf16 = tiles == path::Tiles::kBf16;
+  const bool simd_products = tiles == path::Tiles::kSimd;
+  const int64_t pc = bf16::pairs(C), pcv = bf16::pairs(Cv);
   const acc_t* dop = d_out.const_data_ptr<acc_t>();
   acc_t* gkp = grad_kn.mutable_data_ptr<acc_t>();
   acc_t* gvp = grad_v.mutable_data_ptr<acc_t>();
@@ -512,6 +646,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
     const at::Tensor kn = normalized_rows<scalar_t, acc_t>(key[b], 1.0, normalize, eps);
     const acc_t* kp = kn.const_data_ptr<acc_t>();
     const acc_t* vp = v.const_data_ptr<acc_t>() + b * Nk * Cv;
+    // The bf16 path's operands of the batch entry: k^ and v by rows (A of P^T and dP^T), k^ by
+    // pairs of keys (B of dQ).
+    Pairs kn_rows, kn_cols, v_rows;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (use_bf16) {
+        kn_rows = rows_as_pairs(kp, Nk, C);
+        kn_cols = cols_as_pairs(kp, Nk, C);
+        v_rows = rows_as_pairs(vp, Nk, Cv);
+      }
+    }
     for (int64_t c0 = 0; c0 < Nq; c0 += chunk) {
       const int64_t n_chunk = std::min(chunk, Nq - c0);
       const at::Tensor qs = normalized_rows<scalar_t, acc_t>(
@@ -519,8 +663,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
       const acc_t* qp = qs.const_data_ptr<acc_t>();
       const acc_t* dop_chunk = dop + (b * Nq + c0) * Cv;
       // q^T and dO^T of the chunk as packed B operands (SIMD path only).
-      const at::Tensor qs_packed = pack_rows_transposed<acc_t>(fast, qs);
-      const at::Tensor do_packed = pack_rows_transposed<acc_t>(fast, d_out[b].narrow(0, c0, n_chunk));
+      const at::Tensor qs_packed = pack_rows_transposed<acc_t>(simd_products, qs);
+      const at::Tensor do_packed =
+          pack_rows_transposed<acc_t>(simd_products, d_out[b].narrow(0, c0, n_chunk));
+      // The bf16 path's operands of the chunk: q^T and dO^T packed (B of P^T and dP^T), q^ and dO
+      // by pairs of queries (B of dK and dV). One parallel region for the four.
+      Pairs qs_t, do_t, qs_cols, do_cols;
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (use_bf16) {
+          at::parallel_for(0, 4, 1, [&](int64_t begin, int64_t end) {
+            for (int64_t job = begin; job < end; ++job) {
+              if (job == 0) qs_t = transposed_as_pairs(qp, n_chunk, C, true);
+              if (job == 1) do_t = transposed_as_pairs(dop_chunk, n_chunk, Cv, true);
+              if (job == 2) qs_cols = cols_as_pairs(qp, n_chunk, C, true);
+              if (job == 3) do_cols = cols_as_pairs(dop_chunk, n_chunk, Cv, true);
+            }
+          });
+        }
+      }
       for (int64_t i = 0; i < n_chunk; ++i) {
         const SplitLse<acc_t> split = split_lse<acc_t>(lse_p[b * Nq + c0 + i]);
         lse_hi[i] = split.hi;
@@ -535,11 +695,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
           const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
           acc_t* pt = tile(p_base, kt);
           acc_t* dpt = tile(dp_base, kt);
-          tile_gemm<acc_t>(fast, nk, n_chunk, C, kp + k0 * C, C, 1, qp, 1, C,
-                           packed_at<acc_t>(qs_packed, 0, 0, C), pt, n_chunk, false);
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if (use_bf16)
+              bf16_tile_gemm(nk, n_chunk, pc, kn_rows.data() + k0 * pc, pc, 1, qs_t.data(),
+                             bf16::kPanel, pc * bf16::kPanel, pt, n_chunk, false);
+          }
+          if (!use_bf16)
+            tile_gemm<acc_t>(fast, nk, n_chunk, C, kp + k0 * C, C, 1, qp, 1, C,
+                             packed_at<acc_t>(qs_packed, 0, 0, C), pt, n_chunk, false);
           probs_from_lse_cols(fast, pt, nk, n_chunk, lse_hi.data(), lse_lo.data());
-          tile_gemm<acc_t>(fast, nk, n_chunk, Cv, vp + k0 * Cv, Cv, 1, dop_chunk, 1, Cv,
-                           packed_at<acc_t>(do_packed, 0, 0, Cv), dpt, n_chunk, false);
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if (use_bf16)
+              bf16_tile_gemm(nk, n_chunk, pcv, v_rows.data() + k0 * pcv, pcv, 1, do_t.data(),
+                             bf16::kPanel, pcv * bf16::kPanel, dpt, n_chunk, false);
+          }
+          if (!use_bf16)
+            tile_gemm<acc_t>(fast, nk, n_chunk, Cv, vp + k0 * Cv, Cv, 1, dop_chunk, 1, Cv,
+                             packed_at<acc_t>(do_packed, 0, 0, Cv), dpt, n_chunk, false);
           col_dots(fast, pt, dpt, nk, n_chunk, d_base + kt * chunk);
         }
       });
@@ -547,6 +719,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
         // D of the chunk's rows, summed by every task alike (n_kt values a row: cheaper than a
         // parallel region of its own).
         std::vector<acc_t> d_row(n_chunk);
+        // P and dS of the key tile in bf16 (bf16 path): by rows (A of dV and dK), and dS by pairs
+        // of keys (the transposed A of dQ).
+        const int64_t pq = bf16::pairs(n_chunk);
+        Pairs p_rows(use_bf16 ? kTileK * pq : 0), ds_rows(p_rows.size()),
+            ds_cols(use_bf16 ? bf16::pairs(kTileK) * n_chunk : 0);
         sum_parts_in_order(d_part.const_data_ptr<acc_t>(), n_kt, chunk, 1, 0, n_chunk,
                            d_row.data());
         for (int64_t kt = begin; kt < end; ++kt) {
@@ -558,12 +735,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
           softmax_grad_cols(fast, pt, dst, nk, n_chunk, d_row.data());
           // dV += P^T dO and dK += dS^T q^ over the chunk's rows, and the chunk's dQ partial
           // dS k^ (A transposed: a_rs = 1, a_cs = n_chunk).
-          tile_gemm<acc_t>(fast, nk, Cv, n_chunk, pt, n_chunk, 1, dop_chunk, Cv, 1, nullptr,
-                           gv_tile, Cv, true);
-          tile_gemm<acc_t>(fast, nk, C, n_chunk, dst, n_chunk, 1, qp, C, 1, nullptr, gk_tile, C,
-                           true);
-          tile_gemm<acc_t>(fast, n_chunk, C, nk, dst, 1, n_chunk, kp + k0 * C, C, 1, nullptr,
-                           dq_base + kt * chunk * C, C, false);
+          if constexpr (std::is_same_v<acc_t, float>) {
+            if (use_bf16) {
+              bf16::rows_to_pairs(pt, nk, n_chunk, n_chunk, p_rows.data(), pq);
+              bf16::rows_to_pairs(dst, nk, n_chunk, n_chunk, ds_rows.data(), pq);
+              bf16::cols_to_pairs(dst, nk, n_chunk, n_chunk, ds_cols.data(), n_chunk);
+              bf16_tile_gemm(nk, Cv, pq, p_rows.data(), pq, 1, do_cols.data(), Cv, bf16::kPanel,
+                             gv_tile, Cv, true);
+              bf16_tile_gemm(nk, C, pq, ds_rows.data(), pq, 1, qs_cols.data(), C, bf16::kPanel,
+                             gk_tile, C, true);
+              bf16_tile_gemm(n_chunk, C, bf16::pairs(nk), ds_cols.data(), 1, n_chunk,
+                             kn_cols.data() + (k0 / 2) * C, C, bf16::kPanel,
+                             dq_base + kt * chunk * C, C, false);
+            }
+          }
+          if (!use_bf16) {
+            tile_gemm<acc_t>(fast, nk, Cv, n_chunk, pt, n_chunk, 1, dop_chunk, Cv, 1, nullptr,
+                             gv_tile, Cv, true);
+            tile_gemm<acc_t>(fast, nk, C, n_chunk, dst, n_chunk, 1, qp, C, 1, nullptr, gk_tile,
+                             C, true);
+            tile_gemm<acc_t>(fast, n_chunk, C, nk, dst, 1, n_chunk, kp + k0 * C, C, 1, nullptr,
+                             dq_base + kt * chunk * C, C, false);
+          }
         }
       });
       pending = Chunk{b, c0, n_chunk};
@@ -642,11 +835,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_cpu(
 
 }  // namespace
 
-std::string path::path_for(int64_t channels, int64_t value_channels) {
+std::string path::path_for(int64_t channels, int64_t value_channels, bool bf16_inputs) {
   TORCH_CHECK(channels > 0 && value_channels > 0,
               "_corr_cpu_path needs positive channel counts, got C=", channels,
               " and Cv=", value_channels);
-  return choose_simd<float>(channels, value_channels) ? "simd" : "aten";
+  return tiles_name(bf16_inputs ? choose_tiles<c10::BFloat16>(channels, value_channels)
+                                : choose_tiles<float>(channels, value_channels));
 }
 
 TORCH_LIBRARY_IMPL(pncc, CPU, m) {

@@ -5,8 +5,8 @@
 // Dispatch:
 //   - float16 / bfloat16: the FlashAttention-2 style tensor-core kernels, when their shared
 //     memory fits the device (C up to about 700 forward) and, for the backward, C <= 256 and
-//     Cv <= 264; otherwise the SIMT tile kernel;
-//   - float32: the SIMT tile kernel (fp32 FMAs, never TF32).
+//     Cv <= 264; otherwise the SIMT kernel;
+//   - float32: the register-tiled SIMT kernel (fp32 FMAs, never TF32).
 // Nothing on these paths waits for the device: sizes come from the tensors' shapes, and a launch
 // error is raised from cudaGetLastError right after the launch.
 //
@@ -118,9 +118,10 @@ void forward_flash(const at::Tensor& query, const at::Tensor& key, const at::Ten
   C10_CUDA_CHECK(launch_flash_forward<T>(p, query.size(0), stream));
 }
 
-// The SIMT kernel's windows over the value channels must fit gridDim.y (checked before launching).
+// The SIMT kernel's windows over the output channels must fit gridDim.y (checked before launching).
 void check_tile_windows(int64_t n_out, int64_t n_rows) {
-  TORCH_CHECK_VALUE(ceil_div(n_out, 16) <= 65535 && ceil_div(n_rows, kBR) <= 2147483647,
+  TORCH_CHECK_VALUE(simt_windows(n_out, kSimtWide) <= kSimtMaxWindows &&
+                        ceil_div(n_rows, kSimtRows) <= 2147483647,
                     "corr_warp: too many channels or rows for one CUDA launch (", n_out,
                     " channels, ", n_rows, " rows)");
 }
@@ -149,7 +150,7 @@ void forward_simt(const at::Tensor& query, const at::Tensor& key, const at::Tens
   prm.out = o.mutable_data_ptr();
   prm.lse_out = lse.mutable_data_ptr<double>();
   prm.inv_t = 1.0 / temperature;
-  C10_CUDA_CHECK((launch_tile<T, Mode::kFwd>(prm, query.size(0), stream)));
+  C10_CUDA_CHECK((launch_simt<T, Mode::kFwd>(prm, query.size(0), stream)));
 }
 
 template <typename scalar_t>
@@ -280,7 +281,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_simt(
     dd.rows2 = grad_out.const_data_ptr();
     dd.cols2 = value.const_data_ptr();
     dd.d_out = d.mutable_data_ptr<float>();
-    C10_CUDA_CHECK((launch_tile<T, Mode::kD>(dd, B, stream)));
+    C10_CUDA_CHECK((launch_simt<T, Mode::kD>(dd, B, stream)));
   } else {
     d.zero_();  // dP = 0
   }
@@ -297,9 +298,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_simt(
   dk.out_f32 = grad_kn.mutable_data_ptr<float>();
   TileParams dv = tile(kn, qs, grad_out);
   dv.out = grad_v.mutable_data_ptr();
-  C10_CUDA_CHECK((launch_tile<T, Mode::kDq>(dq, B, stream)));
-  C10_CUDA_CHECK((launch_tile<T, Mode::kDk>(dk, B, stream)));
-  C10_CUDA_CHECK((launch_tile<T, Mode::kDv>(dv, B, stream)));
+  C10_CUDA_CHECK((launch_simt<T, Mode::kDq>(dq, B, stream)));
+  C10_CUDA_CHECK((launch_simt<T, Mode::kDk>(dk, B, stream)));
+  C10_CUDA_CHECK((launch_simt<T, Mode::kDv>(dv, B, stream)));
   return {normalize_backward<T>(grad_qs, C, query, q_stats, eps, temperature, stream),
           normalize_backward<T>(grad_kn, C, key, k_stats, eps, temperature, stream), grad_v};
 }

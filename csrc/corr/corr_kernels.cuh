@@ -20,8 +20,10 @@
 //                                                dS once; dK, dV in registers; dQ by fp32 atomics
 //   corr_flash_dq_kernel            bf16, fp16   dQ without atomics (deterministic mode)
 //   corr_backward_d_kernel          bf16, fp16   D = rowsum(dO * O) and the padded copy of dO
-//   corr_tile_kernel                fp32 (and    the SIMT tile kernel: scores and products as fp32
-//                                   fallbacks)   FMAs (never TF32), modes kFwd/kD/kDq/kDk/kDv
+//   corr_simt_kernel                fp32 (and    the register-tiled SIMT kernel: 4 x 4 score tiles
+//                                   fallbacks)   and 4 x 2NB output tiles per thread, fp32 FMAs
+//                                                from shared memory (never TF32), modes
+//                                                kFwd/kD/kDq/kDk/kDv
 //   corr_normalize_backward_kernel  all          dL/dq, dL/dk from dL/dq^, dL/dk^
 //
 // Statistics are fp32; the saved lse is double (see corr_math.h). 1/temperature is never folded
@@ -683,17 +685,31 @@ struct BackwardTiles {
   }
 };
 
-// Starts the copies of query tile [q0, q0 + 64) (q^ and dO) and stores its statistics; both
-// roles call it at the top of each tile, after the barrier that ends the previous one.
+// The copies of one query tile are split by when their buffers fall free. dO and the statistics
+// are last read before barrier (B) (dP^T, P^T and dS^T in one role, dV += P^T dO in the other), so
+// the next tile's are started right after it and land while both roles run their dK and dQ
+// products; q^ is read until barrier (C) (dK += dS^T Q), so its copy starts at the top of the
+// tile. Every block thread calls both (async_tile shares the copy among all 256).
+
+// Starts the copy of q^ of query tile [q0, q0 + 64).
 template <typename T, int NTK, int NTV>
-__device__ __forceinline__ void load_query_tile(const BackwardTiles<T, NTK, NTV>& s,
+__device__ __forceinline__ void load_query_rows(const BackwardTiles<T, NTK, NTV>& s,
                                                 const FlashBackwardParams& p, int64_t b,
                                                 int64_t q0) {
   using Tiles = BackwardTiles<T, NTK, NTV>;
   const T* qg = static_cast<const T*>(p.q) + b * p.Nq * p.ld_qk;
-  const T* dog = static_cast<const T*>(p.dout) + b * p.Nq * p.ld_v;
   async_tile<kBackwardThreads>(s.q, Tiles::kLdQK, qg, p.ld_qk, q0, p.Nq, 0, p.ld_qk, kFlashCols,
                                NTK);
+  ptx::cp_async_commit();
+}
+
+// Starts the copy of dO of query tile [q0, q0 + 64) and stores its statistics (lse, D).
+template <typename T, int NTK, int NTV>
+__device__ __forceinline__ void load_query_grads(const BackwardTiles<T, NTK, NTV>& s,
+                                                 const FlashBackwardParams& p, int64_t b,
+                                                 int64_t q0) {
+  using Tiles = BackwardTiles<T, NTK, NTV>;
+  const T* dog = static_cast<const T*>(p.dout) + b * p.Nq * p.ld_v;
   async_tile<kBackwardThreads>(s.dout, Tiles::kLdV, dog, p.ld_v, q0, p.Nq, 0, p.ld_v, kFlashCols,
                                Tiles::kVChunks);
   ptx::cp_async_commit();
@@ -719,9 +735,9 @@ __device__ void backward_dk_role(const BackwardTiles<T, NTK, NTV>& s,
   const T* v_warp = s.v + 16 * warp * Tiles::kLdV;
   const SplitLse<float> inv_t = split_lse<float>(p.inv_t);
   for (int64_t q0 = 0; q0 < p.Nq; q0 += kFlashCols) {
-    load_query_tile(s, p, b, q0);
+    load_query_rows(s, p, b, q0);
     ptx::cp_async_wait<0>();
-    __syncthreads();  // (A) the query tile is in
+    __syncthreads();  // (A) the query tile is in (its dO and statistics since the last tile)
     float dpt[8][4];
 #pragma unroll
     for (int n = 0; n < 8; ++n) dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.f;
@@ -756,7 +772,8 @@ __device__ void backward_dk_role(const BackwardTiles<T, NTK, NTV>& s,
       store_u32(row + 8, dst[kk][2]);
       store_u32(row + 8 * kDsStride + 8, dst[kk][3]);
     }
-    __syncthreads();  // (B) dS^T is shared
+    __syncthreads();  // (B) dS^T is shared; dO and the statistics are free
+    if (q0 + kFlashCols < p.Nq) load_query_grads(s, p, b, q0 + kFlashCols);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
       mma_nn_regs<T, NTK>(dk, dst[kk], s.q + 16 * kk * Tiles::kLdQK, Tiles::kLdQK);
@@ -787,7 +804,7 @@ __device__ void backward_dv_role(const BackwardTiles<T, NTK, NTV>& s,
   const T* k_warp = s.k + 16 * warp * Tiles::kLdQK;
   const SplitLse<float> inv_t = split_lse<float>(p.inv_t);
   for (int64_t q0 = 0; q0 < p.Nq; q0 += kFlashCols) {
-    load_query_tile(s, p, b, q0);
+    load_query_rows(s, p, b, q0);
     ptx::cp_async_wait<0>();
     __syncthreads();  // (A)
     float st[8][4];
@@ -801,7 +818,8 @@ __device__ void backward_dv_role(const BackwardTiles<T, NTK, NTV>& s,
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
       mma_nn_regs<T, NTV>(dv, pt[kk], s.dout + 16 * kk * Tiles::kLdV, Tiles::kLdV);
-    __syncthreads();  // (B) dS^T is in shared memory
+    __syncthreads();  // (B) dS^T is in shared memory; dO and the statistics are free
+    if (q0 + kFlashCols < p.Nq) load_query_grads(s, p, b, q0 + kFlashCols);
     if (p.dq != nullptr) {
       // dQ (16 queries of this warp x C) += dS K, 64 channels at a time; dS = (dS^T)^T comes
       // from ldmatrix .trans of the stored dS^T (rows are keys).
@@ -860,7 +878,8 @@ __global__ void __launch_bounds__(kBackwardThreads, 1)
                                NTK);
   async_tile<kBackwardThreads>(s.v, Tiles::kLdV, vg, p.ld_v, k0, p.Nk, 0, p.ld_v, kFlashCols,
                                Tiles::kVChunks);
-  ptx::cp_async_commit();  // waited for with the first query tile's group
+  ptx::cp_async_commit();  // waited for with the first query tile's groups
+  if (p.Nq > 0) load_query_grads(s, p, b, 0);  // no copy may outlive the block
   if (threadIdx.x < 32 * 4) {
     backward_dk_role(s, p, b, k0);
   } else {
@@ -902,9 +921,11 @@ __global__ void __launch_bounds__(kFlashThreads, 1)
   float dq[NTK][4];
 #pragma unroll
   for (int n = 0; n < NTK; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+  // V_j is last read by dP = dO V_j^T, K_j by dQ += dS K_j: V_{j+1} is copied during the softmax
+  // gradient and the dQ product (one extra barrier a tile), K_{j+1} only once K_j is free.
+  if (p.Nk > 0) async_tile(sv, ldv, vg, p.ld_v, 0, p.Nk, 0, p.ld_v, kFlashCols, Tiles::kVChunks);
   for (int64_t k0 = 0; k0 < p.Nk; k0 += kFlashCols) {
     async_tile(sk, ldq, kg, p.ld_qk, k0, p.Nk, 0, p.ld_qk, kFlashCols, NTK);
-    async_tile(sv, ldv, vg, p.ld_v, k0, p.Nk, 0, p.ld_v, kFlashCols, Tiles::kVChunks);
     ptx::cp_async_commit();
     ptx::cp_async_wait<0>();
     __syncthreads();  // K_j, V_j (and Q, dO) are in
@@ -915,6 +936,12 @@ __global__ void __launch_bounds__(kFlashThreads, 1)
       for (int e = 0; e < 4; ++e) sc[n][e] = dp[n][e] = 0.f;
     mma_nt_smem<T, 8>(sc, sq + 16 * warp * ldq, ldq, sk, ldq, NTK / 2);
     mma_nt_smem<T, 8>(dp, sdo + 16 * warp * ldv, ldv, sv, ldv, Tiles::kVChunks / 2);
+    if (k0 + kFlashCols < p.Nk) {  // uniform over the block
+      __syncthreads();  // every warp is done with V_j
+      async_tile(sv, ldv, vg, p.ld_v, k0 + kFlashCols, p.Nk, 0, p.ld_v, kFlashCols,
+                 Tiles::kVChunks);
+      ptx::cp_async_commit();
+    }
 #pragma unroll
     for (int n = 0; n < 8; ++n)
 #pragma unroll
@@ -930,7 +957,7 @@ __global__ void __launch_bounds__(kFlashThreads, 1)
       acc_to_a<T, 8>(af, sc, kk);
       mma_nn_regs<T, NTK>(dq, af, sk + 16 * kk * ldq, ldq);
     }
-    __syncthreads();  // every warp is done with K_j, V_j
+    __syncthreads();  // every warp is done with K_j
   }
   float* dq_g = p.dq + b * p.Nq * p.ld_qk;
 #pragma unroll
@@ -1022,90 +1049,53 @@ cudaError_t launch_flash_backward(FlashBackwardParams p, int64_t batch, bool det
                   : launch_flash_dq_shape<T, 32, 33>(p, batch, stream);
 }
 
-// ---- SIMT tile kernel (fp32; see the table at the top) ----
+// ---- register-tiled SIMT kernel (fp32, and the bf16/fp16 fallback; see the table at the top) ----
 //
-// A block owns kBR rows of one batch entry and streams the other side in tiles of kBC; one kernel,
+// A block owns 64 rows of one batch entry and streams the other side in tiles of 64; one kernel,
 // specialised by Mode, serves five passes:
 //
-//   mode  rows  cols  score tile          output GEMM          output
+//   mode  rows  cols  score tile          output product       output
 //   kFwd  q     k     S = q^ k^T          O = O*alpha + P V    out (online softmax), lse
 //   kD    q     k     S, dP = dO V^T      (none)               D = rowsum(P * dP) (fp32)
-//   kDq   q     k     S, dP = dO V^T      acc += dS k^         dL/dq^ (fp32)
-//   kDk   k     q     S^T, dP^T = V dO^T  acc += dS^T q^       dL/dk^ (fp32)
+//   kDq   q     k     S, dP = dO V^T      acc += dS k^         T dL/dq^ (fp32)
+//   kDk   k     q     S^T, dP^T = V dO^T  acc += dS^T q^       T dL/dk^ (fp32)
 //   kDv   k     q     S^T                 acc += P^T dO        dL/dV
 //
-// Every output row is written by one block, so it needs no atomics and is deterministic. D comes
-// from the recomputed P and dP (kD), as in the CPU kernel: see DESIGN-NOTES "corr_warp".
+// 256 threads as a 16 x 16 grid. Thread (ty, tx) keeps, in registers, the scores (and dP) of rows
+// 4ty..4ty+3 and columns 4tx..4tx+3 of the tile, and the output accumulators of its 4 rows and
+// the channels 2tx + 32jb + {0, 1}, jb < NB, of the block's window of 32 NB channels. Both
+// products are plain fp32 FMAs from shared memory, never TF32: per channel of the score product one
+// 16-byte load of 4 row values and one of 4 column values feed 16 FMAs; per key of the output
+// product one 16-byte load of P and NB 8-byte loads of X feed 8 NB FMAs. The tiles are staged in
+// shared memory as fp32 (16-bit inputs are widened on the copy). Row statistics (the online
+// softmax's maximum and sum, D) are reduced over the 16 lanes that share ty with shuffles. Every
+// output element is written by one thread of one block: no atomics, deterministic. D comes from
+// the recomputed P and dP (kD), as in the CPU kernel: see DESIGN-NOTES "corr_warp".
 
-constexpr int kBR = 64;  // rows per block
-constexpr int kBC = 64;  // columns (other side) per tile
-constexpr int kKC = 32;  // channels per chunk of a score product
-constexpr int kThreads = 128;
-static_assert(kBR % 16 == 0 && kBC % 16 == 0 && kKC % 16 == 0, "tiles are even-sized");
-static_assert(kThreads >= kBR && kThreads >= kBC, "one thread per row or column of statistics");
+constexpr int kSimtThreads = 256;
+constexpr int kSimtRows = 64;  // rows per block
+constexpr int kSimtCols = 64;  // columns (other side) per tile
+constexpr int kSimtKC = 32;    // channels per chunk of a score product; keys per chunk of X
+constexpr int kSimtLd = kSimtRows + 4;  // k-major tiles: 64 floats + 4, rows on 16 bytes
+constexpr int kSimtNarrow = 2;  // output windows of 32 NB channels: 64 (fp32 outputs up to 64)
+constexpr int kSimtWide = 9;    // and 288 (Cv = 258 in one window; the 16-bit fallback's only one)
 
 enum class Mode { kFwd, kD, kDq, kDk, kDv };
 
-template <bool kBT>
-__device__ __forceinline__ int b_offset(int j, int k, int ldb) {
-  return kBT ? j * ldb + k : k * ldb + j;
-}
-
-// C (fp32, M x N) += A (M x K) * op(B), with B stored (N x K) and op = transpose when kBT, or B
-// stored (K x N) otherwise. Plain fp32 FMAs (TF32 would lose the accuracy of a plain fp32
-// implementation); even and odd products go to separate sums, as in the CPU GEMM: one FMA chain
-// per score failed the 3x gradient rule of test_stress_sizes[2] on tools/cuda_emu.
-template <typename T, bool kBT>
-__device__ void tile_mma(const T* A, int lda, const T* B, int ldb, float* C, int ldc, int M,
-                         int N, int K) {
-  for (int e = threadIdx.x; e < M * N; e += kThreads) {
-    const int i = e / N, j = e % N;
-    float even = 0.f, odd = 0.f;
-    for (int k = 0; k < K; k += 2) {
-      even = fmaf(to_float(A[i * lda + k]), to_float(B[b_offset<kBT>(j, k, ldb)]), even);
-      odd = fmaf(to_float(A[i * lda + k + 1]), to_float(B[b_offset<kBT>(j, k + 1, ldb)]), odd);
-    }
-    C[i * ldc + j] += even + odd;
-  }
-}
-
-template <typename T>
-struct TileLayout {
-  // Row padding: 16-bit tiles by 8 elements, fp32 tiles by 4 (staggers rows across banks).
-  static constexpr int kPad = sizeof(T) == 2 ? 8 : 4;
-  int ld_ab, ld_s, ld_p, ld_x, ld_acc;
-  size_t a, b, s, dp, p, x, acc, stats, bytes;
-
-  // Reserves n bytes at `off`, 128-byte aligned, and returns where they start.
-  __host__ __device__ static size_t take(size_t& off, size_t n) {
-    const size_t start = off;
-    off = (off + n + 127) & ~size_t(127);
-    return start;
-  }
-
-  __host__ __device__ explicit TileLayout(int out_tile) {
-    ld_ab = kKC + kPad;
-    ld_s = kBC + 4;
-    ld_p = kBC + kPad;
-    ld_x = out_tile + kPad;
-    ld_acc = out_tile + 4;
-    size_t off = 0;
-    a = take(off, size_t(kBR) * ld_ab * sizeof(T));
-    b = take(off, size_t(kBC) * ld_ab * sizeof(T));
-    s = take(off, size_t(kBR) * ld_s * sizeof(float));
-    dp = take(off, size_t(kBR) * ld_s * sizeof(float));
-    p = take(off, size_t(kBR) * ld_p * sizeof(T));
-    x = take(off, size_t(kBC) * ld_x * sizeof(T));
-    acc = take(off, size_t(kBR) * ld_acc * sizeof(float));
-    // m, l, alpha per row; lse hi, lo and D per row or column.
-    stats = take(off, size_t(6) * 64 * sizeof(float));
-    bytes = off;
-  }
+template <int NB>
+struct SimtSmem {
+  static constexpr int kWidth = 32 * NB;  // output channels per block (grid y)
+  static constexpr int kLdX = kWidth + 4;
+  // Region 0: the score chunk (rows^T, cols^T: k-major, 32 x kSimtLd each) or, after it, the X
+  // chunk (32 keys x kLdX); region 1: the tile's P^T or dS^T (64 keys x kSimtLd).
+  static constexpr int kScore = 2 * kSimtKC * kSimtLd;
+  static constexpr int kRegion0 = kScore > kSimtKC * kLdX ? kScore : kSimtKC * kLdX;
+  static constexpr size_t kBytes = size_t(kRegion0 + kSimtCols * kSimtLd) * sizeof(float);
 };
 
-// Pointers and sizes of one tile pass (see the table above). Element pointers are T*.
+// Pointers and sizes of one pass (see the table above). Element pointers are T*.
 struct TileParams {
-  const void* rows;   // (B, n_rows, C) normalised rows
+  const void* rows;   // (B, n_rows, C) normalised rows (not scaled by 1/T)
   const void* cols;   // (B, n_cols, C) normalised columns
   const void* rows2;  // (B, n_rows, Cv): dO (kD, kDq) or V (kDk), the row side of dP
   const void* cols2;  // (B, n_cols, Cv): V (kD, kDq) or dO (kDk), the column side of dP
@@ -1118,222 +1108,341 @@ struct TileParams {
   double* lse_out;    // (B, Nq): kFwd
   double inv_t;       // 1 / temperature: rows and cols are unscaled, kDq/kDk write T dL/dx^
   int64_t n_rows, n_cols, C, Cv, n_out;
-  int out_tile;  // output columns per block, a multiple of 16
   int64_t batch_offset;
 };
 
-// Copies a (tile_rows x tile_cols) window of a row-major (n, ld_src) matrix into shared memory,
-// zero-filling everything outside [0, n) x [0, width).
+struct Float4 {
+  float v[4];
+};
+struct Float2 {
+  float v[2];
+};
+
+// 16- and 8-byte shared-memory loads and a 16-byte store (LDS.128, LDS.64, STS.128).
+__device__ __forceinline__ Float4 lds4(const float* p) {
+#if defined(PNCC_CUDA_EMU)
+  Float4 r;
+  memcpy(r.v, p, 16);
+  return r;
+#else
+  const float4 t = *reinterpret_cast<const float4*>(p);
+  return {{t.x, t.y, t.z, t.w}};
+#endif
+}
+__device__ __forceinline__ Float2 lds2(const float* p) {
+#if defined(PNCC_CUDA_EMU)
+  Float2 r;
+  memcpy(r.v, p, 8);
+  return r;
+#else
+  const float2 t = *reinterpret_cast<const float2*>(p);
+  return {{t.x, t.y}};
+#endif
+}
+__device__ __forceinline__ void sts4(float* p, float a, float b, float c, float d) {
+#if defined(PNCC_CUDA_EMU)
+  const float v[4] = {a, b, c, d};
+  memcpy(p, v, 16);
+#else
+  *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
+#endif
+}
+
+// A value as the product that follows sees it: rounded to T (a 16-bit fallback rounds P and dS
+// as the tensor-core kernels do), kept as fp32 for fp32.
 template <typename T>
-__device__ void load_tile(T* dst, int ld_dst, const T* src, int64_t ld_src, int64_t r0, int64_t n,
-                          int64_t c0, int64_t width, int tile_rows, int tile_cols) {
-  for (int e = threadIdx.x; e < tile_rows * tile_cols; e += kThreads) {
-    const int i = e / tile_cols, j = e % tile_cols;
-    const int64_t gr = r0 + i, gc = c0 + j;
-    dst[i * ld_dst + j] = (gr < n && gc < width) ? src[gr * ld_src + gc] : from_float<T>(0.f);
+__device__ __forceinline__ float round_to(float v) {
+  if constexpr (sizeof(T) == 2) return to_float(from_float<T>(v));
+  return v;
+}
+
+// dst (32 channels x kSimtLd, k-major) = channels [c0, c0 + 32) of rows [r0, r0 + 64) of a
+// row-major (n, width) matrix, widened to fp32, zero outside [0, n) x [0, width). Lane l takes
+// channel l % 8 (+ 8 per step) of row l / 8 (+ 4 per warp): 8 lanes read 8 consecutive channels
+// of one row, and one instruction's 32 stores hit 32 banks (4c + r mod 32 is a permutation).
+template <typename T>
+__device__ __forceinline__ void simt_load_transposed(float* dst, const T* src, int64_t r0,
+                                                     int64_t n, int64_t c0, int64_t width) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const int r = lane / 8 + 4 * warp + 32 * (e % 2);
+    const int c = lane % 8 + 8 * (e / 2);
+    const int64_t gr = r0 + r, gc = c0 + c;
+    dst[c * kSimtLd + r] = gr < n && gc < width ? to_float(src[gr * width + gc]) : 0.f;
   }
 }
 
-__device__ inline void zero_f32(float* dst, int ld, int rows, int cols) {
-  for (int e = threadIdx.x; e < rows * cols; e += kThreads) dst[(e / cols) * ld + e % cols] = 0.f;
+// dst (32 keys x kW channels, stride kW + 4) = rows [r0, r0 + 32), channels [c0, c0 + kW) of a
+// row-major (n, width) matrix, widened to fp32, zero outside.
+template <int kW, typename T>
+__device__ __forceinline__ void simt_load_rows(float* dst, const T* src, int64_t r0, int64_t n,
+                                               int64_t c0, int64_t width) {
+  for (int e = threadIdx.x; e < kSimtKC * kW; e += kSimtThreads) {
+    const int r = e / kW, c = e % kW;
+    const int64_t gr = r0 + r, gc = c0 + c;
+    dst[r * (kW + 4) + c] = gr < n && gc < width ? to_float(src[gr * width + gc]) : 0.f;
+  }
 }
 
-// out (kBR x kBC, fp32) = rows[row0 : row0 + kBR] . cols[col0 : col0 + kBC]^T over `width`
-// channels, staged through a_s and b_s chunk by chunk. Out-of-range rows and columns give 0.
+// s = this thread's 4 x 4 scores: rows[row0 + 4ty + i] . cols[col0 + 4tx + j] over `width`
+// channels, 0 for rows or columns out of range. Even and odd channels run separate FMA chains, as
+// the CPU GEMM does (one chain per score failed the 3x gradient rule of test_stress_sizes[2] on
+// tools/cuda_emu).
 template <typename T>
-__device__ void score_tile(T* a_s, T* b_s, int ld_ab, const T* rows, int64_t row0, int64_t n_rows,
-                           const T* cols, int64_t col0, int64_t n_cols, int64_t width, float* out,
-                           int ld_out) {
-  zero_f32(out, ld_out, kBR, kBC);
-  for (int64_t c0 = 0; c0 < width; c0 += kKC) {
-    __syncthreads();  // a_s and b_s are free; the zeroed `out` is visible
-    load_tile(a_s, ld_ab, rows, width, row0, n_rows, c0, width, kBR, kKC);
-    load_tile(b_s, ld_ab, cols, width, col0, n_cols, c0, width, kBC, kKC);
+__device__ __forceinline__ void simt_scores(float (&s)[4][4], float* a_s, float* b_s,
+                                            const T* rows, int64_t row0, int64_t n_rows,
+                                            const T* cols, int64_t col0, int64_t n_cols,
+                                            int64_t width) {
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  float odd[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) s[i][j] = odd[i][j] = 0.f;
+  for (int64_t c0 = 0; c0 < width; c0 += kSimtKC) {
+    __syncthreads();  // every thread is done with region 0 (the last chunk, X or the other product)
+    simt_load_transposed(a_s, rows, row0, n_rows, c0, width);
+    simt_load_transposed(b_s, cols, col0, n_cols, c0, width);
     __syncthreads();
-    tile_mma<T, true>(a_s, ld_ab, b_s, ld_ab, out, ld_out, kBR, kBC, kKC);
+#pragma unroll 2
+    for (int k = 0; k < kSimtKC; k += 2) {
+      const Float4 a0 = lds4(a_s + k * kSimtLd + 4 * ty), b0 = lds4(b_s + k * kSimtLd + 4 * tx);
+      const Float4 a1 = lds4(a_s + (k + 1) * kSimtLd + 4 * ty);
+      const Float4 b1 = lds4(b_s + (k + 1) * kSimtLd + 4 * tx);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          s[i][j] = fmaf(a0.v[i], b0.v[j], s[i][j]);
+          odd[i][j] = fmaf(a1.v[i], b1.v[j], odd[i][j]);
+        }
+    }
   }
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) s[i][j] += odd[i][j];
 }
 
-template <typename T, Mode mode>
-__global__ void __launch_bounds__(kThreads) corr_tile_kernel(const TileParams prm) {
-  unsigned char* smem = dynamic_smem<unsigned char>();
-  const TileLayout<T> L(prm.out_tile);
-  T* a_s = reinterpret_cast<T*>(smem + L.a);
-  T* b_s = reinterpret_cast<T*>(smem + L.b);
-  float* s_s = reinterpret_cast<float*>(smem + L.s);
-  float* dp_s = reinterpret_cast<float*>(smem + L.dp);
-  T* p_s = reinterpret_cast<T*>(smem + L.p);
-  T* x_s = reinterpret_cast<T*>(smem + L.x);
-  float* acc_s = reinterpret_cast<float*>(smem + L.acc);
-  float* m_s = reinterpret_cast<float*>(smem + L.stats);
-  float* l_s = m_s + 64;
-  float* alpha_s = m_s + 128;
-  float* lse_hi_s = m_s + 192;
-  float* lse_lo_s = m_s + 256;
-  float* d_s = m_s + 320;
+// Sum or maximum over the 16 lanes that share ty (lane bits 0-3), every lane getting the result.
+__device__ __forceinline__ float half_warp_sum(float v) {
+  for (int o = 1; o < 16; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float half_warp_max(float v) {
+  for (int o = 1; o < 16; o <<= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Two blocks per SM (128 registers) where that leaves no spill: the narrow windows except kDq and
+// kDk (S and dP both live, plus the queries' statistics); the others take up to 255 registers.
+template <Mode mode, int NB>
+constexpr int kSimtMinBlocks =
+    NB == kSimtNarrow && mode != Mode::kDq && mode != Mode::kDk ? 2 : 1;
+
+template <typename T, Mode mode, int NB>
+__global__ void __launch_bounds__(kSimtThreads, (kSimtMinBlocks<mode, NB>))
+    corr_simt_kernel(const TileParams prm) {
+  using Smem = SimtSmem<NB>;
+  float* smem = dynamic_smem<float>();
+  float* a_s = smem;                     // region 0: rows^T chunk
+  float* b_s = smem + kSimtKC * kSimtLd;  //           cols^T chunk
+  float* x_s = smem;                     //           or the X chunk
+  float* p_s = smem + Smem::kRegion0;    // region 1: P^T or dS^T
 
   constexpr bool kRowsAreQueries = mode == Mode::kFwd || mode == Mode::kD || mode == Mode::kDq;
   constexpr bool kNeedsDp = mode == Mode::kD || mode == Mode::kDq || mode == Mode::kDk;
-  const int64_t b = blockIdx.z + prm.batch_offset;
-  const int64_t row0 = int64_t(blockIdx.x) * kBR;
-  const int64_t out0 = int64_t(blockIdx.y) * prm.out_tile;
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int64_t b = int64_t(blockIdx.z) + prm.batch_offset;
+  const int64_t row0 = int64_t(blockIdx.x) * kSimtRows;
+  const int64_t out0 = int64_t(blockIdx.y) * Smem::kWidth;
   const int64_t Nq = kRowsAreQueries ? prm.n_rows : prm.n_cols;
-  const int out_w = prm.out_tile;
   const T* rows = static_cast<const T*>(prm.rows) + b * prm.n_rows * prm.C;
   const T* cols = static_cast<const T*>(prm.cols) + b * prm.n_cols * prm.C;
+  const T* rows2 = kNeedsDp ? static_cast<const T*>(prm.rows2) + b * prm.n_rows * prm.Cv : nullptr;
+  const T* cols2 = kNeedsDp ? static_cast<const T*>(prm.cols2) + b * prm.n_cols * prm.Cv : nullptr;
   const T* x = static_cast<const T*>(prm.x) + b * prm.n_cols * prm.n_out;
-
   const float inv_f = static_cast<float>(prm.inv_t);
   const SplitLse<float> inv_t = split_lse<float>(prm.inv_t);
-  zero_f32(acc_s, L.ld_acc, kBR, out_w);
-  if (threadIdx.x < kBR) {
-    m_s[threadIdx.x] = -INFINITY;
-    l_s[threadIdx.x] = 0.f;
-    if (kRowsAreQueries && mode != Mode::kFwd) {
-      const int64_t q = row0 + threadIdx.x;
-      const SplitLse<float> lse = split_lse<float>(q < Nq ? prm.lse[b * Nq + q] : 0.0);
-      lse_hi_s[threadIdx.x] = lse.hi;
-      lse_lo_s[threadIdx.x] = lse.lo;
-      if (mode == Mode::kDq) d_s[threadIdx.x] = q < Nq ? prm.d[b * Nq + q] : 0.f;
+
+  // The statistics of this thread's rows when they are queries (lse, and D for kDq).
+  SplitLse<float> lse_r[4] = {};
+  float d_r[4] = {};
+  if constexpr (kRowsAreQueries && mode != Mode::kFwd) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t q = row0 + 4 * ty + i;
+      lse_r[i] = split_lse<float>(q < Nq ? prm.lse[b * Nq + q] : 0.0);
+      if (mode == Mode::kDq) d_r[i] = q < Nq ? prm.d[b * Nq + q] : 0.f;
     }
   }
+  float acc[4][2 * NB];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int c = 0; c < 2 * NB; ++c) acc[i][c] = 0.f;
+  // kFwd: the running maximum of the unscaled scores (the same in the 16 lanes of a row) and
+  // this thread's part of the row sum; kD: this thread's part of D.
+  float m[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+  float l[4] = {0.f, 0.f, 0.f, 0.f};
 
-  for (int64_t col0 = 0; col0 < prm.n_cols; col0 += kBC) {
-    score_tile(a_s, b_s, L.ld_ab, rows, row0, prm.n_rows, cols, col0, prm.n_cols, prm.C, s_s,
-               L.ld_s);
-    if constexpr (kNeedsDp) {
-      score_tile(a_s, b_s, L.ld_ab, static_cast<const T*>(prm.rows2) + b * prm.n_rows * prm.Cv,
-                 row0, prm.n_rows, static_cast<const T*>(prm.cols2) + b * prm.n_cols * prm.Cv,
-                 col0, prm.n_cols, prm.Cv, dp_s, L.ld_s);
-    }
-    if constexpr (!kRowsAreQueries) {  // the statistics belong to the columns (queries)
-      if (threadIdx.x < kBC) {
-        const int64_t q = col0 + threadIdx.x;
-        const SplitLse<float> lse = split_lse<float>(q < Nq ? prm.lse[b * Nq + q] : 0.0);
-        lse_hi_s[threadIdx.x] = lse.hi;
-        lse_lo_s[threadIdx.x] = lse.lo;
-        if (kNeedsDp) d_s[threadIdx.x] = q < Nq ? prm.d[b * Nq + q] : 0.f;
+  for (int64_t col0 = 0; col0 < prm.n_cols; col0 += kSimtCols) {
+    float s[4][4], dp[4][4] = {};
+    simt_scores(s, a_s, b_s, rows, row0, prm.n_rows, cols, col0, prm.n_cols, prm.C);
+    if constexpr (kNeedsDp)
+      simt_scores(dp, a_s, b_s, rows2, row0, prm.n_rows, cols2, col0, prm.n_cols, prm.Cv);
+    bool col_ok[4];
+    SplitLse<float> lse_c[4] = {};  // the columns' statistics when they are queries
+    float d_c[4] = {};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t col = col0 + 4 * tx + j;
+      col_ok[j] = col < prm.n_cols;
+      if constexpr (!kRowsAreQueries) {
+        lse_c[j] = split_lse<float>(col_ok[j] ? prm.lse[b * Nq + col] : 0.0);
+        if (kNeedsDp) d_c[j] = col_ok[j] ? prm.d[b * Nq + col] : 0.f;
       }
     }
-    __syncthreads();
 
-    const int valid_cols = static_cast<int>(prm.n_cols - col0 < kBC ? prm.n_cols - col0 : kBC);
+    float v[4][4];  // P or dS of the tile, rounded as the output product sees it; 0 off range
     if constexpr (mode == Mode::kFwd) {
-      // One thread per row: the online-softmax update of corr_math.h.
-      if (threadIdx.x < kBR) {
-        const int i = threadIdx.x;
-        float* s_row = s_s + i * L.ld_s;
-        float tile_max = -INFINITY;
-        for (int j = 0; j < valid_cols; ++j) tile_max = fmaxf(tile_max, s_row[j]);
-        // Unscaled scores: the maximum first, then (s - m) / T (exact near the maximum).
-        const float m_new = fmaxf(m_s[i], tile_max);
-        const float alpha = m_s[i] == m_new ? 1.f : acc_exp((m_s[i] - m_new) * inv_f);
-        float row_sum = 0.f;
-        for (int j = 0; j < kBC; ++j) {
-          const float p = j < valid_cols ? acc_exp((s_row[j] - m_new) * inv_f) : 0.f;
-          const T p_t = from_float<T>(p);
-          p_s[i * L.ld_p + j] = p_t;
-          // Sum what the product with V will see, so numerator and denominator round alike.
-          row_sum += to_float(p_t);
-        }
-        m_s[i] = m_new;
-        l_s[i] = l_s[i] * alpha + row_sum;
-        alpha_s[i] = alpha;
-      }
-      __syncthreads();
-      for (int e = threadIdx.x; e < kBR * out_w; e += kThreads) {
-        const int i = e / out_w, c = e % out_w;
-        acc_s[i * L.ld_acc + c] *= alpha_s[i];
-      }
-    } else if constexpr (mode == Mode::kD) {
-      // One thread per row, in key order: l_s accumulates D (a fixed order, so repeatable).
-      if (threadIdx.x < kBR) {
-        const int i = threadIdx.x;
-        const SplitLse<float> lse{lse_hi_s[i], lse_lo_s[i]};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) mx = col_ok[j] ? fmaxf(mx, s[i][j]) : mx;
+        // Finite: the tile holds a valid column. The maximum first, then (s - m) / T.
+        const float m_new = fmaxf(m[i], half_warp_max(mx));
+        const float alpha = m[i] == m_new ? 1.f : acc_exp((m[i] - m_new) * inv_f);
+        m[i] = m_new;
         float sum = 0.f;
-        for (int j = 0; j < valid_cols; ++j)
-          sum += acc_exp(scaled_minus_lse(s_s[i * L.ld_s + j], inv_t, lse)) * dp_s[i * L.ld_s + j];
-        l_s[i] += sum;
-      }
-      __syncthreads();  // s_s and dp_s are read before the next tile overwrites them
-      continue;         // no output product
-    } else {
-      for (int e = threadIdx.x; e < kBR * kBC; e += kThreads) {
-        const int i = e / kBC, j = e % kBC;
-        const int st = kRowsAreQueries ? i : j;  // index of the query's statistics
-        float v = 0.f;
-        if (j < valid_cols) {
-          const SplitLse<float> lse{lse_hi_s[st], lse_lo_s[st]};
-          const float p = acc_exp(scaled_minus_lse(s_s[i * L.ld_s + j], inv_t, lse));
-          v = kNeedsDp ? softmax_grad(p, dp_s[i * L.ld_s + j], d_s[st]) : p;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          v[i][j] = col_ok[j] ? round_to<T>(acc_exp((s[i][j] - m_new) * inv_f)) : 0.f;
+          sum += v[i][j];  // what the product with V sees, so numerator and denominator agree
         }
-        p_s[i * L.ld_p + j] = from_float<T>(v);
+        l[i] = l[i] * alpha + sum;
+#pragma unroll
+        for (int c = 0; c < 2 * NB; ++c) acc[i][c] *= alpha;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          float val = 0.f;
+          if (col_ok[j]) {
+            const float p = acc_exp(scaled_minus_lse(s[i][j], inv_t, kRowsAreQueries ? lse_r[i]
+                                                                                     : lse_c[j]));
+            if (mode == Mode::kD) {
+              l[i] += p * dp[i][j];
+            } else {
+              val = kNeedsDp ? softmax_grad(p, dp[i][j], kRowsAreQueries ? d_r[i] : d_c[j]) : p;
+            }
+          }
+          v[i][j] = round_to<T>(val);
+        }
+    }
+    if constexpr (mode != Mode::kD) {  // kD has no output product
+#pragma unroll
+      for (int j = 0; j < 4; ++j)  // P^T: row k of p_s is column k of the tile
+        sts4(p_s + (4 * tx + j) * kSimtLd + 4 * ty, v[0][j], v[1][j], v[2][j], v[3][j]);
+      for (int kc = 0; kc < kSimtCols; kc += kSimtKC) {
+        __syncthreads();  // region 0 is free; P^T is complete
+        simt_load_rows<Smem::kWidth>(x_s, x, col0 + kc, prm.n_cols, out0, prm.n_out);
+        __syncthreads();
+#pragma unroll 2
+        for (int k = 0; k < kSimtKC; ++k) {
+          const Float4 pv = lds4(p_s + (kc + k) * kSimtLd + 4 * ty);
+#pragma unroll
+          for (int jb = 0; jb < NB; ++jb) {
+            const Float2 xv = lds2(x_s + k * Smem::kLdX + 2 * tx + 32 * jb);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              acc[i][2 * jb] = fmaf(pv.v[i], xv.v[0], acc[i][2 * jb]);
+              acc[i][2 * jb + 1] = fmaf(pv.v[i], xv.v[1], acc[i][2 * jb + 1]);
+            }
+          }
+        }
       }
     }
-    load_tile(x_s, L.ld_x, x, prm.n_out, col0, prm.n_cols, out0, prm.n_out, kBC, out_w);
-    __syncthreads();
-    tile_mma<T, false>(p_s, L.ld_p, x_s, L.ld_x, acc_s, L.ld_acc, kBR, out_w, kBC);
-    __syncthreads();
   }
 
-  if constexpr (mode == Mode::kD) {
-    if (threadIdx.x < kBR && row0 + threadIdx.x < prm.n_rows)
-      prm.d_out[b * Nq + row0 + threadIdx.x] = l_s[threadIdx.x];
-  } else {
-    // Epilogue: each output element of this block's rows and column window, written once.
-    for (int e = threadIdx.x; e < kBR * out_w; e += kThreads) {
-      const int i = e / out_w, c = e % out_w;
-      const int64_t r = row0 + i, oc = out0 + c;
-      if (r >= prm.n_rows || oc >= prm.n_out) continue;
-      const int64_t idx = (b * prm.n_rows + r) * prm.n_out + oc;
-      float v = acc_s[i * L.ld_acc + c];
-      if constexpr (mode == Mode::kFwd) v /= l_s[i];
-      if constexpr (mode == Mode::kDq || mode == Mode::kDk) {
-        prm.out_f32[idx] = v;
-      } else {
-        static_cast<T*>(prm.out)[idx] = from_float<T>(v);
-      }
-    }
+  if constexpr (mode == Mode::kFwd || mode == Mode::kD) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) l[i] = half_warp_sum(l[i]);
   }
-  if constexpr (mode == Mode::kFwd) {
-    if (blockIdx.y == 0 && threadIdx.x < kBR && row0 + threadIdx.x < prm.n_rows)
-      prm.lse_out[b * Nq + row0 + threadIdx.x] =
-          scaled_lse(m_s[threadIdx.x], l_s[threadIdx.x], prm.inv_t);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t r = row0 + 4 * ty + i;
+    if (r >= prm.n_rows) continue;
+    if constexpr (mode == Mode::kD) {
+      if (tx == 0) prm.d_out[b * Nq + r] = l[i];
+    } else {
+#pragma unroll
+      for (int jb = 0; jb < NB; ++jb)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t oc = out0 + 2 * tx + 32 * jb + e;
+          if (oc >= prm.n_out) continue;
+          const int64_t idx = (b * prm.n_rows + r) * prm.n_out + oc;
+          float val = acc[i][2 * jb + e];
+          if constexpr (mode == Mode::kFwd) val /= l[i];
+          if constexpr (mode == Mode::kDq || mode == Mode::kDk) {
+            prm.out_f32[idx] = val;
+          } else {
+            static_cast<T*>(prm.out)[idx] = from_float<T>(val);
+          }
+        }
+    }
+    if constexpr (mode == Mode::kFwd) {
+      if (blockIdx.y == 0 && tx == 0) prm.lse_out[b * Nq + r] = scaled_lse(m[i], l[i], prm.inv_t);
+    }
   }
 }
 
-// Runs one tile pass over every batch entry, choosing the widest output window that fits the
-// device's shared memory (one window covers Cv = 256 + 2 coordinate channels on an H100). The
-// windows-per-launch limit is the caller's check (tile_windows_fit).
-template <typename T, Mode mode>
-cudaError_t launch_tile(TileParams prm, int64_t batch, cudaStream_t stream) {
-  // kD has no output product (n_out == 0): one window of the smallest width.
-  if (prm.n_rows == 0 || (prm.n_out == 0 && mode != Mode::kD) || batch == 0) return cudaSuccess;
-  int max_smem = 0;
-  cudaError_t err = max_dynamic_smem(&max_smem);
+// The output windows of one launch must fit gridDim.y: the caller's check.
+inline int64_t simt_windows(int64_t n_out, int nb) {
+  const int64_t w = ceil_div(n_out, 32 * nb);
+  return w < 1 ? 1 : w;
+}
+constexpr int64_t kSimtMaxWindows = 65535;
+
+template <typename T, Mode mode, int NB>
+cudaError_t launch_simt_nb(TileParams prm, int64_t batch, cudaStream_t stream) {
+  cudaError_t err = allow_max_dynamic_smem(corr_simt_kernel<T, mode, NB>);
   if (err != cudaSuccess) return err;
-  int out_tile = static_cast<int>(ceil_div(prm.n_out, 16) * 16);
-  out_tile = out_tile < 16 ? 16 : out_tile > 512 ? 512 : out_tile;
-  while (out_tile > 16 && TileLayout<T>(out_tile).bytes > static_cast<size_t>(max_smem))
-    out_tile -= 16;
-  const size_t smem = TileLayout<T>(out_tile).bytes;
-  if (smem > static_cast<size_t>(max_smem)) return cudaErrorInvalidConfiguration;
-  const int64_t windows = ceil_div(prm.n_out, out_tile) < 1 ? 1 : ceil_div(prm.n_out, out_tile);
-  if (windows > 65535) return cudaErrorInvalidConfiguration;
-  prm.out_tile = out_tile;
-  auto kernel = corr_tile_kernel<T, mode>;
-  err = allow_max_dynamic_smem(kernel);
-  if (err != cudaSuccess) return err;
+  const int64_t windows = simt_windows(prm.n_out, NB);
+  if (windows > kSimtMaxWindows) return cudaErrorInvalidConfiguration;
   for (int64_t b0 = 0; b0 < batch; b0 += kMaxBatchPerLaunch) {
     prm.batch_offset = b0;
-    const dim3 grid(static_cast<unsigned>(ceil_div(prm.n_rows, kBR)),
+    const dim3 grid(static_cast<unsigned>(ceil_div(prm.n_rows, kSimtRows)),
                     static_cast<unsigned>(windows),
                     static_cast<unsigned>(std::min<int64_t>(kMaxBatchPerLaunch, batch - b0)));
-    PNCC_LAUNCH(grid, kThreads, smem, stream, corr_tile_kernel<T, mode>)(prm);
+    PNCC_LAUNCH(grid, kSimtThreads, SimtSmem<NB>::kBytes, stream,
+                corr_simt_kernel<T, mode, NB>)(prm);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
+}
+
+// Runs one pass over every batch entry. fp32 outputs up to 64 channels take the narrow window;
+// wider ones, and every 16-bit fallback (wide by construction), windows of 288. Shared memory is
+// at most 54 KiB, so the kernel fits every device from sm_70 on.
+template <typename T, Mode mode>
+cudaError_t launch_simt(const TileParams& prm, int64_t batch, cudaStream_t stream) {
+  // kD has no output product (n_out == 0): one window of the narrow width.
+  if (prm.n_rows == 0 || (prm.n_out == 0 && mode != Mode::kD) || batch == 0) return cudaSuccess;
+  if constexpr (mode == Mode::kD) {
+    return launch_simt_nb<T, mode, kSimtNarrow>(prm, batch, stream);
+  } else if constexpr (sizeof(T) == 2) {
+    return launch_simt_nb<T, mode, kSimtWide>(prm, batch, stream);
+  } else {
+    return prm.n_out <= 32 * kSimtNarrow ? launch_simt_nb<T, mode, kSimtNarrow>(prm, batch, stream)
+                                         : launch_simt_nb<T, mode, kSimtWide>(prm, batch, stream);
+  }
 }
 
 }  // namespace corr

@@ -68,43 +68,34 @@ struct BandBuffer {
     };
     const cull::CullFn cull = cull::function(variant);
     const cull::CoverFn cover = vector_cover(mesh, variant);
-    const T* verts = mesh.image_vertices(b);
+    const float* verts32 = reinterpret_cast<const float*>(mesh.image_vertices(b));
     const int width = mesh.width;
-    // The vector coverage test of the jobs gathered so far, then the scalar depth test of each
-    // covered sample (the z-buffer order is total, so the order of the updates does not matter).
-    const auto flush_jobs = [&] {
-      const int n = cover(reinterpret_cast<const float*>(verts), mesh.faces, jobs, covered);
-      for (int k = 0; k < n; ++k) {
-        const T bary[3] = {T(covered.bary0[k]), T(covered.bary1[k]), T(covered.bary2[k])};
-        keep_nearest(int64_t(covered.row[k] - row_begin) * width + covered.col[k],
-                     depth_key(covered.depth[k], covered.face[k]), bary, T(covered.depth[k]));
-      }
-      jobs.n = 0;
-    };
     const FixedPoint* points = vertex_fixed_points(mesh, b);
-    jobs.n = 0;
     for (int64_t f0 = 0; f0 < mesh.num_faces; f0 += Survivors::kBatch) {
       const int count = static_cast<int>(std::min<int64_t>(Survivors::kBatch, mesh.num_faces - f0));
       const int n = cull(points, mesh.faces, static_cast<int32_t>(f0), count, row_begin, row_end,
                          width, survivors);
-      for (int k = 0; k < n; ++k) {
-        const SampleBounds s = survivors.bounds(k);
-        const int samples = (s.col1 - s.col0 + 1) * (s.row1 - s.row0 + 1);
-        if (cover == nullptr || samples > kMaxJobSamples) {
-          zbuffer_face_in_bounds(mesh, b, survivors.face[k], s, row_begin, keep_nearest);
-          continue;
-        }
-        if (jobs.n + samples > cull::SampleJobs::kCapacity) flush_jobs();
-        for (int row = s.row0; row <= s.row1; ++row)
-          for (int col = s.col0; col <= s.col1; ++col) {
-            jobs.face[jobs.n] = survivors.face[k];
-            jobs.col[jobs.n] = col;
-            jobs.row[jobs.n] = row;
-            ++jobs.n;
-          }
+      if (cover == nullptr) {
+        for (int k = 0; k < n; ++k)
+          zbuffer_face_in_bounds(mesh, b, survivors.face[k], survivors.bounds(k), row_begin,
+                                 keep_nearest);
+        continue;
+      }
+      // The vector coverage test of the small survivors, then the scalar depth test of each
+      // covered sample (the z-buffer order is total, so the order of the updates does not
+      // matter), then the large survivors one at a time.
+      const int m = cover(verts32, survivors, n, covered, large);
+      for (int k = 0; k < m; ++k) {
+        const T bary[3] = {T(covered.bary0[k]), T(covered.bary1[k]), T(covered.bary2[k])};
+        keep_nearest(int64_t(covered.row[k] - row_begin) * width + covered.col[k],
+                     depth_key(covered.depth[k], covered.face[k]), bary, T(covered.depth[k]));
+      }
+      for (int j = 0; j < large.n; ++j) {
+        const int k = large.index[j];
+        zbuffer_face_in_bounds(mesh, b, survivors.face[k], survivors.bounds(k), row_begin,
+                               keep_nearest);
       }
     }
-    if (jobs.n > 0) flush_jobs();
     return {slots, values};
   }
 
@@ -125,16 +116,11 @@ struct BandBuffer {
  private:
   using Survivors = cull::Survivors;
 
-  // Survivors with at most this many samples go to the vector coverage test, one job per sample
-  // (94% of them on a face mesh at 256x256); larger ones to the scalar loop.
-  static constexpr int kMaxJobSamples = 4;
-  static_assert(kMaxJobSamples <= cull::SampleJobs::kCapacity, "a triangle's jobs must fit");
-
   // Per-thread scratch of the culling and the vector coverage (kept here, not on the stack:
-  // about 14 KB).
+  // about 9 KB).
   Survivors survivors;
-  cull::SampleJobs jobs;
   cull::CoveredSamples covered;
+  cull::LargeSurvivors large;
 
   // The variant's vector coverage test, for float32 meshes whose gathers' int32 offsets cannot
   // overflow; nullptr otherwise.
@@ -156,6 +142,29 @@ struct BandBuffer {
   }
 };
 
+// render_pncc's resolve of the first `pixels` pixels of a rasterized band: the PNCC image
+// (out[c * plane + offset], c < 3) and mask (mask[offset]) from the z-buffer, on the variant's
+// vector resolve for float32 meshes whose gathers' int32 offsets cannot overflow, otherwise one
+// interpolate_pixel at a time; bit-identical either way (raster_cull.h).
+template <typename T>
+void resolve_pncc_band(const RasterizedBand<T>& band, int64_t pixels, const T* ncc,
+                       const MeshView<T>& mesh, T* out, int64_t plane, T* mask,
+                       cull::Variant variant) {
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int64_t kMaxIndex = int64_t(1) << 30;
+    const cull::ResolveFn resolve = cull::resolve_function(variant);
+    if (resolve != nullptr && mesh.num_vertices * 3 < kMaxIndex &&
+        mesh.num_faces * 3 < kMaxIndex) {
+      resolve(band.keys, band.values, pixels, ncc, mesh.faces, out, plane, mask);
+      return;
+    }
+  }
+  for (int64_t offset = 0; offset < pixels; ++offset) {
+    const int32_t face = band.face(offset);
+    interpolate_pixel(ncc, 3, mesh.faces, face, band.bary(offset), out + offset, plane);
+    mask[offset] = face >= 0 ? T(1) : T(0);
+  }
+}
 
 }  // namespace raster
 }  // namespace pncc

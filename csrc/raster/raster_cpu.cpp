@@ -136,15 +136,11 @@ std::tuple<at::Tensor, at::Tensor> render_pncc_cpu(const at::Tensor& vertices_in
     for_each_band(batch, height, [&](int64_t b, int row_begin, int row_end) {
       const RasterizedBand<scalar_t> band =
           rasterize_band(mesh, b, row_begin, row_end, cull);
-      const scalar_t* image_ncc = ncc_data + b * ncc_batch_stride;
       const int64_t first_offset = int64_t(row_begin) * width;
-      for (int64_t offset = 0; offset < int64_t(row_end - row_begin) * width; ++offset) {
-        const int32_t face = band.face(offset);
-        const int64_t image_offset = first_offset + offset;
-        interpolate_pixel(image_ncc, 3, mesh.faces, face, band.bary(offset),
-                          pncc_out + b * 3 * plane + image_offset, plane);
-        mask_out[b * plane + image_offset] = face >= 0 ? scalar_t(1) : scalar_t(0);
-      }
+      resolve_pncc_band(band, int64_t(row_end - row_begin) * width,
+                        ncc_data + b * ncc_batch_stride, mesh,
+                        pncc_out + b * 3 * plane + first_offset, plane,
+                        mask_out + b * plane + first_offset, cull);
     });
   });
   return {pncc, mask};

@@ -2,9 +2,15 @@
 // attributes (the rest of the extension stays baseline x86-64) and only run when the CPU has it.
 #include "raster/raster_cull.h"
 
+#include <time.h>
+
+#include <algorithm>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <vector>
+
+#include "raster/raster_band.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define PNCC_CULL_SIMD_BUILT 1
@@ -32,6 +38,7 @@ int cull_scalar(const FixedPoint* points, const int32_t* faces, int32_t first, i
     out.col1[n] = s.col1;
     out.row0[n] = s.row0;
     out.row1[n] = s.row1;
+    for (int v = 0; v < 3; ++v) out.vertex[v][n] = idx[v];
     ++n;
   }
   return n;
@@ -63,6 +70,47 @@ __attribute__((target("avx512f"))) inline void store_compressed(float* out, __mm
   _mm512_storeu_ps(out, _mm512_maskz_compress_ps(keep, v));
 }
 
+// The three vertex indices of faces[first .. first + 16) (valid lanes only, 0 elsewhere): three
+// loads of the 48 contiguous indices and two permutes per corner, not three 16-lane gathers
+// (a gather costs one load per lane).
+__attribute__((target("avx512f"))) inline void load_corners16(const int32_t* f, int valid_faces,
+                                                              __m512i corner[3]) {
+  const int n = 3 * valid_faces;  // valid int32 elements at f (at most 48)
+  const auto mask = [n](int from) {
+    const int k = std::min(16, std::max(0, n - from));
+    return k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << k) - 1u);
+  };
+  const __m512i a = _mm512_maskz_loadu_epi32(mask(0), f);
+  const __m512i b = _mm512_maskz_loadu_epi32(mask(16), f + 16);
+  const __m512i c = _mm512_maskz_loadu_epi32(mask(32), f + 32);
+  const __m512i lane3 = _mm512_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39, 42, 45);
+  for (int v = 0; v < 3; ++v) {
+    // Element 3 * lane + v: from a or b when below 32, else from c.
+    const __m512i at = _mm512_add_epi32(lane3, _mm512_set1_epi32(v));
+    const __m512i from_ab = _mm512_permutex2var_epi32(a, at, b);
+    const __mmask16 in_c = _mm512_cmpge_epi32_mask(at, _mm512_set1_epi32(32));
+    corner[v] = _mm512_mask_permutexvar_epi32(from_ab, in_c,
+                                              _mm512_sub_epi32(at, _mm512_set1_epi32(32)), c);
+  }
+}
+
+// The 8-byte pairs at base + kScale * index[lane] for the `valid` lanes (0 elsewhere), split into
+// their first and second 4-byte halves: two 8-lane 64-bit gathers load 16 pairs, half the loads
+// of two 16-lane 32-bit gathers.
+template <int kScale>
+__attribute__((target("avx512f"))) inline void gather_pairs16(__m512i index, __mmask16 valid,
+                                                              const void* base, __m512i& first,
+                                                              __m512i& second) {
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i lo = _mm512_mask_i32gather_epi64(zero, __mmask8(valid),
+                                                 _mm512_castsi512_si256(index), base, kScale);
+  const __m512i hi = _mm512_mask_i32gather_epi64(zero, __mmask8(valid >> 8),
+                                                 _mm512_extracti64x4_epi64(index, 1), base, kScale);
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  first = _mm512_permutex2var_epi32(lo, even, hi);
+  second = _mm512_permutex2var_epi32(lo, _mm512_add_epi32(even, _mm512_set1_epi32(1)), hi);
+}
+
 __attribute__((target("avx512f"))) inline __m512i span_begin16(__m512i lo, __m512i first) {
   const __m512i ceil = _mm512_srai_epi32(_mm512_add_epi32(lo, _mm512_set1_epi32(kOneMinusUlp)),
                                          kFixedPointShift);
@@ -89,27 +137,18 @@ __attribute__((target("avx512f"))) int cull_avx512(const FixedPoint* points,
                                                    const int32_t* faces, int32_t first, int count,
                                                    int row_begin, int row_end, int width,
                                                    Survivors& out) {
-  static_assert(sizeof(FixedPoint) == 8, "x and y of a vertex are gathered as int32 pairs");
-  const int* xs = reinterpret_cast<const int*>(points);
-  const int* ys = xs + 1;
+  static_assert(sizeof(FixedPoint) == 8, "x and y of a vertex are gathered as one int32 pair");
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i three_lane = _mm512_mullo_epi32(lane, _mm512_set1_epi32(3));
   const __m512i col_first = _mm512_setzero_si512(), col_last = _mm512_set1_epi32(width - 1);
   const __m512i row_first = _mm512_set1_epi32(row_begin), row_last = _mm512_set1_epi32(row_end - 1);
-  const __m512i zero = _mm512_setzero_si512();
   int n = 0;
   for (int base = 0; base < count; base += 16) {
     const int left = count - base;
     const __mmask16 valid = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
-    const int32_t* f = faces + 3 * (int64_t(first) + base);
-    // Vertex indices, then each vertex's (x, y) pair at int offset 2 * index.
-    __m512i x[3], y[3];
-    for (int v = 0; v < 3; ++v) {
-      const __m512i index = _mm512_mask_i32gather_epi32(zero, valid, three_lane, f + v, 4);
-      const __m512i pair = _mm512_slli_epi32(index, 1);
-      x[v] = _mm512_mask_i32gather_epi32(zero, valid, pair, xs, 4);
-      y[v] = _mm512_mask_i32gather_epi32(zero, valid, pair, ys, 4);
-    }
+    // Vertex indices, then each vertex's (x, y) fixed-point pair.
+    __m512i index[3], x[3], y[3];
+    load_corners16(faces + 3 * (int64_t(first) + base), std::min(left, 16), index);
+    for (int v = 0; v < 3; ++v) gather_pairs16<8>(index[v], valid, points, x[v], y[v]);
     const __m512i x_lo = _mm512_min_epi32(_mm512_min_epi32(x[0], x[1]), x[2]);
     const __m512i x_hi = _mm512_max_epi32(_mm512_max_epi32(x[0], x[1]), x[2]);
     const __m512i y_lo = _mm512_min_epi32(_mm512_min_epi32(y[0], y[1]), y[2]);
@@ -125,6 +164,7 @@ __attribute__((target("avx512f"))) int cull_avx512(const FixedPoint* points,
     store_compressed(out.col1 + n, keep, c1);
     store_compressed(out.row0 + n, keep, r0);
     store_compressed(out.row1 + n, keep, r1);
+    for (int v = 0; v < 3; ++v) store_compressed(out.vertex[v] + n, keep, index[v]);
     n += __builtin_popcount(keep);
   }
   return n;
@@ -142,9 +182,10 @@ __attribute__((target("avx2"))) int cull_avx2(const FixedPoint* points, const in
   int n = 0, base = 0;
   for (; base + 8 <= count; base += 8) {
     const int32_t* f = faces + 3 * (int64_t(first) + base);
-    __m256i x[3], y[3];
+    __m256i index[3], x[3], y[3];
     for (int v = 0; v < 3; ++v) {
-      const __m256i pair = _mm256_slli_epi32(_mm256_i32gather_epi32(f + v, three_lane, 4), 1);
+      index[v] = _mm256_i32gather_epi32(f + v, three_lane, 4);
+      const __m256i pair = _mm256_slli_epi32(index[v], 1);
       x[v] = _mm256_i32gather_epi32(xs, pair, 4);
       y[v] = _mm256_i32gather_epi32(ys, pair, 4);
     }
@@ -158,7 +199,9 @@ __attribute__((target("avx2"))) int cull_avx2(const FixedPoint* points, const in
     const __m256i empty = _mm256_or_si256(_mm256_cmpgt_epi32(c0, c1), _mm256_cmpgt_epi32(r0, r1));
     unsigned keep = ~unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(empty))) & 0xFFu;
     if (keep == 0) continue;
-    alignas(32) int32_t lanes[5][8];
+    alignas(32) int32_t lanes[8][8];
+    for (int v = 0; v < 3; ++v)
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[5 + v]), index[v]);
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[0]), c0);
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[1]), c1);
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[2]), r0);
@@ -172,6 +215,7 @@ __attribute__((target("avx2"))) int cull_avx2(const FixedPoint* points, const in
       out.row0[n] = lanes[2][k];
       out.row1[n] = lanes[3][k];
       out.face[n] = lanes[4][k];
+      for (int v = 0; v < 3; ++v) out.vertex[v][n] = lanes[5 + v][k];
       ++n;
     }
   }
@@ -185,6 +229,7 @@ __attribute__((target("avx2"))) int cull_avx2(const FixedPoint* points, const in
     out.col1[n] = tail.col1[k];
     out.row0[n] = tail.row0[k];
     out.row1[n] = tail.row1[k];
+    for (int v = 0; v < 3; ++v) out.vertex[v][n] = tail.vertex[v][k];
   }
   return n;
 }
@@ -232,71 +277,230 @@ __attribute__((target("avx512f"))) inline __mmask16 inside16(const Edge16& e, __
          (_mm512_cmp_ps_mask(w, zero, _CMP_EQ_OQ) & owns);
 }
 
-__attribute__((target("avx512f"))) int cover_avx512(const float* vertices, const int32_t* faces,
-                                                    const SampleJobs& jobs, CoveredSamples& out) {
+__attribute__((target("avx512f"))) int cover_avx512(const float* vertices,
+                                                    const Survivors& survivors, int count,
+                                                    CoveredSamples& out, LargeSurvivors& large) {
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
-  const __m512i zero_i = _mm512_setzero_si512(), three = _mm512_set1_epi32(3);
+  const __m512i one_i = _mm512_set1_epi32(1);
+  const __m512i two_i = _mm512_set1_epi32(2), three = _mm512_set1_epi32(3);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int n = 0;
-  for (int base = 0; base < jobs.n; base += 16) {
-    const int left = jobs.n - base;
+  large.n = 0;
+  for (int base = 0; base < count; base += 16) {
+    const int left = count - base;
     const __mmask16 valid = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
-    const __m512i face = _mm512_maskz_loadu_epi32(valid, jobs.face + base);
-    const __m512i col = _mm512_maskz_loadu_epi32(valid, jobs.col + base);
-    const __m512i row = _mm512_maskz_loadu_epi32(valid, jobs.row + base);
-    const __m512i corner = _mm512_mullo_epi32(face, three);
+    const __m512i face = _mm512_maskz_loadu_epi32(valid, survivors.face + base);
+    const __m512i col0 = _mm512_maskz_loadu_epi32(valid, survivors.col0 + base);
+    const __m512i row0 = _mm512_maskz_loadu_epi32(valid, survivors.row0 + base);
+    const __m512i cols = _mm512_sub_epi32(
+        _mm512_maskz_loadu_epi32(valid, survivors.col1 + base), _mm512_sub_epi32(col0, one_i));
+    const __m512i rows = _mm512_sub_epi32(
+        _mm512_maskz_loadu_epi32(valid, survivors.row1 + base), _mm512_sub_epi32(row0, one_i));
+    // (bounds are clamped to the image, so the product cannot overflow)
+    const __m512i samples = _mm512_mullo_epi32(cols, rows);
+    const __mmask16 is_large =
+        _mm512_mask_cmpgt_epi32_mask(valid, samples, _mm512_set1_epi32(kMaxVectorSamples));
+    if (is_large != 0) {
+      store_compressed(large.index + large.n, is_large,
+                       _mm512_add_epi32(lane, _mm512_set1_epi32(base)));
+      large.n += __builtin_popcount(is_large);
+    }
+    const __mmask16 small = valid & ~is_large;
+    if (small == 0) continue;
     __m512 x[3], y[3], z[3];
     for (int v = 0; v < 3; ++v) {
-      const __m512i index = _mm512_mask_i32gather_epi32(zero_i, valid, corner, faces + v, 4);
+      const __m512i index = _mm512_maskz_loadu_epi32(small, survivors.vertex[v] + base);
       const __m512i at = _mm512_mullo_epi32(index, three);
-      x[v] = _mm512_mask_i32gather_ps(zero, valid, at, vertices, 4);
-      y[v] = _mm512_mask_i32gather_ps(zero, valid, at, vertices + 1, 4);
-      z[v] = _mm512_mask_i32gather_ps(zero, valid, at, vertices + 2, 4);
+      __m512i xi, yi;
+      gather_pairs16<4>(at, small, vertices, xi, yi);  // (x, y) as one 8-byte pair
+      x[v] = _mm512_castsi512_ps(xi);
+      y[v] = _mm512_castsi512_ps(yi);
+      z[v] = _mm512_mask_i32gather_ps(zero, small, at, vertices + 2, 4);
     }
     // setup_triangle: edge i is opposite vertex i; the doubled area decides the orientation.
     const Edge16 e0 = edge16(x[1], y[1], x[2], y[2]);
     const Edge16 e1 = edge16(x[2], y[2], x[0], y[0]);
     const Edge16 e2 = edge16(x[0], y[0], x[1], y[1]);
     const __m512 area = edge_value16(e0, x[0], y[0]);
-    __mmask16 covered =
-        valid & _mm512_cmp_ps_mask(area, zero, _CMP_NEQ_UQ) & finite16(area);  // NaN != 0
+    const __mmask16 set_up =
+        small & _mm512_cmp_ps_mask(area, zero, _CMP_NEQ_UQ) & finite16(area);  // NaN != 0
+    if (set_up == 0) continue;
     const __m512 orient = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(area, zero, _CMP_GT_OQ),
                                                _mm512_set1_ps(-1.0f), one);
-    // cover_sample at (col, row).
-    const __m512 px = _mm512_cvtepi32_ps(col), py = _mm512_cvtepi32_ps(row);
-    const __m512 w0 = _mm512_mul_ps(orient, edge_value16(e0, px, py));
-    const __m512 w1 = _mm512_mul_ps(orient, edge_value16(e1, px, py));
-    const __m512 w2 = _mm512_mul_ps(orient, edge_value16(e2, px, py));
-    covered &= inside16(e0, orient, w0) & inside16(e1, orient, w1) & inside16(e2, orient, w2);
-    if (covered == 0) continue;
-    // bary_from_edges and interpolate_depth.
-    const __m512 sum = _mm512_add_ps(_mm512_add_ps(w0, w1), w2);
-    const __m512 inv = _mm512_div_ps(one, sum);
-    const __m512 b0 = _mm512_mul_ps(w0, inv), b1 = _mm512_mul_ps(w1, inv),
-                 b2 = _mm512_mul_ps(w2, inv);
-    const __m512 depth = _mm512_add_ps(
-        _mm512_add_ps(_mm512_mul_ps(b0, z[0]), _mm512_mul_ps(b1, z[1])), _mm512_mul_ps(b2, z[2]));
-    covered &= _mm512_cmp_ps_mask(sum, zero, _CMP_NEQ_UQ) & finite16(sum) & finite16(depth);
-    if (covered == 0) continue;
-    store_compressed(out.face + n, covered, face);
-    store_compressed(out.col + n, covered, col);
-    store_compressed(out.row + n, covered, row);
-    store_compressed(out.bary0 + n, covered, b0);
-    store_compressed(out.bary1 + n, covered, b1);
-    store_compressed(out.bary2 + n, covered, b2);
-    store_compressed(out.depth + n, covered, depth);
-    n += __builtin_popcount(covered);
+    // Sample k of a lane's bounds, in row-major order: a box of at most 4 samples is one row, one
+    // column, or 2 x 2.
+    const __mmask16 one_col = _mm512_cmpeq_epi32_mask(cols, one_i);
+    const __mmask16 two_cols = _mm512_cmpeq_epi32_mask(cols, two_i);
+    for (int k = 0; k < kMaxVectorSamples; ++k) {
+      const __mmask16 live = set_up & _mm512_cmpgt_epi32_mask(samples, _mm512_set1_epi32(k));
+      if (live == 0) break;  // samples > k fails for every larger k too
+      const __m512i kv = _mm512_set1_epi32(k);
+      const __m512i row_step = _mm512_mask_mov_epi32(
+          _mm512_maskz_mov_epi32(two_cols, _mm512_set1_epi32(k >> 1)), one_col, kv);
+      const __m512i col_step = _mm512_maskz_mov_epi32(
+          __mmask16(~one_col), _mm512_mask_mov_epi32(kv, two_cols, _mm512_set1_epi32(k & 1)));
+      const __m512i col = _mm512_add_epi32(col0, col_step);
+      const __m512i row = _mm512_add_epi32(row0, row_step);
+      // cover_sample at (col, row).
+      const __m512 px = _mm512_cvtepi32_ps(col), py = _mm512_cvtepi32_ps(row);
+      const __m512 w0 = _mm512_mul_ps(orient, edge_value16(e0, px, py));
+      const __m512 w1 = _mm512_mul_ps(orient, edge_value16(e1, px, py));
+      const __m512 w2 = _mm512_mul_ps(orient, edge_value16(e2, px, py));
+      __mmask16 covered =
+          live & inside16(e0, orient, w0) & inside16(e1, orient, w1) & inside16(e2, orient, w2);
+      if (covered == 0) continue;
+      // bary_from_edges and interpolate_depth.
+      const __m512 sum = _mm512_add_ps(_mm512_add_ps(w0, w1), w2);
+      const __m512 inv = _mm512_div_ps(one, sum);
+      const __m512 b0 = _mm512_mul_ps(w0, inv), b1 = _mm512_mul_ps(w1, inv),
+                   b2 = _mm512_mul_ps(w2, inv);
+      const __m512 depth =
+          _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(b0, z[0]), _mm512_mul_ps(b1, z[1])),
+                        _mm512_mul_ps(b2, z[2]));
+      covered &= _mm512_cmp_ps_mask(sum, zero, _CMP_NEQ_UQ) & finite16(sum) & finite16(depth);
+      if (covered == 0) continue;
+      store_compressed(out.face + n, covered, face);
+      store_compressed(out.col + n, covered, col);
+      store_compressed(out.row + n, covered, row);
+      store_compressed(out.bary0 + n, covered, b0);
+      store_compressed(out.bary1 + n, covered, b1);
+      store_compressed(out.bary2 + n, covered, b2);
+      store_compressed(out.depth + n, covered, depth);
+      n += __builtin_popcount(covered);
+    }
   }
   return n;
+}
+
+__attribute__((target("avx512f"))) void resolve_avx512(const uint64_t* keys,
+                                                       const float* bary_depth, int64_t pixels,
+                                                       const float* ncc, const int32_t* faces,
+                                                       float* out, int64_t plane, float* mask) {
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  const __m512i zero_i = _mm512_setzero_si512(), three = _mm512_set1_epi32(3);
+  const __m512i empty = _mm512_set1_epi64(int64_t(kEmptyKey));
+  // Field v of 8 (bary[3], depth) records held in two registers: elements v, v + 4, ..., v + 28.
+  const __m512i field = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+  for (int64_t base = 0; base < pixels; base += 16) {
+    const int64_t left = pixels - base;
+    const __mmask16 valid = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+    const __m512i keys_lo = _mm512_maskz_loadu_epi64(__mmask8(valid), keys + base);
+    const __m512i keys_hi = _mm512_maskz_loadu_epi64(__mmask8(valid >> 8), keys + base + 8);
+    // key_face: -1 for the empty key, its low 32 bits otherwise.
+    const __mmask16 covered =
+        __mmask16(_mm512_mask_cmpneq_epu64_mask(__mmask8(valid), keys_lo, empty)) |
+        __mmask16(_mm512_mask_cmpneq_epu64_mask(__mmask8(valid >> 8), keys_hi, empty) << 8);
+    float* o = out + base;
+    _mm512_mask_storeu_ps(mask + base, valid, _mm512_mask_blend_ps(covered, zero, one));
+    if (covered == 0) {
+      for (int c = 0; c < 3; ++c) _mm512_mask_storeu_ps(o + c * plane, valid, zero);
+      continue;
+    }
+    const __m512i face = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm512_cvtepi64_epi32(keys_lo)), _mm512_cvtepi64_epi32(keys_hi), 1);
+    const __m512i corner = _mm512_mullo_epi32(face, three);
+    // The 16 pixels' records are contiguous: four loads (masked past the end) and a transpose,
+    // not three 16-lane gathers.
+    const float* records = bary_depth + 4 * base;
+    __m512 r[4];
+    for (int j = 0; j < 4; ++j) {
+      const int64_t k = std::min<int64_t>(16, std::max<int64_t>(0, 4 * left - 16 * j));
+      r[j] = _mm512_maskz_loadu_ps(k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << k) - 1u),
+                                   records + 16 * j);
+    }
+    __m512 w[3], a[3][3];  // a[c][v]: code c of corner v
+    for (int v = 0; v < 3; ++v) {
+      const __m512i pick = _mm512_add_epi32(field, _mm512_set1_epi32(v));
+      const __m512 low = _mm512_permutex2var_ps(r[0], pick, r[1]);
+      const __m512 high = _mm512_permutex2var_ps(r[2], pick, r[3]);
+      w[v] = _mm512_shuffle_f32x4(low, high, 0x44);  // low's lanes 0-7, then high's
+      const __m512i at = _mm512_mullo_epi32(
+          _mm512_mask_i32gather_epi32(zero_i, covered, corner, faces + v, 4), three);
+      __m512i c0, c1;
+      gather_pairs16<4>(at, covered, ncc, c0, c1);  // codes 0 and 1 as one 8-byte pair
+      a[0][v] = _mm512_castsi512_ps(c0);
+      a[1][v] = _mm512_castsi512_ps(c1);
+      a[2][v] = _mm512_mask_i32gather_ps(zero, covered, at, ncc + 2, 4);
+    }
+    for (int c = 0; c < 3; ++c) {
+      // (w0 * a0 + w1 * a1) + w2 * a2, each product rounded, as interpolate_pixel.
+      const __m512 value = _mm512_add_ps(
+          _mm512_add_ps(_mm512_mul_ps(w[0], a[c][0]), _mm512_mul_ps(w[1], a[c][1])),
+          _mm512_mul_ps(w[2], a[c][2]));
+      _mm512_mask_storeu_ps(o + c * plane, valid, _mm512_maskz_mov_ps(covered, value));
+    }
+  }
 }
 
 #pragma GCC diagnostic pop
 #endif  // PNCC_CULL_SIMD_BUILT
 
+// This thread's CPU time: a descheduled thread does not stretch it (the machine may be shared).
+double thread_seconds() {
+  timespec t;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+}
+
+// Thread CPU seconds per variant of the last calibration (index: Variant), -1 where not timed.
+std::vector<double>& calibration_seconds() {
+  static std::vector<double> seconds(3, -1.0);
+  return seconds;
+}
+
+// Times every variant this CPU supports on a small synthetic face-like workload (a curved grid
+// of 2 * 112 * 112 triangles of about 0.25 square pixels each, most of them sub-pixel, in the
+// middle of a 128 x 128 image) and returns the fastest: rasterize and render_pncc's resolve, on
+// the calling thread, 3 rounds in alternation after a warm-up, the best round of each. About
+// 1 ms per variant and round on a Zen 5 core. The variants' outputs are bit-identical, so the
+// choice only changes the speed.
+Variant calibrate() {
+  constexpr int kSide = 128, kGrid = 112;
+  constexpr float kSpan = 80.f;  // pixels covered by the grid
+  std::vector<float> vertices, codes;
+  for (int r = 0; r <= kGrid; ++r)
+    for (int c = 0; c <= kGrid; ++c) {
+      const float u = 2.f * c / kGrid - 1.f, v = 2.f * r / kGrid - 1.f;
+      const float x = kSide / 2 + 0.5f * kSpan * u, y = kSide / 2 + 0.5f * kSpan * v;
+      const float z = 1.5f - 0.5f * (u * u + v * v);
+      vertices.insert(vertices.end(), {x, y, z});
+      codes.insert(codes.end(), {0.5f + 0.5f * u, 0.5f + 0.5f * v, z - 0.5f});
+    }
+  std::vector<int32_t> faces;
+  for (int r = 0; r < kGrid; ++r)
+    for (int c = 0; c < kGrid; ++c) {
+      const int32_t a = r * (kGrid + 1) + c, b = a + 1, d = a + kGrid + 1, e = d + 1;
+      faces.insert(faces.end(), {a, b, d, b, e, d});
+    }
+  const MeshView<float> mesh{vertices.data(), faces.data(), 1,
+                             int64_t(vertices.size() / 3), int64_t(faces.size() / 3), kSide,
+                             kSide};
+  std::vector<float> image(3 * kSide * kSide), mask(kSide * kSide);
+  BandBuffer<float> buffer;
+  std::vector<double>& best = calibration_seconds();
+  for (int round = 0; round < 4; ++round)  // round 0 warms up
+    for (Variant v : {Variant::kScalar, Variant::kAvx2, Variant::kAvx512}) {
+      if (!supported(v)) continue;
+      const double start = thread_seconds();
+      const RasterizedBand<float> band = buffer.rasterize(mesh, 0, 0, kSide, v);
+      resolve_pncc_band(band, int64_t(kSide) * kSide, codes.data(), mesh, image.data(),
+                        int64_t(kSide) * kSide, mask.data(), v);
+      const double seconds = thread_seconds() - start;
+      double& slot = best[static_cast<int>(v)];
+      if (round > 0 && (slot < 0 || seconds < slot)) slot = seconds;
+    }
+  Variant fastest = Variant::kScalar;
+  for (Variant v : {Variant::kAvx2, Variant::kAvx512})
+    if (best[static_cast<int>(v)] >= 0 &&
+        best[static_cast<int>(v)] < best[static_cast<int>(fastest)])
+      fastest = v;
+  return fastest;
+}
+
 Variant parse_env() {
   const char* env = std::getenv("PNCC_RASTER_SIMD");
   const std::string value = env == nullptr ? "" : env;
-  if (value.empty() || value == "auto")  // (avx2 only when asked for: see raster_cull.h)
-    return supported(Variant::kAvx512) ? Variant::kAvx512 : Variant::kScalar;
+  if (value.empty() || value == "auto") return calibrate();
   for (Variant v : {Variant::kScalar, Variant::kAvx2, Variant::kAvx512}) {
     if (value != name(v)) continue;
     if (!supported(v))
@@ -332,9 +536,22 @@ Variant selected() {
 
 std::string selected_name() { return name(selected()); }
 
+std::vector<double> selection_seconds() {
+  selected();
+  return calibration_seconds();
+}
+
 CoverFn cover_function(Variant variant) {
 #if PNCC_CULL_SIMD_BUILT
   if (variant == Variant::kAvx512) return cover_avx512;
+#endif
+  (void)variant;
+  return nullptr;
+}
+
+ResolveFn resolve_function(Variant variant) {
+#if PNCC_CULL_SIMD_BUILT
+  if (variant == Variant::kAvx512) return resolve_avx512;
 #endif
   (void)variant;
   return nullptr;

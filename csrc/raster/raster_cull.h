@@ -9,15 +9,18 @@
 // variant produces the same survivors and bounds, and the rasterizer's outputs stay bitwise
 // identical whichever runs.
 //
-// Variant selection, once per process: avx512 when the CPU has AVX-512F, else scalar, unless
-// PNCC_RASTER_SIMD names one ("avx512", "avx2" or "scalar"; asking for one the CPU lacks is an
-// error). The avx2 variant (8-lane culling, scalar coverage) measured slower than scalar on a
-// Zen 5 core (bench_raster.py's time split, bench/RESULTS.md), so it is never picked by itself;
-// it stays, tested, for AVX2-only CPUs to measure on.
+// Variant selection, once per process, by measuring: the first call times every variant this CPU
+// supports on a small synthetic face-like mesh (about 1 ms each, on the calling thread, before
+// any parallel region) and keeps the fastest; PNCC_RASTER_SIMD names one instead ("avx512",
+// "avx2" or "scalar"; asking for one the CPU lacks is an error). All variants give bit-identical
+// outputs, so the choice changes nothing but the speed. On a Zen 5 core the avx2 variant (8-lane
+// culling, scalar coverage) measured slower than scalar and avx512 fastest (bench_raster.py's time
+// split, bench/RESULTS.md); on another CPU the measurement decides.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "raster/raster_math.h"
 
@@ -34,10 +37,13 @@ enum class Variant { kScalar, kAvx2, kAvx512 };
 constexpr int kSlack = 16;
 
 struct Survivors {
-  static constexpr int kBatch = 64;  // faces culled per call
+  static constexpr int kBatch = 128;  // faces culled per call
   int32_t face[kBatch + kSlack];
   int32_t col0[kBatch + kSlack], col1[kBatch + kSlack], row0[kBatch + kSlack],
       row1[kBatch + kSlack];
+  // The face's three vertex indices, which culling has read anyway: the vector coverage test
+  // then loads them instead of gathering them again.
+  int32_t vertex[3][kBatch + kSlack];
 
   SampleBounds bounds(int k) const { return {col0[k], col1[k], row0[k], row1[k]}; }
 };
@@ -48,28 +54,42 @@ struct Survivors {
 using CullFn = int (*)(const FixedPoint* points, const int32_t* faces, int32_t first, int count,
                        int row_begin, int row_end, int width, Survivors& out);
 
-// Single-sample coverage jobs: a surviving float32 triangle with only a few samples in its bounds
-// (on a face mesh at 256x256, 94% of the survivors have one or two) becomes one job per sample,
-// and a vector variant tests 16 jobs at once: the triangle setup and cover_sample of
-// raster_math.h, operation for operation in the same IEEE single precision (no FMA, the same
-// comparisons, the same NaN outcomes), so the covered samples and their weights are bit-identical.
-struct SampleJobs {
-  static constexpr int kCapacity = 4 * Survivors::kBatch;
-  int32_t face[kCapacity], col[kCapacity], row[kCapacity];
-  int n = 0;
-};
+// The vector coverage test of the survivors of one culling call: a float32 triangle with at
+// most kMaxVectorSamples samples in its bounds (on a face mesh at 256x256, 94% of the survivors
+// have one or two) is set up and tested 16 triangles at a time, sample k of every lane's bounds
+// at once: the triangle setup and cover_sample of raster_math.h, operation for operation in the
+// same IEEE single precision (no FMA, the same comparisons, the same NaN outcomes), so the covered
+// samples and their weights are bit-identical. Larger triangles are left to the scalar loop.
+constexpr int kMaxVectorSamples = 4;
 
-// The jobs' samples that are covered, with the barycentric weights and depth cover_sample gives.
+// The covered samples, with the barycentric weights and depth cover_sample gives.
 struct CoveredSamples {
-  static constexpr int kSize = SampleJobs::kCapacity + kSlack;
+  static constexpr int kSize = kMaxVectorSamples * Survivors::kBatch + kSlack;
   int32_t face[kSize], col[kSize], row[kSize];
   float bary0[kSize], bary1[kSize], bary2[kSize], depth[kSize];
 };
 
-// Tests every job against its face of the (V, 3) float32 image-space `vertices`; writes the
-// covered ones to `out` and returns their number. (V * 3 and F * 3 must fit in int32.)
-using CoverFn = int (*)(const float* vertices, const int32_t* faces, const SampleJobs& jobs,
-                        CoveredSamples& out);
+// The survivors (their positions in Survivors) with more than kMaxVectorSamples samples.
+struct LargeSurvivors {
+  int32_t index[Survivors::kBatch + kSlack];
+  int n = 0;
+};
+
+// Tests the first `count` survivors against the (V, 3) float32 image-space `vertices`; writes
+// the covered samples of the small ones to `out` and returns their number, and lists the large
+// ones in `large`. (V * 3 must fit in int32.)
+using CoverFn = int (*)(const float* vertices, const Survivors& survivors, int count,
+                        CoveredSamples& out, LargeSurvivors& large);
+
+// render_pncc's resolve of `pixels` consecutive pixels of a band z-buffer (raster_band.h): the
+// face of each pixel's key, interpolate_pixel of the (V, 3) float32 `ncc` with the stored weights
+// into out[c * plane + offset] (c < 3), and mask[offset] = 1 where covered, 0 elsewhere; the
+// vector variant computes interpolate_pixel's products and sums in its order on 16 pixels at once
+// (gathers for the face's vertices and their codes), so the values are bit-identical. (V * 3 and
+// F * 3 must fit in int32.)
+using ResolveFn = void (*)(const uint64_t* keys, const float* bary_depth, int64_t pixels,
+                           const float* ncc, const int32_t* faces, float* out, int64_t plane,
+                           float* mask);
 
 // The variant this process uses (see above), and its functions. Throws std::runtime_error with a
 // one-line message when PNCC_RASTER_SIMD is invalid or names a variant this CPU lacks.
@@ -78,11 +98,18 @@ CullFn function(Variant variant);
 // The variant's vector coverage test, or nullptr when it has none (then every survivor goes to
 // the scalar loop).
 CoverFn cover_function(Variant variant);
+// The variant's vector resolve, or nullptr when it has none (then the scalar loop resolves).
+ResolveFn resolve_function(Variant variant);
 bool supported(Variant variant);
 const char* name(Variant variant);
 
 // name(selected()), for the _raster_cpu_variant debug op.
 std::string selected_name();
+
+// The calibration behind selected() (for the _raster_cpu_calibration debug op): thread CPU
+// seconds of the synthetic workload per variant, indexed by Variant (scalar, avx2, avx512); -1
+// for a variant not timed (unsupported, or PNCC_RASTER_SIMD chose without measuring).
+std::vector<double> selection_seconds();
 
 }  // namespace cull
 }  // namespace raster

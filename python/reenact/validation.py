@@ -123,6 +123,11 @@ def is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_number(value):
+    """Whether ``value`` is an int or a float and not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def integer(value, where, low=None, high=None):
     """``value`` as an int in [low, high] (bools and floats refused)."""
     if not is_int(value):
@@ -134,7 +139,7 @@ def integer(value, where, low=None, high=None):
 
 def number(value, where, low=None, high=None):
     """``value`` as a finite float in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         raise InputError(f"{where} must be a number, got {type(value).__name__} {_short(value)}")
     if isinstance(value, int) and abs(value) > 2 ** 63:
         raise InputError(f"{where} is out of range: {_short(value)}")
@@ -289,11 +294,11 @@ def check_safetensors(path, what, max_bytes=MAX_WEIGHTS_BYTES):
         shape, offsets = entry["shape"], entry["data_offsets"]
         if itemsize is None:
             raise InputError(f"{where}: tensor {_short(name)} has an unknown dtype {_short(entry['dtype'])}")
-        if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+        if not isinstance(shape, list) or not all(is_int(n) and n >= 0
                                                   for n in shape):
             raise InputError(f"{where}: tensor {_short(name)} has a malformed shape {_short(shape)}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(
-                isinstance(n, int) and not isinstance(n, bool) for n in offsets)
+                is_int(n) for n in offsets)
                 and 0 <= offsets[0] <= offsets[1] <= data_size):
             raise InputError(f"{where}: tensor {_short(name)} reaches outside the file ({_short(offsets)})")
         if offsets[1] - offsets[0] != math.prod(shape) * itemsize:
@@ -308,7 +313,7 @@ def check_safetensors(path, what, max_bytes=MAX_WEIGHTS_BYTES):
 
 def check_finite(tensors, where):
     """Refuse NaN or infinite values in any floating-point tensor of a {name: tensor} mapping."""
-    import torch
+    import torch  # start-up time: the file checks above need numpy only
 
     for name, value in tensors.items():
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
@@ -321,7 +326,7 @@ def open_image(path, what="image", min_side=MIN_IMAGE_SIDE):
     """Read an image as (H, W, 3) uint8 RGB after checking its header's size: no side under
     ``min_side`` and no more than MAX_IMAGE_PIXELS pixels (a 30000x30000 PNG header is refused
     before its pixels are decoded)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # optional dependency (pillow): only images need it
 
     path = pathlib.Path(os.fspath(path))
     if not path.exists():
@@ -368,7 +373,7 @@ def _guard(function, limit, name, integer_is_size=False):
     """``function`` refusing any argument that asks for more than ``limit`` items or bytes."""
     def guarded(*args):
         for value in args:
-            if (integer_is_size and isinstance(value, int) and not isinstance(value, bool) and abs(value) > limit) \
+            if (integer_is_size and is_int(value) and abs(value) > limit) \
                     or _too_large(value, limit):
                 raise pickle.UnpicklingError(f"{name} asks for {_short(value)} items, over this file's size "
                                              f"({limit} bytes)")

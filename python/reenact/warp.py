@@ -20,6 +20,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from .face3d.pncc import _ops as pncc_ops, reconstruct_vertices
+
 #: A source point counts as hidden when it lies behind the nearest surface of the source z-buffer's
 #: 3x3 neighbourhood (the minimum there) by more than this fraction of the source mesh's depth
 #: range (about 5 mm on a face) and 2 pixels: less, and a surface seen at a grazing angle hides
@@ -59,9 +61,7 @@ class Warp:
 
 
 def _ops():
-    from .face3d.pncc import _ops as ops
-
-    return ops()
+    return pncc_ops()
 
 
 def pixel_grid(height, width, like):
@@ -190,8 +190,6 @@ def geometric_reenact(model, source_image, alpha_src, beta_src, pose_src, beta_d
         a :class:`Warp` (``image`` is the warped source; ``holes`` and ``mouth`` mark what it
         cannot show).
     """
-    from .face3d.pncc import reconstruct_vertices
-
     if size is None:
         if source_image is None:
             raise ValueError("geometric_reenact needs size when no source_image is given")

@@ -1,6 +1,7 @@
 // The culling variants of csrc/raster/raster_cull.h against the scalar one and against the
-// per-triangle bounds of raster_math.h: same survivors, same order, same bounds, on every batch
-// size (vector tails included), for vertices inside, outside and far outside the image.
+// per-triangle bounds of raster_math.h: same survivors, same order, same bounds and vertex
+// indices, on every batch size (vector tails included), for vertices inside, outside and far
+// outside the image.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -72,6 +73,7 @@ TEST_CASE(every_variant_keeps_the_scalar_survivors_and_bounds) {
           const SampleBounds g = got.bounds(expected);
           CHECK(got.face[expected] == f);
           CHECK(g.col0 == s.col0 && g.col1 == s.col1 && g.row0 == s.row0 && g.row1 == s.row1);
+          for (int v = 0; v < 3; ++v) CHECK(got.vertex[v][expected] == w.faces[3 * f + v]);
           ++expected;
         }
         CHECK(n == expected);

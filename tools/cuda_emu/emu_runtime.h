@@ -1,21 +1,17 @@
 // A host emulation of the small part of CUDA that csrc/**/*_cuda.cu use, so that their kernels
-// (thread mapping, barriers, shared-memory tiles, wmma calls, launch configuration) can run on a
-// machine without a GPU. translate.py rewrites a .cu file into a .cpp that includes this header
-// first; nothing here is part of the op library. See README.md.
+// (thread mapping, barriers, shared-memory tiles, the PTX wrappers of csrc/common/ptx.cuh, launch
+// configuration) can run on a machine without a GPU. build.py compiles each <op>_cuda.cu as it is,
+// after this header and emu_torch.h; nothing here is part of the op library. See README.md.
 //
 // Model:
 //   - a launch runs its blocks one after another; a block runs all its threads, either as fibers
 //     switched only at barriers (the default: fast and deterministic) or, with
 //     EMU_EXECUTOR=threads, as OS threads (real interleavings, for ThreadSanitizer);
-//   - __syncthreads and the warp collectives (__shfl_xor_sync, wmma::*_sync) are barriers; a
+//   - __syncthreads and the warp collectives (__shfl_xor_sync, mma, ldmatrix) are barriers; a
 //     thread that returns drops out of them, as exited threads do on sm_70+;
 //   - dynamic shared memory is a fresh heap buffer of exactly the launch's size per block, filled
 //     with 0xff bytes (NaN in every float type), so reading it before writing shows up as NaN and
 //     reading past its end shows up under AddressSanitizer;
-//   - wmma fragments hold whole 16x16 tiles per lane; loads and stores check the documented
-//     pointer (32-byte) and leading-dimension (16-byte) alignment; a store is done by lane 0
-//     alone, so a lane that reads the stored tile without a barrier is a race; mma_sync sums exact
-//     products in double (a model of a tensor core, not its rounding);
 //   - launches check the configuration rules of the CUDA runtime (grid and block limits, empty
 //     grids, dynamic shared memory over 48 KiB without cudaFuncSetAttribute, over the device's
 //     opt-in maximum, EMU_MAX_SMEM_OPTIN, default 232448 as on an H100) and report them through
@@ -297,15 +293,6 @@ inline int lane() { return tls->linear % 32; }
 inline Warp& warp() { return *tls->blk->warps[tls->linear / 32]; }
 inline void warp_sync() { warp().barrier.arrive_and_wait(); }
 
-// Bounds check of an access made through an emulated collective (wmma), for builds without
-// AddressSanitizer: inside the shared-memory buffer's pages but past the launch's size is an error.
-inline void check_smem_range(const void* p, size_t bytes, const char* what) {
-  const unsigned char* c = static_cast<const unsigned char*>(p);
-  const unsigned char* base = tls->blk->smem;
-  if (c >= base && c < base + tls->blk->smem_size + 4096 && c + bytes > base + tls->blk->smem_size)
-    fail(std::string(what) + " reads or writes past the end of dynamic shared memory");
-}
-
 // ---- launches ----
 template <typename G>
 dim3 to_dim3(G g, const char* what) {
@@ -559,105 +546,6 @@ inline float __uint_as_float(unsigned u) {
   std::memcpy(&f, &u, 4);
   return f;
 }
-
-// ---- nvcuda::wmma, m16n16k16 ----
-namespace nvcuda {
-namespace wmma {
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  static_assert(M == 16 && N == 16 && K == 16, "only m16n16k16 is modelled");
-  float v[16][16];  // a: (m, k); b: (k, n); accumulator: (m, n)
-};
-
-template <typename T>
-float elem_to_float(T x) {
-  if constexpr (std::is_same_v<T, __half>) return __half2float(x);
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(x);
-  else return static_cast<float>(x);
-}
-
-template <typename T>
-void check_operand(const T* p, unsigned ldm, const char* what) {
-  // CUDA C++ Programming Guide, wmma: mptr 256-bit aligned; ldm a multiple of 16 bytes.
-  if (reinterpret_cast<uintptr_t>(p) % 32 != 0)
-    ::emu::fail(std::string(what) + ": pointer not 32-byte aligned");
-  if ((ldm * sizeof(T)) % 16 != 0)
-    ::emu::fail(std::string(what) + ": leading dimension " + std::to_string(ldm) +
-                " is not a multiple of 16 bytes");
-}
-
-// Reads the 16x16 tile (r, c) -> p[r * ldm + c] (row-major) or p[r + c * ldm] (column-major).
-template <typename T>
-void read_tile(float (&v)[16][16], const T* p, unsigned ldm, bool row_major_layout,
-               const char* what) {
-  check_operand(p, ldm, what);
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) {
-      const T* e = row_major_layout ? p + size_t(r) * ldm + c : p + r + size_t(c) * ldm;
-      ::emu::check_smem_range(e, sizeof(T), what);
-      v[r][c] = elem_to_float(*e);
-    }
-}
-
-template <typename T, typename Layout>
-void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
-  ::emu::warp_sync();
-  read_tile(f.v, p, ldm, std::is_same_v<Layout, row_major>, "load_matrix_sync(matrix_a)");
-}
-
-template <typename T, typename Layout>
-void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
-  ::emu::warp_sync();
-  read_tile(f.v, p, ldm, std::is_same_v<Layout, row_major>, "load_matrix_sync(matrix_b)");
-}
-
-inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p,
-                             unsigned ldm, layout_t layout) {
-  ::emu::warp_sync();
-  read_tile(f.v, p, ldm, layout == mem_row_major, "load_matrix_sync(accumulator)");
-}
-
-template <typename T, typename LA, typename LB>
-void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
-              const fragment<matrix_a, 16, 16, 16, T, LA>& a,
-              const fragment<matrix_b, 16, 16, 16, T, LB>& b,
-              const fragment<accumulator, 16, 16, 16, float>& c) {
-  static_assert(!std::is_same_v<T, float>, "wmma has no fp32 m16n16k16 operands");
-  ::emu::warp_sync();
-  float out[16][16];
-  for (int i = 0; i < 16; ++i)
-    for (int j = 0; j < 16; ++j) {
-      double s = 0;  // exact products, wide sum: a model of the tensor core, not its rounding
-      for (int k = 0; k < 16; ++k) s += double(a.v[i][k]) * double(b.v[k][j]);
-      out[i][j] = static_cast<float>(double(c.v[i][j]) + s);
-    }
-  std::memcpy(d.v, out, sizeof(out));
-}
-
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
-                              unsigned ldm, layout_t layout) {
-  ::emu::warp_sync();
-  check_operand(p, ldm, "store_matrix_sync");
-  // One lane writes the whole tile: reading it from another lane needs a barrier, as on a GPU,
-  // where each lane writes only its own elements.
-  if (::emu::lane() != 0) return;
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) {
-      float* e = layout == mem_row_major ? p + size_t(r) * ldm + c : p + r + size_t(c) * ldm;
-      ::emu::check_smem_range(e, sizeof(float), "store_matrix_sync");
-      *e = f.v[r][c];
-    }
-}
-
-}  // namespace wmma
-}  // namespace nvcuda
 
 // ---- csrc/common/cuda_launch.cuh ----
 // The kernel is the last argument (a template-id with commas needs no parentheses there).

@@ -116,6 +116,15 @@ int main() {
     corr_case(1, 64, 64, 32, 16, dtype, 0.1, false);  // exact tiles, no normalisation
     corr_case(1, 20, 30, 8, 0, dtype, 0.1, true);     // no value channels
   }
+  // The SIMT kernel's wide output window (fp32 Cv > 64: NB = 9) and its 16-bit fallback (C > 256
+  // backward): ragged rows, two key tiles, two channel chunks.
+  corr_case(1, 37, 70, 40, 80, at::kFloat, 0.05, true);
+  corr_case(1, 20, 30, 264, 8, at::kBFloat16, 0.05, true);
+  // Deterministic mode: the dQ pass (corr_flash_dq_kernel) instead of atomics, over two key tiles
+  // (its V prefetch rides on a barrier of its own).
+  at::globalContext().setDeterministicAlgorithms(true, false);
+  corr_case(1, 37, 70, 16, 5, at::kHalf, 0.05, true);
+  at::globalContext().setDeterministicAlgorithms(false, false);
   for (const auto dtype : {at::kFloat, at::kDouble}) {
     raster_case(2, 40, 60, 17, 23, dtype);
     raster_case(1, 3, 0, 5, 5, dtype);  // empty mesh

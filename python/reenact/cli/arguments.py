@@ -42,6 +42,13 @@ def add_quiet(parser, help="no progress bar"):
     parser.add_argument("--quiet", action="store_true", help=help)
 
 
+def add_overwrite(parser, command, folder="--out", replaced=""):
+    """``--overwrite``: let ``command`` write into a non-empty ``folder`` it did not create (the
+    claim of :mod:`reenact.output_folders`); ``replaced`` says what it then replaces."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"write into a non-empty {folder} that `reenact {command}` did not create{replaced}")
+
+
 def add_device(parser, help="default: cuda when available, else cpu"):
     parser.add_argument("--device", help=help)
 

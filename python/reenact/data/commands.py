@@ -5,7 +5,7 @@ import pathlib
 from .. import output_folders
 from ..cli.errors import CommandError, reported
 from ..progress import progress_bar
-from ..cli.arguments import add_detector, add_quiet, detector_module, directory, missing, require, subcommand
+from ..cli.arguments import add_detector, add_overwrite, add_quiet, detector_module, directory, missing, require, subcommand
 from .dataset import SkipBudgetExceeded
 from .merge import merge_datasets, parse_shard
 from .prepare import PrepareOptions, prepare
@@ -60,9 +60,7 @@ def add_prepare_parser(subparsers):
     parser.add_argument("--landmarks-from", metavar="DIR",
                         help="read landmarks instead of detecting: DIR/<video name>.landmarks.npy (or .npy/.npz/.txt), "
                              "as written by `reenact synth --raw`")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into a non-empty OUT_DIR that `reenact prepare` did not create (e.g. a "
-                             "`reenact synth` dataset; its manifest is replaced)")
+    add_overwrite(parser, "prepare", "OUT_DIR", " (e.g. a `reenact synth` dataset; its manifest is replaced)")
     parser.add_argument("--shard", default="0/1", metavar="K/N",
                         help="take only shard K (0-based) of N of the input videos, split by a hash of each path, "
                              "so N machines can run at once (e.g. --shard $SLURM_ARRAY_TASK_ID/N); join the "

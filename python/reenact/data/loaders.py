@@ -133,7 +133,7 @@ class FallbackLoader(PairLoader):
 
 def _dali():
     try:
-        import nvidia.dali as dali
+        import nvidia.dali as dali  # optional dependency (nvidia-dali)
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
     except ImportError as err:
         raise ImportError("the DALI loader needs `pip install nvidia-dali-cuda130==2.4.0`; "

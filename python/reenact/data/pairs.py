@@ -17,6 +17,7 @@ import dataclasses
 
 import numpy as np
 
+from ..validation import is_int
 from .format import mirror_params
 
 
@@ -71,9 +72,9 @@ def epoch_schedule(frame_counts, batch_size, seed, epoch=0, shard_id=0, num_shar
     """
     frame_counts = np.asarray(frame_counts, dtype=np.int64)
     for name, value in (("batch_size", batch_size), ("num_shards", num_shards)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if isinstance(shard_id, bool) or not isinstance(shard_id, int) or not 0 <= shard_id < num_shards:
+    if not is_int(shard_id) or not 0 <= shard_id < num_shards:
         raise ValueError(f"shard_id must be an int in [0, {num_shards}), got {shard_id!r}")
     if frame_counts.ndim != 1 or frame_counts.size == 0 or frame_counts.min() < 2:
         raise ValueError("frame_counts must list at least one clip, each with >= 2 frames")

@@ -35,13 +35,21 @@ import sys
 import time
 
 from .. import output_folders, validation
+from ..validation import is_int
 from ..face3d.loading import load_model
 from . import format as fmt
 from ..progress import progress_bar
 from .dataset import SkipBudgetExceeded, check_skip_fraction
 from .framing import CROP_SCALE_RANGE, crop_boxes, crop_frame, to_crop
 from .merge import shard_of
-from .prepare_worker import NATIVE_LOG, STATE_DIR, _worker, decode_for_prepare, process_file  # noqa: F401 (NATIVE_LOG: public)
+from .prepare_worker import (  # noqa: F401 (NATIVE_LOG: public)
+    NATIVE_LOG,
+    STAGES,
+    STATE_DIR,
+    _worker,
+    decode_for_prepare,
+    process_file,
+)
 from .video import check_codec
 
 log = logging.getLogger("reenact.data")
@@ -88,11 +96,19 @@ class PrepareReport:
     skipped: list
     model: str = ""
     valid_fraction: dict = dataclasses.field(default_factory=dict)  # clip path -> fraction of valid frames
+    #: CPU seconds of each stage (STAGES) over the files processed in this run, and their frames.
+    stage_seconds: dict = dataclasses.field(default_factory=dict)
+    stage_frames: int = 0
 
     def summary(self):
         rate = self.frames_in / self.seconds if self.seconds > 0 else 0.0
         lines = [f"prepared {self.prepared} of {self.files} file(s) ({self.resumed} already done), "
                  f"{self.clips} clip(s); {self.frames_in} input frames in {self.seconds:.1f} s ({rate:.1f} frames/s)"]
+        if self.stage_frames and self.stage_seconds:
+            split = ", ".join(f"{stage} {1000 * self.stage_seconds.get(stage, 0.0) / self.stage_frames:.1f}"
+                              for stage in STAGES)
+            total = 1000 * sum(self.stage_seconds.values()) / self.stage_frames
+            lines.append(f"CPU ms per input frame: {split} (total {total:.1f}, over {self.stage_frames} frames)")
         if self.valid_fraction:
             fractions = sorted(self.valid_fraction.values())
             lines.append(f"valid frames per clip: median {fractions[len(fractions) // 2]:.0%}, lowest {fractions[0]:.0%} "
@@ -179,7 +195,7 @@ def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=18
     the clips it already lists stay listed.
     """
     options.check()
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+    if not is_int(workers) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
@@ -217,6 +233,7 @@ def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=18
     running = {}  # receiving end -> (process, relative, state, start)
     queue = list(pending)
     frames_in = 0
+    stage_seconds, stage_frames = {}, 0
     appended = {record.clip for record in earlier}
     while queue or running:
         while queue and len(running) < workers:
@@ -245,6 +262,9 @@ def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=18
             state.write_text(json.dumps(done, ensure_ascii=False), encoding="utf-8")
             results[relative] = done
             if done["status"] == "ok":
+                stage_frames += done.get("frames", 0)
+                for stage, seconds in (done.get("stages") or {}).items():
+                    stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
                 for record in done["records"]:
                     if record["clip"] not in appended:  # a clip listed once; the final manifest updates it
                         appended.add(record["clip"])
@@ -266,7 +286,8 @@ def prepare(raw_dir, out_dir, options=PrepareOptions(), *, workers=1, timeout=18
                                                   results[relative].get("valid_fraction") or [])}
     report = PrepareReport(files=len(videos), prepared=len(videos) - len(skipped), resumed=resumed,
                            clips=len(records), frames_in=frames_in, seconds=time.perf_counter() - started,
-                           skipped=skipped, model=model.name, valid_fraction=valid_fraction)
+                           skipped=skipped, model=model.name, valid_fraction=valid_fraction,
+                           stage_seconds=stage_seconds, stage_frames=stage_frames)
     (out_dir / "prepare_report.json").write_text(json.dumps(dataclasses.asdict(report), ensure_ascii=False, indent=1),
                                                  encoding="utf-8")
     check_skip_fraction(skipped, len(videos), max_skip_fraction, what="files")
@@ -284,7 +305,11 @@ def _worker_context():
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
+    # mediapipe (with the matplotlib it imports) costs ~1 CPU second a file when a worker imports
+    # it; a preload that fails to import is skipped by the fork server.
     context.set_forkserver_preload(["torch", "av", "reenact.face3d.fit", "reenact.face3d.detectors",
+                                    "mediapipe.python.solutions.face_mesh",
+                                    "mediapipe.python.solutions.face_detection",
                                     "reenact.data.prepare_worker"])
     previous = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -316,9 +341,9 @@ def _collect(process, receive):
         code = process.exitcode
         how = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
         return {"status": "skip", "reason": f"worker crashed ({how}) while decoding or fitting"}
-    status, payload, frames, valid = message
+    status, payload, frames, valid, stages = message
     if status == "ok":
-        return {"status": "ok", "records": payload, "frames": frames, "valid_fraction": valid}
+        return {"status": "ok", "records": payload, "frames": frames, "valid_fraction": valid, "stages": stages}
     return {"status": "skip", "reason": payload}
 
 

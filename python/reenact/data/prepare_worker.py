@@ -6,6 +6,7 @@ import hashlib
 import os
 import pathlib
 import re
+import time
 import traceback
 
 import numpy as np
@@ -66,11 +67,31 @@ def _landmarks_for(options, relative):
                             f"(looked for <name>.landmarks.npy, .npy, .npz, .txt)")
 
 
-def process_file(path, relative, out_dir, options, decode=decode_for_prepare, model=None):
+#: The stages of ``process_file`` whose CPU time the final report splits.
+STAGES = ("decode", "detect", "fit", "crop", "encode")
+
+
+class _StageClock:
+    """Adds the process's CPU time (all its threads) between calls to per-stage totals."""
+
+    def __init__(self, totals):
+        self.totals = totals if totals is not None else {}
+        for stage in STAGES:  # every stage listed, 0 where it does not run (detect with landmark files)
+            self.totals.setdefault(stage, 0.0)
+        self.last = time.process_time()
+
+    def charge(self, stage):
+        now = time.process_time()
+        self.totals[stage] = self.totals.get(stage, 0.0) + now - self.last
+        self.last = now
+
+
+def process_file(path, relative, out_dir, options, decode=decode_for_prepare, model=None, stages=None):
     """Prepare one raw video -> (list of ClipRecord, frames decoded, each clip's fraction of valid
     frames). Raises MediaError/ValueError
     (and the detector's errors) to skip the file. ``model``: the loaded face model (default: load
-    ``options.model``)."""
+    ``options.model``). ``stages``: a dict that gets the CPU seconds of each of :data:`STAGES`
+    added (opening the file and the detector count as decode)."""
     fps = probe(path)[1]  # also rejects unreadable files before any decoding
     model = model if model is not None else load_model(options.model)
     dense_model = getattr(model, "dense", False)  # fitted to mediapipe's mesh, not to 68 landmarks
@@ -81,10 +102,12 @@ def process_file(path, relative, out_dir, options, decode=decode_for_prepare, mo
         given = _landmarks_for(options, relative)
         detector = None
     else:
-        detector = det.make_detector(options.detector, video=True)
+        detector = det.make_detector(options.detector, video=True, dense=dense_model)
     landmarks, dense, kept = [], [], []  # kept: decoded frames while they fit FRAME_CACHE_BYTES, else None
+    clock = _StageClock(stages)
     try:
         for index, frame in enumerate(decode(path)):
+            clock.charge("decode")
             if kept is not None and (len(kept) + 1) * frame.nbytes <= FRAME_CACHE_BYTES:
                 kept.append(frame)
             else:
@@ -96,6 +119,7 @@ def process_file(path, relative, out_dir, options, decode=decode_for_prepare, mo
                 points = found.landmarks if found is not None else np.full((68, 2), np.nan)
                 if dense_model:
                     dense.append(found.dense if found is not None else np.full((478, 3), np.nan))
+                clock.charge("detect")
             landmarks.append(points)
     finally:
         if detector is not None:
@@ -107,9 +131,9 @@ def process_file(path, relative, out_dir, options, decode=decode_for_prepare, mo
     if not found.any():
         height, width = frame.shape[:2]
         hint = "" if detector is None else (
-            f" ({width}x{height}; the {options.detector} detector misses faces narrower than about an eighth "
-            f"of the shorter side, ~{min(width, height) // 8} px here, as in full-body shots: crop such videos "
-            f"around the face first)")
+            f" ({width}x{height}; the {options.detector} detector, with its second pass for small faces, "
+            f"found none; a face far smaller than ~{min(width, height) // 16} px here, as in wide full-body "
+            f"shots, is missed: crop such videos around the face first)")
         raise MediaError(f"no face found in any of {len(found)} frames{hint}")
     pieces = _segments(found, options.clip_length, options.min_clip_length)
     if not pieces:
@@ -134,20 +158,24 @@ def process_file(path, relative, out_dir, options, decode=decode_for_prepare, mo
         else:
             fit = fit_clip(model, torch.from_numpy(crop_points), **fit_options)
         plans.append((number, first, stop, boxes, crop_points, fit))
+    clock.charge("fit")
 
     records, valid_fractions, frames_of = [], [], {n: [] for n, *_ in plans}
     starts = {plan[1]: plan for plan in plans}
     active = None
     for index, frame in enumerate(kept if kept is not None else decode(path)):
+        clock.charge("decode")
         if index in starts:
             active = starts[index]
         if active is not None and active[1] <= index < active[2]:
             frames_of[active[0]].append(crop_frame(frame, active[3][index - active[1]], options.size))
+            clock.charge("crop")
         if active is not None and index + 1 == active[2]:
             record, valid = _write_clip(out_dir, stem, active, frames_of.pop(active[0]), fps, relative, model, options)
             records.append(record)
             valid_fractions.append(valid)
             active = None
+            clock.charge("encode")
     if len(records) != len(plans):
         raise MediaError("the video decoded differently the second time (frames missing)")
     return records, len(landmarks), valid_fractions
@@ -178,15 +206,18 @@ def _send_native_output_to(path):
 
 
 def _worker(connection, path, relative, out_dir, options, decode, model):
-    """Worker process entry: one file; sends ("ok", records, frames, valid fractions) or ("skip", reason)."""
+    """Worker process entry: one file; sends ("ok", records, frames, valid fractions, stage CPU
+    seconds) or ("skip", reason, 0, None, None)."""
     try:
         _send_native_output_to(pathlib.Path(out_dir) / STATE_DIR / NATIVE_LOG)
         torch.set_num_threads(1)
-        records, frames, valid = process_file(path, relative, out_dir, options, decode, model)
-        connection.send(("ok", [dataclasses.asdict(r) for r in records], frames, valid))
+        stages = {}
+        records, frames, valid = process_file(path, relative, out_dir, options, decode, model, stages)
+        connection.send(("ok", [dataclasses.asdict(r) for r in records], frames, valid, stages))
     except (MediaError, ValueError, FileNotFoundError, ImportError, OSError) as err:
-        connection.send(("skip", f"{type(err).__name__}: {err}", 0, None))
+        connection.send(("skip", f"{type(err).__name__}: {err}", 0, None, None))
     except Exception as err:  # noqa: BLE001 - any other failure costs this file, with its trace logged
-        connection.send(("skip", f"unexpected {type(err).__name__}: {err} | {traceback.format_exc(limit=3)}", 0, None))
+        connection.send(("skip", f"unexpected {type(err).__name__}: {err} | {traceback.format_exc(limit=3)}", 0,
+                         None, None))
     finally:
         connection.close()

@@ -19,6 +19,8 @@ import torch
 from ..face3d.pncc import _ops
 from ..face3d.pose import compose_pose, euler_to_matrix
 from ..face3d.synthetic import project_landmarks
+from ..face3d.toy import make_toy_head
+from ..validation import is_int
 from . import format as fmt
 from .video import CODECS, check_codec, encode_video
 
@@ -107,15 +109,13 @@ def synth_dataset(out_dir, clips, *, frames=32, size=256, fps=25.0, codec="vp9",
         raw: write uncropped raw videos plus ``.landmarks.npy`` files instead of a dataset.
         progress: optional callable called once per clip.
     """
-    from ..face3d.toy import make_toy_head
-
     for name, value, low in (("clips", clips, 1), ("frames", frames, 2), ("size", size, 16)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not is_int(value) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if size % 2:
         raise ValueError(f"size must be even (4:2:0 video), got {size}")
     identities = clips if identities is None else identities
-    if isinstance(identities, bool) or not isinstance(identities, int) or not 1 <= identities <= clips:
+    if not is_int(identities) or not 1 <= identities <= clips:
         raise ValueError(f"identities must be an int in [1, clips], got {identities!r}")
     check_codec(codec)
     model = model if model is not None else make_toy_head()

@@ -4,6 +4,7 @@ PyAV (``av==18.1.0``) bundles libvpx and libx264 in its wheels, so encoding need
 FFmpeg. Clips use a short GOP so that random access (two frames per clip) decodes few frames.
 """
 import contextlib
+import fractions
 import io
 import os
 import pathlib
@@ -25,7 +26,7 @@ class MediaError(ValueError):
 
 def _av():
     try:
-        import av
+        import av  # optional dependency (PyAV): named with its install command when missing
     except ImportError as err:
         raise ImportError("video I/O needs PyAV (`pip install av==18.1.0`)") from err
     return av
@@ -112,11 +113,9 @@ class VideoWriter:
 
 
 def _rate(fps):
-    from fractions import Fraction
-
     if not (np.isfinite(fps) and fps > 0):
         raise ValueError(f"fps must be positive, got {fps!r}")
-    return Fraction(fps).limit_denominator(1001)
+    return fractions.Fraction(fps).limit_denominator(1001)
 
 
 def _upsample2(plane):

@@ -218,7 +218,7 @@ def write_loss_plot(path, log_path):
         import matplotlib  # optional dependency: without it the demo skips the loss plot
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional dependency, as above
     except ImportError:
         return None
     entries = [json.loads(line) for line in pathlib.Path(log_path).read_text().splitlines() if line.strip()]

@@ -1,7 +1,7 @@
 """The ``reenact eval`` subcommand."""
 import dataclasses
 
-from ..cli.arguments import add_detector, add_device, add_face_model, add_quiet, require, subcommand
+from ..cli.arguments import add_detector, add_device, add_face_model, add_overwrite, add_quiet, require, subcommand
 from ..cli.errors import reported
 from .options import EvalError, EvalOptions
 from .report import MODEL
@@ -29,8 +29,7 @@ def add_parser(subparsers):
                         "else the one the dataset's parameter files name)")
     parser.add_argument("--id-model", help="ArcFace IResNet weights (.safetensors or weights-only torch file)")
     parser.add_argument("--inception", help="torchvision Inception-v3 weights (.safetensors or weights-only torch file)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into a non-empty --out that `reenact eval` did not create")
+    add_overwrite(parser, "eval")
     add_quiet(parser)
 
 

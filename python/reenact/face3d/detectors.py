@@ -90,19 +90,41 @@ def check_image(image, name="image"):
     return np.ascontiguousarray(image)
 
 
+#: Second pass for small faces: a face-mesh miss is retried on a square region of this many face
+#: box sides around a face found by mediapipe's full-range detector (or around the previous
+#: frame's small face), resampled to SMALL_FACE_CROP pixels.
+SMALL_FACE_REGION = 2.0
+SMALL_FACE_CROP = 256
+#: Video mode: while no small face is tracked, the (costly) search for one runs on every this
+#: many-th frame only, so faceless stretches of a video cost little more than the face mesh.
+SMALL_FACE_SEARCH_EVERY = 25
+
+
 class MediapipeDetector(LandmarkDetector):
     """mediapipe 0.10.21 face mesh, 478 points mapped to iBUG 68.
+
+    The face mesh's own detector (short range) misses faces narrower than about an eighth of the
+    image's shorter side (full-body shots). Where it finds nothing, a second pass looks for the
+    face with the full-range detector that the mediapipe wheel ships (``model_selection=1``) on
+    the whole image, then on overlapping tiles of half its shorter side (faces down to about 40 px
+    wide in a 720x1080 frame), upscales a region around it and runs the face mesh on that
+    (``small_faces``). In video mode the next frames start from the previous small face's region
+    (no detector run), and while none is tracked the search runs on every
+    :data:`SMALL_FACE_SEARCH_EVERY`-th frame only.
 
     Args:
         video: track across frames (mediapipe's non-static mode) instead of detecting each image.
         min_confidence: detection confidence threshold.
+        dense: keep the full 478-point mesh in each Detection (``Detection.dense``); False reads
+            only the 68 points (faster, for callers that need no mesh).
+        small_faces: run the second pass for small faces.
     """
 
     name = "mediapipe"
 
-    def __init__(self, video=False, min_confidence=0.5):
+    def __init__(self, video=False, min_confidence=0.5, dense=True, small_faces=True):
         try:
-            from mediapipe.python.solutions import face_mesh
+            from mediapipe.python.solutions import face_mesh  # optional dependency (mediapipe)
         except ImportError as err:
             raise DetectorUnavailable(
                 "the mediapipe detector needs `pip install mediapipe==0.10.21` (numpy<2, protobuf<5)"
@@ -110,30 +132,112 @@ class MediapipeDetector(LandmarkDetector):
         self._mesh = face_mesh.FaceMesh(static_image_mode=not video, max_num_faces=1,
                                         refine_landmarks=True, min_detection_confidence=min_confidence)
         self._index = np.array(MEDIAPIPE_TO_IBUG68)
+        self.dense, self.small_faces, self._video = dense, small_faces, video
+        self._min_confidence = min_confidence
+        self._small = None  # (full-range detector, static face mesh), built on the first miss
+        self._small_box = None  # video mode: (centre x, centre y, side) of the last small face
+        self._misses = 0  # video mode: frames since the last search for a small face
 
-    def detect_dense(self, image_rgb):
-        """All 478 face-mesh points (478, 3): x, y in pixels, z in mediapipe's relative units."""
-        image_rgb = check_image(image_rgb)
-        result = self._mesh.process(image_rgb)
+    @staticmethod
+    def _read(result, width, height, index=None):
+        """Face-mesh result -> (N, 3) points (all 478, or ``index``): x, y in pixels, z in
+        mediapipe's relative units scaled like x; None without a face."""
         if not result.multi_face_landmarks:
             return None
-        height, width = image_rgb.shape[:2]
-        points = np.array([(p.x, p.y, p.z) for p in result.multi_face_landmarks[0].landmark])
+        landmark = result.multi_face_landmarks[0].landmark
+        chosen = landmark if index is None else [landmark[i] for i in index]
+        points = np.array([(p.x, p.y, p.z) for p in chosen])
         # mediapipe's normalised coordinates put 0 on the image edge; ours on the first centre.
         points[:, 0] = points[:, 0] * width - 0.5
         points[:, 1] = points[:, 1] * height - 0.5
         points[:, 2] *= width
         return points
 
-    def detect(self, image_rgb):
-        dense = self.detect_dense(image_rgb)
-        if dense is None:
+    def _points(self, image_rgb, index=None):
+        image_rgb = check_image(image_rgb)
+        height, width = image_rgb.shape[:2]
+        points = self._read(self._mesh.process(image_rgb), width, height, index)
+        if points is None and self.small_faces:
+            points = self._small_face(image_rgb, index)
+        return points
+
+    def _small_face(self, image, index):
+        """The second pass (see the class docstring): points in image pixels, or None."""
+        import cv2
+        from mediapipe.python.solutions import face_detection, face_mesh
+
+        if self._small is None:
+            self._small = (face_detection.FaceDetection(model_selection=1, min_detection_confidence=self._min_confidence),
+                           face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=True,
+                                              min_detection_confidence=self._min_confidence))
+        box = self._small_box
+        if box is None:
+            if self._video:
+                self._misses += 1
+                if (self._misses - 1) % SMALL_FACE_SEARCH_EVERY:
+                    return None
+            box = self._find_small_face(image)
+            if box is None:
+                return None
+        centre_x, centre_y, side = box
+        region = SMALL_FACE_REGION * side
+        step = region / SMALL_FACE_CROP  # image pixels per crop pixel
+        x0, y0 = centre_x - region / 2, centre_y - region / 2
+        to_image = np.array([[step, 0.0, x0 + 0.5 * step - 0.5], [0.0, step, y0 + 0.5 * step - 0.5]])
+        crop = cv2.warpAffine(image, to_image, (SMALL_FACE_CROP, SMALL_FACE_CROP),
+                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+        points = self._read(self._small[1].process(crop), SMALL_FACE_CROP, SMALL_FACE_CROP, index)
+        if points is None:
+            self._small_box = None
             return None
-        landmarks = dense[self._index, :2]
+        points[:, :2] = points[:, :2] * step + to_image[:, 2]
+        points[:, 2] *= step
+        if self._video:  # the next frame starts from this face's landmark box
+            low, high = points[:, :2].min(0), points[:, :2].max(0)
+            self._small_box = (*((low + high) / 2), float((high - low).max()))
+            self._misses = 0
+        return points
+
+    def _find_small_face(self, image):
+        """(centre x, centre y, side) in pixels of the full-range detector's best face on the
+        whole image, else on overlapping tiles of half its shorter side; None if none."""
+        height, width = image.shape[:2]
+        tile = min(height, width) // 2
+        windows = [(0, 0, width, height)]
+        if tile >= 64:
+            ys = np.linspace(0, height - tile, max(1, -(-2 * (height - tile) // tile) + 1)).round().astype(int)
+            xs = np.linspace(0, width - tile, max(1, -(-2 * (width - tile) // tile) + 1)).round().astype(int)
+            windows += [(x, y, tile, tile) for y in ys for x in xs]
+        for x0, y0, w, h in windows:
+            part = image if (w, h) == (width, height) else np.ascontiguousarray(image[y0:y0 + h, x0:x0 + w])
+            found = self._small[0].process(part)
+            if found.detections:
+                best = max(found.detections, key=lambda d: d.score[0])
+                rel = best.location_data.relative_bounding_box
+                return (x0 + (rel.xmin + rel.width / 2) * w, y0 + (rel.ymin + rel.height / 2) * h,
+                        max(rel.width * w, rel.height * h))
+        return None
+
+    def detect_dense(self, image_rgb):
+        """All 478 face-mesh points (478, 3): x, y in pixels, z in mediapipe's relative units."""
+        return self._points(image_rgb)
+
+    def detect(self, image_rgb):
+        if self.dense:
+            dense = self._points(image_rgb)
+            landmarks = None if dense is None else dense[self._index, :2]
+        else:
+            dense, points = None, self._points(image_rgb, self._index)
+            landmarks = None if points is None else points[:, :2]
+        if landmarks is None:
+            return None
         return Detection(landmarks, np.ones(68), _box_of(landmarks), self.name, dense=dense)
 
     def close(self):
         self._mesh.close()
+        if self._small is not None:
+            for graph in self._small:
+                graph.close()
 
 
 class DlibDetector(LandmarkDetector):
@@ -148,7 +252,7 @@ class DlibDetector(LandmarkDetector):
 
     def __init__(self, predictor_path=None):
         try:
-            import dlib
+            import dlib  # optional dependency (dlib): imported when the detector is made
         except ImportError as err:
             raise DetectorUnavailable(
                 "the dlib detector needs `pip install dlib` (builds from source, ~7 min) and "
@@ -156,7 +260,7 @@ class DlibDetector(LandmarkDetector):
             ) from err
         if predictor_path is None:
             try:
-                import face_recognition_models
+                import face_recognition_models  # optional dependency (its predictor file)
             except ImportError as err:
                 raise DetectorUnavailable(
                     "no predictor_path given and face-recognition-models is not installed "
@@ -241,10 +345,11 @@ class FileLandmarks(LandmarkDetector):
 DETECTORS = {"mediapipe": MediapipeDetector, "dlib": DlibDetector}
 
 
-def make_detector(name, video=False):
-    """Build a detector by name ('mediapipe' or 'dlib'); raises DetectorUnavailable if not installed."""
+def make_detector(name, video=False, dense=True):
+    """Build a detector by name ('mediapipe' or 'dlib'); raises DetectorUnavailable if not installed.
+    ``dense``: keep mediapipe's full mesh in each Detection (False is faster)."""
     if name not in DETECTORS:
         raise ValueError(f"unknown detector {name!r}; choose from {sorted(DETECTORS)}")
     if name == "mediapipe":
-        return MediapipeDetector(video=video)
+        return MediapipeDetector(video=video, dense=dense)
     return DlibDetector()

@@ -40,10 +40,13 @@ from .landmark_model import (  # noqa: F401  (_Anchors, _LandmarkBases: the test
     _Anchors,
     _huber_weight,
     _LandmarkBases,
-    _model_points,
-    _project,
+    _dot2,
     _robust_cost,
+    _rotated_landmarks,
     _slide_contours,
+    _to_image,
+    _vertex_points,
+    _weighted_jacobians,
     residuals_and_jacobians,
 )
 from .morphable import NUM_LANDMARKS, as_tensor
@@ -218,15 +221,18 @@ def fit_landmarks(model, landmarks, confidence=None, clip_index=None, *, id_prio
     alpha = torch.zeros(num_clips, num_id, dtype=dtype, device=device)
     beta = torch.zeros(batch, num_exp, dtype=dtype, device=device)
 
-    def data_cost(rot, logs, trans, frame_alpha, bet, anch, row_weight):
-        """(B,) robust cost of each frame's weighted residuals."""
-        projected = _project(_model_points(bases, anch, frame_alpha, bet), rot, logs.exp(), trans)
-        residual = anch.project(projected - landmarks)
-        squared = (residual * row_weight[..., None]).square().sum(-1)  # (B, L), in sigmas^2
-        return _robust_cost(squared, huber).sum(-1)
+    def evaluate(anch, rotated_vertices, rot, scale, trans, row_weight):
+        """Rotated landmarks (B, L, 3), normal-projected residuals (B, L, 2), squared weighted
+        residual lengths (B, L) and each frame's robust data cost (B,) at the anchors."""
+        rotated = _rotated_landmarks(bases, anch, rotated_vertices, rot)
+        residual = anch.project(_to_image(rotated, scale, trans) - landmarks)
+        squared = _dot2(residual, residual) * row_weight.square()  # in sigmas^2
+        return rotated, residual, squared, _robust_cost(squared, huber).sum(-1)
 
-    def clip_cost(rot, logs, trans, alph, bet, anch, row_weight):
-        data = data_cost(rot, logs, trans, alph[clip_index], bet, anch, row_weight)
+    def rotated_vertices_at(rot, frame_alpha, bet):
+        return _vertex_points(bases, frame_alpha, bet) @ rot.transpose(-1, -2)
+
+    def clip_cost(data, alph, bet):
         frame = 0.5 * (data + exp_prior * bet.square().sum(-1))
         cost = torch.zeros(num_clips, dtype=dtype, device=device).index_add_(0, clip_index, frame)
         return cost + 0.5 * clip_id_prior * alph.square().sum(-1)
@@ -242,26 +248,28 @@ def fit_landmarks(model, landmarks, confidence=None, clip_index=None, *, id_prio
         active = torch.ones(num_clips, dtype=torch.bool, device=device)
         for _ in range(stage_iterations):
             iterations += 1
+            scale = log_scale.exp()
+            rotated_vertices = rotated_vertices_at(rotation, alpha[clip_index], beta)
+            rotated, residual, squared, data = evaluate(anchors, rotated_vertices, rotation, scale, translation,
+                                                        row_weight)
             if bases.sliding:
                 # Re-slide, but keep a frame's previous anchors when sliding would raise its
                 # cost: nearest-point and normal-distance costs differ, and without this guard
                 # an outline point can flip between two segments forever.
-                slid = _slide_contours(bases, anchors, landmarks, alpha[clip_index], beta,
-                                       rotation, log_scale.exp(), translation)
-                frame_alpha = alpha[clip_index]
-                keep = data_cost(rotation, log_scale, translation, frame_alpha, beta, slid, row_weight) <= \
-                    data_cost(rotation, log_scale, translation, frame_alpha, beta, anchors, row_weight)
-                anchors = anchors.choose(keep, slid)
-            cost = clip_cost(rotation, log_scale, translation, alpha, beta, anchors, row_weight)
+                slid = _slide_contours(bases, anchors, landmarks, _to_image(rotated_vertices, scale, translation))
+                slid_values = evaluate(slid, rotated_vertices, rotation, scale, translation, row_weight)
+                take = slid_values[3] <= data
+                anchors = anchors.choose(take, slid)
+                rotated, residual, squared, data = (
+                    torch.where(take.reshape(-1, *([1] * (mine.ndim - 1))), theirs, mine)
+                    for mine, theirs in zip((rotated, residual, squared, data), slid_values))
+            cost = clip_cost(data, alpha, beta)
 
             step_weight = row_weight
             if huber is not None:  # IRLS: Huber's weights at the current residuals
-                projected = _project(_model_points(bases, anchors, alpha[clip_index], beta), rotation,
-                                     log_scale.exp(), translation)
-                squared = (anchors.project(projected - landmarks) * row_weight[..., None]).square().sum(-1)
                 step_weight = row_weight * _huber_weight(squared, huber).sqrt()
-            res, jac_frame, jac_id = residuals_and_jacobians(
-                bases, anchors, landmarks, step_weight, alpha[clip_index], beta, rotation, log_scale, translation)
+            res, jac_frame, jac_id = _weighted_jacobians(bases, anchors, rotated, residual, step_weight,
+                                                         rotation, scale)
 
             num_frame = jac_frame.shape[-1]
             h_ff = jac_frame.transpose(1, 2) @ jac_frame
@@ -303,7 +311,9 @@ def fit_landmarks(model, landmarks, confidence=None, clip_index=None, *, id_prio
             new_translation = translation + step_frame[:, 4:6]
             new_beta = beta + step_frame[:, _FRAME_POSE_PARAMS:]
             new_alpha = alpha + step_alpha
-            new_cost = clip_cost(new_rotation, new_log_scale, new_translation, new_alpha, new_beta, anchors, row_weight)
+            new_data = evaluate(anchors, rotated_vertices_at(new_rotation, new_alpha[clip_index], new_beta),
+                                new_rotation, new_log_scale.exp(), new_translation, row_weight)[3]
+            new_cost = clip_cost(new_data, new_alpha, new_beta)
 
             accept = (new_cost < cost) & torch.isfinite(new_cost) & active
             frame_accept = accept[clip_index]
@@ -320,10 +330,10 @@ def fit_landmarks(model, landmarks, confidence=None, clip_index=None, *, id_prio
             if not active.any():
                 break
 
-    anchors = _slide_contours(bases, anchors, landmarks, alpha[clip_index], beta,
-                                rotation, log_scale.exp(), translation)
     scale = log_scale.exp()
-    projected = _project(_model_points(bases, anchors, alpha[clip_index], beta), rotation, scale, translation)
+    rotated_vertices = rotated_vertices_at(rotation, alpha[clip_index], beta)
+    anchors = _slide_contours(bases, anchors, landmarks, _to_image(rotated_vertices, scale, translation))
+    projected = _to_image(_rotated_landmarks(bases, anchors, rotated_vertices, rotation), scale, translation)
     used_weight = (weights > 0).to(dtype)
     residuals = (projected - landmarks) * used_weight[..., None]
     rms_px = ((residuals.square().sum(-1) * weights).sum(-1) / weights.sum(-1).clamp_min(1e-30)).sqrt()

@@ -23,6 +23,9 @@ class _LandmarkBases:
         self.mean = model.mean[used].to(device=device, dtype=dtype)
         self.id_basis = model.id_basis[used].to(device=device, dtype=dtype)
         self.exp_basis = model.exp_basis[used].to(device=device, dtype=dtype)
+        # (3, U, K) copies for the Jacobians: one (B, 2, 3) x (3, U K) product per basis.
+        self.id_basis_t = self.id_basis.permute(1, 0, 2).contiguous()
+        self.exp_basis_t = self.exp_basis.permute(1, 0, 2).contiguous()
         # Landmarks without a fixed vertex and outside the contour get weight 0 (e.g. SFM's
         # inner mouth corners); their slot points at position 0.
         self.default_position = torch.where(fixed >= 0, position[fixed.clamp_min(0)], 0).to(device)
@@ -43,6 +46,12 @@ class _LandmarkBases:
                 if fixed[k] < 0:
                     self.sliding.append((k, 0 if k < 8 else 1 if k > 8 else 2))
                     self.defined[k] = True
+        # The sliding landmarks grouped by contour side: (side number, their slots, their landmarks).
+        self.sliding_index = torch.tensor([k for k, _ in self.sliding], dtype=torch.int64, device=device)
+        self.sliding_groups = [
+            (side, torch.tensor([i for i, (_, s) in enumerate(self.sliding) if s == side], device=device),
+             torch.tensor([k for k, s in self.sliding if s == side], device=device))
+            for side in sorted({s for _, s in self.sliding})]
 
 
 class _Anchors:
@@ -60,7 +69,6 @@ class _Anchors:
     def __init__(self, first, second, weight, sliding_index=None, projection=None):
         self.first, self.second, self.weight = first, second, weight
         self.sliding_index, self.projection = sliding_index, projection
-        self._gathered = {}  # anchors never change after construction, so gathers are cached
 
     def project(self, values):
         """Apply the sliding landmarks' normal projections to (B, L, 2, ...) values."""
@@ -72,16 +80,18 @@ class _Anchors:
         return out
 
     def gather(self, table):
-        """Interpolate rows of ``table`` (U, ...) -> (B, L, ...)."""
-        key = id(table)
-        if key not in self._gathered:
-            values = table[self.first]
-            if self.sliding_index is not None:  # only sliding landmarks sit between two vertices
-                slots = self.sliding_index
-                w = self.weight[:, slots].reshape(*self.weight.shape[:1], -1, *([1] * (table.ndim - 1)))
-                values[:, slots] += w * (table[self.second[:, slots]] - values[:, slots])
-            self._gathered[key] = (table, values)
-        return self._gathered[key][1]
+        """Interpolate rows of ``table`` (U, ...), the same for every frame -> (B, L, ...)."""
+        return self.interpolate(table.expand(self.first.shape[0], *table.shape))
+
+    def interpolate(self, values):
+        """Interpolate each frame's rows of ``values`` (B, U, ...) -> (B, L, ...)."""
+        frames = torch.arange(values.shape[0], device=values.device)[:, None]
+        out = values[frames, self.first]
+        if self.sliding_index is not None:  # only sliding landmarks sit between two vertices
+            slots = self.sliding_index
+            w = self.weight[:, slots].reshape(*self.weight.shape[:1], -1, *([1] * (values.ndim - 2)))
+            out[:, slots] += w * (values[frames, self.second[:, slots]] - out[:, slots])
+        return out
 
     def choose(self, take_other, other):
         """Per frame, ``other``'s anchors where ``take_other`` (B,) is set, else these."""
@@ -90,30 +100,45 @@ class _Anchors:
         mine = self.projection
         if mine is None:
             mine = torch.eye(2, dtype=other.projection.dtype, device=other.projection.device).expand_as(other.projection)
-        chosen = _Anchors(pick(self.first, other.first), pick(self.second, other.second),
-                          pick(self.weight, other.weight), other.sliding_index, pick(mine, other.projection))
-        # Carry over gathers both sides already hold, instead of gathering again.
-        for key, (table, values) in self._gathered.items():
-            if key in other._gathered:
-                chosen._gathered[key] = (table, pick(values, other._gathered[key][1]))
-        return chosen
+        return _Anchors(pick(self.first, other.first), pick(self.second, other.second),
+                        pick(self.weight, other.weight), other.sliding_index, pick(mine, other.projection))
 
     def nearest(self):
         """(B, L) position of the nearer of the two vertices."""
         return torch.where(self.weight < 0.5, self.first, self.second)
 
 
-def _model_points(bases, anchors, alpha, beta, landmarks=True):
-    """Model-space points (B, L, 3) at the anchors for alpha (B, Ki), beta (B, Ke).
+def _vertex_points(bases, alpha, beta):
+    """Model-space points (B, U, 3) of every vertex the landmarks can use, for alpha (B, Ki) and
+    beta (B, Ke): one matrix product per basis, whatever the anchors (the landmarks are then
+    interpolated from these rows, which is exact: projection is affine and anchor weights sum to 1)."""
+    shape = bases.mean.expand(beta.shape[0], -1, -1)
+    if alpha.shape[-1]:
+        shape = shape + torch.einsum("uck,bk->buc", bases.id_basis, alpha)
+    if beta.shape[-1]:
+        shape = shape + torch.einsum("uck,bk->buc", bases.exp_basis, beta)
+    return shape
 
-    ``landmarks``: the anchors are the 68 landmarks (their offsets apply), not contour candidates.
-    """
-    shape = anchors.gather(bases.mean)
-    if landmarks and bases.offsets is not None:
-        shape = shape + bases.offsets
-    # einsum, not batched @ of (3, K) x (K, 1): one large product instead of B*L tiny ones.
-    shape = shape + torch.einsum("blck,bk->blc", anchors.gather(bases.id_basis), alpha)
-    return shape + torch.einsum("blck,bk->blc", anchors.gather(bases.exp_basis), beta)
+
+def _rotated_landmarks(bases, anchors, rotated_vertices, rotation):
+    """Rotated model points (B, L, 3) of the landmarks: interpolated from the rotated vertices
+    (B, U, 3), plus the rotated landmark offsets."""
+    rotated = anchors.interpolate(rotated_vertices)
+    if bases.offsets is not None:
+        rotated = rotated + bases.offsets @ rotation.transpose(-1, -2)
+    return rotated
+
+
+def _dot2(a, b):
+    """Dot products of 2-vectors along the last axis (torch's reduction over a last axis of 2 is
+    several times slower than the two products)."""
+    return a[..., 0] * b[..., 0] + a[..., 1] * b[..., 1]
+
+
+def _to_image(rotated, scale, translation):
+    """Rotated model points (B, N, 3) -> (B, N, 2) pixels."""
+    flipped = torch.stack([rotated[..., 0], -rotated[..., 1]], -1)
+    return scale[:, None, None] * flipped + translation[:, None, :]
 
 
 def _robust_cost(squared, huber):
@@ -129,42 +154,33 @@ def _huber_weight(squared, huber):
     return (huber / squared.clamp_min(1e-30).sqrt()).clamp_max(1.0)
 
 
-def _project(points, rotation, scale, translation):
-    """(B, L, 3) model points -> (B, L, 2) pixels."""
-    rotated = points @ rotation.transpose(-1, -2)
-    flipped = torch.stack([rotated[..., 0], -rotated[..., 1]], -1)
-    return scale[:, None, None] * flipped + translation[:, None, :]
+def _slide_contours(bases, anchors, landmarks, projected_vertices):
+    """Move each sliding landmark to the nearest point of its projected contour polyline.
 
-
-def _slide_contours(bases, anchors, landmarks, alpha, beta, rotation, scale, translation):
-    """Move each sliding landmark to the nearest point of its projected contour polyline."""
+    projected_vertices: (B, U, 2) pixel positions of the bases' vertices at the current estimate.
+    All landmarks sliding on one side of the outline are placed in one batched step."""
     if not bases.sliding:
         return anchors
     first, second, weight = anchors.first.clone(), anchors.second.clone(), anchors.weight.clone()
     batch = first.shape[0]
-    sliding_index = torch.tensor([k for k, _ in bases.sliding], device=first.device)
     projection = torch.empty(batch, len(bases.sliding), 2, 2, dtype=landmarks.dtype, device=landmarks.device)
-    polylines = {}
-    for slot, (k, side_number) in enumerate(bases.sliding):
+    eye = torch.eye(2, dtype=landmarks.dtype, device=landmarks.device)
+    for side_number, slots, ks in bases.sliding_groups:
         side = bases.sides[side_number]
-        if side_number not in polylines:
-            cand = side[None].expand(batch, -1)
-            zeros = torch.zeros(cand.shape, dtype=landmarks.dtype, device=landmarks.device)
-            polylines[side_number] = _project(_model_points(bases, _Anchors(cand, cand, zeros), alpha, beta,
-                                                            landmarks=False), rotation, scale, translation)  # (B, C, 2)
-        projected = polylines[side_number]
-        start, direction = projected[:, :-1], projected[:, 1:] - projected[:, :-1]
-        offset = landmarks[:, k, None, :] - start
-        t = ((offset * direction).sum(-1) / direction.square().sum(-1).clamp_min(1e-12)).clamp(0, 1)
-        distance = (offset - t[..., None] * direction).square().sum(-1)
-        segment = distance.argmin(-1)
-        first[:, k] = side[segment]
-        second[:, k] = side[segment + 1]
-        weight[:, k] = t.gather(1, segment[:, None]).squeeze(1)
-        tangent = direction.gather(1, segment[:, None, None].expand(-1, 1, 2)).squeeze(1)
+        projected = projected_vertices[:, side]  # (B, C, 2)
+        start, direction = projected[:, None, :-1], (projected[:, 1:] - projected[:, :-1])[:, None]
+        offset = landmarks[:, ks, None, :] - start  # (B, S, C-1, 2)
+        t = (_dot2(offset, direction) / _dot2(direction, direction).clamp_min(1e-12)).clamp(0, 1)
+        gap = offset - t[..., None] * direction
+        distance = _dot2(gap, gap)
+        segment = distance.argmin(-1)  # (B, S)
+        first[:, ks] = side[segment]
+        second[:, ks] = side[segment + 1]
+        weight[:, ks] = t.gather(2, segment[..., None]).squeeze(2)
+        tangent = direction[:, 0].gather(1, segment[..., None].expand(-1, -1, 2))  # (B, S, 2)
         tangent = tangent / tangent.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        projection[:, slot] = torch.eye(2, dtype=tangent.dtype, device=tangent.device) - tangent[:, :, None] * tangent[:, None, :]
-    return _Anchors(first, second, weight, sliding_index, projection)
+        projection[:, slots] = eye - tangent[..., :, None] * tangent[..., None, :]
+    return _Anchors(first, second, weight, bases.sliding_index, projection)
 
 
 def _affine_initial_pose(bases, anchors, landmarks, weights):
@@ -203,25 +219,35 @@ def residuals_and_jacobians(bases, anchors, landmarks, row_weight, alpha, beta, 
             the rotation increment being the axis-angle ``d`` in ``R <- exp([d]x) R``;
         jac_id (B, 2L, Ki): d res / d alpha.
     """
-    dtype, device = landmarks.dtype, landmarks.device
+    scale = log_scale.exp()
+    rotated = _rotated_landmarks(bases, anchors, _vertex_points(bases, alpha, beta) @ rotation.transpose(-1, -2),
+                                 rotation)
+    residual = anchors.project(_to_image(rotated, scale, translation) - landmarks)
+    return _weighted_jacobians(bases, anchors, rotated, residual, row_weight, rotation, scale)
+
+
+def _weighted_jacobians(bases, anchors, rotated, residual, row_weight, rotation, scale):
+    """:func:`residuals_and_jacobians` from the rotated landmark points (B, L, 3) and the
+    (normal-projected) residuals (B, L, 2) already computed at the estimate."""
+    dtype, device = rotated.dtype, rotated.device
     batch, num_landmarks = anchors.first.shape
-    points = _model_points(bases, anchors, alpha, beta)
-    s = log_scale.exp()
-    rotated = points @ rotation.transpose(-1, -2)
-    residual = _project(points, rotation, s, translation) - landmarks  # (B, L, 2)
-    residual = anchors.project(residual)
     # d(R X)/dd = -[R X]x; image x is +s*(R X)_x, image y is -s*(R X)_y.
     wx, wy, wz = rotated.unbind(-1)
     zero = torch.zeros_like(wx)
-    s4 = s[:, None, None, None]
+    s4 = scale[:, None, None, None]
     jac_rot = s4 * torch.stack([torch.stack([zero, wz, -wy], -1), torch.stack([wz, zero, -wx], -1)], -2)
     jac_scale = s4 * torch.stack([wx, -wy], -1)[..., None]
     jac_trans = torch.eye(2, dtype=dtype, device=device).expand(batch, num_landmarks, 2, 2)
-    projection_rows = s[:, None, None] * torch.stack([rotation[:, 0], -rotation[:, 1]], 1)  # (B, 2, 3)
-    jac_exp = torch.einsum("bij,bljk->blik", projection_rows, anchors.gather(bases.exp_basis))  # (B, L, 2, Ke)
-    jac_id = torch.einsum("bij,bljk->blik", projection_rows, anchors.gather(bases.id_basis))  # (B, L, 2, Ki)
-    jac_frame = anchors.project(torch.cat([jac_rot, jac_scale, jac_trans, jac_exp], -1))
-    jac_id = anchors.project(jac_id)
+    projection_rows = scale[:, None, None] * torch.stack([rotation[:, 0], -rotation[:, 1]], 1)  # (B, 2, 3)
+
+    def basis_jacobian(basis):  # (3, U, K) -> (B, L, 2, K): per vertex, then interpolated
+        if not basis.shape[-1]:
+            return basis.new_zeros(batch, num_landmarks, 2, 0)
+        per_vertex = (projection_rows @ basis.flatten(1)).unflatten(-1, basis.shape[1:])  # (B, 2, U, K)
+        return anchors.interpolate(per_vertex.transpose(1, 2))
+
+    jac_frame = anchors.project(torch.cat([jac_rot, jac_scale, jac_trans, basis_jacobian(bases.exp_basis_t)], -1))
+    jac_id = anchors.project(basis_jacobian(bases.id_basis_t))
     weight = row_weight[..., None, None]
     return ((residual * row_weight[..., None]).flatten(1), (jac_frame * weight).flatten(1, 2),
             (jac_id * weight).flatten(1, 2))

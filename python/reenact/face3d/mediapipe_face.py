@@ -29,6 +29,7 @@ import pathlib
 import numpy as np
 import torch
 
+from .detectors import MEDIAPIPE_TO_IBUG68
 from .fit import FitResult, inter_ocular_distance
 from .morphable import MorphableModel
 from .pose import Y_FLIP, compose_pose, decompose_pose
@@ -41,7 +42,7 @@ DATA_FILE = pathlib.Path(__file__).with_name("data") / "mediapipe_face.npz"
 
 def _connections():
     try:
-        from mediapipe.python.solutions import face_mesh_connections
+        from mediapipe.python.solutions import face_mesh_connections  # optional dependency
     except ImportError as err:
         raise ImportError("the built-in 'mediapipe' face model needs `pip install mediapipe==0.10.21` "
                           "(numpy<2, protobuf<5)") from err
@@ -257,8 +258,6 @@ def _rigid_weights(mean, regions, faces):
 
 @functools.lru_cache(maxsize=1)
 def _model_arrays():
-    from .detectors import MEDIAPIPE_TO_IBUG68
-
     connections = _connections()
     mean, mirror = load_mean_shape()
     skin = orient(tessellation_faces(), mean)

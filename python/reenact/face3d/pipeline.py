@@ -9,6 +9,7 @@ import pathlib
 import numpy as np
 import torch
 
+from ..validation import open_image
 from .detectors import check_image
 from .fit import fit_landmarks
 from .morphable import read_npz
@@ -24,7 +25,6 @@ def read_image(path):
         from PIL import Image  # noqa: F401
     except ImportError as err:
         raise ImportError("reading images needs Pillow (`pip install pillow`)") from err
-    from ..validation import open_image
 
     return open_image(path)
 
@@ -38,7 +38,7 @@ def video_frames(path):
     if not path.is_file():
         raise FileNotFoundError(f"video not found: {path}")
     try:
-        import cv2
+        import cv2  # optional dependency (OpenCV): only videos need it
     except ImportError as err:
         raise ImportError("reading videos needs OpenCV (`pip install opencv-python`, or mediapipe's "
                           "opencv-contrib-python)") from err

@@ -6,20 +6,20 @@ reenactment methods can call it.
 """
 import torch
 
+from ..validation import is_int
 from .morphable import check_pose
 from .pose import apply_pose, relative_pose
 
 MODES = ("absolute", "relative")
+#: How to build the op library (README, "Installing"); named wherever pncc_cuda fails to import.
+BUILD_HINT = "build it with `pip install --no-build-isolation -e .` after torch (README, Installing)"
 
 
 def _ops():
     try:
-        import pncc_cuda
+        import pncc_cuda  # optional until an op runs: reenact imports without the build
     except ImportError as err:
-        raise ImportError(
-            "pncc_cuda's compiled ops are not available; build them with "
-            "`python setup.py build_ext --inplace` (or pip install the package)"
-        ) from err
+        raise ImportError(f"pncc_cuda's compiled ops are not available ({BUILD_HINT}): {err}") from err
     return pncc_cuda
 
 
@@ -72,7 +72,7 @@ def reconstruct_pncc(model, alpha_src, beta_drv, pose_drv, pose_src=None, pose_r
         pncc (B, 3, size, size) float32 in [0, 1] (0 on the background) and
         mask (B, 1, size, size) float32 coverage. Differentiable w.r.t. the coefficients and poses.
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+    if not is_int(size) or size <= 0:
         raise ValueError(f"size must be a positive int, got {size!r}")
     vertices = reconstruct_vertices(model, alpha_src, beta_drv, pose_drv, pose_src, pose_ref, mode)
     return render_model_pncc(model, vertices, size, size, ops)

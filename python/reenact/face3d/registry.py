@@ -15,6 +15,8 @@ import dataclasses
 import os
 import pathlib
 
+from .eos_sfm import EOS_FILES
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
@@ -51,8 +53,6 @@ def model_dirs():
 
 
 def _is_eos_folder(path):
-    from .eos_sfm import EOS_FILES
-
     return path.is_dir() and all((path / f).is_file() for f in EOS_FILES)
 
 

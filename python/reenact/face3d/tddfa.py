@@ -302,7 +302,7 @@ def crop_image(image, roi_box):
 
 def _resize(image, size):
     try:
-        import cv2
+        import cv2  # optional dependency (OpenCV): only the regressor input needs it
     except ImportError:
         tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float()
         resized = torch.nn.functional.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)

@@ -18,6 +18,8 @@ import json
 import pathlib
 from dataclasses import dataclass, field
 
+from ..validation import is_int, is_number, read_json
+
 OPS_CHOICES = ("fused", "reference")
 
 # Each level of the pyramids is one scale: level 0 is full resolution, level 1 is 1/2, level 2
@@ -41,18 +43,18 @@ def _check_widths(value, name, length):
     if not isinstance(value, (tuple, list)) or len(value) != length:
         raise ValueError(f"{name} must be a sequence of {length} channel counts, got {value!r}")
     for v in value:
-        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_CHANNELS:
+        if not is_int(v) or not 1 <= v <= MAX_CHANNELS:
             raise ValueError(f"{name} must contain integers in [1, {MAX_CHANNELS}], got {value!r}")
     return tuple(value)
 
 
 def _check_positive_int(value, name, maximum):
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+    if not is_int(value) or not 1 <= value <= maximum:
         raise ValueError(f"{name} must be an integer in [1, {maximum}], got {value!r}")
 
 
 def _check_weight(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not (0 <= value <= 1e6):  # NaN compares false; a huge int never reaches float()
         raise ValueError(f"{name} must be a finite number in [0, 1e6], got {value!r}")
@@ -265,8 +267,6 @@ class ReenactorConfig:
     @classmethod
     def from_json(cls, path):
         """Read a config written by `to_json` (a file path)."""
-        from ..validation import read_json
-
         path = pathlib.Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")

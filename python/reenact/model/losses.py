@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..validation import check_finite, check_safetensors
+
 __all__ = [
     "LossResult",
     "ReenactmentLoss",
@@ -62,14 +64,12 @@ def load_state_dict_file(path):
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         try:
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file  # optional dependency (safetensors)
         except ImportError:
             raise ImportError(
                 f"reading {path} needs the safetensors package (pip install safetensors), or "
                 f"save the weights with torch.save instead") from None
-        from safetensors import SafetensorError
-
-        from ..validation import check_safetensors
+        from safetensors import SafetensorError  # optional dependency, as above
 
         check_safetensors(path, "weights file")  # header against the file size, before any read
         try:
@@ -86,7 +86,6 @@ def load_state_dict_file(path):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict, got {type(state).__name__}")
-    from ..validation import check_finite
 
     check_finite(state, f"weights file {path}")
     return state

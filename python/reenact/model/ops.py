@@ -12,6 +12,7 @@ and validated without the compiled extension.
 """
 import importlib
 
+from ..face3d.pncc import BUILD_HINT
 from .config import OPS_CHOICES
 
 __all__ = ["Ops", "get_ops", "OPS_CHOICES"]
@@ -29,7 +30,7 @@ def _resolve(ops_name, op):
     except ImportError as error:
         raise ImportError(
             f"the {ops_name!r} ops need the pncc_cuda package and its compiled extension "
-            f"(build it with `python setup.py build_ext --inplace`): {error}"
+            f"({BUILD_HINT}): {error}"
         ) from error
     fused_name, reference_name = _OP_NAMES[op]
     if ops_name == "fused":

@@ -150,7 +150,7 @@ def save_checkpoint(path, generator, discriminator, optimizer_g, optimizer_d, me
     modules' weights are saved. ``rng_states``: one :func:`rng_state` per rank, rank 0 first
     (default: this process's only).
     """
-    from safetensors.torch import save
+    from safetensors.torch import save  # optional dependency (safetensors)
 
     tensors = {}
     for prefix, module in (("G", generator), ("D", discriminator)):
@@ -178,8 +178,7 @@ def _open_checkpoint(path, tensor_prefix):
 
     The safetensors header is checked against the file size, and the metadata's types and ranges
     (:func:`check_meta`), before any tensor is read; floating-point tensors must be finite."""
-    from safetensors import SafetensorError
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open  # optional dependency, as above
 
     path = pathlib.Path(path)
     if path.suffix != ".safetensors":
@@ -254,7 +253,7 @@ def _check_optimizer_meta(entry, where):
             if key in group:
                 validation.number(group[key], f"{where}.param_groups.{key}", 0, 1e6)
         if not isinstance(group.get("params"), list) or not all(
-                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 10 ** 6 for i in group["params"]):
+                validation.is_int(i) and 0 <= i < 10 ** 6 for i in group["params"]):
             raise validation.InputError(f"{where}.param_groups.params must be a list of parameter indices")
     extra = validation.mapping(entry.get("state_extra"), f"{where}.state_extra")
     for name in extra:
@@ -273,7 +272,7 @@ def _check_rng_meta(entry, where):
     validation.number(numpy_state[3], f"{where}.numpy cached gaussian")
     if not (isinstance(python_state, list) and len(python_state) == 3 and isinstance(python_state[1], list)
             and len(python_state[1]) == 625
-            and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 32 for v in python_state[1])):
+            and all(validation.is_int(v) and 0 <= v < 2 ** 32 for v in python_state[1])):
         raise validation.InputError(f"{where}.python must be [version, 625 state words, gauss]")
     validation.integer(python_state[0], f"{where}.python version", 1, 3)
     if python_state[2] is not None:

@@ -1,6 +1,6 @@
 """The ``reenact train`` subcommand: argument parsing and one-line error reporting."""
 from ..cli.errors import CommandError, reported
-from ..cli.arguments import add_device, add_face_model, add_quiet, require, subcommand
+from ..cli.arguments import add_device, add_face_model, add_overwrite, add_quiet, require, subcommand
 from .distributed import World
 from .errors import TrainingError
 from .options import PRECISIONS, RESOLUTIONS, TrainOptions
@@ -39,9 +39,7 @@ def add_parser(subparsers):
                         help="torch.compile the generator and the discriminator (TorchInductor; the first steps "
                              "are slow while it compiles; checkpoints are unchanged)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into a non-empty --out that `reenact train` did not create (its log.jsonl, "
-                             "config.json and samples/ are replaced)")
+    add_overwrite(parser, "train", replaced=" (its log.jsonl, config.json and samples/ are replaced)")
     parser.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep (default 3)")
     parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
     parser.add_argument("--sample-every", type=int, help="steps between sample grids (default: --checkpoint-every)")

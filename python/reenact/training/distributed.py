@@ -9,6 +9,8 @@ import dataclasses
 import os
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from .errors import TrainingError
 
@@ -79,8 +81,6 @@ def init_process_group(world, device):
     it (and so must destroy it). A world of one has none."""
     if not world.distributed:
         return False
-    import torch.distributed as dist
-
     if not dist.is_available():
         raise TrainingError("this torch build has no torch.distributed; torchrun runs need it")
     if dist.is_initialized():
@@ -98,14 +98,10 @@ def init_process_group(world, device):
 def barrier(world):
     """Wait until every rank gets here (nothing to wait for in a world of one)."""
     if world.distributed:
-        import torch.distributed as dist
-
         dist.barrier()
 
 
 def destroy_process_group():
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -113,8 +109,6 @@ def destroy_process_group():
 def mean_over_ranks(tensor, world):
     """The element-wise mean of ``tensor`` over all ranks (in place; itself in a world of one)."""
     if world.distributed:
-        import torch.distributed as dist
-
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         tensor /= world.size
     return tensor
@@ -124,8 +118,6 @@ def gather_objects(value, world):
     """[value of rank 0, value of rank 1, ...] on every rank (picklable values only)."""
     if not world.distributed:
         return [value]
-    import torch.distributed as dist
-
     values = [None] * world.size
     dist.all_gather_object(values, value)
     return values
@@ -133,8 +125,6 @@ def gather_objects(value, world):
 
 def wrap_ddp(module, device):
     """``module`` in DistributedDataParallel; its buffers (spectral-norm vectors) follow rank 0."""
-    from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 

@@ -1,4 +1,5 @@
-"""Input preconditions of the rasterizer ops, for the fake (meta) kernels.
+"""Input preconditions of the rasterizer ops (rasterize, interpolate, render_pncc and their
+backwards), for the fake (meta) kernels.
 
 They state the shape, dtype and device checks of csrc/raster/raster_check.cpp with word-for-word
 the same messages, so that a traced program (torch.compile, meta tensors) fails the way an eager
@@ -6,20 +7,11 @@ one does. Value checks (index ranges) need data and live in C++ only.
 """
 import torch
 
+from ._messages import check_same_device as _same_device, shape_str as _shape
+
 MAX_IMAGE_SIDE = 32768  # kMaxImageSide in raster_check.h
 _FLOAT = (torch.float32, torch.float64)
 _INDEX = (torch.int32, torch.int64)
-
-
-def _shape(t):
-    return str(tuple(t.shape))
-
-
-def _same_device(name, t, like, like_name):
-    if t.device != like.device:
-        raise ValueError(
-            f"{name} must be on the device of {like_name} ({like.device}), got {t.device}"
-        )
 
 
 def check_faces(faces, like, like_name):

@@ -1,0 +1,247 @@
+// AVX512-BF16 kernels of corr_cpu_bf16.h. This file alone is compiled for AVX-512F/BW and
+// AVX512-BF16 (the pragma below); nothing in it runs unless bf16::available() said the CPU has
+// them. Like corr_cpu_simd.cpp it includes no torch header, so none of its inline functions can
+// be picked by the linker for the baseline-ISA files.
+#include "corr/corr_cpu_bf16.h"
+
+#include <algorithm>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define PNCC_CORR_BF16_BUILT 1
+#else
+#define PNCC_CORR_BF16_BUILT 0
+#endif
+
+#if PNCC_CORR_BF16_BUILT
+#include <immintrin.h>
+#endif
+
+namespace pncc {
+namespace corr {
+namespace bf16 {
+
+bool available() {
+  static const bool ok = [] {
+#if PNCC_CORR_BF16_BUILT
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512bf16");
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+
+}  // namespace bf16
+}  // namespace corr
+}  // namespace pncc
+
+#if PNCC_CORR_BF16_BUILT
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512bf16")
+// As in corr_cpu_simd.cpp: GCC 12's _mm512_undefined_* initialise a variable from itself.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace pncc {
+namespace corr {
+namespace bf16 {
+namespace {
+
+inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
+}
+
+// round_to_bf16 on 16 lanes: each 32-bit lane's high half becomes the bf16 value (the low half is
+// left over). Not vcvtneps2bf16, which flushes denormal inputs to zero on some CPUs: this is the
+// same integer rounding as the portable statement in the header.
+inline __m512i round16(__m512 v) {
+  const __m512i x = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_mask_or_epi32(r, nan, x, _mm512_set1_epi32(0x00400000));
+}
+
+// Pairs of lanes: (even's bf16) | (odd's bf16) << 16, from two round16 results.
+inline __m512i pair16(__m512i even, __m512i odd) {
+  return _mm512_or_si512(_mm512_srli_epi32(even, 16),
+                         _mm512_and_si512(odd, _mm512_set1_epi32(int(0xFFFF0000u))));
+}
+
+// The register tile: kRows rows x 32 columns, 24 accumulators, two B vectors and a broadcast in
+// the 32 registers. One fp32 sum per element: each vdpbf16ps step adds two exact products.
+constexpr int kRows = 12;
+
+// C[0:rows, 0:32] (+)= A B for one block of kRows rows (all of them readable: the caller pads a
+// short block). kPairMajor: pair p of row r at a[p * a_ps + r]; otherwise at a[r * a_rs + p],
+// read through four row-group pointers so that each broadcast is one addressing mode.
+#define PNCC_BF_ACC(R) __m512 acc_##R##_0 = _mm512_setzero_ps(), acc_##R##_1 = _mm512_setzero_ps();
+#define PNCC_BF_A(R) (kPairMajor ? a[R] : g##R##_3[((R) % 3) * a_rs])
+#define PNCC_BF_ROW(R)                                                           \
+  {                                                                              \
+    const __m512bh av = (__m512bh)_mm512_set1_epi32(int(PNCC_BF_A(R)));          \
+    acc_##R##_0 = _mm512_dpbf16_ps(acc_##R##_0, av, b0);                         \
+    acc_##R##_1 = _mm512_dpbf16_ps(acc_##R##_1, av, b1);                         \
+  }
+#define PNCC_BF_STORE(R)                                                         \
+  if ((R) < rows) {                                                              \
+    float* cr = c + (R) * ldc;                                                   \
+    __m512 u = acc_##R##_0, v = acc_##R##_1;                                     \
+    if (accumulate) {                                                            \
+      u = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, cr), u);                       \
+      v = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, cr + 16), v);                  \
+    }                                                                            \
+    _mm512_mask_storeu_ps(cr, m0, u);                                            \
+    _mm512_mask_storeu_ps(cr + 16, m1, v);                                       \
+  }
+
+template <bool kPairMajor>
+void micro(int64_t kp, const uint32_t* a, int64_t a_rs, int64_t a_ps, const uint32_t* b,
+           int64_t ldb, float* c, int64_t ldc, int rows, __mmask16 m0, __mmask16 m1,
+           bool accumulate) {
+  PNCC_BF_ACC(0) PNCC_BF_ACC(1) PNCC_BF_ACC(2) PNCC_BF_ACC(3) PNCC_BF_ACC(4) PNCC_BF_ACC(5)
+  PNCC_BF_ACC(6) PNCC_BF_ACC(7) PNCC_BF_ACC(8) PNCC_BF_ACC(9) PNCC_BF_ACC(10) PNCC_BF_ACC(11)
+  // Row-group pointers (row-major A only): g<R>_3 is the pointer of row R's group of three.
+  const uint32_t *grp0 = a, *grp1 = a + 3 * a_rs, *grp2 = a + 6 * a_rs, *grp3 = a + 9 * a_rs;
+  for (int64_t p = 0; p < kp; ++p) {
+    const __m512bh b0 = (__m512bh)_mm512_maskz_loadu_epi32(m0, b);
+    const __m512bh b1 = (__m512bh)_mm512_maskz_loadu_epi32(m1, b + 16);
+    b += ldb;
+    const uint32_t *g0_3 = grp0, *g1_3 = grp0, *g2_3 = grp0, *g3_3 = grp1, *g4_3 = grp1,
+                   *g5_3 = grp1, *g6_3 = grp2, *g7_3 = grp2, *g8_3 = grp2, *g9_3 = grp3,
+                   *g10_3 = grp3, *g11_3 = grp3;
+    PNCC_BF_ROW(0) PNCC_BF_ROW(1) PNCC_BF_ROW(2) PNCC_BF_ROW(3) PNCC_BF_ROW(4) PNCC_BF_ROW(5)
+    PNCC_BF_ROW(6) PNCC_BF_ROW(7) PNCC_BF_ROW(8) PNCC_BF_ROW(9) PNCC_BF_ROW(10) PNCC_BF_ROW(11)
+    if constexpr (kPairMajor) {
+      a += a_ps;
+    } else {
+      ++grp0, ++grp1, ++grp2, ++grp3;
+    }
+  }
+  PNCC_BF_STORE(0) PNCC_BF_STORE(1) PNCC_BF_STORE(2) PNCC_BF_STORE(3) PNCC_BF_STORE(4)
+  PNCC_BF_STORE(5) PNCC_BF_STORE(6) PNCC_BF_STORE(7) PNCC_BF_STORE(8) PNCC_BF_STORE(9)
+  PNCC_BF_STORE(10) PNCC_BF_STORE(11)
+}
+
+#undef PNCC_BF_ACC
+#undef PNCC_BF_A
+#undef PNCC_BF_ROW
+#undef PNCC_BF_STORE
+
+}  // namespace
+
+void rows_to_pairs(const float* x, int64_t rows, int64_t cols, int64_t ldx, uint32_t* out,
+                   int64_t ld_out) {
+  // Output word w of a 16-pair vector is the high half of input lane w, i.e. word 2w + 1 of the
+  // two rounded vectors taken together.
+  alignas(64) static const int16_t kOdd[32] = {1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21,
+                                               23, 25, 27, 29, 31, 33, 35, 37, 39, 41, 43,
+                                               45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
+  const __m512i idx = _mm512_load_si512(kOdd);
+  const int64_t kp = pairs(cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * ldx;
+    uint32_t* o = out + r * ld_out;
+    for (int64_t p0 = 0; p0 < kp; p0 += 16) {
+      const int64_t c0 = 2 * p0;
+      const __m512i lo = round16(_mm512_maskz_loadu_ps(tail_mask(cols - c0), xr + c0));
+      const __m512i hi = round16(_mm512_maskz_loadu_ps(tail_mask(cols - c0 - 16), xr + c0 + 16));
+      _mm512_mask_storeu_epi32(o + p0, tail_mask(kp - p0), _mm512_permutex2var_epi16(lo, idx, hi));
+    }
+  }
+}
+
+void cols_to_pairs(const float* x, int64_t rows, int64_t cols, int64_t ldx, uint32_t* out,
+                   int64_t ld_out) {
+  const int64_t kp = pairs(rows);
+  for (int64_t p = 0; p < kp; ++p) {
+    const float* even = x + 2 * p * ldx;
+    const bool has_odd = 2 * p + 1 < rows;
+    uint32_t* o = out + p * ld_out;
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __mmask16 mask = tail_mask(cols - j);
+      const __m512i e = round16(_mm512_maskz_loadu_ps(mask, even + j));
+      const __m512i od = has_odd ? round16(_mm512_maskz_loadu_ps(mask, even + ldx + j))
+                                 : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(o + j, mask, pair16(e, od));
+    }
+  }
+}
+
+void pack_transposed(const float* x, int64_t n, int64_t k, int64_t ldx, uint32_t* out) {
+  const int64_t kp = pairs(k);
+  thread_local std::vector<uint32_t> rows;
+  rows.resize(static_cast<size_t>(kPanel * std::max<int64_t>(kp, 1)));
+  for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
+    const int64_t nn = std::min(kPanel, n - j0);
+    rows_to_pairs(x + j0 * ldx, nn, k, ldx, rows.data(), kp);
+    uint32_t* panel = out + (j0 / kPanel) * kp * kPanel;
+    for (int64_t p = 0; p < kp; ++p) {
+      uint32_t* dst = panel + p * kPanel;
+      for (int64_t j = 0; j < nn; ++j) dst[j] = rows[j * kp + p];
+      for (int64_t j = nn; j < kPanel; ++j) dst[j] = 0;
+    }
+  }
+}
+
+void gemm(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t a_rs, int64_t a_ps,
+          const uint32_t* b, int64_t ldb, int64_t b_panel_stride, float* c, int64_t ldc,
+          bool accumulate) {
+  if (m <= 0 || n <= 0) return;
+  thread_local std::vector<uint32_t> tail;  // a short last block of rows, zero-padded
+  for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, m - i0));
+    const uint32_t* block = a + i0 * a_rs;
+    bool pair_major = a_ps != 1;
+    int64_t rs = a_rs, ps = a_ps;
+    if (rows < kRows) {
+      tail.assign(static_cast<size_t>(std::max<int64_t>(kp, 1) * kRows), 0u);
+      for (int64_t p = 0; p < kp; ++p)
+        for (int r = 0; r < rows; ++r) tail[p * kRows + r] = block[r * a_rs + p * a_ps];
+      block = tail.data();
+      pair_major = true;
+      rs = 1;
+      ps = kRows;
+    }
+    for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
+      const int64_t nn = std::min(kPanel, n - j0);
+      const uint32_t* bp = b + (j0 / kPanel) * b_panel_stride;
+      float* cp = c + i0 * ldc + j0;
+      const __mmask16 m0 = tail_mask(nn), m1 = tail_mask(nn - 16);
+      if (pair_major)
+        micro<true>(kp, block, rs, ps, bp, ldb, cp, ldc, rows, m0, m1, accumulate);
+      else
+        micro<false>(kp, block, rs, ps, bp, ldb, cp, ldc, rows, m0, m1, accumulate);
+    }
+  }
+}
+
+}  // namespace bf16
+}  // namespace corr
+}  // namespace pncc
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
+#else  // !PNCC_CORR_BF16_BUILT: never called, since available() is false
+
+namespace pncc {
+namespace corr {
+namespace bf16 {
+
+void rows_to_pairs(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {}
+void cols_to_pairs(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {}
+void pack_transposed(const float*, int64_t, int64_t, int64_t, uint32_t*) {}
+void gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t,
+          int64_t, float*, int64_t, bool) {}
+
+}  // namespace bf16
+}  // namespace corr
+}  // namespace pncc
+
+#endif  // PNCC_CORR_BF16_BUILT

@@ -1,0 +1,78 @@
+// bfloat16 tile products of the CPU corr_warp on AVX512-BF16 (`vdpbf16ps`), torch-free.
+//
+// Why our own kernel: libtorch does not export its bf16 x bf16 -> fp32 GEMM
+// (at::native::cpublas::gemm), at::mm has no CPU out-dtype variant, and a bf16 at::mm rounds the
+// products themselves to bf16. `vdpbf16ps` multiplies pairs of bf16 values exactly and adds them
+// into fp32 accumulators at twice the fp32 FMA rate, so bf16 inputs can run at bf16 speed with
+// fp32 sums, which is what SDPA does with bf16 inputs on such a CPU (through oneDNN).
+//
+// Rounding (the same places as a GPU's unfused bf16 implementation, the reference of the tests'
+// accuracy rule): the normalised rows q^ and k^, the probabilities P and, in the backward, dS are
+// rounded to bf16 (round to nearest even, NaN kept NaN) before their products; every sum is fp32.
+// value and dL/dout are bf16 inputs already, so they are exact.
+//
+// Operands are arrays of "pairs": one uint32_t holds two bf16 values of consecutive indices of
+// the reduction dimension, the even one in the low half (vdpbf16ps's operand format). A reduction
+// dimension of odd length is padded with a zero.
+//
+// Run-time dispatch: available() checks the CPU for AVX-512F, AVX-512BW and AVX512-BF16 (CPUID,
+// through GCC's __builtin_cpu_supports). corr_cpu_path.h decides whether this path runs; without
+// these features bf16 inputs take the fp32 tile products (corr_cpu_simd.h or ATen's GEMMs).
+// Determinism: each output's summation order is fixed by the sizes alone.
+#pragma once
+
+#include <cstdint>
+
+namespace pncc {
+namespace corr {
+namespace bf16 {
+
+// True when the kernels below can run on this CPU (and the build has them: GCC on x86-64).
+bool available();
+
+// Columns per panel of a packed B operand (see gemm).
+constexpr int64_t kPanel = 32;
+
+// Pairs of a reduction dimension of length k.
+inline int64_t pairs(int64_t k) { return (k + 1) / 2; }
+
+// The bf16 value of x as it is rounded here (round to nearest, ties to even; a NaN stays a quiet
+// NaN of the same sign), as its 16 bits. The portable statement of the vector conversion, for tests.
+inline uint16_t round_to_bf16(uint32_t bits) {
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((bits >> 16) | 0x40u);
+  return uint16_t((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// out[r * ld_out + p] = pair(x(r, 2p), x(r, 2p + 1)) for r < rows, p < pairs(cols), where
+// x(r, c) = x[r * ldx + c] (0 for c >= cols). Row-major A operands (a_rs = ld_out, a_ps = 1).
+void rows_to_pairs(const float* x, int64_t rows, int64_t cols, int64_t ldx, uint32_t* out,
+                   int64_t ld_out);
+
+// out[p * ld_out + j] = pair(x(2p, j), x(2p + 1, j)) for p < pairs(rows), j < cols, where
+// x(r, j) = x[r * ldx + j] (0 for r >= rows). B operands with ldb = ld_out and
+// b_panel_stride = kPanel, or transposed A operands (a_rs = 1, a_ps = ld_out).
+void cols_to_pairs(const float* x, int64_t rows, int64_t cols, int64_t ldx, uint32_t* out,
+                   int64_t ld_out);
+
+// Pairs of pack_transposed's output for a row-major (n x k) matrix.
+inline int64_t packed_size(int64_t n, int64_t k) {
+  return (n + kPanel - 1) / kPanel * kPanel * pairs(k);
+}
+
+// Packs X^T, for a row-major (n x k) X with row stride ldx, as the B operand (k x n) of gemm:
+// out[(j / kPanel) * pairs(k) * kPanel + p * kPanel + j % kPanel] = pair(X(j, 2p), X(j, 2p + 1)),
+// zero-padded to whole panels (ldb = kPanel, b_panel_stride = pairs(k) * kPanel).
+void pack_transposed(const float* x, int64_t n, int64_t k, int64_t ldx, uint32_t* out);
+
+// C = A B (accumulate = false) or C = C + A B, C in fp32, over kp pairs of the reduction
+// dimension, where pair p of A's row i is a[i * a_rs + p * a_ps] (one of a_rs, a_ps is 1), pair p
+// of B's column j is b[(j / kPanel) * b_panel_stride + p * ldb + j % kPanel], and
+// C(i, j) = c[i * ldc + j], i < m, j < n. Every product of two bf16 values is exact in fp32;
+// each output is one fp32 sum over p in order (vdpbf16ps adds the pair's two products to it).
+void gemm(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t a_rs, int64_t a_ps,
+          const uint32_t* b, int64_t ldb, int64_t b_panel_stride, float* c, int64_t ldc,
+          bool accumulate);
+
+}  // namespace bf16
+}  // namespace corr
+}  // namespace pncc

@@ -1,0 +1,223 @@
+// Unit tests of the AVX512-BF16 tile products of the CPU corr_warp (csrc/corr/corr_cpu_bf16.h):
+// the bf16 rounding bit for bit against the header's portable statement (ties, NaN, infinities,
+// denormals), the three operand layouts, and the GEMM against double sums of the rounded operands
+// in every A layout, at sizes that are not multiples of its register tile, exactly where the sums
+// are exact. Torch-free; skips (passes) on a CPU without AVX512-BF16.
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "check.h"
+#include "corr/corr_cpu_bf16.h"
+
+using namespace pncc::corr;
+
+namespace {
+
+uint32_t bits_of(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u;
+}
+
+float float_of(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+uint16_t rounded(float x) { return bf16::round_to_bf16(bits_of(x)); }
+
+uint32_t pair_of(float even, float odd) {
+  return uint32_t(rounded(even)) | (uint32_t(rounded(odd)) << 16);
+}
+
+// Random values, with the special cases the rounding must get right mixed in.
+std::vector<float> values(std::mt19937& rng, size_t n, bool specials) {
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> v(n);
+  const float special[] = {0.0f, -0.0f, std::numeric_limits<float>::infinity(),
+                           -std::numeric_limits<float>::infinity(),
+                           std::numeric_limits<float>::quiet_NaN(),
+                           -std::numeric_limits<float>::quiet_NaN(), 1e-40f, -3e-39f,
+                           1.0f + 1.0f / 256, 1.0f + 3.0f / 256,  // ties: to even, both ways
+                           3.4e38f, 1.00390625f};
+  for (size_t i = 0; i < n; ++i)
+    v[i] = specials && i % 7 == 3 ? special[(i / 7) % (sizeof(special) / sizeof(float))] : nd(rng);
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE(portable_rounding_is_round_to_nearest_even) {
+  CHECK(rounded(1.0f) == 0x3F80);
+  CHECK(rounded(1.0f + 1.0f / 256) == 0x3F80);         // tie, even below
+  CHECK(rounded(1.0f + 3.0f / 256) == 0x3F82);         // tie, even above
+  CHECK(rounded(1.0f + 1.0f / 256 + 1e-7f) == 0x3F81);  // just above the tie
+  CHECK(rounded(std::numeric_limits<float>::infinity()) == 0x7F80);
+  CHECK(std::isnan(float_of(rounded(std::numeric_limits<float>::quiet_NaN()))));
+  CHECK(std::isnan(float_of(rounded(-std::numeric_limits<float>::quiet_NaN()))));
+  // A NaN whose payload would carry into the exponent stays a NaN (and keeps its sign).
+  float nan_ff;
+  const uint32_t all_ones = 0xFFFFFFFFu;
+  std::memcpy(&nan_ff, &all_ones, 4);
+  CHECK(std::isnan(float_of(rounded(nan_ff))) && (rounded(nan_ff) & 0x8000));
+  CHECK(rounded(3.4e38f) == 0x7F80);  // rounds up to infinity, as IEEE does
+}
+
+TEST_CASE(conversions_match_the_portable_rounding_bit_for_bit) {
+  if (!bf16::available()) return;
+  std::mt19937 rng(1);
+  for (int64_t rows : {1, 2, 3, 17})
+    for (int64_t cols : {1, 2, 15, 31, 32, 33, 65}) {
+      const int64_t ldx = cols + 3;
+      const std::vector<float> x = values(rng, rows * ldx, true);
+      const auto at = [&](int64_t r, int64_t c) {
+        return r < rows && c < cols ? x[r * ldx + c] : 0.0f;
+      };
+      // rows_to_pairs, with a wider output stride whose padding must stay untouched.
+      const int64_t kp = bf16::pairs(cols), ld_r = kp + 2;
+      std::vector<uint32_t> out(rows * ld_r, 0xDEADBEEFu);
+      bf16::rows_to_pairs(x.data(), rows, cols, ldx, out.data(), ld_r);
+      int bad = 0;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t p = 0; p < ld_r; ++p)
+          bad += out[r * ld_r + p] != (p < kp ? pair_of(at(r, 2 * p), at(r, 2 * p + 1))
+                                              : 0xDEADBEEFu);
+      // cols_to_pairs.
+      const int64_t rp = bf16::pairs(rows), ld_c = cols + 1;
+      std::vector<uint32_t> outc(rp * ld_c, 0xDEADBEEFu);
+      bf16::cols_to_pairs(x.data(), rows, cols, ldx, outc.data(), ld_c);
+      for (int64_t p = 0; p < rp; ++p)
+        for (int64_t j = 0; j < ld_c; ++j)
+          bad += outc[p * ld_c + j] != (j < cols ? pair_of(at(2 * p, j), at(2 * p + 1, j))
+                                                 : 0xDEADBEEFu);
+      // pack_transposed of the (rows x cols) matrix: B = X^T, panels of kPanel rows of X.
+      std::vector<uint32_t> packed(bf16::packed_size(rows, cols), 0xDEADBEEFu);
+      bf16::pack_transposed(x.data(), rows, cols, ldx, packed.data());
+      for (int64_t j = 0; j < (rows + 31) / 32 * 32; ++j)
+        for (int64_t p = 0; p < kp; ++p)
+          bad += packed[(j / 32) * kp * 32 + p * 32 + j % 32] !=
+                 pair_of(at(j, 2 * p), at(j, 2 * p + 1));
+      if (bad) std::printf("  rows=%ld cols=%ld: %d bad\n", long(rows), long(cols), bad);
+      CHECK(bad == 0);
+    }
+}
+
+namespace {
+
+// One GEMM: A (m x k) and B (k x n) as floats, rounded to bf16 by the conversions. a_layout:
+// 0 row-major pairs (rows_to_pairs), 1 pair-major (cols_to_pairs of A^T). b_packed: B given as
+// the transpose of an (n x k) matrix, packed; otherwise B's pairs by cols_to_pairs (row-major).
+// `integers`: small integer values, whose sums are exact in fp32, checked for equality.
+void check_gemm(std::mt19937& rng, int64_t m, int64_t n, int64_t k, int a_layout, bool b_packed,
+                bool accumulate, bool integers) {
+  std::uniform_int_distribution<int> small(-3, 3);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const auto draw = [&] { return integers ? float(small(rng)) : nd(rng); };
+  std::vector<float> a(m * k), bm(k * n);  // A(i, kk) = a[i * k + kk], B(kk, j) = bm[kk * n + j]
+  for (float& v : a) v = draw();
+  for (float& v : bm) v = draw();
+  const int64_t kp = bf16::pairs(k);
+  // A's operand.
+  std::vector<uint32_t> ap;
+  int64_t a_rs, a_ps;
+  if (a_layout == 0) {
+    a_rs = kp + 1;
+    a_ps = 1;
+    ap.assign(m * a_rs, 0u);
+    bf16::rows_to_pairs(a.data(), m, k, k, ap.data(), a_rs);
+  } else {
+    std::vector<float> at(k * m);  // A^T, row-major
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t kk = 0; kk < k; ++kk) at[kk * m + i] = a[i * k + kk];
+    a_rs = 1;
+    a_ps = m + 2;
+    ap.assign(std::max<int64_t>(kp, 1) * a_ps, 0u);
+    bf16::cols_to_pairs(at.data(), k, m, m, ap.data(), a_ps);
+  }
+  // B's operand.
+  std::vector<uint32_t> bp;
+  int64_t ldb, panel_stride;
+  if (b_packed) {
+    std::vector<float> bt(n * k);  // B^T, row-major
+    for (int64_t kk = 0; kk < k; ++kk)
+      for (int64_t j = 0; j < n; ++j) bt[j * k + kk] = bm[kk * n + j];
+    bp.assign(std::max<int64_t>(bf16::packed_size(n, k), 1), 0u);
+    bf16::pack_transposed(bt.data(), n, k, k, bp.data());
+    ldb = bf16::kPanel;
+    panel_stride = kp * bf16::kPanel;
+  } else {
+    ldb = n + 3;
+    bp.assign(std::max<int64_t>(kp, 1) * ldb, 0u);
+    bf16::cols_to_pairs(bm.data(), k, n, n, bp.data(), ldb);
+    panel_stride = bf16::kPanel;
+  }
+  const int64_t ldc = n + 4;
+  std::vector<float> c(m * ldc);
+  for (float& v : c) v = integers ? float(small(rng)) : nd(rng);
+  const std::vector<float> c_old = c;
+  bf16::gemm(m, n, kp, ap.data(), a_rs, a_ps, bp.data(), ldb, panel_stride, c.data(), ldc,
+             accumulate);
+  int bad = 0;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < ldc; ++j) {
+      if (j >= n) {
+        bad += c[i * ldc + j] != c_old[i * ldc + j];
+        continue;
+      }
+      double exact = accumulate ? c_old[i * ldc + j] : 0.0, magnitude = std::fabs(exact);
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const double prod = double(float_of(rounded(a[i * k + kk]))) *
+                            double(float_of(rounded(bm[kk * n + j])));
+        exact += prod;
+        magnitude += std::fabs(prod);
+      }
+      const double err = std::fabs(c[i * ldc + j] - exact);
+      bad += integers ? err != 0.0 : !(err <= 1e-6 * (1.0 + magnitude));
+    }
+  if (bad)
+    std::printf("  gemm m=%ld n=%ld k=%ld a_layout=%d b_packed=%d acc=%d int=%d: %d bad\n",
+                long(m), long(n), long(k), a_layout, b_packed, accumulate, integers, bad);
+  CHECK(bad == 0);
+}
+
+}  // namespace
+
+TEST_CASE(gemm_matches_double_in_every_layout_and_at_ragged_sizes) {
+  if (!bf16::available()) return;
+  std::mt19937 rng(2);
+  for (int64_t m : {1, 5, 11, 12, 13, 24, 30})
+    for (int64_t n : {1, 16, 17, 32, 33, 70})
+      for (int64_t k : {0, 1, 2, 3, 8, 37})
+        for (int layout = 0; layout < 16; ++layout)
+          check_gemm(rng, m, n, k, layout & 1, layout & 2, layout & 4, layout & 8);
+}
+
+TEST_CASE(gemm_result_does_not_depend_on_the_rows_around_it) {
+  // As for the fp32 kernels: a row's values must not depend on which rows share its call (the
+  // partition into tasks and the short last block of rows change that).
+  if (!bf16::available()) return;
+  std::mt19937 rng(3);
+  const int64_t m = 29, n = 45, k = 77, kp = bf16::pairs(k);
+  const std::vector<float> a = values(rng, m * k, false), b = values(rng, k * n, false);
+  std::vector<uint32_t> ap(m * kp), bp(kp * n);
+  bf16::rows_to_pairs(a.data(), m, k, k, ap.data(), kp);
+  bf16::cols_to_pairs(b.data(), k, n, n, bp.data(), n);
+  std::vector<float> whole(m * n), part(n);
+  bf16::gemm(m, n, kp, ap.data(), kp, 1, bp.data(), n, bf16::kPanel, whole.data(), n, false);
+  for (int64_t i = 0; i < m; ++i) {
+    bf16::gemm(1, n, kp, ap.data() + i * kp, kp, 1, bp.data(), n, bf16::kPanel, part.data(), n,
+               false);
+    CHECK(std::memcmp(part.data(), whole.data() + i * n, n * sizeof(float)) == 0);
+  }
+}
+
+int main() {
+  std::printf("AVX512-BF16 kernels %s\n", bf16::available() ? "available" : "unavailable: skipped");
+  return pncc_test::run_all();
+}

@@ -1,3 +1,0 @@
-// tools/cuda_emu stand-in for <mma.h>: the emulated runtime defines what the kernels use.
-#pragma once
-#include "emu_torch.h"
