@@ -7,6 +7,7 @@ from ..cli.errors import CommandError, reported
 from ..progress import progress_bar
 from ..cli.arguments import add_detector, add_overwrite, add_quiet, detector_module, directory, missing, require, subcommand
 from .dataset import SkipBudgetExceeded
+from .format import dataset_face_model
 from .merge import merge_datasets, parse_shard
 from .prepare import PrepareOptions, prepare
 from .synth import synth_dataset
@@ -113,8 +114,6 @@ def default_prepare_model(args):
     from dlib (68 points, no dense mesh to fit the mediapipe model to)."""
     if args.model is not None:
         return args.model
-    from .format import dataset_face_model
-
     resumed = dataset_face_model(args.out_dir)  # a rerun resumes with the model of the finished clips
     if resumed is not None:
         return resumed

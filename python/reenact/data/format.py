@@ -107,6 +107,7 @@ def dataset_face_model(root):
     """The built-in face model ("toy" or "mediapipe") the first readable clip of a prepared dataset
     was fitted with; None for another model, without a manifest or without a readable parameter
     file. Commands use it as their default face model."""
+    # Here, not at the top: data must not import face3d at import time (face3d's commands import data).
     from ..face3d.mediapipe_face import MEDIAPIPE_NAME
     from ..face3d.toy import TOY_NAME
 

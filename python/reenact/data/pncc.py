@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ..face3d.pncc import reconstruct_pncc
+from ..warp import geometric_reenact, shade_mouth
 
 
 def batch_pncc(model, batch, size=None, device=None, ops=None):
@@ -89,8 +90,6 @@ def batch_geometric(model, batch, source, dataset_size, ops=None):
     Returns:
         (B, 4, R, R) float32: [warped source in [-1, 1], holes in {0, 1}].
     """
-    from ..warp import geometric_reenact, shade_mouth
-
     device, resolution = source.device, int(source.shape[-1])
     model = model.to(device) if model.device != device else model
 

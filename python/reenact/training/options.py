@@ -3,6 +3,7 @@ import dataclasses
 import math
 import pathlib
 
+from ..data.format import dataset_face_model
 from ..model import ReenactorConfig
 from ..validation import is_int
 from .errors import TrainingError
@@ -71,8 +72,6 @@ class TrainOptions:
         if not pathlib.Path(self.data).is_dir():
             raise TrainingError(f"--data is not a directory: {self.data}")
         if self.face_model is None:
-            from ..data.format import dataset_face_model
-
             self.face_model = dataset_face_model(self.data) or "toy"
         out = pathlib.Path(self.out)
         if out.exists() and not out.is_dir():
