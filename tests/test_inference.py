@@ -250,9 +250,9 @@ class PerBatchForward(Reenactor):
     def encode_source(self, source_image, source_pncc):
         return None
 
-    def drive(self, encoding, driving_pncc):
+    def drive(self, encoding, driving_pncc, geometric=None):
         count = driving_pncc.shape[0]
-        return self(*(x.expand(count, -1, -1, -1) for x in self.source), driving_pncc)
+        return self(*(x.expand(count, -1, -1, -1) for x in self.source), driving_pncc, geometric)
 
 
 @pytest.mark.parametrize("pose_mode", ["relative", "absolute"])
