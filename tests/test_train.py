@@ -170,15 +170,28 @@ def test_ops_reference_swaps_every_op_including_the_training_pnccs(dataset, tmp_
 
     monkeypatch.setattr(pncc_cuda, "render_pncc", counting("fused", pncc_cuda.render_pncc))
     monkeypatch.setattr(reference, "render_pncc_reference", counting("reference", reference.render_pncc_reference))
+    # The geometric warp input rasterizes too: with the run's ops, never the other ones.
+    rasterized = {"fused": 0, "reference": 0}
+
+    def counting_raster(name, function):
+        def wrapper(*args, **kwargs):
+            rasterized[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(pncc_cuda, "rasterize", counting_raster("fused", pncc_cuda.rasterize))
+    monkeypatch.setattr(reference, "rasterize_reference", counting_raster("reference", reference.rasterize_reference))
     entries = {}
     for ops in ("fused", "reference"):
         trainer = training.Trainer(options(dataset, tmp_path / ops, ops=ops))
         try:
-            before = dict(calls)
+            before, raster_before = dict(calls), dict(rasterized)
             entries[ops], _ = trainer.train_step()
             assert trainer.generator.ops == ops
             other = "reference" if ops == "fused" else "fused"
             assert calls[ops] - before[ops] == 2 and calls[other] == before[other], calls  # P_s and P_d'
+            if trainer.config.model.geometric_input:
+                assert rasterized[ops] - raster_before[ops] > 0 and rasterized[other] == raster_before[other], rasterized
         finally:
             trainer.close()
     # Same data, same initial weights: the two implementations give the same step-1 losses.

@@ -57,7 +57,7 @@ def prepare_batch(batch, face_model, resolution, device, ops=None, geometric=Fal
     pncc = batch_pncc(face_model, batch, size=size, device=device, ops=ops)
     source = _resize(batch["source"].to(device), resolution, "bilinear")
     driving = _resize(batch["driving"].to(device), resolution, "bilinear")
-    warp = batch_geometric(face_model, batch, source, size) if geometric else None
+    warp = batch_geometric(face_model, batch, source, size, ops) if geometric else None
     return (source, driving, _resize(pncc["pncc_source"], resolution, "bilinear"),
             _resize(pncc["pncc_driving"], resolution, "bilinear"), warp)
 

@@ -21,6 +21,9 @@ __all__ = ["Ops", "get_ops", "OPS_CHOICES"]
 _OP_NAMES = {
     "corr_warp": ("corr_warp", "corr_warp_reference"),
     "render_pncc": ("render_pncc", "render_pncc_reference"),
+    # The geometric warp (reenact.warp, ModelConfig.geometric_input) rasterizes and interpolates.
+    "rasterize": ("rasterize", "rasterize_reference"),
+    "interpolate": ("interpolate", "interpolate_reference"),
 }
 
 
@@ -58,6 +61,14 @@ class Ops:
     def render_pncc(self, vertices, faces, ncc, height, width):
         """PNCC image (B,3,H,W) and coverage mask (B,1,H,W) of image-space vertices (B,V,3)."""
         return self._functions["render_pncc"](vertices, faces, ncc, height, width)
+
+    def rasterize(self, vertices, faces, height, width):
+        """Per-pixel face index (B,H,W), barycentrics (B,H,W,3) and depth (B,H,W) of a z-buffer."""
+        return self._functions["rasterize"](vertices, faces, height, width)
+
+    def interpolate(self, attributes, faces, face_index, bary):
+        """Per-vertex attributes (B,V,A) interpolated over rasterized pixels -> (B,H,W,A)."""
+        return self._functions["interpolate"](attributes, faces, face_index, bary)
 
     def __repr__(self):
         return f"Ops({self.name!r})"
