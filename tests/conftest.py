@@ -60,3 +60,12 @@ def num_threads():
 
     yield _Threads()
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def corr_path_mode():
+    """Sets corr_warp's CPU path mode (csrc/corr/corr_cpu_path.h) for one test; restores the
+    previous one afterwards. Yields the debug op: mode -> the previous mode ("" only reads it)."""
+    previous = torch.ops.pncc._corr_cpu_path_mode("")
+    yield torch.ops.pncc._corr_cpu_path_mode
+    torch.ops.pncc._corr_cpu_path_mode(previous)

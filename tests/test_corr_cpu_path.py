@@ -28,16 +28,8 @@ needs_bf16 = pytest.mark.skipif(not BF16_AVAILABLE, reason="this CPU has no AVX5
 PATHS = ("simd", "aten", "bf16")
 
 
-@pytest.fixture
-def path_mode():
-    """Sets the path mode for one test; restores the previous one afterwards."""
-    previous = OPS._corr_cpu_path_mode("")
-    yield OPS._corr_cpu_path_mode
-    OPS._corr_cpu_path_mode(previous)
-
-
-def test_choice_is_measured_once_per_shape_class(path_mode):
-    path_mode("recalibrate")  # auto, with earlier calibrations forgotten
+def test_choice_is_measured_once_per_shape_class(corr_path_mode):
+    corr_path_mode("recalibrate")  # auto, with earlier calibrations forgotten
     before = stats()
     first = OPS._corr_cpu_path(48, 40)
     assert first in ("simd", "aten")
@@ -62,8 +54,8 @@ def test_choice_is_measured_once_per_shape_class(path_mode):
 
 
 @needs_bf16
-def test_bf16_inputs_are_measured_as_a_class_of_their_own(path_mode):
-    path_mode("recalibrate")
+def test_bf16_inputs_are_measured_as_a_class_of_their_own(corr_path_mode):
+    corr_path_mode("recalibrate")
     before = stats()
     fp32 = OPS._corr_cpu_path(48, 40)
     chosen = OPS._corr_cpu_path(48, 40, True)
@@ -85,8 +77,8 @@ MODES = ["aten", pytest.param("simd", marks=needs_simd), pytest.param("bf16", ma
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forced_path_is_the_one_that_runs(path_mode, mode, dtype):
-    path_mode(mode)
+def test_forced_path_is_the_one_that_runs(corr_path_mode, mode, dtype):
+    corr_path_mode(mode)
     # The bf16 mode takes the bf16 kernels for bfloat16 inputs, the AVX-512 ones for the others.
     expected = "simd" if mode == "bf16" and dtype != torch.bfloat16 else mode
     assert OPS._corr_cpu_path(256, 256, dtype == torch.bfloat16) == expected
@@ -106,19 +98,19 @@ def test_forced_path_is_the_one_that_runs(path_mode, mode, dtype):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_each_path_agrees_with_the_reference(path_mode, mode, dtype):
-    path_mode(mode)
+def test_each_path_agrees_with_the_reference(corr_path_mode, mode, dtype):
+    corr_path_mode(mode)
     q, k, v = _inputs(2, 130, 600, 40, 7, dtype=dtype)
     assert_accuracy(q, k, v, temperature=0.01)
 
 
 @needs_simd
-def test_the_two_paths_agree_with_each_other(path_mode):
+def test_the_two_paths_agree_with_each_other(corr_path_mode):
     q, k, v = _inputs(1, 257, 1030, 32, 9)
     grad_out = torch.randn(1, 257, 9, generator=torch.Generator().manual_seed(4))
     results = {}
     for mode in ("simd", "aten"):
-        path_mode(mode)
+        corr_path_mode(mode)
         results[mode] = _forward_backward(pncc_cuda.corr_warp, q, k, v, grad_out,
                                           temperature=0.01)
     for name, a, b in zip(("out", "grad_q", "grad_k", "grad_v"), results["simd"], results["aten"]):
@@ -128,8 +120,8 @@ def test_the_two_paths_agree_with_each_other(path_mode):
 
 @pytest.mark.parametrize("mode", ["auto", pytest.param("bf16", marks=needs_bf16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_results_are_the_same_for_every_thread_count(path_mode, num_threads, dtype, mode):
-    path_mode(mode)
+def test_results_are_the_same_for_every_thread_count(corr_path_mode, num_threads, dtype, mode):
+    corr_path_mode(mode)
     q, k, v = _inputs(2, 300, 1100, 16, 5, dtype=dtype)
     grad_out = torch.randn(2, 300, 5, generator=torch.Generator().manual_seed(3)).to(dtype)
     results = []
@@ -142,10 +134,10 @@ def test_results_are_the_same_for_every_thread_count(path_mode, num_threads, dty
             assert torch.equal(a, b)
 
 
-def test_bad_mode_is_a_one_line_error(path_mode):
+def test_bad_mode_is_a_one_line_error(corr_path_mode):
     with pytest.raises(RuntimeError,
                        match="must be 'auto', 'simd', 'aten', 'bf16' or 'recalibrate', not 'fast'"):
-        path_mode("fast")
+        corr_path_mode("fast")
     with pytest.raises(RuntimeError, match="positive channel counts"):
         OPS._corr_cpu_path(0, 3)
 

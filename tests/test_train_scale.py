@@ -341,14 +341,6 @@ def test_tensorboard_events_hold_the_logged_scalars_and_the_sample_grid(dataset,
 
 # -- a real kill -----------------------------------------------------------------------------------
 
-@pytest.fixture
-def corr_path_mode():
-    """Sets corr_warp's CPU path mode for one test; restores the previous one afterwards."""
-    previous = torch.ops.pncc._corr_cpu_path_mode("")
-    yield torch.ops.pncc._corr_cpu_path_mode
-    torch.ops.pncc._corr_cpu_path_mode(previous)
-
-
 def test_a_run_pins_one_corr_cpu_path_records_it_and_a_resume_pins_the_record(dataset, tmp_path, corr_path_mode):
     corr_path_mode("recalibrate")
     run = tmp_path / "run"
