@@ -7,9 +7,10 @@ import torch.nn.functional as F
 
 pytest.importorskip("pncc_cuda", reason="pncc_cuda's extension is not built")
 
+import pncc_cuda  # noqa: E402
 from reenact.face3d import load_model  # noqa: E402
 from reenact.face3d.pose import compose_pose, euler_to_matrix  # noqa: E402
-from reenact.warp import FILL_STRIDE, geometric_reenact, mesh_warp, pixel_grid, shade_mouth  # noqa: E402
+from reenact.warp import FILL_STRIDE, _minimum_3x3, geometric_reenact, mesh_warp, pixel_grid, shade_mouth  # noqa: E402
 
 SIZE = 128
 
@@ -119,3 +120,17 @@ def test_mesh_warp_reports_the_mouth_interior(toy):
     assert warp.mouth.sum() > 0
     assert torch.equal(warp.holes, warp.mouth)  # nothing hidden, so every hole is mouth
     assert torch.allclose(warp.mouth_stretch, torch.ones(1))
+    # Exactly the pixels whose front face is a hole face; a driving face 1.2x larger shows 1.44x the area.
+    face_index = pncc_cuda.rasterize(vertices, faces, SIZE, SIZE)[0]
+    assert torch.equal(warp.mouth[:, 0] > 0, (face_index >= 0) & hole_faces[face_index.long().clamp_min(0)])
+    centre = torch.tensor([SIZE / 2, SIZE / 2, 0.0])
+    larger = mesh_warp(vertices, (vertices - centre) * 1.2 + centre, faces, SIZE, hole_faces=hole_faces)
+    assert abs(larger.mouth_stretch.item() - 1.44) < 0.05
+
+
+def test_the_visibility_test_reads_the_nearest_depth_around_each_source_pixel():
+    """The source z-buffer's minimum over each pixel's 3x3 neighbourhood (+inf outside the image)."""
+    depth = torch.rand(2, 9, 11, generator=torch.Generator().manual_seed(0))
+    depth[0, 4, 5] = float("inf")  # background
+    expected = -F.max_pool2d(-depth[:, None], 3, stride=1, padding=1)[:, 0]
+    assert torch.equal(_minimum_3x3(depth), expected)
