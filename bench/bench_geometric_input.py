@@ -54,7 +54,8 @@ def cpu_name():
 
 
 def config_file(path, resolution, geometric, recipe):
-    config = ReenactorConfig.small(resolution, geometric_input=geometric).to_dict()
+    config = ReenactorConfig.small(resolution).to_dict()
+    config["model"]["geometric_input"] = geometric
     config["loss"].update(reconstruction=recipe.reconstruction, warp=recipe.warp,
                           adversarial=recipe.adversarial, feature_matching=recipe.feature_matching)
     ReenactorConfig.from_dict(config).to_json(path)

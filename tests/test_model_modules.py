@@ -362,33 +362,6 @@ def test_geometric_input_blends_the_warp_and_learns_where():
         plain(batch["source_image"], batch["source_pncc"], batch["driving_pncc"], geometric)
 
 
-
-def test_geometric_correction_corrects_the_warp():
-    """ModelConfig.geometric_correction (the small preset's with geometric_input): the decoded image
-    is a correction of the warp, so a zero correction gives the warp exactly (the blend cannot:
-    its decoded image is mixed in); every parameter learns; it needs geometric_input."""
-    torch.manual_seed(0)
-    batch = synthetic_batch(2, 64, seed=3)
-    warped = batch["driving_image"].flip(-1)
-    geometric = torch.cat([warped, torch.zeros(2, 1, 64, 64)], 1)
-    for correction in (True, False):
-        config = ReenactorConfig.small(64, geometric_input=True)
-        assert config.model.geometric_correction  # the preset's
-        config.model.geometric_correction = correction
-        model = Reenactor(config.model)
-        with torch.no_grad():
-            model.decoder.to_rgb.weight[:3].zero_()
-            model.decoder.to_rgb.bias[:3].zero_()
-            output = model(batch["source_image"], batch["source_pncc"], batch["driving_pncc"], geometric)["output"]
-        assert torch.equal(output, warped) == correction
-    model = Reenactor(ReenactorConfig.small(64, geometric_input=True).model)
-    outputs = model(batch["source_image"], batch["source_pncc"], batch["driving_pncc"], geometric)
-    backward_random([outputs["output"], outputs["warped"]])
-    assert_every_parameter_learns(model)
-    with pytest.raises(ValueError, match="geometric_correction needs geometric_input"):
-        ReenactorConfig.small(64).model.__class__(resolution=64, geometric_correction=True)
-
-
 OUTPUT_KEYS = ("output", "warped", "warped_pncc", "flow")
 
 

@@ -79,9 +79,6 @@ class ModelConfig:
             m * warped + (1 - m) * decoded, so it starts near the warp and learns where to repair
             it (holes, the mouth interior, the mesh border). False in a config that does not name
             it, so checkpoints written before the flag existed load as they were trained.
-        geometric_correction: with geometric_input, the decoded image is a bounded correction of
-            the warp: output = warped + (1 - m) * 2 tanh(r) (DESIGN-NOTES, issue 13). False in a
-            config that does not name it (the blend above), for the same reason.
         correspondence_channels: C of the correspondence features (query/key of corr_warp).
         correspondence_level: the pyramid level where corr_warp runs: 2 (1/4 resolution, the
             design's default) or 1 (1/2 resolution: 4x the positions, 16x the work and the size
@@ -104,7 +101,6 @@ class ModelConfig:
     geometry_blocks: int = 2
     geometry_coordinates: bool = True
     geometric_input: bool = False
-    geometric_correction: bool = False
     correspondence_channels: int = 256
     correspondence_level: int = 2
     appearance_channels: tuple = (64, 128, 256)
@@ -138,11 +134,9 @@ class ModelConfig:
                               ("discriminator_layers", MAX_DISCRIMINATOR_LAYERS),
                               ("discriminator_scales", MAX_DISCRIMINATOR_SCALES)):
             _check_positive_int(getattr(self, name), name, maximum)
-        for name in ("geometry_coordinates", "geometric_input", "geometric_correction", "discriminator_spectral_norm"):
+        for name in ("geometry_coordinates", "geometric_input", "discriminator_spectral_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.geometric_correction and not self.geometric_input:
-            raise ValueError("geometric_correction needs geometric_input (it corrects the geometric warp input)")
         _check_weight(self.temperature, "temperature")
         if self.temperature == 0:
             raise ValueError("temperature must be > 0, got 0")
@@ -224,12 +218,10 @@ class ReenactorConfig:
     def small(cls, resolution=64, geometric_input=False):
         """The small CPU model (tests, the offline demo, CPU benchmarks); perceptual loss off.
         ``geometric_input``: see ModelConfig; ``reenact train``'s default config and the demo turn it on
-        (it wins on held-out pairs, bench/RESULTS.md), the network tests leave it off. With it, the
-        decoder corrects the warp (``geometric_correction``, also a held-out win there)."""
+        (it wins on held-out pairs, bench/RESULTS.md), the network tests leave it off."""
         model = ModelConfig(
             resolution=resolution,
             geometric_input=geometric_input,
-            geometric_correction=geometric_input,
             geometry_channels=(8, 16, 32),
             geometry_blocks=1,
             correspondence_channels=32,

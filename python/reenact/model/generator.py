@@ -116,21 +116,15 @@ class SPADEDecoder(nn.Module):
         geometric: also take the geometric warp input (B, 4, H, W) = [warped RGB, holes] at full
             resolution (ModelConfig.geometric_input): it joins the level-0 input, and the last conv
             predicts a blend mask m besides the image; the output is m * warped + (1 - m) * image.
-        correction: with ``geometric``, the predicted image is a correction of the warp
-            (ModelConfig.geometric_correction): output = warped + (1 - m) * 2 tanh(r), so the
-            warp itself is one flat choice (r = 0) away, not an image the decoder must redraw.
     """
 
     #: The blend mask starts mostly on the warp (sigmoid(2) = 0.88): the decoder learns where to
     #: take over (holes, the mouth interior, the mesh border) instead of first re-learning the face.
     BLEND_BIAS = 2.0
 
-    def __init__(self, skip_channels, geometry_channels, channels, hidden_channels, blocks=1, geometric=False,
-                 correction=False):
+    def __init__(self, skip_channels, geometry_channels, channels, hidden_channels, blocks=1, geometric=False):
         super().__init__()
-        if correction and not geometric:
-            raise ValueError("correction needs geometric: it corrects the geometric warp input")
-        self.geometric, self.correction = geometric, correction
+        self.geometric = geometric
         self.levels = nn.ModuleList()
         previous = geometry_channels
         for index, width in enumerate(channels):
@@ -157,8 +151,7 @@ class SPADEDecoder(nn.Module):
                 was built with ``geometric=True``.
 
         Returns:
-            (B, 3, H, W) in [-1, 1] (with ``correction``, up to the correction's overshoot, which
-            the consumers clamp: metrics, video frames).
+            (B, 3, H, W) in [-1, 1].
         """
         x = driving_geometry
         for index, blocks in enumerate(self.levels):
@@ -173,7 +166,5 @@ class SPADEDecoder(nn.Module):
         out = self.to_rgb(F.leaky_relu(x, _NEGATIVE_SLOPE))
         if not self.geometric:
             return torch.tanh(out)
-        blend, warped = torch.sigmoid(out[:, 3:]), geometric[:, :3].to(out.dtype)
-        if self.correction:
-            return warped + (1 - blend) * 2 * torch.tanh(out[:, :3])
-        return blend * warped + (1 - blend) * torch.tanh(out[:, :3])
+        blend = torch.sigmoid(out[:, 3:])
+        return blend * geometric[:, :3].to(out.dtype) + (1 - blend) * torch.tanh(out[:, :3])

@@ -111,8 +111,7 @@ class Reenactor(nn.Module):
         ])
         self.decoder = SPADEDecoder(
             config.appearance_channels, config.geometry_channels[2], config.decoder_channels,
-            config.spade_hidden_channels, config.decoder_blocks, config.geometric_input,
-            config.geometric_correction)
+            config.spade_hidden_channels, config.decoder_blocks, config.geometric_input)
 
     @property
     def ops(self):
