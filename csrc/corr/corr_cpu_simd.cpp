@@ -107,8 +107,8 @@ inline float hsum(__m512 v) {
 // partial sums per element, one over the even and one over the odd kk, added at the end. Splitting
 // the sum keeps the partial sums smaller: measured against float64 on normalised features at
 // 1/temperature = 100, the scores' rms error is 1.30e-6 at C = 256 (one fused multiply-add chain:
-// 1.81e-6; MKL: 1.30e-6) and 2.19e-6 at C = 8 (chain and MKL: 2.37e-6). On one Zen 5 core whose
-// FMA peak measures 116 GFLOP/s, this tile reaches 115 on full panels in cache, as fast as a
+// 1.81e-6; MKL: 1.30e-6) and 2.19e-6 at C = 8 (chain and MKL: 2.37e-6). On one Zen 4 core (EPYC,
+// family 25 model 17) whose FMA peak measures 116 GFLOP/s, this tile reaches 115 on full panels in cache, as fast as a
 // 12-row single chain or 8 rows x 3 vectors; 3 rows x 4 sums was slower (each B vector then
 // serves only 3 rows).
 // kRows * 2 * kSplit = 24 accumulators, plus two B vectors and one broadcast in 32 registers.
@@ -146,7 +146,7 @@ constexpr int kSplit = 2;
 #define PNCC_SUM(R, H) _mm512_add_ps(acc_0_##R##_##H, acc_1_##R##_##H)
 static_assert(kRows == 6 && kSplit == 2, "the macros above spell out 6 rows and 2 partial sums");
 
-// A B row of the register tile. Masked loads cost about 12% of the kernel's speed on Zen 5
+// A B row of the register tile. Masked loads cost about 12% of the kernel's speed on Zen 4
 // (measured: 102 against 115 GFLOP/s on one core, the same values), so only the last, partial
 // panel of a product takes them.
 template <bool kMasked>
