@@ -45,6 +45,10 @@ DDP_STEPS = 20
 CURVE_RTOL = 0.02
 #: Absolute tolerance of the discriminator's logits and the adversarial term, which sit near 0.
 LOGIT_ATOL = 0.06
+#: G/feature_matching is read off the discriminator's features, so it parts like them: up to 2.2%
+#: (0.0009 on 0.042) at step 15 after a 1e-7 change of the warp input (issue 13's restructured
+#: reenact.warp), while D/total, G/reconstruction and G/warp stayed within 0.1%.
+FEATURE_MATCHING_RTOL = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +88,10 @@ def test_torchrun_two_processes_follow_the_one_process_curve_and_resume_exactly(
     for key, value in losses_of(a[0]).items():
         assert _relative(value, b[0][key]) < 1e-5, key
     for x, y in zip(a, b):
-        for key in ("D/total", "G/reconstruction", "G/warp", "G/feature_matching"):
+        for key in ("D/total", "G/reconstruction", "G/warp"):
             assert _relative(x[key], y[key]) < CURVE_RTOL, (x["step"], key, x[key], y[key])
+        key = "G/feature_matching"
+        assert _relative(x[key], y[key]) < FEATURE_MATCHING_RTOL, (x["step"], key, x[key], y[key])
         # The discriminator's logits sit near 0 (about -0.05 here), so they are compared in
         # absolute terms: by step 20 the two runs' logits part by up to 0.03 (measured with the
         # warp input on), which is 4% of G/total while every other term follows to 0.2%.
