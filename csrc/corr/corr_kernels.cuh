@@ -165,8 +165,29 @@ __device__ RowNorm<double> warp_row_stats(const T* x, int64_t C, bool normalize,
   return row_norm_finish<double>(warp_sum(sum_sq), mean, 1.0, normalize, eps);
 }
 
-// x (n_rows, C) -> out (n_rows, ld_out) with out[:, C:] = 0, never scaled by 1/temperature. With
-// normalize false it is an exact copy, which pads V and dO for the 16-byte copies of the flash kernels.
+// How a row of q^ or k^ enters the score product. Unsplit: x^ rounded to the dtype, C channels.
+// Split (where rounds_normalised_rows, corr_math.h, is false: bf16 rows of C < 16): x^ = hi + lo,
+// both in the dtype, as three blocks of C channels, queries [qh, qh, ql] and keys [kh, kl, kh], so
+// that the kernels' ordinary product over 3C channels is qh.kh + qh.kl + ql.kh: q^.k^ but for the
+// dropped ql.kl (2^-16 of it in bf16), with fp32 accumulation. No kernel knows of the split. In the
+// backward, dL/dx^ is the sum of the gradients of the blocks holding hi (lo = x^ - hi has no
+// derivative of its own).
+struct SplitRows {
+  int blocks = 1;     // 3 when split
+  int lo_block = -1;  // the block holding lo (queries 2, keys 1); -1 unsplit
+};
+
+// The part of x^ that one block of a row holds: x^ rounded to T, or, in the lo block, what that
+// rounding left.
+template <typename T>
+__device__ __forceinline__ T split_part(double v, bool lo) {
+  const T hi = from_float<T>(static_cast<float>(v));
+  return lo ? from_float<T>(static_cast<float>(v - to_float(hi))) : hi;
+}
+
+// x (n_rows, C) -> out (n_rows, ld_out): the row (split into blocks when asked) followed by zeros,
+// never scaled by 1/temperature. With normalize false it is an exact copy, which pads V and dO for
+// the 16-byte copies of the flash kernels.
 struct NormalizeParams {
   const void* x;
   void* out;
@@ -174,6 +195,7 @@ struct NormalizeParams {
   int64_t n_rows, C, ld_out;
   double eps;
   bool normalize;
+  SplitRows split;
 };
 
 template <typename T>
@@ -184,15 +206,22 @@ __global__ void __launch_bounds__(kRowThreads) corr_normalize_kernel(const Norma
   T* out = static_cast<T*>(p.out) + r * p.ld_out;
   const RowNorm<double> st = warp_row_stats(x, p.C, p.normalize, p.eps);
   const int lane = threadIdx.x % 32;
+  const int64_t n_used = p.C * p.split.blocks;
   for (int64_t c = lane; c < p.ld_out; c += 32) {
-    const double v = c < p.C ? row_norm_apply(st, double(to_float(x[c]))) : 0.0;
-    out[c] = from_float<T>(static_cast<float>(v));
+    if (c >= n_used) {
+      out[c] = from_float<T>(0.f);
+      continue;
+    }
+    const int64_t block = p.split.blocks == 1 ? 0 : c / p.C;
+    const double v = row_norm_apply(st, double(to_float(x[c - block * p.C])));
+    out[c] = split_part<T>(v, block == p.split.lo_block);
   }
   if (p.stats != nullptr && lane == 0) p.stats[r] = st;
 }
 
-// dL/dx from g = T dL/dx^ (fp32, row stride ld_g: the main kernels' products of the unscaled dS)
-// and the statistics of the forward's rows; g_scale = 1/temperature is applied here, in double.
+// dL/dx from g = T dL/dx^ (fp32, row stride ld_g: the main kernels' products of the unscaled dS,
+// over the blocks of a split row) and the statistics of the forward's rows; g_scale =
+// 1/temperature is applied here, in double.
 struct NormalizeBackwardParams {
   const float* g;
   const void* x;
@@ -200,7 +229,17 @@ struct NormalizeBackwardParams {
   void* grad_x;
   int64_t n_rows, C, ld_g;
   double eps, g_scale;
+  SplitRows split;
 };
+
+// dL/dx^_c of one row: g_scale times the sum of g over the blocks that hold x^'s hi part.
+__device__ __forceinline__ double grad_of_row_value(const NormalizeBackwardParams& p,
+                                                    const float* gr, int64_t c) {
+  double sum = 0;
+  for (int b = 0; b < p.split.blocks; ++b)
+    if (b != p.split.lo_block) sum += double(gr[b * p.C + c]);
+  return sum * p.g_scale;
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
@@ -213,16 +252,16 @@ __global__ void __launch_bounds__(kRowThreads)
   const RowNorm<double> st = p.stats[r];
   double g_dot_c = 0;
   for (int64_t c = lane; c < p.C; c += 32)
-    g_dot_c += double(gr[c]) * p.g_scale * (to_float(xr[c]) - st.mean);
+    g_dot_c += grad_of_row_value(p, gr, c) * (to_float(xr[c]) - st.mean);
   const double coef = row_norm_grad_coef(st, warp_sum(g_dot_c), p.eps);
   double sum = 0;
   for (int64_t c = lane; c < p.C; c += 32)
-    sum += row_norm_grad_c(st, coef, double(gr[c]) * p.g_scale, double(to_float(xr[c])));
+    sum += row_norm_grad_c(st, coef, grad_of_row_value(p, gr, c), double(to_float(xr[c])));
   const double mean = st.centred ? warp_sum(sum) / static_cast<double>(p.C) : 0.0;
   T* gx = static_cast<T*>(p.grad_x) + r * p.C;
   for (int64_t c = lane; c < p.C; c += 32) {
     const double dc =
-        row_norm_grad_c(st, coef, double(gr[c]) * p.g_scale, double(to_float(xr[c])));
+        row_norm_grad_c(st, coef, grad_of_row_value(p, gr, c), double(to_float(xr[c])));
     gx[c] = from_float<T>(static_cast<float>(dc - mean));
   }
 }
@@ -1111,32 +1150,21 @@ struct TileParams {
   int64_t batch_offset;
 };
 
-struct Float4 {
-  float v[4];
-};
-struct Float2 {
-  float v[2];
+// N floats of one shared-memory load, aligned to their size so that the load is one instruction.
+template <int N>
+struct alignas(4 * N) Floats {
+  float v[N];
 };
 
-// 16- and 8-byte shared-memory loads and a 16-byte store (LDS.128, LDS.64, STS.128).
-__device__ __forceinline__ Float4 lds4(const float* p) {
+// 16- and 8-byte shared-memory loads (N = 4: LDS.128, N = 2: LDS.64) and a 16-byte store (STS.128).
+template <int N>
+__device__ __forceinline__ Floats<N> lds(const float* p) {
 #if defined(PNCC_CUDA_EMU)
-  Float4 r;
-  memcpy(r.v, p, 16);
+  Floats<N> r;
+  memcpy(r.v, p, sizeof(r.v));
   return r;
 #else
-  const float4 t = *reinterpret_cast<const float4*>(p);
-  return {{t.x, t.y, t.z, t.w}};
-#endif
-}
-__device__ __forceinline__ Float2 lds2(const float* p) {
-#if defined(PNCC_CUDA_EMU)
-  Float2 r;
-  memcpy(r.v, p, 8);
-  return r;
-#else
-  const float2 t = *reinterpret_cast<const float2*>(p);
-  return {{t.x, t.y}};
+  return *reinterpret_cast<const Floats<N>*>(p);
 #endif
 }
 __device__ __forceinline__ void sts4(float* p, float a, float b, float c, float d) {
@@ -1207,9 +1235,10 @@ __device__ __forceinline__ void simt_scores(float (&s)[4][4], float* a_s, float*
     __syncthreads();
 #pragma unroll 2
     for (int k = 0; k < kSimtKC; k += 2) {
-      const Float4 a0 = lds4(a_s + k * kSimtLd + 4 * ty), b0 = lds4(b_s + k * kSimtLd + 4 * tx);
-      const Float4 a1 = lds4(a_s + (k + 1) * kSimtLd + 4 * ty);
-      const Float4 b1 = lds4(b_s + (k + 1) * kSimtLd + 4 * tx);
+      const Floats<4> a0 = lds<4>(a_s + k * kSimtLd + 4 * ty);
+      const Floats<4> b0 = lds<4>(b_s + k * kSimtLd + 4 * tx);
+      const Floats<4> a1 = lds<4>(a_s + (k + 1) * kSimtLd + 4 * ty);
+      const Floats<4> b1 = lds<4>(b_s + (k + 1) * kSimtLd + 4 * tx);
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -1354,10 +1383,10 @@ __global__ void __launch_bounds__(kSimtThreads, (kSimtMinBlocks<mode, NB>))
         __syncthreads();
 #pragma unroll 2
         for (int k = 0; k < kSimtKC; ++k) {
-          const Float4 pv = lds4(p_s + (kc + k) * kSimtLd + 4 * ty);
+          const Floats<4> pv = lds<4>(p_s + (kc + k) * kSimtLd + 4 * ty);
 #pragma unroll
           for (int jb = 0; jb < NB; ++jb) {
-            const Float2 xv = lds2(x_s + k * Smem::kLdX + 2 * tx + 32 * jb);
+            const Floats<2> xv = lds<2>(x_s + k * Smem::kLdX + 2 * tx + 32 * jb);
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
               acc[i][2 * jb] = fmaf(pv.v[i], xv.v[0], acc[i][2 * jb]);
