@@ -48,6 +48,10 @@ def _max_err(a, b):
     return (a.double().cpu() - b.double().cpu()).abs().max().item() if a.numel() else 0.0
 
 
+def _in(dtype, x):
+    return x.to(dtype).float()
+
+
 class _GradAsOperand(torch.autograd.Function):
     """Identity; in the backward the gradient is rounded to `dtype`, as it is when it becomes the
     operand of a GPU's tensor-core products (dS before dS k^ and dS^T q^)."""
@@ -59,15 +63,34 @@ class _GradAsOperand(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad.to(ctx.dtype).to(grad.dtype), None
+        return _in(ctx.dtype, grad), None
+
+
+class _SoftmaxKeptInDtype(torch.autograd.Function):
+    """softmax over the last dimension in fp32, returning P rounded to `dtype`; its backward runs
+    from that P and dP in the dtype, as a GPU's unfused softmax backward does from the saved
+    output (dS = P (dP - rowsum(P dP)) in fp32)."""
+
+    @staticmethod
+    def forward(ctx, s, dtype):
+        p = _in(dtype, torch.softmax(s, dim=-1))
+        ctx.dtype = dtype
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, grad):
+        (p,) = ctx.saved_tensors
+        dp = _in(ctx.dtype, grad)
+        return p * (dp - (p * dp).sum(-1, keepdim=True)), None
 
 
 def _plain_gpu_style(query, key, value, temperature, normalize=True, eps=1e-6):
     """The plain baseline for float16/bfloat16, rounded where a GPU's unfused implementation
     rounds: inputs in the dtype; normalisation, every product (fp32 accumulation of the dtype's
     exact products) and the softmax in fp32; every operand of a product in the dtype (the
-    normalised rows, P, and in the backward dS); the output rounded to the dtype. Gradients are its
-    autograd.
+    normalised rows, P, and in the backward dP and dS); the softmax backward from P and dP in the
+    dtype; the output rounded to the dtype. Gradients are its autograd.
 
     The normalised rows are rounded only where the op's contract rounds them
     (rounds_normalised_rows): bfloat16 rows of fewer than 16 channels keep q^ k^ at fp32 precision,
@@ -77,12 +100,12 @@ def _plain_gpu_style(query, key, value, temperature, normalize=True, eps=1e-6):
 
     def rows(x):
         x = corr_warp_normalize(x.float(), normalize, eps)
-        return x.to(dtype).float() if rounded else x
+        return _in(dtype, x) if rounded else x
 
     q, k = rows(query), rows(key)
     scores = _GradAsOperand.apply(torch.matmul(q, k.transpose(-1, -2)), dtype)
-    p = torch.softmax(scores / temperature, dim=-1)
-    return torch.matmul(p.to(dtype).float(), value.float()).to(dtype)
+    p = _SoftmaxKeptInDtype.apply(scores / temperature, dtype)
+    return torch.matmul(p, value.float()).to(dtype)
 
 
 def assert_accuracy(q, k, v, temperature, normalize=True, eps=1e-6, seed=1, mutate=None):
