@@ -1,10 +1,12 @@
 """What every benchmark shares: timing (interleaved rounds, device synchronisation), peak memory
 (the CUDA allocator's, or the CPU profiler's replay) and machine facts for every table header.
 
-The CPU facts are `lscpu`'s model name and the flags that decide which kernels run (AVX2, AVX-512,
-AVX512-BF16, AMX), plus torch's thread count. Results measured on one CPU family say little about
-another (bench/RESULTS.md: MKL runs its AVX2 code on AMD and its AVX-512 code on Intel), so no
-table leaves this out.
+The CPU facts are `lscpu`'s model name with its family and model numbers, the flags that decide
+which kernels run (AVX2, AVX-512, AVX512-BF16, AMX), and torch's thread count. Under a hypervisor
+the model name can be just "AMD EPYC" for both Zen 4 (family 25, whose AVX-512 FMAs run at the
+AVX2 rate) and Zen 5 (family 26, twice that): only the numbers tell them apart. Results measured
+on one CPU family say little about another (bench/RESULTS.md: MKL runs its AVX2 code on AMD and
+its AVX-512 code on Intel), so no table leaves this out.
 
 Benchmarks import this module and the packages; never the tests, never each other. Nothing under
 tests/ imports it.
@@ -41,12 +43,19 @@ def _cpuinfo():
         return ""
 
 
+def _field(text, key):
+    match = re.search(rf"^{key}\s*:\s*(.+)$", text, re.MULTILINE)
+    return match.group(1).strip() if match else None
+
+
 def cpu_model():
-    """`lscpu`'s model name (or /proc/cpuinfo's, or platform's answer)."""
-    for text, key in ((_lscpu(), "Model name"), (_cpuinfo(), "model name")):
-        match = re.search(rf"^{key}\s*:\s*(.+)$", text, re.MULTILINE)
-        if match:
-            return match.group(1).strip()
+    """`lscpu`'s model name and family/model numbers, e.g. 'AMD EPYC (family 25 model 17)' (or
+    /proc/cpuinfo's, or platform's answer)."""
+    for text, keys in ((_lscpu(), ("Model name", "CPU family", "Model")),
+                       (_cpuinfo(), ("model name", "cpu family", "model"))):
+        name, family, model = (_field(text, key) for key in keys)
+        if name:
+            return f"{name} (family {family} model {model})" if family and model else name
     return platform.processor() or platform.machine()
 
 

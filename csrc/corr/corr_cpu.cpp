@@ -635,7 +635,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
   const path::Tiles tiles = choose_tiles<scalar_t>(C, Cv);
   const bool fast = tiles != path::Tiles::kAten, use_bf16 = tiles == path::Tiles::kBf16;
   const bool simd_products = tiles == path::Tiles::kSimd;
-  const int64_t pc = bf16::pairs(C), pcv = bf16::pairs(Cv);
   const acc_t* dop = d_out.const_data_ptr<acc_t>();
   acc_t* gkp = grad_kn.mutable_data_ptr<acc_t>();
   acc_t* gvp = grad_v.mutable_data_ptr<acc_t>();
@@ -692,6 +691,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
       }
       // The (nk x n_chunk) tile of key tile kt: P^T (or dP^T, dS^T), contiguous.
       const auto tile = [&](acc_t* store, int64_t kt) { return store + kt * chunk * kTileK; };
+      // out = X Y^T on this call's path, for the nk rows of X (Nk x c) from k0 and the chunk's
+      // rows of Y (n_chunk x c): given as rows and as bf16 pairs of rows (X), as rows, packed and
+      // bf16-transposed (Y).
+      const auto tile_times_chunk_t = [&](int64_t k0, int64_t nk, int64_t c, const acc_t* x,
+                                          const Pairs& x_pairs, const acc_t* y,
+                                          const at::Tensor& y_packed, const Pairs& y_t,
+                                          acc_t* out) {
+        if constexpr (std::is_same_v<acc_t, float>) {
+          if (use_bf16) {
+            const int64_t pairs = bf16::pairs(c);
+            bf16_tile_gemm(nk, n_chunk, pairs, x_pairs.data() + k0 * pairs, pairs, 1, y_t.data(),
+                           bf16::kPanel, pairs * bf16::kPanel, out, n_chunk, false);
+            return;
+          }
+        }
+        tile_gemm<acc_t>(fast, nk, n_chunk, c, x + k0 * c, c, 1, y, 1, c,
+                         packed_at<acc_t>(y_packed, 0, 0, c), out, n_chunk, false);
+      };
       at::parallel_for(0, n_kt, 1, [&](int64_t begin, int64_t end) {  // phase 1
         for (int64_t kt = begin; kt < end; ++kt) {
           reduce_dq_share(kt);
@@ -699,23 +716,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
           const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
           acc_t* pt = tile(p_base, kt);
           acc_t* dpt = tile(dp_base, kt);
-          if constexpr (std::is_same_v<acc_t, float>) {
-            if (use_bf16)
-              bf16_tile_gemm(nk, n_chunk, pc, kn_rows.data() + k0 * pc, pc, 1, qs_t.data(),
-                             bf16::kPanel, pc * bf16::kPanel, pt, n_chunk, false);
-          }
-          if (!use_bf16)
-            tile_gemm<acc_t>(fast, nk, n_chunk, C, kp + k0 * C, C, 1, qp, 1, C,
-                             packed_at<acc_t>(qs_packed, 0, 0, C), pt, n_chunk, false);
+          tile_times_chunk_t(k0, nk, C, kp, kn_rows, qp, qs_packed, qs_t, pt);
           probs_from_lse_cols(fast, pt, nk, n_chunk, lse_hi.data(), lse_lo.data());
-          if constexpr (std::is_same_v<acc_t, float>) {
-            if (use_bf16)
-              bf16_tile_gemm(nk, n_chunk, pcv, v_rows.data() + k0 * pcv, pcv, 1, do_t.data(),
-                             bf16::kPanel, pcv * bf16::kPanel, dpt, n_chunk, false);
-          }
-          if (!use_bf16)
-            tile_gemm<acc_t>(fast, nk, n_chunk, Cv, vp + k0 * Cv, Cv, 1, dop_chunk, 1, Cv,
-                             packed_at<acc_t>(do_packed, 0, 0, Cv), dpt, n_chunk, false);
+          tile_times_chunk_t(k0, nk, Cv, vp, v_rows, dop_chunk, do_packed, do_t, dpt);
           col_dots(fast, pt, dpt, nk, n_chunk, d_base + kt * chunk);
         }
       });

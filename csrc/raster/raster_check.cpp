@@ -147,5 +147,68 @@ at::Tensor check_interpolate_backward(const at::Tensor& grad_out, const at::Tens
   return faces32;
 }
 
+MeshArgs mesh_args(const at::Tensor& vertices, const at::Tensor& faces, int64_t height,
+                   int64_t width) {
+  at::Tensor faces32 = check_mesh(vertices, faces, height, width);
+  return {vertices.contiguous(), std::move(faces32)};
+}
+
+RenderPnccArgs render_pncc_args(const at::Tensor& vertices, const at::Tensor& faces,
+                                const at::Tensor& ncc, int64_t height, int64_t width) {
+  at::Tensor faces32 = check_mesh(vertices, faces, height, width);
+  check_ncc(ncc, vertices);
+  return {vertices.contiguous(), std::move(faces32), ncc.contiguous()};
+}
+
+RasterizeBackwardArgs rasterize_backward_args(const at::Tensor& grad_bary,
+                                              const at::Tensor& grad_depth,
+                                              const at::Tensor& vertices, const at::Tensor& faces,
+                                              const at::Tensor& face_index, const at::Tensor& bary) {
+  at::Tensor faces32 =
+      check_rasterize_backward(grad_bary, grad_depth, vertices, faces, face_index, bary);
+  const auto dtype = vertices.scalar_type();
+  return {vertices.contiguous(),           std::move(faces32),
+          face_index.contiguous(),         bary.contiguous(),
+          grad_bary.to(dtype).contiguous(), grad_depth.to(dtype).contiguous()};
+}
+
+InterpolateArgs interpolate_args(const at::Tensor& attributes, const at::Tensor& faces,
+                                 const at::Tensor& face_index, const at::Tensor& bary) {
+  at::Tensor faces32 = check_interpolate(attributes, faces, face_index, bary);
+  return {attributes.contiguous(), std::move(faces32), face_index.contiguous(), bary.contiguous(),
+          at::Tensor()};
+}
+
+InterpolateArgs interpolate_backward_args(const at::Tensor& grad_out, const at::Tensor& attributes,
+                                          const at::Tensor& faces, const at::Tensor& face_index,
+                                          const at::Tensor& bary) {
+  at::Tensor faces32 = check_interpolate_backward(grad_out, attributes, faces, face_index, bary);
+  return {attributes.contiguous(), std::move(faces32), face_index.contiguous(), bary.contiguous(),
+          grad_out.to(attributes.scalar_type()).contiguous()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_rasterize_outputs(const at::Tensor& vertices,
+                                                                       int64_t height,
+                                                                       int64_t width) {
+  const int64_t batch = vertices.size(0);
+  return {at::empty({batch, height, width}, vertices.options().dtype(at::kInt)),
+          at::empty({batch, height, width, 3}, vertices.options()),
+          at::empty({batch, height, width}, vertices.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor> empty_render_pncc_outputs(const at::Tensor& vertices,
+                                                             int64_t height, int64_t width) {
+  const int64_t batch = vertices.size(0);
+  return {at::empty({batch, 3, height, width}, vertices.options()),
+          at::empty({batch, 1, height, width}, vertices.options())};
+}
+
+at::Tensor empty_interpolate_output(const InterpolateArgs& args) {
+  const at::Tensor& face_index = args.face_index;
+  return at::empty({face_index.size(0), face_index.size(1), face_index.size(2),
+                    args.attributes.size(2)},
+                   args.attributes.options());
+}
+
 }  // namespace raster
 }  // namespace pncc

@@ -12,6 +12,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <tuple>
+
 #include "raster/raster_core.h"
 
 namespace pncc {
@@ -61,6 +63,49 @@ at::Tensor check_rasterize_backward(const at::Tensor& grad_bary, const at::Tenso
 at::Tensor check_interpolate_backward(const at::Tensor& grad_out, const at::Tensor& attributes,
                                       const at::Tensor& faces, const at::Tensor& face_index,
                                       const at::Tensor& bary);
+
+// The validated inputs of each op, contiguous (upstream gradients also cast to the dtype of the
+// vertices or attributes): what every device's adapter starts from, so that the CPU and CUDA
+// adapters differ only in how they compute. CUDA adapters build them inside their device guard.
+struct MeshArgs {
+  at::Tensor vertices, faces32;
+};
+MeshArgs mesh_args(const at::Tensor& vertices, const at::Tensor& faces, int64_t height,
+                   int64_t width);
+
+struct RenderPnccArgs {
+  at::Tensor vertices, faces32, ncc;
+};
+RenderPnccArgs render_pncc_args(const at::Tensor& vertices, const at::Tensor& faces,
+                                const at::Tensor& ncc, int64_t height, int64_t width);
+
+struct RasterizeBackwardArgs {
+  at::Tensor vertices, faces32, face_index, bary, grad_bary, grad_depth;
+};
+RasterizeBackwardArgs rasterize_backward_args(const at::Tensor& grad_bary,
+                                              const at::Tensor& grad_depth,
+                                              const at::Tensor& vertices, const at::Tensor& faces,
+                                              const at::Tensor& face_index, const at::Tensor& bary);
+
+struct InterpolateArgs {
+  at::Tensor attributes, faces32, face_index, bary;
+  at::Tensor grad_out;  // the backward's only
+};
+InterpolateArgs interpolate_args(const at::Tensor& attributes, const at::Tensor& faces,
+                                 const at::Tensor& face_index, const at::Tensor& bary);
+InterpolateArgs interpolate_backward_args(const at::Tensor& grad_out, const at::Tensor& attributes,
+                                          const at::Tensor& faces, const at::Tensor& face_index,
+                                          const at::Tensor& bary);
+
+// The outputs each op allocates (uninitialised; every pixel is written): rasterize's face_index
+// (B, H, W) int32, bary (B, H, W, 3) and depth (B, H, W); render_pncc's pncc (B, 3, H, W) and
+// mask (B, 1, H, W); interpolate's (B, H, W, C).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_rasterize_outputs(const at::Tensor& vertices,
+                                                                       int64_t height,
+                                                                       int64_t width);
+std::tuple<at::Tensor, at::Tensor> empty_render_pncc_outputs(const at::Tensor& vertices,
+                                                             int64_t height, int64_t width);
+at::Tensor empty_interpolate_output(const InterpolateArgs& args);
 
 // Fills a MeshView from validated contiguous tensors.
 template <typename T>

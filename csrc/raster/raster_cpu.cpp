@@ -80,12 +80,9 @@ cull::Variant selected_cull() {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rasterize_cpu(const at::Tensor& vertices_in,
                                                               const at::Tensor& faces,
                                                               int64_t height, int64_t width) {
-  const at::Tensor faces32 = check_mesh(vertices_in, faces, height, width);
-  const at::Tensor vertices = vertices_in.contiguous();
+  const auto [vertices, faces32] = mesh_args(vertices_in, faces, height, width);
   const int64_t batch = vertices.size(0);
-  at::Tensor face_index = at::empty({batch, height, width}, vertices.options().dtype(at::kInt));
-  at::Tensor bary = at::empty({batch, height, width, 3}, vertices.options());
-  at::Tensor depth = at::empty({batch, height, width}, vertices.options());
+  auto [face_index, bary, depth] = empty_rasterize_outputs(vertices, height, width);
   if (face_index.numel() == 0) return {face_index, bary, depth};
 
   AT_DISPATCH_FLOATING_TYPES(vertices.scalar_type(), "rasterize_cpu", [&] {
@@ -116,13 +113,9 @@ std::tuple<at::Tensor, at::Tensor> render_pncc_cpu(const at::Tensor& vertices_in
                                                    const at::Tensor& faces,
                                                    const at::Tensor& ncc_in, int64_t height,
                                                    int64_t width) {
-  const at::Tensor faces32 = check_mesh(vertices_in, faces, height, width);
-  check_ncc(ncc_in, vertices_in);
-  const at::Tensor vertices = vertices_in.contiguous();
-  const at::Tensor ncc = ncc_in.contiguous();
+  const auto [vertices, faces32, ncc] = render_pncc_args(vertices_in, faces, ncc_in, height, width);
   const int64_t batch = vertices.size(0);
-  at::Tensor pncc = at::empty({batch, 3, height, width}, vertices.options());
-  at::Tensor mask = at::empty({batch, 1, height, width}, vertices.options());
+  auto [pncc, mask] = empty_render_pncc_outputs(vertices, height, width);
   if (mask.numel() == 0) return {pncc, mask};
 
   AT_DISPATCH_FLOATING_TYPES(vertices.scalar_type(), "render_pncc_cpu", [&] {
@@ -149,13 +142,8 @@ std::tuple<at::Tensor, at::Tensor> render_pncc_cpu(const at::Tensor& vertices_in
 at::Tensor rasterize_backward_cpu(const at::Tensor& grad_bary_in, const at::Tensor& grad_depth_in,
                                   const at::Tensor& vertices_in, const at::Tensor& faces,
                                   const at::Tensor& face_index_in, const at::Tensor& bary_in) {
-  const at::Tensor faces32 = check_rasterize_backward(grad_bary_in, grad_depth_in, vertices_in,
-                                                      faces, face_index_in, bary_in);
-  const at::Tensor vertices = vertices_in.contiguous();
-  const at::Tensor face_index = face_index_in.contiguous();
-  const at::Tensor bary = bary_in.contiguous();
-  const at::Tensor grad_bary = grad_bary_in.to(vertices.scalar_type()).contiguous();
-  const at::Tensor grad_depth = grad_depth_in.to(vertices.scalar_type()).contiguous();
+  const auto [vertices, faces32, face_index, bary, grad_bary, grad_depth] = rasterize_backward_args(
+      grad_bary_in, grad_depth_in, vertices_in, faces, face_index_in, bary_in);
   at::Tensor grad_vertices = at::zeros_like(vertices);
   const int64_t batch = face_index.size(0), height = face_index.size(1),
                 width = face_index.size(2);
@@ -186,14 +174,12 @@ at::Tensor rasterize_backward_cpu(const at::Tensor& grad_bary_in, const at::Tens
 
 at::Tensor interpolate_cpu(const at::Tensor& attributes_in, const at::Tensor& faces,
                            const at::Tensor& face_index_in, const at::Tensor& bary_in) {
-  const at::Tensor faces32 = check_interpolate(attributes_in, faces, face_index_in, bary_in);
-  const at::Tensor attributes = attributes_in.contiguous();
-  const at::Tensor face_index = face_index_in.contiguous();
-  const at::Tensor bary = bary_in.contiguous();
+  const InterpolateArgs args = interpolate_args(attributes_in, faces, face_index_in, bary_in);
+  const at::Tensor &attributes = args.attributes, &faces32 = args.faces32,
+                   &face_index = args.face_index, &bary = args.bary;
   const int64_t batch = face_index.size(0), pixels = face_index.size(1) * face_index.size(2);
   const int64_t num_vertices = attributes.size(1), channels = attributes.size(2);
-  at::Tensor out = at::empty({batch, face_index.size(1), face_index.size(2), channels},
-                             attributes.options());
+  at::Tensor out = empty_interpolate_output(args);
   if (out.numel() == 0) return out;
 
   AT_DISPATCH_FLOATING_TYPES(attributes.scalar_type(), "interpolate_cpu", [&] {
@@ -217,15 +203,11 @@ std::tuple<at::Tensor, at::Tensor> interpolate_backward_cpu(const at::Tensor& gr
                                                             const at::Tensor& faces,
                                                             const at::Tensor& face_index_in,
                                                             const at::Tensor& bary_in) {
-  const at::Tensor faces32 =
-      check_interpolate_backward(grad_out_in, attributes_in, faces, face_index_in, bary_in);
-  const at::Tensor attributes = attributes_in.contiguous();
-  const at::Tensor face_index = face_index_in.contiguous();
-  const at::Tensor bary = bary_in.contiguous();
+  const auto [attributes, faces32, face_index, bary, grad_out] =
+      interpolate_backward_args(grad_out_in, attributes_in, faces, face_index_in, bary_in);
   const int64_t batch = face_index.size(0), pixels = face_index.size(1) * face_index.size(2);
   const int64_t attr_batch = attributes.size(0), num_vertices = attributes.size(1),
                 channels = attributes.size(2);
-  const at::Tensor grad_out = grad_out_in.to(attributes.scalar_type()).contiguous();
   at::Tensor grad_bary = at::zeros_like(bary);
   // A shared (1, V, C) attribute table receives gradients from every image: each image
   // accumulates into its own slice, and the slices are summed afterwards in image order, so the

@@ -34,8 +34,9 @@ const unsigned long long* key_ptr(const at::Tensor& keys) {
 
 // The pointers and sizes interpolate and its backward share; outputs are filled in by the caller.
 template <typename T>
-InterpolateParams<T> interpolate_params(const at::Tensor& attributes, const at::Tensor& faces32,
-                                        const at::Tensor& face_index, const at::Tensor& bary) {
+InterpolateParams<T> interpolate_params(const InterpolateArgs& args) {
+  const at::Tensor &attributes = args.attributes, &faces32 = args.faces32,
+                   &face_index = args.face_index, &bary = args.bary;
   InterpolateParams<T> p{};
   p.attributes = attributes.data_ptr<T>();
   p.num_vertices = attributes.size(1);
@@ -53,13 +54,9 @@ InterpolateParams<T> interpolate_params(const at::Tensor& attributes, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rasterize_cuda(const at::Tensor& vertices_in,
                                                                const at::Tensor& faces,
                                                                int64_t height, int64_t width) {
-  const at::Tensor faces32 = check_mesh(vertices_in, faces, height, width);
   const c10::cuda::CUDAGuard guard(vertices_in.device());
-  const at::Tensor vertices = vertices_in.contiguous();
-  const int64_t batch = vertices.size(0);
-  at::Tensor face_index = at::empty({batch, height, width}, vertices.options().dtype(at::kInt));
-  at::Tensor bary = at::empty({batch, height, width, 3}, vertices.options());
-  at::Tensor depth = at::empty({batch, height, width}, vertices.options());
+  const auto [vertices, faces32] = mesh_args(vertices_in, faces, height, width);
+  auto [face_index, bary, depth] = empty_rasterize_outputs(vertices, height, width);
   if (face_index.numel() == 0) return {face_index, bary, depth};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -78,14 +75,9 @@ std::tuple<at::Tensor, at::Tensor> render_pncc_cuda(const at::Tensor& vertices_i
                                                     const at::Tensor& faces,
                                                     const at::Tensor& ncc_in, int64_t height,
                                                     int64_t width) {
-  const at::Tensor faces32 = check_mesh(vertices_in, faces, height, width);
-  check_ncc(ncc_in, vertices_in);
   const c10::cuda::CUDAGuard guard(vertices_in.device());
-  const at::Tensor vertices = vertices_in.contiguous();
-  const at::Tensor ncc = ncc_in.contiguous();
-  const int64_t batch = vertices.size(0);
-  at::Tensor pncc = at::empty({batch, 3, height, width}, vertices.options());
-  at::Tensor mask = at::empty({batch, 1, height, width}, vertices.options());
+  const auto [vertices, faces32, ncc] = render_pncc_args(vertices_in, faces, ncc_in, height, width);
+  auto [pncc, mask] = empty_render_pncc_outputs(vertices, height, width);
   if (mask.numel() == 0) return {pncc, mask};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -105,15 +97,10 @@ at::Tensor rasterize_backward_cuda(const at::Tensor& grad_bary_in,
                                    const at::Tensor& grad_depth_in,
                                    const at::Tensor& vertices_in, const at::Tensor& faces,
                                    const at::Tensor& face_index_in, const at::Tensor& bary_in) {
-  const at::Tensor faces32 = check_rasterize_backward(grad_bary_in, grad_depth_in, vertices_in,
-                                                      faces, face_index_in, bary_in);
-  at::globalContext().alertNotDeterministic("_rasterize_backward_cuda");
   const c10::cuda::CUDAGuard guard(vertices_in.device());
-  const at::Tensor vertices = vertices_in.contiguous();
-  const at::Tensor face_index = face_index_in.contiguous();
-  const at::Tensor bary = bary_in.contiguous();
-  const at::Tensor grad_bary = grad_bary_in.to(vertices.scalar_type()).contiguous();
-  const at::Tensor grad_depth = grad_depth_in.to(vertices.scalar_type()).contiguous();
+  const auto [vertices, faces32, face_index, bary, grad_bary, grad_depth] = rasterize_backward_args(
+      grad_bary_in, grad_depth_in, vertices_in, faces, face_index_in, bary_in);
+  at::globalContext().alertNotDeterministic("_rasterize_backward_cuda");
   at::Tensor grad_vertices = at::zeros_like(vertices);
   if (face_index.numel() == 0) return grad_vertices;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -133,19 +120,14 @@ at::Tensor rasterize_backward_cuda(const at::Tensor& grad_bary_in,
 
 at::Tensor interpolate_cuda(const at::Tensor& attributes_in, const at::Tensor& faces,
                             const at::Tensor& face_index_in, const at::Tensor& bary_in) {
-  const at::Tensor faces32 = check_interpolate(attributes_in, faces, face_index_in, bary_in);
   const c10::cuda::CUDAGuard guard(attributes_in.device());
-  const at::Tensor attributes = attributes_in.contiguous();
-  const at::Tensor face_index = face_index_in.contiguous();
-  const at::Tensor bary = bary_in.contiguous();
-  const int64_t channels = attributes.size(2);
-  at::Tensor out = at::empty({face_index.size(0), face_index.size(1), face_index.size(2), channels},
-                             attributes.options());
+  const InterpolateArgs args = interpolate_args(attributes_in, faces, face_index_in, bary_in);
+  at::Tensor out = empty_interpolate_output(args);
   if (out.numel() == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES(attributes.scalar_type(), "interpolate_cuda", [&] {
-    InterpolateParams<scalar_t> p = interpolate_params<scalar_t>(attributes, faces32, face_index, bary);
+  AT_DISPATCH_FLOATING_TYPES(args.attributes.scalar_type(), "interpolate_cuda", [&] {
+    InterpolateParams<scalar_t> p = interpolate_params<scalar_t>(args);
     p.out = out.data_ptr<scalar_t>();
     launch_interpolate(p, stream);
   });
@@ -157,22 +139,18 @@ std::tuple<at::Tensor, at::Tensor> interpolate_backward_cuda(const at::Tensor& g
                                                              const at::Tensor& faces,
                                                              const at::Tensor& face_index_in,
                                                              const at::Tensor& bary_in) {
-  const at::Tensor faces32 =
-      check_interpolate_backward(grad_out_in, attributes_in, faces, face_index_in, bary_in);
-  at::globalContext().alertNotDeterministic("_interpolate_backward_cuda");
   const c10::cuda::CUDAGuard guard(attributes_in.device());
-  const at::Tensor attributes = attributes_in.contiguous();
-  const at::Tensor face_index = face_index_in.contiguous();
-  const at::Tensor bary = bary_in.contiguous();
-  const at::Tensor grad_out = grad_out_in.to(attributes.scalar_type()).contiguous();
-  at::Tensor grad_attributes = at::zeros_like(attributes);
-  at::Tensor grad_bary = at::zeros_like(bary);
-  if (grad_out.numel() == 0) return {grad_attributes, grad_bary};
+  const InterpolateArgs args =
+      interpolate_backward_args(grad_out_in, attributes_in, faces, face_index_in, bary_in);
+  at::globalContext().alertNotDeterministic("_interpolate_backward_cuda");
+  at::Tensor grad_attributes = at::zeros_like(args.attributes);
+  at::Tensor grad_bary = at::zeros_like(args.bary);
+  if (args.grad_out.numel() == 0) return {grad_attributes, grad_bary};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES(attributes.scalar_type(), "interpolate_backward_cuda", [&] {
-    InterpolateParams<scalar_t> p = interpolate_params<scalar_t>(attributes, faces32, face_index, bary);
-    p.grad_out = grad_out.data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES(args.attributes.scalar_type(), "interpolate_backward_cuda", [&] {
+    InterpolateParams<scalar_t> p = interpolate_params<scalar_t>(args);
+    p.grad_out = args.grad_out.data_ptr<scalar_t>();
     p.grad_attributes = grad_attributes.data_ptr<scalar_t>();
     p.grad_bary = grad_bary.data_ptr<scalar_t>();
     launch_interpolate_backward(p, stream);

@@ -1,8 +1,8 @@
 // CUDA kernels of the rasterizer ops and their launchers. Kernels take one plain-data params
-// struct; launchers take the same struct and a stream, launch with PNCC_LAUNCH and check the
-// launch. Nothing here touches a tensor: raster_cuda.cu validates, allocates and registers. The
-// per-triangle and per-pixel work is in raster_core.h, shared with the CPU; this file owns only
-// the thread mapping. tools/cuda_emu compiles this header unchanged on the host.
+// struct; launchers take the same struct and a stream and launch through launch_per_item (one
+// thread per triangle or pixel), which checks the launch. Nothing here touches a tensor:
+// raster_cuda.cu validates, allocates and registers. The per-triangle and per-pixel work is in
+// raster_core.h, shared with the CPU; this file owns only the thread mapping. tools/cuda_emu compiles this header unchanged on the host.
 //
 //   z-buffer pass: one thread per (image, triangle). Setup, bounding box, coverage, and one
 //                  64-bit atomicMin per covered sample on a key that packs the depth above the
@@ -39,6 +39,39 @@ constexpr int kDynamicSmemBytes = 0;
 
 inline int64_t blocks_for(int64_t n) { return (n + kThreads - 1) / kThreads; }
 
+// This thread's work item (a triangle or a pixel): one per thread, kThreads a block.
+__device__ __forceinline__ int64_t thread_item() {
+  return int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+
+// Launches `kernel` with one thread per item (nothing for no items) and checks the launch.
+// `kernel` is a function pointer, dereferenced for PNCC_LAUNCH, whose emulation takes its address.
+template <typename Params>
+void launch_per_item(void (*kernel)(const Params), const Params& p, int64_t items,
+                     cudaStream_t stream) {
+  if (items == 0) return;
+  PNCC_LAUNCH(blocks_for(items), kThreads, 0, stream, (*kernel))(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// A pixel of a batch of H x W images, from its index in (B, H, W) order.
+struct PixelAt {
+  int64_t b, offset;  // image, and offset within it
+  int row, col;
+};
+
+HOST_DEVICE_INLINE PixelAt pixel_at(int64_t pixel, int height, int width) {
+  const int64_t plane = int64_t(height) * width;
+  const int64_t b = pixel / plane, offset = pixel - b * plane;
+  const int row = static_cast<int>(offset / width);
+  return {b, offset, row, static_cast<int>(offset - int64_t(row) * width)};
+}
+
+template <typename T>
+HOST_DEVICE_INLINE int64_t pixels_of(const MeshView<T>& mesh) {
+  return mesh.batch * int64_t(mesh.height) * mesh.width;
+}
+
 HOST_DEVICE_INLINE bool vertex_in_range(int32_t i, int64_t num_vertices) {
   return i >= 0 && i < num_vertices;
 }
@@ -64,7 +97,7 @@ struct ZbufferParams {
 template <typename T>
 __global__ void zbuffer_kernel(const ZbufferParams<T> p) {
   const MeshView<T>& mesh = p.mesh;
-  const int64_t item = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t item = thread_item();
   if (item >= mesh.batch * mesh.num_faces) return;
   const int64_t b = item / mesh.num_faces;
   const int64_t f = item - b * mesh.num_faces;
@@ -80,10 +113,7 @@ __global__ void zbuffer_kernel(const ZbufferParams<T> p) {
 
 template <typename T>
 void launch_zbuffer(const ZbufferParams<T>& p, cudaStream_t stream) {
-  const int64_t items = p.mesh.batch * p.mesh.num_faces;
-  if (items == 0) return;
-  PNCC_LAUNCH(blocks_for(items), kThreads, 0, stream, zbuffer_kernel<T>)(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_per_item(zbuffer_kernel<T>, p, p.mesh.batch * p.mesh.num_faces, stream);
 }
 
 // ---- resolve: face index, barycentrics and depth per pixel ----
@@ -99,14 +129,12 @@ struct ResolveRasterParams {
 template <typename T>
 __global__ void resolve_raster_kernel(const ResolveRasterParams<T> p) {
   const MeshView<T>& mesh = p.mesh;
-  const int64_t pixel = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t plane = int64_t(mesh.height) * mesh.width;
-  if (pixel >= mesh.batch * plane) return;
-  const int64_t b = pixel / plane;
-  const int row = static_cast<int>((pixel - b * plane) / mesh.width);
-  const int col = static_cast<int>(pixel - b * plane - int64_t(row) * mesh.width);
+  const int64_t pixel = thread_item();
+  if (pixel >= pixels_of(mesh)) return;
+  const PixelAt at = pixel_at(pixel, mesh.height, mesh.width);
   T pixel_bary[3], pixel_depth;
-  p.face_index[pixel] = resolve_pixel(mesh, b, row, col, p.keys[pixel], pixel_bary, pixel_depth);
+  p.face_index[pixel] =
+      resolve_pixel(mesh, at.b, at.row, at.col, p.keys[pixel], pixel_bary, pixel_depth);
   p.bary[3 * pixel + 0] = pixel_bary[0];
   p.bary[3 * pixel + 1] = pixel_bary[1];
   p.bary[3 * pixel + 2] = pixel_bary[2];
@@ -115,10 +143,7 @@ __global__ void resolve_raster_kernel(const ResolveRasterParams<T> p) {
 
 template <typename T>
 void launch_resolve_raster(const ResolveRasterParams<T>& p, cudaStream_t stream) {
-  const int64_t pixels = p.mesh.batch * int64_t(p.mesh.height) * p.mesh.width;
-  if (pixels == 0) return;
-  PNCC_LAUNCH(blocks_for(pixels), kThreads, 0, stream, resolve_raster_kernel<T>)(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_per_item(resolve_raster_kernel<T>, p, pixels_of(p.mesh), stream);
 }
 
 // ---- resolve straight to the PNCC image (channel-first) and the mask ----
@@ -135,26 +160,20 @@ struct ResolvePnccParams {
 template <typename T>
 __global__ void resolve_pncc_kernel(const ResolvePnccParams<T> p) {
   const MeshView<T>& mesh = p.mesh;
-  const int64_t pixel = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t pixel = thread_item();
+  if (pixel >= pixels_of(mesh)) return;
+  const PixelAt at = pixel_at(pixel, mesh.height, mesh.width);
   const int64_t plane = int64_t(mesh.height) * mesh.width;
-  if (pixel >= mesh.batch * plane) return;
-  const int64_t b = pixel / plane;
-  const int64_t offset = pixel - b * plane;
-  const int row = static_cast<int>(offset / mesh.width);
-  const int col = static_cast<int>(offset - int64_t(row) * mesh.width);
   T bary[3], depth;
-  const int32_t face = resolve_pixel(mesh, b, row, col, p.keys[pixel], bary, depth);
-  interpolate_pixel(p.ncc + b * p.ncc_batch_stride, 3, mesh.faces, face, bary,
-                    p.pncc + b * 3 * plane + offset, plane);
+  const int32_t face = resolve_pixel(mesh, at.b, at.row, at.col, p.keys[pixel], bary, depth);
+  interpolate_pixel(p.ncc + at.b * p.ncc_batch_stride, 3, mesh.faces, face, bary,
+                    p.pncc + at.b * 3 * plane + at.offset, plane);
   p.mask[pixel] = face >= 0 ? T(1) : T(0);
 }
 
 template <typename T>
 void launch_resolve_pncc(const ResolvePnccParams<T>& p, cudaStream_t stream) {
-  const int64_t pixels = p.mesh.batch * int64_t(p.mesh.height) * p.mesh.width;
-  if (pixels == 0) return;
-  PNCC_LAUNCH(blocks_for(pixels), kThreads, 0, stream, resolve_pncc_kernel<T>)(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_per_item(resolve_pncc_kernel<T>, p, pixels_of(p.mesh), stream);
 }
 
 // ---- rasterize backward: barycentric and depth gradients to vertex gradients ----
@@ -171,10 +190,9 @@ struct RasterizeBackwardParams {
 template <typename T>
 __global__ void rasterize_backward_kernel(const RasterizeBackwardParams<T> p) {
   const MeshView<T>& mesh = p.mesh;
-  const int64_t pixel = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t plane = int64_t(mesh.height) * mesh.width;
-  if (pixel >= mesh.batch * plane) return;
-  const int64_t b = pixel / plane;
+  const int64_t pixel = thread_item();
+  if (pixel >= pixels_of(mesh)) return;
+  const int64_t b = pixel / (int64_t(mesh.height) * mesh.width);
   int32_t face = guarded_face(p.face_index[pixel], mesh.num_faces);
   if (face >= 0 && !face_in_range(mesh.faces, face, mesh.num_vertices)) face = -1;
   T* grad_image = p.grad_vertices + b * mesh.num_vertices * 3;
@@ -186,10 +204,7 @@ __global__ void rasterize_backward_kernel(const RasterizeBackwardParams<T> p) {
 
 template <typename T>
 void launch_rasterize_backward(const RasterizeBackwardParams<T>& p, cudaStream_t stream) {
-  const int64_t pixels = p.mesh.batch * int64_t(p.mesh.height) * p.mesh.width;
-  if (pixels == 0) return;
-  PNCC_LAUNCH(blocks_for(pixels), kThreads, 0, stream, rasterize_backward_kernel<T>)(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_per_item(rasterize_backward_kernel<T>, p, pixels_of(p.mesh), stream);
 }
 
 // ---- interpolate and its backward ----
@@ -219,7 +234,7 @@ HOST_DEVICE_INLINE int32_t interpolated_face(const InterpolateParams<T>& p, int6
 
 template <typename T>
 __global__ void interpolate_kernel(const InterpolateParams<T> p) {
-  const int64_t pixel = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t pixel = thread_item();
   if (pixel >= p.total) return;
   interpolate_pixel(p.attributes + (pixel / p.pixels) * p.attr_batch_stride, p.channels, p.faces,
                     interpolated_face(p, pixel), p.bary + 3 * pixel, p.out + pixel * p.channels, 1);
@@ -227,7 +242,7 @@ __global__ void interpolate_kernel(const InterpolateParams<T> p) {
 
 template <typename T>
 __global__ void interpolate_backward_kernel(const InterpolateParams<T> p) {
-  const int64_t pixel = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t pixel = thread_item();
   if (pixel >= p.total) return;
   const int64_t attr_offset = (pixel / p.pixels) * p.attr_batch_stride;
   T* grad_attr = p.grad_attributes + attr_offset;
@@ -242,16 +257,12 @@ __global__ void interpolate_backward_kernel(const InterpolateParams<T> p) {
 
 template <typename T>
 void launch_interpolate(const InterpolateParams<T>& p, cudaStream_t stream) {
-  if (p.total == 0) return;
-  PNCC_LAUNCH(blocks_for(p.total), kThreads, 0, stream, interpolate_kernel<T>)(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_per_item(interpolate_kernel<T>, p, p.total, stream);
 }
 
 template <typename T>
 void launch_interpolate_backward(const InterpolateParams<T>& p, cudaStream_t stream) {
-  if (p.total == 0) return;
-  PNCC_LAUNCH(blocks_for(p.total), kThreads, 0, stream, interpolate_backward_kernel<T>)(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_per_item(interpolate_backward_kernel<T>, p, p.total, stream);
 }
 
 }  // namespace kernels
