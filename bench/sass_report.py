@@ -70,18 +70,27 @@ def _flash_forward_smem(C, Cv, elem=2):
     return ((64 + 64) * _smem_stride(-(-C // 16) * 16) + 64 * _smem_stride(8 * nt)) * elem
 
 
-def _flash_backward_smem(C, Cv, elem=2):
-    """FlashBackwardSmem<NTK, NTV>::bytes: K, Q, V, dO and dS^T tiles, plus 3 fp32 per query row."""
+# The opt-in maximum of dynamic shared memory per block, which launchers that size their buffers
+# to the device read: H100 (sm_90) 227 KiB, A100 (sm_80) 163 KiB.
+SMEM_OPTIN = {90: 227 * 1024, 80: 163 * 1024}
+
+
+def _flash_backward_smem(C, Cv, elem=2, arch=90):
+    """FlashBackwardSmem<NTK, NTV>::bytes at the launcher's q_stages: K, Q, V, dO and dS^T tiles,
+    3 fp32 per query row, and a second Q buffer where it fits the device (the H100 at C = 256)."""
     ldqk, ldv = _smem_stride(8 * (8 if C <= 64 else 32)), _smem_stride(8 * (4 if Cv <= 32 else 33))
-    return (2 * 64 * ldqk + 2 * 64 * ldv + 64 * (64 + 8)) * elem + 3 * 64 * 4
+    one_stage = (2 * 64 * ldqk + 2 * 64 * ldv + 64 * (64 + 8)) * elem + 3 * 64 * 4
+    two_stages = one_stage + 64 * ldqk * elem
+    return two_stages if two_stages <= SMEM_OPTIN[arch] else one_stage
 
 
 def _flash_dq_smem(C, Cv, elem=2):
     """launch_flash_dq_shape: Q, K, dO and V tiles of the backward's strides."""
     ldqk, ldv = _smem_stride(8 * (8 if C <= 64 else 32)), _smem_stride(8 * (4 if Cv <= 32 else 33))
     return 2 * 64 * (ldqk + ldv) * elem
-# kernel-name pattern -> (threads per block, dynamic shared memory bytes at the benchmark shape,
-# matrix-product FLOPs of one launch at the benchmark shape or None). First match wins.
+# kernel-name pattern -> (threads per block, dynamic shared memory bytes at the benchmark shape (or a
+# function of the arch, for launchers that size to the device), matrix-product FLOPs of one launch
+# at the benchmark shape or None). First match wins.
 # Keep in step with the launchers: a new kernel needs an entry here (its test fails until then).
 LAUNCH_CONFIG = [
     # The register-tiled SIMT kernel (Mode 0..4 = fwd, D, dq, dk, dv; the last template argument
@@ -96,7 +105,7 @@ LAUNCH_CONFIG = [
     # (32, 33) tiles. Shared memory from FlashForwardSmem / FlashBackwardSmem / launch_flash_dq_shape.
     (r"corr_flash_forward_kernel<", 128, _flash_forward_smem(_C, _CV),
      2 * _B * _N * _N * (_C + _CV)),
-    (r"corr_flash_backward_kernel<", 256, _flash_backward_smem(_C, _CV),
+    (r"corr_flash_backward_kernel<", 256, lambda arch: _flash_backward_smem(_C, _CV, arch=arch),
      2 * _B * _N * _N * (3 * _C + 2 * _CV)),  # S, dP, dV, dK, dQ (the recomputed S not counted)
     (r"corr_flash_dq_kernel<", 128, _flash_dq_smem(_C, _CV), 2 * _B * _N * _N * (2 * _C + _CV)),
     (r"corr_backward_d_kernel", 256, 0, None),
@@ -321,10 +330,10 @@ def occupancy(k, gpu):
     return blocks * warps
 
 
-def launch_config(name):
+def launch_config(name, arch):
     for pattern, threads, smem, flops in LAUNCH_CONFIG:
         if re.search(pattern, name):
-            return threads, smem, flops
+            return threads, smem(arch) if callable(smem) else smem, flops
     return None, None, None
 
 
@@ -364,7 +373,7 @@ def analyse(archs=(80, 90)):
             pcs.update(pc for pc, _, _ in instr if lo <= pc <= hi)
         k.loop_counts = count(instr, pcs)
         k.loop_instructions = len(pcs)
-        k.threads, k.dynamic_smem, k.flops = launch_config(k.name)
+        k.threads, k.dynamic_smem, k.flops = launch_config(k.name, arch)
         for gpu, spec in GPUS.items():
             k.occupancy[gpu] = occupancy(k, gpu) if spec[0] == arch else None
         kernels.append(k)

@@ -14,6 +14,15 @@ from ._corr_checks import LSE_DTYPE, check_backward_inputs, check_inputs
 
 __all__ = ["corr_warp"]
 
+
+def rounds_normalised_rows(dtype, channels):
+    """Whether corr_warp rounds q^ and k^ of float16/bfloat16 inputs to their dtype before the score
+    product, as a GPU's unfused implementation does: always, except for bfloat16 rows of fewer than
+    16 channels, whose scores both backends compute at fp32 precision (rounds_normalised_rows in
+    csrc/corr/corr_math.h is the same rule). The tests' plain baseline follows it."""
+    return dtype != torch.bfloat16 or channels >= 16
+
+
 @torch.library.register_fake("pncc::corr_warp")
 def _corr_warp_fake(query, key, value, temperature, normalize, eps):
     check_inputs(query, key, value, temperature, eps)

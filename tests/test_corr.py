@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pncc_cuda
+from pncc_cuda.corr import rounds_normalised_rows
 from pncc_cuda.reference import corr_warp_normalize, corr_warp_reference
 from pncc_cuda.testing import peak_cpu_bytes
 
@@ -47,20 +48,69 @@ def _max_err(a, b):
     return (a.double().cpu() - b.double().cpu()).abs().max().item() if a.numel() else 0.0
 
 
+def _in(dtype, x):
+    return x.to(dtype).float()
+
+
+class _GradAsOperand(torch.autograd.Function):
+    """Identity; in the backward the gradient is rounded to `dtype`, as it is when it becomes the
+    operand of a GPU's tensor-core products (dS before dS k^ and dS^T q^)."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.dtype = dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _in(ctx.dtype, grad), None
+
+
+class _SoftmaxKeptInDtype(torch.autograd.Function):
+    """softmax over the last dimension in fp32, returning P rounded to `dtype`; its backward runs
+    from that P and dP in the dtype, as a GPU's unfused softmax backward does from the saved
+    output (dS = P (dP - rowsum(P dP)) in fp32)."""
+
+    @staticmethod
+    def forward(ctx, s, dtype):
+        p = _in(dtype, torch.softmax(s, dim=-1))
+        ctx.dtype = dtype
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, grad):
+        (p,) = ctx.saved_tensors
+        dp = _in(ctx.dtype, grad)
+        return p * (dp - (p * dp).sum(-1, keepdim=True)), None
+
+
 def _plain_gpu_style(query, key, value, temperature, normalize=True, eps=1e-6):
     """The plain baseline for float16/bfloat16, rounded where a GPU's unfused implementation
-    rounds: inputs in the dtype; normalisation, both products (fp32 accumulation of the dtype's
-    exact products) and the softmax in fp32; the normalised rows and P rounded to the dtype before
-    their products; the output rounded to the dtype. Gradients are its autograd."""
+    rounds: inputs in the dtype; normalisation, every product (fp32 accumulation of the dtype's
+    exact products) and the softmax in fp32; every operand of a product in the dtype (the
+    normalised rows, P, and in the backward dP and dS); the softmax backward from P and dP in the
+    dtype; the output rounded to the dtype. Gradients are its autograd.
+
+    The normalised rows are rounded only where the op's contract rounds them
+    (rounds_normalised_rows): bfloat16 rows of fewer than 16 channels keep q^ k^ at fp32 precision,
+    and a baseline that rounded them there let a 30% error in grad_query pass at C = 7."""
     dtype = query.dtype
-    q = corr_warp_normalize(query.float(), normalize, eps).to(dtype).float()
-    k = corr_warp_normalize(key.float(), normalize, eps).to(dtype).float()
-    p = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) / temperature, dim=-1)
-    return torch.matmul(p.to(dtype).float(), value.float()).to(dtype)
+    rounded = rounds_normalised_rows(dtype, query.shape[-1])
+
+    def rows(x):
+        x = corr_warp_normalize(x.float(), normalize, eps)
+        return _in(dtype, x) if rounded else x
+
+    q, k = rows(query), rows(key)
+    scores = _GradAsOperand.apply(torch.matmul(q, k.transpose(-1, -2)), dtype)
+    p = _SoftmaxKeptInDtype.apply(scores / temperature, dtype)
+    return torch.matmul(p, value.float()).to(dtype)
 
 
-def assert_accuracy(q, k, v, temperature, normalize=True, eps=1e-6, seed=1):
-    """Checks the flash-attention accuracy rule for the output and all three gradients."""
+def assert_accuracy(q, k, v, temperature, normalize=True, eps=1e-6, seed=1, mutate=None):
+    """Checks the flash-attention accuracy rule for the output and all three gradients (of the
+    fused op's results passed through `mutate`, when given: how the rule's strength is tested)."""
     g = torch.Generator().manual_seed(seed)
     B, Nq, Cv = q.shape[0], q.shape[1], v.shape[2]
     grad_out = torch.randn(B, Nq, Cv, generator=g, dtype=torch.float64).to(q.device)
@@ -69,6 +119,8 @@ def assert_accuracy(q, k, v, temperature, normalize=True, eps=1e-6, seed=1):
         corr_warp_reference, *(t.double().cpu() for t in (q, k, v)), grad_out.cpu(), **kw
     )
     fused = _forward_backward(pncc_cuda.corr_warp, q, k, v, grad_out, **kw)
+    if mutate is not None:
+        fused = mutate(fused)
     plain_fn = _plain_gpu_style if q.dtype in LOW_PRECISION else corr_warp_reference
     plain = _forward_backward(plain_fn, q, k, v, grad_out, **kw)
     for name, f, p, e, factor in zip(("out", "grad_query", "grad_key", "grad_value"),
@@ -88,12 +140,33 @@ def assert_accuracy(q, k, v, temperature, normalize=True, eps=1e-6, seed=1):
 # ---- accuracy ------------------------------------------------------------------------------
 
 
+ACCURACY_SHAPES = [(2, 37, 53, 16, 5), (1, 200, 600, 64, 3), (2, 130, 70, 7, 20)]
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(2, 37, 53, 16, 5), (1, 200, 600, 64, 3), (2, 130, 70, 7, 20)])
+@pytest.mark.parametrize("shape", ACCURACY_SHAPES)
 def test_accuracy(device, dtype, shape):
     q, k, v = _inputs(*shape, dtype=dtype, device=device)
     assert_accuracy(q, k, v, temperature=0.01)
+
+
+# Errors the low-precision rule must reject in every accuracy case. Before bf16 rows of C < 16
+# kept q^ k^ at fp32 precision (rounds_normalised_rows), both passed the bf16 C = 7 case.
+KNOWN_ERRORS = {
+    "grad_query_plus_30pct": lambda r: [r[0], r[1] * 1.3, r[2], r[3]],
+    "all_scaled_by_1.05": lambda r: [t * 1.05 for t in r],
+}
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("error", KNOWN_ERRORS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("shape", ACCURACY_SHAPES)
+def test_accuracy_rule_rejects_known_errors(device, shape, dtype, error):
+    q, k, v = _inputs(*shape, dtype=dtype, device=device)
+    with pytest.raises(AssertionError, match="fused error"):
+        assert_accuracy(q, k, v, temperature=0.01, mutate=KNOWN_ERRORS[error])
 
 
 @pytest.mark.parametrize("device", devices())

@@ -26,6 +26,7 @@ LOW_PRECISION = [torch.float16, torch.bfloat16]
         (2, 70, 130, 256, 258),  # the benchmark's channels: C padded to 256, one 264 window
         (2, 65, 66, 40, 33),     # C padded to 64; Cv just over a 32 window
         (1, 33, 70, 16, 300),    # two forward windows; the SIMT backward (Cv > 264)
+        (1, 33, 70, 7, 300),     # bf16 rows of C < 16 split into hi + lo, SIMT backward too
         (1, 20, 30, 272, 8),     # the SIMT backward (C > 256)
     ],
 )

@@ -448,13 +448,17 @@ class TileProductTimer {
 
 // The path of this call's tile products: ATen's for float64 (and float16, whose opmath type is
 // float but which has no bf16 kernels: it takes the fp32 choice), measured or forced otherwise.
+// bfloat16 rows that rounds_normalised_rows (corr_math.h) keeps at fp32 precision (C < 16) take
+// the fp32 choice too: the bf16 kernels round q^ and k^.
 template <typename scalar_t>
 path::Tiles choose_tiles(int64_t C, int64_t Cv) {
   using acc_t = at::opmath_type<scalar_t>;
   if constexpr (!std::is_same_v<acc_t, float>) return path::Tiles::kAten;
+  const bool bf16_rows =
+      std::is_same_v<scalar_t, c10::BFloat16> && rounds_normalised_rows(true, C);
   // The timer (and its buffers) is built only when a calibration actually runs, with this call's
   // sizes standing for their shape class.
-  return path::choose(C, Cv, std::is_same_v<scalar_t, c10::BFloat16>,
+  return path::choose(C, Cv, bf16_rows,
                       [C, Cv](path::Tiles first, path::Tiles second, const path::Enough& enough,
                               std::vector<double>& first_s, std::vector<double>& second_s) {
                         TileProductTimer(C, Cv)(first, second, enough, first_s, second_s);

@@ -26,6 +26,7 @@
 
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 
 #include "corr/corr_check.h"
 #include "corr/corr_kernels.cuh"
@@ -50,12 +51,34 @@ struct CudaType<c10::BFloat16> {
 
 int64_t round_up64(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+// q^ and k^ as the kernels read them (SplitRows, corr_kernels.cuh): split into hi + lo where
+// rounds_normalised_rows (corr_math.h) says the dtype's rounding is not the contract, whole
+// otherwise.
+struct ScoreRows {
+  SplitRows q, k;
+  int64_t channels;  // of a row, before padding: 3C when split
+};
+
+template <typename T>
+ScoreRows score_rows(int64_t C, bool normalize) {
+  ScoreRows r{};
+  // Unnormalised 16-bit rows are copied exactly: nothing to split.
+  if (sizeof(T) == 2 && normalize &&
+      !rounds_normalised_rows(std::is_same_v<T, __nv_bfloat16>, C)) {
+    r.q.blocks = r.k.blocks = 3;
+    r.q.lo_block = 2;
+    r.k.lo_block = 1;
+  }
+  r.channels = C * r.q.blocks;
+  return r;
+}
+
 // The rows of x (B, N, C) normalised (or, with normalize false, copied) into a new (B, N, ld)
 // tensor whose channels past C are zero; the rows' statistics go to *stats when given. Never scaled
 // by 1/temperature: the kernels apply it to the fp32 scores (DESIGN-NOTES, issue 10).
 template <typename T>
 at::Tensor padded_rows(const at::Tensor& x, int64_t ld, bool normalize, double eps,
-                       at::Tensor* stats, cudaStream_t stream) {
+                       at::Tensor* stats, cudaStream_t stream, SplitRows split = SplitRows{}) {
   at::Tensor out = at::empty({x.size(0), x.size(1), ld}, x.options());
   NormalizeParams p{};
   p.x = x.const_data_ptr();
@@ -65,6 +88,7 @@ at::Tensor padded_rows(const at::Tensor& x, int64_t ld, bool normalize, double e
   p.ld_out = ld;
   p.eps = eps;
   p.normalize = normalize;
+  p.split = split;
   if (stats != nullptr) {
     *stats = at::empty({p.n_rows * int64_t(sizeof(RowNorm<double>))},
                        x.options().dtype(at::kByte));
@@ -96,9 +120,10 @@ template <typename T>
 void forward_flash(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                    double temperature, bool normalize, double eps, at::Tensor& out,
                    at::Tensor& lse, cudaStream_t stream) {
-  const int64_t ld_qk = round_up64(query.size(2), 16);
-  const at::Tensor qs = padded_rows<T>(query, ld_qk, normalize, eps, nullptr, stream);
-  const at::Tensor kn = padded_rows<T>(key, ld_qk, normalize, eps, nullptr, stream);
+  const ScoreRows rows = score_rows<T>(query.size(2), normalize);
+  const int64_t ld_qk = round_up64(rows.channels, 16);
+  const at::Tensor qs = padded_rows<T>(query, ld_qk, normalize, eps, nullptr, stream, rows.q);
+  const at::Tensor kn = padded_rows<T>(key, ld_qk, normalize, eps, nullptr, stream, rows.k);
   const at::Tensor v = copy_ready_rows<T>(value, stream);
   // Without value channels lse is still an output: run 8 channels of zeros into scratch.
   const bool no_channels = value.size(2) == 0;
@@ -130,8 +155,10 @@ template <typename T>
 void forward_simt(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                   double temperature, bool normalize, double eps, at::Tensor& out,
                   at::Tensor& lse, cudaStream_t stream) {
-  const at::Tensor qs = padded_rows<T>(query, query.size(2), normalize, eps, nullptr, stream);
-  const at::Tensor kn = padded_rows<T>(key, key.size(2), normalize, eps, nullptr, stream);
+  const ScoreRows rows = score_rows<T>(query.size(2), normalize);
+  const int64_t C = rows.channels;
+  const at::Tensor qs = padded_rows<T>(query, C, normalize, eps, nullptr, stream, rows.q);
+  const at::Tensor kn = padded_rows<T>(key, C, normalize, eps, nullptr, stream, rows.k);
   // Without value channels lse is still an output: take the product with 16 channels of zeros.
   const bool no_channels = value.size(2) == 0;
   const at::Tensor v = no_channels ? at::zeros({key.size(0), key.size(1), 16}, value.options())
@@ -144,7 +171,7 @@ void forward_simt(const at::Tensor& query, const at::Tensor& key, const at::Tens
   prm.x = v.const_data_ptr();
   prm.n_rows = query.size(1);
   prm.n_cols = key.size(1);
-  prm.C = query.size(2);
+  prm.C = C;
   prm.Cv = value.size(2);
   prm.n_out = v.size(2);
   prm.out = o.mutable_data_ptr();
@@ -159,7 +186,8 @@ void forward_impl(const at::Tensor& query, const at::Tensor& key, const at::Tens
                   at::Tensor& lse, cudaStream_t stream) {
   using T = typename CudaType<scalar_t>::type;
   if constexpr (sizeof(T) == 2) {
-    const size_t smem = flash_forward_smem(round_up64(query.size(2), 16), value.size(2), sizeof(T));
+    const size_t smem = flash_forward_smem(
+        round_up64(score_rows<T>(query.size(2), normalize).channels, 16), value.size(2), sizeof(T));
     if (smem <= static_cast<size_t>(max_dynamic_smem_bytes())) {
       forward_flash<T>(query, key, value, temperature, normalize, eps, out, lse, stream);
       return;
@@ -175,7 +203,7 @@ void forward_impl(const at::Tensor& query, const at::Tensor& key, const at::Tens
 template <typename T>
 at::Tensor normalize_backward(const at::Tensor& g, int64_t ld_g, const at::Tensor& x,
                               const at::Tensor& stats, double eps, double temperature,
-                              cudaStream_t stream) {
+                              SplitRows split, cudaStream_t stream) {
   at::Tensor grad_x = at::empty_like(x);
   NormalizeBackwardParams p{};
   p.g = g.const_data_ptr<float>();
@@ -187,6 +215,7 @@ at::Tensor normalize_backward(const at::Tensor& g, int64_t ld_g, const at::Tenso
   p.ld_g = ld_g;
   p.eps = eps;
   p.g_scale = 1.0 / temperature;
+  p.split = split;
   C10_CUDA_CHECK(launch_normalize_backward<T>(p, stream));
   return grad_x;
 }
@@ -197,11 +226,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_flash(
     const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse, double temperature,
     bool normalize, double eps, cudaStream_t stream) {
   const int64_t B = query.size(0), Nq = query.size(1), Nk = key.size(1), Cv = value.size(2);
-  const int64_t ld_qk = 8 * backward_ntk(query.size(2));
+  const ScoreRows rows = score_rows<T>(query.size(2), normalize);
+  const int64_t ld_qk = 8 * backward_ntk(rows.channels);
   const int64_t ld_v = round_up64(Cv == 0 ? 8 : Cv, 8);
   at::Tensor q_stats, k_stats;
-  const at::Tensor qs = padded_rows<T>(query, ld_qk, normalize, eps, &q_stats, stream);
-  const at::Tensor kn = padded_rows<T>(key, ld_qk, normalize, eps, &k_stats, stream);
+  const at::Tensor qs = padded_rows<T>(query, ld_qk, normalize, eps, &q_stats, stream, rows.q);
+  const at::Tensor kn = padded_rows<T>(key, ld_qk, normalize, eps, &k_stats, stream, rows.k);
   const at::Tensor v = copy_ready_rows<T>(value, stream);
   // D = rowsum(dO * O), and dO padded like V.
   at::Tensor d = at::empty({B, Nq}, query.options().dtype(at::kFloat));
@@ -240,8 +270,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_flash(
   p.ld_v = static_cast<int>(v.size(2));
   p.single_key = Nk == 1;
   C10_CUDA_CHECK(launch_flash_backward<T>(p, B, deterministic, stream));
-  return {normalize_backward<T>(grad_qs, ld_qk, query, q_stats, eps, temperature, stream),
-          normalize_backward<T>(grad_kn, ld_qk, key, k_stats, eps, temperature, stream), grad_v};
+  return {normalize_backward<T>(grad_qs, ld_qk, query, q_stats, eps, temperature, rows.q, stream),
+          normalize_backward<T>(grad_kn, ld_qk, key, k_stats, eps, temperature, rows.k, stream),
+          grad_v};
 }
 
 // The SIMT backward: four passes without atomics (deterministic); D = rowsum(P * dP) from the
@@ -252,10 +283,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_simt(
     const at::Tensor& value, const at::Tensor& lse, double temperature, bool normalize,
     double eps, cudaStream_t stream) {
   const int64_t B = query.size(0), Nq = query.size(1), Nk = key.size(1);
-  const int64_t C = query.size(2), Cv = value.size(2);
+  const ScoreRows rows = score_rows<T>(query.size(2), normalize);
+  const int64_t C = rows.channels, Cv = value.size(2);
   at::Tensor q_stats, k_stats;
-  const at::Tensor qs = padded_rows<T>(query, C, normalize, eps, &q_stats, stream);
-  const at::Tensor kn = padded_rows<T>(key, C, normalize, eps, &k_stats, stream);
+  const at::Tensor qs = padded_rows<T>(query, C, normalize, eps, &q_stats, stream, rows.q);
+  const at::Tensor kn = padded_rows<T>(key, C, normalize, eps, &k_stats, stream, rows.k);
   const auto f32 = query.options().dtype(at::kFloat);
   at::Tensor d = at::empty({B, Nq}, f32);
   check_tile_windows(std::max<int64_t>(C, Cv), std::max(Nq, Nk));
@@ -301,8 +333,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_simt(
   C10_CUDA_CHECK((launch_simt<T, Mode::kDq>(dq, B, stream)));
   C10_CUDA_CHECK((launch_simt<T, Mode::kDk>(dk, B, stream)));
   C10_CUDA_CHECK((launch_simt<T, Mode::kDv>(dv, B, stream)));
-  return {normalize_backward<T>(grad_qs, C, query, q_stats, eps, temperature, stream),
-          normalize_backward<T>(grad_kn, C, key, k_stats, eps, temperature, stream), grad_v};
+  return {normalize_backward<T>(grad_qs, C, query, q_stats, eps, temperature, rows.q, stream),
+          normalize_backward<T>(grad_kn, C, key, k_stats, eps, temperature, rows.k, stream),
+          grad_v};
 }
 
 template <typename scalar_t>
@@ -312,8 +345,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     bool normalize, double eps, cudaStream_t stream) {
   using T = typename CudaType<scalar_t>::type;
   if constexpr (sizeof(T) == 2) {
-    if (query.size(2) <= kBackwardMaxC && value.size(2) <= kBackwardMaxCv &&
-        flash_backward_smem(query.size(2), value.size(2), sizeof(T)) <=
+    const int64_t C = score_rows<T>(query.size(2), normalize).channels;
+    if (C <= kBackwardMaxC && value.size(2) <= kBackwardMaxCv &&
+        flash_backward_smem(C, value.size(2), sizeof(T)) <=
             static_cast<size_t>(max_dynamic_smem_bytes())) {
       return backward_flash<T>(grad_out, query, key, value, out, lse, temperature, normalize,
                                eps, stream);

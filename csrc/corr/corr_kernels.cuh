@@ -165,8 +165,29 @@ __device__ RowNorm<double> warp_row_stats(const T* x, int64_t C, bool normalize,
   return row_norm_finish<double>(warp_sum(sum_sq), mean, 1.0, normalize, eps);
 }
 
-// x (n_rows, C) -> out (n_rows, ld_out) with out[:, C:] = 0, never scaled by 1/temperature. With
-// normalize false it is an exact copy, which pads V and dO for the 16-byte copies of the flash kernels.
+// How a row of q^ or k^ enters the score product. Unsplit: x^ rounded to the dtype, C channels.
+// Split (where rounds_normalised_rows, corr_math.h, is false: bf16 rows of C < 16): x^ = hi + lo,
+// both in the dtype, as three blocks of C channels, queries [qh, qh, ql] and keys [kh, kl, kh], so
+// that the kernels' ordinary product over 3C channels is qh.kh + qh.kl + ql.kh: q^.k^ but for the
+// dropped ql.kl (2^-16 of it in bf16), with fp32 accumulation. No kernel knows of the split. In the
+// backward, dL/dx^ is the sum of the gradients of the blocks holding hi (lo = x^ - hi has no
+// derivative of its own).
+struct SplitRows {
+  int blocks = 1;     // 3 when split
+  int lo_block = -1;  // the block holding lo (queries 2, keys 1); -1 unsplit
+};
+
+// The part of x^ that one block of a row holds: x^ rounded to T, or, in the lo block, what that
+// rounding left.
+template <typename T>
+__device__ __forceinline__ T split_part(double v, bool lo) {
+  const T hi = from_float<T>(static_cast<float>(v));
+  return lo ? from_float<T>(static_cast<float>(v - to_float(hi))) : hi;
+}
+
+// x (n_rows, C) -> out (n_rows, ld_out): the row (split into blocks when asked) followed by zeros,
+// never scaled by 1/temperature. With normalize false it is an exact copy, which pads V and dO for
+// the 16-byte copies of the flash kernels.
 struct NormalizeParams {
   const void* x;
   void* out;
@@ -174,6 +195,7 @@ struct NormalizeParams {
   int64_t n_rows, C, ld_out;
   double eps;
   bool normalize;
+  SplitRows split;
 };
 
 template <typename T>
@@ -184,15 +206,22 @@ __global__ void __launch_bounds__(kRowThreads) corr_normalize_kernel(const Norma
   T* out = static_cast<T*>(p.out) + r * p.ld_out;
   const RowNorm<double> st = warp_row_stats(x, p.C, p.normalize, p.eps);
   const int lane = threadIdx.x % 32;
+  const int64_t n_used = p.C * p.split.blocks;
   for (int64_t c = lane; c < p.ld_out; c += 32) {
-    const double v = c < p.C ? row_norm_apply(st, double(to_float(x[c]))) : 0.0;
-    out[c] = from_float<T>(static_cast<float>(v));
+    if (c >= n_used) {
+      out[c] = from_float<T>(0.f);
+      continue;
+    }
+    const int block = int(c >= p.C) + int(c >= 2 * p.C);  // c < 3C; 0 unsplit (c < C)
+    const double v = row_norm_apply(st, double(to_float(x[c - block * p.C])));
+    out[c] = split_part<T>(v, block == p.split.lo_block);
   }
   if (p.stats != nullptr && lane == 0) p.stats[r] = st;
 }
 
-// dL/dx from g = T dL/dx^ (fp32, row stride ld_g: the main kernels' products of the unscaled dS)
-// and the statistics of the forward's rows; g_scale = 1/temperature is applied here, in double.
+// dL/dx from g = T dL/dx^ (fp32, row stride ld_g: the main kernels' products of the unscaled dS,
+// over the blocks of a split row) and the statistics of the forward's rows; g_scale =
+// 1/temperature is applied here, in double.
 struct NormalizeBackwardParams {
   const float* g;
   const void* x;
@@ -200,7 +229,17 @@ struct NormalizeBackwardParams {
   void* grad_x;
   int64_t n_rows, C, ld_g;
   double eps, g_scale;
+  SplitRows split;
 };
+
+// dL/dx^_c of one row: g_scale times the sum of g over the blocks that hold x^'s hi part.
+__device__ __forceinline__ double grad_of_row_value(const NormalizeBackwardParams& p,
+                                                    const float* gr, int64_t c) {
+  double sum = 0;
+  for (int b = 0; b < p.split.blocks; ++b)
+    if (b != p.split.lo_block) sum += double(gr[b * p.C + c]);
+  return sum * p.g_scale;
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
@@ -213,16 +252,16 @@ __global__ void __launch_bounds__(kRowThreads)
   const RowNorm<double> st = p.stats[r];
   double g_dot_c = 0;
   for (int64_t c = lane; c < p.C; c += 32)
-    g_dot_c += double(gr[c]) * p.g_scale * (to_float(xr[c]) - st.mean);
+    g_dot_c += grad_of_row_value(p, gr, c) * (to_float(xr[c]) - st.mean);
   const double coef = row_norm_grad_coef(st, warp_sum(g_dot_c), p.eps);
   double sum = 0;
   for (int64_t c = lane; c < p.C; c += 32)
-    sum += row_norm_grad_c(st, coef, double(gr[c]) * p.g_scale, double(to_float(xr[c])));
+    sum += row_norm_grad_c(st, coef, grad_of_row_value(p, gr, c), double(to_float(xr[c])));
   const double mean = st.centred ? warp_sum(sum) / static_cast<double>(p.C) : 0.0;
   T* gx = static_cast<T*>(p.grad_x) + r * p.C;
   for (int64_t c = lane; c < p.C; c += 32) {
     const double dc =
-        row_norm_grad_c(st, coef, double(gr[c]) * p.g_scale, double(to_float(xr[c])));
+        row_norm_grad_c(st, coef, grad_of_row_value(p, gr, c), double(to_float(xr[c])));
     gx[c] = from_float<T>(static_cast<float>(dc - mean));
   }
 }
@@ -618,6 +657,7 @@ struct FlashBackwardParams {
   int ld_qk;  // 8 * NTK exactly
   int ld_v;   // a multiple of 8, at most 8 * NTV
   int batch_offset;
+  int q_stages;  // q^ buffers of the backward kernel: 2 where they fit (H100 at C = 256), else 1
   // Nk == 1: softmax over one key is the constant 1, so dS = 0 exactly. D = rowsum(dO * O) and
   // dP = dO . V then differ by roundings, which would leave a dQ of ~1e-7 where the exact one and
   // the unfused implementation's are 0 (see DESIGN-NOTES "corr_warp CUDA kernels").
@@ -631,11 +671,13 @@ template <int NTK, int NTV>
 struct FlashBackwardSmem {
   static constexpr int kLdQK = smem_stride(8 * NTK);
   static constexpr int kLdV = smem_stride(8 * NTV);
-  // K, Q (kLdQK), V, dO (kLdV), dS^T; then lse hi, lo and D of the query tile (fp32).
+  // K, Q (kLdQK), V, dO (kLdV), dS^T; then lse hi, lo and D of the query tile (fp32); then, with
+  // two Q stages, the second Q buffer.
   static constexpr size_t kElems = size_t(2) * kFlashCols * kLdQK + size_t(2) * kFlashCols * kLdV +
                                    size_t(kFlashCols) * kDsStride;
-  static __host__ __device__ size_t bytes(size_t elem) {
-    return kElems * elem + 3 * kFlashCols * sizeof(float);
+  static __host__ __device__ size_t bytes(size_t elem, int q_stages = 1) {
+    return (kElems + size_t(q_stages - 1) * kFlashCols * kLdQK) * elem +
+           3 * kFlashCols * sizeof(float);
   }
 };
 
@@ -671,7 +713,7 @@ struct BackwardTiles {
   static constexpr int kLdQK = FlashBackwardSmem<NTK, NTV>::kLdQK;
   static constexpr int kLdV = FlashBackwardSmem<NTK, NTV>::kLdV;
   static constexpr int kVChunks = 2 * ((NTV + 1) / 2);  // V, dO: whole k-steps of 16 channels
-  T *k, *q, *v, *dout, *ds;
+  T *k, *q, *v, *dout, *ds, *q_second;
   float *lse_hi, *lse_lo, *d;
   __device__ BackwardTiles() {
     k = dynamic_smem<T>();
@@ -682,25 +724,47 @@ struct BackwardTiles {
     lse_hi = reinterpret_cast<float*>(ds + kFlashCols * kDsStride);
     lse_lo = lse_hi + kFlashCols;
     d = lse_lo + kFlashCols;
+    q_second = reinterpret_cast<T*>(d + kFlashCols);  // 16-byte aligned: 3 x 64 floats before it
+  }
+  // The buffer of query tile `tile`'s q^: q, or with two stages q and q_second alternately (a
+  // select, not an indexed array, which would live in local memory).
+  __device__ T* query_rows(int64_t tile, int q_stages) const {
+    return q_stages == 2 && (tile & 1) ? q_second : q;
   }
 };
 
 // The copies of one query tile are split by when their buffers fall free. dO and the statistics
 // are last read before barrier (B) (dP^T, P^T and dS^T in one role, dV += P^T dO in the other), so
 // the next tile's are started right after it and land while both roles run their dK and dQ
-// products; q^ is read until barrier (C) (dK += dS^T Q), so its copy starts at the top of the
-// tile. Every block thread calls both (async_tile shares the copy among all 256).
+// products. q^ is read until barrier (C) (dK += dS^T Q): with one buffer its copy starts at the top
+// of the tile, exposed; with two (q_stages, where the shared memory allows: an H100 at C = 256,
+// not an A100) the next tile's copy starts right after barrier (A) into the other buffer, whose
+// last reader finished before the previous (C), and lands behind the whole tile's products. Every
+// block thread calls both (async_tile shares the copy among all 256).
 
-// Starts the copy of q^ of query tile [q0, q0 + 64).
+// Starts the copy of q^ of query tile `tile` (rows [64 tile, 64 tile + 64)) into its buffer.
 template <typename T, int NTK, int NTV>
 __device__ __forceinline__ void load_query_rows(const BackwardTiles<T, NTK, NTV>& s,
                                                 const FlashBackwardParams& p, int64_t b,
-                                                int64_t q0) {
+                                                int64_t tile) {
   using Tiles = BackwardTiles<T, NTK, NTV>;
   const T* qg = static_cast<const T*>(p.q) + b * p.Nq * p.ld_qk;
-  async_tile<kBackwardThreads>(s.q, Tiles::kLdQK, qg, p.ld_qk, q0, p.Nq, 0, p.ld_qk, kFlashCols,
-                               NTK);
+  async_tile<kBackwardThreads>(s.query_rows(tile, p.q_stages), Tiles::kLdQK, qg, p.ld_qk,
+                               tile * kFlashCols, p.Nq, 0, p.ld_qk, kFlashCols, NTK);
   ptx::cp_async_commit();
+}
+
+// The top of query tile `tile` in either role: its q^ is copied (one stage) or prefetched (two),
+// and after barrier (A) the next tile's copy starts (two stages). Returns the tile's q^ buffer.
+template <typename T, int NTK, int NTV>
+__device__ __forceinline__ const T* begin_query_tile(const BackwardTiles<T, NTK, NTV>& s,
+                                                     const FlashBackwardParams& p, int64_t b,
+                                                     int64_t tile) {
+  if (p.q_stages == 1) load_query_rows(s, p, b, tile);
+  ptx::cp_async_wait<0>();
+  __syncthreads();  // (A) the query tile is in (its dO and statistics since the last tile)
+  if (p.q_stages == 2 && (tile + 1) * kFlashCols < p.Nq) load_query_rows(s, p, b, tile + 1);
+  return s.query_rows(tile, p.q_stages);
 }
 
 // Starts the copy of dO of query tile [q0, q0 + 64) and stores its statistics (lse, D).
@@ -734,10 +798,9 @@ __device__ void backward_dk_role(const BackwardTiles<T, NTK, NTV>& s,
   const T* k_warp = s.k + 16 * warp * Tiles::kLdQK;
   const T* v_warp = s.v + 16 * warp * Tiles::kLdV;
   const SplitLse<float> inv_t = split_lse<float>(p.inv_t);
-  for (int64_t q0 = 0; q0 < p.Nq; q0 += kFlashCols) {
-    load_query_rows(s, p, b, q0);
-    ptx::cp_async_wait<0>();
-    __syncthreads();  // (A) the query tile is in (its dO and statistics since the last tile)
+  for (int64_t tile = 0; tile * kFlashCols < p.Nq; ++tile) {
+    const int64_t q0 = tile * kFlashCols;
+    const T* sq = begin_query_tile(s, p, b, tile);  // (A)
     float dpt[8][4];
 #pragma unroll
     for (int n = 0; n < 8; ++n) dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.f;
@@ -749,7 +812,7 @@ __device__ void backward_dk_role(const BackwardTiles<T, NTK, NTV>& s,
       float st[4][4];
 #pragma unroll
       for (int n = 0; n < 4; ++n) st[n][0] = st[n][1] = st[n][2] = st[n][3] = 0.f;
-      mma_nt_smem<T, 4>(st, k_warp, Tiles::kLdQK, s.q + 32 * h * Tiles::kLdQK, Tiles::kLdQK,
+      mma_nt_smem<T, 4>(st, k_warp, Tiles::kLdQK, sq + 32 * h * Tiles::kLdQK, Tiles::kLdQK,
                         NTK / 2);
       probabilities_t<4>(st, s.lse_hi + 32 * h, s.lse_lo + 32 * h, inv_t, k0 + 16 * warp, p.Nk,
                          q0 + 32 * h, p.Nq);
@@ -776,7 +839,7 @@ __device__ void backward_dk_role(const BackwardTiles<T, NTK, NTV>& s,
     if (q0 + kFlashCols < p.Nq) load_query_grads(s, p, b, q0 + kFlashCols);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
-      mma_nn_regs<T, NTK>(dk, dst[kk], s.q + 16 * kk * Tiles::kLdQK, Tiles::kLdQK);
+      mma_nn_regs<T, NTK>(dk, dst[kk], sq + 16 * kk * Tiles::kLdQK, Tiles::kLdQK);
     __syncthreads();  // (C) every warp is done with the query tile
   }
   float* dk_g = p.dk + b * p.Nk * p.ld_qk;
@@ -803,14 +866,13 @@ __device__ void backward_dv_role(const BackwardTiles<T, NTK, NTV>& s,
   for (int n = 0; n < NTV; ++n) dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0.f;
   const T* k_warp = s.k + 16 * warp * Tiles::kLdQK;
   const SplitLse<float> inv_t = split_lse<float>(p.inv_t);
-  for (int64_t q0 = 0; q0 < p.Nq; q0 += kFlashCols) {
-    load_query_rows(s, p, b, q0);
-    ptx::cp_async_wait<0>();
-    __syncthreads();  // (A)
+  for (int64_t tile = 0; tile * kFlashCols < p.Nq; ++tile) {
+    const int64_t q0 = tile * kFlashCols;
+    const T* sq = begin_query_tile(s, p, b, tile);  // (A)
     float st[8][4];
 #pragma unroll
     for (int n = 0; n < 8; ++n) st[n][0] = st[n][1] = st[n][2] = st[n][3] = 0.f;
-    mma_nt_smem<T, 8>(st, k_warp, Tiles::kLdQK, s.q, Tiles::kLdQK, NTK / 2);
+    mma_nt_smem<T, 8>(st, k_warp, Tiles::kLdQK, sq, Tiles::kLdQK, NTK / 2);
     probabilities_t<8>(st, s.lse_hi, s.lse_lo, inv_t, k0 + 16 * warp, p.Nk, q0, p.Nq);
     uint32_t pt[4][4];  // P^T packed to T up front: half the registers of st next to dv
 #pragma unroll
@@ -880,6 +942,7 @@ __global__ void __launch_bounds__(kBackwardThreads, 1)
                                Tiles::kVChunks);
   ptx::cp_async_commit();  // waited for with the first query tile's groups
   if (p.Nq > 0) load_query_grads(s, p, b, 0);  // no copy may outlive the block
+  if (p.Nq > 0 && p.q_stages == 2) load_query_rows(s, p, b, 0);
   if (threadIdx.x < 32 * 4) {
     backward_dk_role(s, p, b, k0);
   } else {
@@ -992,7 +1055,11 @@ cudaError_t launch_flash_backward_shape(FlashBackwardParams p, int64_t batch,
                                         cudaStream_t stream) {
   cudaError_t err = allow_max_dynamic_smem(corr_flash_backward_kernel<T, NTK, NTV>);
   if (err != cudaSuccess) return err;
-  const size_t smem = FlashBackwardSmem<NTK, NTV>::bytes(sizeof(T));
+  int max_smem = 0;
+  err = max_dynamic_smem(&max_smem);
+  if (err != cudaSuccess) return err;
+  p.q_stages = FlashBackwardSmem<NTK, NTV>::bytes(sizeof(T), 2) <= size_t(max_smem) ? 2 : 1;
+  const size_t smem = FlashBackwardSmem<NTK, NTV>::bytes(sizeof(T), p.q_stages);
   for (int64_t b0 = 0; b0 < batch; b0 += kMaxBatchPerLaunch) {
     p.batch_offset = static_cast<int>(b0);
     const unsigned nb = static_cast<unsigned>(std::min<int64_t>(kMaxBatchPerLaunch, batch - b0));
@@ -1111,32 +1178,21 @@ struct TileParams {
   int64_t batch_offset;
 };
 
-struct Float4 {
-  float v[4];
-};
-struct Float2 {
-  float v[2];
+// N floats of one shared-memory load, aligned to their size so that the load is one instruction.
+template <int N>
+struct alignas(4 * N) Floats {
+  float v[N];
 };
 
-// 16- and 8-byte shared-memory loads and a 16-byte store (LDS.128, LDS.64, STS.128).
-__device__ __forceinline__ Float4 lds4(const float* p) {
+// 16- and 8-byte shared-memory loads (N = 4: LDS.128, N = 2: LDS.64) and a 16-byte store (STS.128).
+template <int N>
+__device__ __forceinline__ Floats<N> lds(const float* p) {
 #if defined(PNCC_CUDA_EMU)
-  Float4 r;
-  memcpy(r.v, p, 16);
+  Floats<N> r;
+  memcpy(r.v, p, sizeof(r.v));
   return r;
 #else
-  const float4 t = *reinterpret_cast<const float4*>(p);
-  return {{t.x, t.y, t.z, t.w}};
-#endif
-}
-__device__ __forceinline__ Float2 lds2(const float* p) {
-#if defined(PNCC_CUDA_EMU)
-  Float2 r;
-  memcpy(r.v, p, 8);
-  return r;
-#else
-  const float2 t = *reinterpret_cast<const float2*>(p);
-  return {{t.x, t.y}};
+  return *reinterpret_cast<const Floats<N>*>(p);
 #endif
 }
 __device__ __forceinline__ void sts4(float* p, float a, float b, float c, float d) {
@@ -1207,9 +1263,10 @@ __device__ __forceinline__ void simt_scores(float (&s)[4][4], float* a_s, float*
     __syncthreads();
 #pragma unroll 2
     for (int k = 0; k < kSimtKC; k += 2) {
-      const Float4 a0 = lds4(a_s + k * kSimtLd + 4 * ty), b0 = lds4(b_s + k * kSimtLd + 4 * tx);
-      const Float4 a1 = lds4(a_s + (k + 1) * kSimtLd + 4 * ty);
-      const Float4 b1 = lds4(b_s + (k + 1) * kSimtLd + 4 * tx);
+      const Floats<4> a0 = lds<4>(a_s + k * kSimtLd + 4 * ty);
+      const Floats<4> b0 = lds<4>(b_s + k * kSimtLd + 4 * tx);
+      const Floats<4> a1 = lds<4>(a_s + (k + 1) * kSimtLd + 4 * ty);
+      const Floats<4> b1 = lds<4>(b_s + (k + 1) * kSimtLd + 4 * tx);
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -1354,10 +1411,10 @@ __global__ void __launch_bounds__(kSimtThreads, (kSimtMinBlocks<mode, NB>))
         __syncthreads();
 #pragma unroll 2
         for (int k = 0; k < kSimtKC; ++k) {
-          const Float4 pv = lds4(p_s + (kc + k) * kSimtLd + 4 * ty);
+          const Floats<4> pv = lds<4>(p_s + (kc + k) * kSimtLd + 4 * ty);
 #pragma unroll
           for (int jb = 0; jb < NB; ++jb) {
-            const Float2 xv = lds2(x_s + k * Smem::kLdX + 2 * tx + 32 * jb);
+            const Floats<2> xv = lds<2>(x_s + k * Smem::kLdX + 2 * tx + 32 * jb);
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
               acc[i][2 * jb] = fmaf(pv.v[i], xv.v[0], acc[i][2 * jb]);

@@ -64,6 +64,18 @@ HOST_DEVICE_INLINE RowNorm<acc_t> row_norm_finish(acc_t sum_sq_c, acc_t mean, ac
   return r;
 }
 
+// Whether the kernels round q^ and k^ of 16-bit inputs to the input dtype before the score
+// product (the contract both backends keep, and the tests' plain baseline with them). They do, as a
+// GPU's unfused implementation does, except for bfloat16 rows of fewer than 16 channels: there the
+// scores come from q^ and k^ at fp32 precision (CUDA: each row split into hi + lo, see
+// corr_kernels.cuh; CPU: the fp32 products). At C = 7 and temperature 0.01 bf16 rounding alone put
+// the error of grad_query at 11% of its largest value, and such a padded score product is one mma
+// k-step, so the split costs at most two more. float16 keeps its rounding: 3 more bits make it 8x
+// smaller, and the rounded dS of the backward (FlashAttention's) then dominates (DESIGN-NOTES, issue 10).
+HOST_DEVICE_INLINE constexpr bool rounds_normalised_rows(bool bf16, long long channels) {
+  return !bf16 || channels >= 16;
+}
+
 // Normalised value of one element: x^ = (x - mean) * inv.
 template <typename acc_t>
 HOST_DEVICE_INLINE acc_t row_norm_apply(const RowNorm<acc_t>& r, acc_t x) {

@@ -135,10 +135,10 @@ inline thread_local ThreadState* tls = nullptr;
 
 // ---- executors ----
 //
-// EMU_EXECUTOR=threads runs every emulated thread as an OS thread (what the sanitizer driver
-// uses: ThreadSanitizer sees the real interleavings); the default, fibers, runs a block's threads
-// as ucontext fibers on the calling thread, switching only at barriers (fast, deterministic, for
-// running the test suite).
+// EMU_EXECUTOR=threads runs every emulated thread of a block on an OS thread of ThreadPool (what
+// the sanitizer driver uses: ThreadSanitizer sees the real interleavings); the default, fibers,
+// runs a block's threads as ucontext fibers on the calling thread, switching only at barriers
+// (fast, deterministic, for running the test suite).
 inline bool use_os_threads() {
   static const bool os = [] {
     const char* env = std::getenv("EMU_EXECUTOR");
@@ -207,6 +207,67 @@ inline void FiberScheduler::entry(unsigned hi, unsigned lo) {
   s->body(t);
   s->done[t] = 1;
   ++s->progress;
+}
+
+// The OS threads of EMU_EXECUTOR=threads, created once and reused by every block of every launch.
+// A thread per emulated thread and block (about 100,000 per sanitizer run) spent most of the
+// sanitizer step's time creating and destroying threads. The threads meet only at the pool's mutex,
+// when a block starts and when it ends, so ThreadSanitizer still sees no order between the threads
+// of one block but the emulated barriers.
+class ThreadPool {
+ public:
+  // Runs body(0), ..., body(n - 1) on n threads at once and returns when all have finished.
+  void run(int n, const std::function<void(int)>& body) {
+    std::unique_lock<std::mutex> lock(m_);
+    while (int(workers_.size()) < n) {
+      const int id = int(workers_.size());
+      workers_.emplace_back([this, id] { work(id); });
+    }
+    body_ = &body;
+    n_ = n;
+    remaining_ = n;
+    ++generation_;
+    start_.notify_all();
+    done_.wait(lock, [&] { return remaining_ == 0; });
+    body_ = nullptr;
+  }
+  ~ThreadPool() {
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      stop_ = true;
+    }
+    start_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
+
+ private:
+  void work(int id) {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(m_);
+    for (;;) {
+      start_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+      if (id >= n_) continue;
+      const std::function<void(int)>* body = body_;
+      lock.unlock();
+      (*body)(id);
+      lock.lock();
+      if (--remaining_ == 0) done_.notify_one();
+    }
+  }
+  std::mutex m_;
+  std::condition_variable start_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int)>* body_ = nullptr;
+  int n_ = 0, remaining_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+inline ThreadPool& thread_pool() {
+  static ThreadPool pool;
+  return pool;
 }
 
 // ---- barriers ----
@@ -368,10 +429,7 @@ void run_grid(void (*kernel)(P...), dim3 g, dim3 b, size_t smem, A&&... args) {
           block.barrier.arrive_and_drop();
         };
         if (use_os_threads()) {
-          std::vector<std::thread> pool;
-          pool.reserve(threads);
-          for (int t = 0; t < threads; ++t) pool.emplace_back(body, t);
-          for (auto& th : pool) th.join();
+          thread_pool().run(threads, body);
         } else {
           FiberScheduler scheduler;
           scheduler.body = body;

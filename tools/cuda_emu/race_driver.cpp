@@ -31,6 +31,9 @@ void corr_case(int64_t B, int64_t Nq, int64_t Nk, int64_t C, int64_t Cv, at::Sca
                       at::isfinite(gk).all().item<bool>() && at::isfinite(gv).all().item<bool>();
   std::printf("corr_warp B=%ld Nq=%ld Nk=%ld C=%ld Cv=%ld %s: %s\n", long(B), long(Nq), long(Nk),
               long(C), long(Cv), c10::toString(dtype), finite ? "finite" : "NOT FINITE");
+  // A read of a buffer that a copy has poisoned (cp.async before the barrier that frees it) shows
+  // up here as NaN when the OS threads happen to interleave so; it fails the run.
+  if (!finite) std::exit(1);
 }
 
 void raster_case(int64_t B, int64_t V, int64_t F, int64_t H, int64_t W, at::ScalarType dtype) {
