@@ -195,6 +195,7 @@ def test_cli_eval_writes_table_and_json(run, tmp_path, capsys):
     # The warp moves the source along the known geometry: closer to the driving frame than a copy.
     assert warp["ssim"]["mean"] > copy["ssim"]["mean"] and warp["psnr"]["mean"] > copy["psnr"]["mean"]
     table = (out / "eval.md").read_text()
+    assert results["pairs_repeating_the_source"] == 0 and "warning" not in table
     assert "| metric | model | geometric warp | copy source | notes |" in table
     assert table.count("not computed (no weights given)") == 2
     assert "| L1 (lower is better) | " in table and "[synthetic]" in table
@@ -210,6 +211,23 @@ def test_cli_eval_writes_table_and_json(run, tmp_path, capsys):
         assert "landmark detection rate" in table
     else:
         assert metrics["pose"]["status"].startswith("not computed")
+
+
+def test_driving_frames_that_repeat_the_source_are_counted_and_reported(run, tmp_path):
+    # A clip whose encoder repeated a near-static frame pairs the source with a bit-identical
+    # "driving" frame: copy source then scores the PSNR cap, and the report must say so.
+    source = torch.rand(3, 3, 8, 8)
+    driving = source.clone()
+    driving[1, 0, 4, 4] = torch.nextafter(driving[1, 0, 4, 4], torch.tensor(2.0))  # one ulp: not a repeat
+    driving[2] = torch.rand(3, 8, 8)
+    assert evaluate.repeats_of_the_source({"source": source, "driving": driving}) == 1
+    root, data, checkpoint = run
+    out = tmp_path / "out"
+    results = evaluate.evaluate(evaluate.EvalOptions(checkpoint=str(checkpoint), data=str(data), out=str(out),
+                                                     batch_size=4, device="cpu", detector="none", progress=False))
+    results["pairs_repeating_the_source"] = 2
+    table = evaluate.markdown_table(results)
+    assert f"warning: 2 of {results['pairs']} pairs drive with a frame bit-identical to the source" in table
 
 
 def test_eval_with_user_weights_computes_identity_and_fid(run, tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ from .run import (
     geometric_baseline,
     method_outputs,
     reenactment_scores,
+    repeats_of_the_source,
     self_reenactment_pairs,
 )
 
@@ -37,5 +38,5 @@ __all__ = [
     "EvalError", "EvalOptions", "GaussianStatistics", "cosine_similarity", "crop_pose", "detect_landmarks",
     "evaluate", "frechet_distance", "gaussian_window", "generate", "geometric_baseline", "image_metrics", "l1",
     "markdown_table", "method_outputs", "pose_expression_errors", "psnr", "reenactment_scores",
-    "self_reenactment_pairs", "ssim", "write_report",
+    "repeats_of_the_source", "self_reenactment_pairs", "ssim", "write_report",
 ]

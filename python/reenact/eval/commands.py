@@ -1,10 +1,11 @@
 """The ``reenact eval`` subcommand."""
 import dataclasses
+import sys
 
 from ..cli.arguments import add_detector, add_device, add_face_model, add_overwrite, add_quiet, require, subcommand
 from ..cli.errors import reported
 from .options import EvalError, EvalOptions
-from .report import MODEL
+from .report import MODEL, repeat_warning
 from .run import evaluate
 
 
@@ -49,4 +50,6 @@ def run(args):
     summary = "; ".join(f"{name}: L1 {m['l1']['mean']:.4f}, PSNR {m['psnr']['mean']:.2f} dB, SSIM {m['ssim']['mean']:.4f}"
                         for name, m in methods.items())
     print(f"{results['pairs']} pairs of {results['clips']} clips: {summary}; wrote {options.out_dir()}")
+    if repeat_warning(results):
+        print(f"warning: {repeat_warning(results)}", file=sys.stderr)
     return 0

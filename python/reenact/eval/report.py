@@ -18,6 +18,17 @@ def _number(value, digits):
     return f"{value:.{digits}f}"
 
 
+def repeat_warning(results):
+    """The warning for pairs whose driving frame repeats the source frame bit for bit, or ""."""
+    repeats = results.get("pairs_repeating_the_source", 0)
+    if not repeats:
+        return ""
+    return (f"{repeats} of {results['pairs']} pairs drive with a frame bit-identical to the source frame (a "
+            f"repeated frame in the clip: datasets prepared at 64 px before 2026-12-07 have them); "
+            f"\"{COPY_SOURCE}\" scores the {PSNR_CAP_DB:.0f} dB cap there, so its PSNR mean is inflated: "
+            f"prepare the data again")
+
+
 def markdown_table(results):
     """The eval.md text of a results dict: one column per method, all on the same pairs."""
     methods = {MODEL: results["metrics"], **results.get("baselines", {})}
@@ -34,7 +45,8 @@ def markdown_table(results):
              f"(dataset crops: {results['dataset_size']} px); face model: {results['face_model']}",
              f"- every method on the same pairs, against the driving frame: the model; \"{GEOMETRIC}\", the "
              f"training-free warp of the source along the identity-matched mesh (reenact.warp); \"{COPY_SOURCE}\", "
-             f"the source frame unchanged", "",
+             f"the source frame unchanged",
+             *([f"- **warning: {repeat_warning(results)}**"] if repeat_warning(results) else []), "",
              f"| metric | {header} | notes |", "|---|" + "---|" * len(names) + "---|",
              row("L1 (lower is better)", lambda m: _number(m["l1"]["mean"], 4), "mean abs. difference, images in [0, 1]"),
              row("PSNR dB (higher is better)", lambda m: _number(m["psnr"]["mean"], 2),

@@ -76,6 +76,17 @@ def self_reenactment_pairs(frame_counts, source_frame=0):
     return specs, skipped
 
 
+def repeats_of_the_source(batch):
+    """How many pairs of a batch drive with a frame bit-identical to their source frame.
+
+    Another frame of a real clip never equals the source exactly, unless the clip's encoder repeated a
+    near-static frame (`reenact prepare` at 64 px did before 2026-12-07): the stored parameters then
+    describe a frame the pixels no longer show, and "copy source" scores the PSNR cap on the pair.
+    """
+    same = (batch["source"] == batch["driving"]).flatten(1).all(1)
+    return int(same.sum())
+
+
 def _fixed_pair_loader(dataset, specs, batch_size):
     """A fallback loader (PyAV decoding, no augmentation) that yields ``specs`` in order, once."""
     class FixedPairs(FallbackLoader):
@@ -255,12 +266,14 @@ def evaluate(options):
     per_method = {name: {"l1": [], "psnr": [], "ssim": [], "landmarks_output": [], "dense_output": [], "id_output": []}
                   for name in METHODS}
     statistics = {name: GaussianStatistics() for name in METHODS + ("driving",)}
+    repeats = 0
     try:
         for batch in generate(generator, face_model, dataset, specs, options.batch_size, device):
             with torch.no_grad():
                 outputs = method_outputs(face_model, batch, dataset.size)
             for key in ("clip", "frame_driving", "beta_driving", "pose_driving", "landmarks_driving"):
                 collected[key].append(batch[key])
+            repeats += repeats_of_the_source(batch)
             if detector is not None:
                 landmarks, _, meshes = detect_landmarks(detector, batch["driving"], dataset.size)
                 collected["landmarks_frame"].append(landmarks)
@@ -312,7 +325,7 @@ def evaluate(options):
         "synthetic": all(clip.record.synthetic for clip in clips), "face_model": face_model.name,
         "protocol": f"self-reenactment: source frame {options.source_frame} of each clip, driven by every "
                     f"other frame of the same clip",
-        "clips": len(per_clip), "pairs": int(scores["l1"].size),
+        "clips": len(per_clip), "pairs": int(scores["l1"].size), "pairs_repeating_the_source": repeats,
         "skipped_clips": [{"clip": c, "reason": r} for c, r in skipped],
         "metrics": metrics, "baselines": {name: method_metrics[name] for name in METHODS if name != MODEL},
         "per_clip": per_clip, "seconds": time.perf_counter() - started,
