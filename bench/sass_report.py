@@ -70,9 +70,12 @@ def _flash_forward_smem(C, Cv, elem=2):
     return ((64 + 64) * _smem_stride(-(-C // 16) * 16) + 64 * _smem_stride(8 * nt)) * elem
 
 
-# The opt-in maximum of dynamic shared memory per block, which launchers that size their buffers
-# to the device read: H100 (sm_90) 227 KiB, A100 (sm_80) 163 KiB.
-SMEM_OPTIN = {90: 227 * 1024, 80: 163 * 1024}
+def _smem_optin(arch):
+    """The opt-in maximum of dynamic shared memory per block, which launchers that size their
+    buffers to the device read: the SM's usable shared memory less the runtime's 1 KiB per block
+    (H100 227 KiB, A100 163 KiB)."""
+    smem_sm = next(spec[3] for spec in GPUS.values() if spec[0] == arch)
+    return smem_sm - SMEM_RESERVED_PER_BLOCK
 
 
 def _flash_backward_smem(C, Cv, elem=2, arch=90):
@@ -81,7 +84,7 @@ def _flash_backward_smem(C, Cv, elem=2, arch=90):
     ldqk, ldv = _smem_stride(8 * (8 if C <= 64 else 32)), _smem_stride(8 * (4 if Cv <= 32 else 33))
     one_stage = (2 * 64 * ldqk + 2 * 64 * ldv + 64 * (64 + 8)) * elem + 3 * 64 * 4
     two_stages = one_stage + 64 * ldqk * elem
-    return two_stages if two_stages <= SMEM_OPTIN[arch] else one_stage
+    return two_stages if two_stages <= _smem_optin(arch) else one_stage
 
 
 def _flash_dq_smem(C, Cv, elem=2):
