@@ -161,26 +161,21 @@ def test_ops_reference_swaps_every_op_including_the_training_pnccs(dataset, tmp_
     import pncc_cuda.reference as reference
 
     calls = {"fused": 0, "reference": 0}
-
-    def counting(name, function):
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return function(*args, **kwargs)
-        return wrapper
-
-    monkeypatch.setattr(pncc_cuda, "render_pncc", counting("fused", pncc_cuda.render_pncc))
-    monkeypatch.setattr(reference, "render_pncc_reference", counting("reference", reference.render_pncc_reference))
     # The geometric warp input rasterizes too: with the run's ops, never the other ones.
     rasterized = {"fused": 0, "reference": 0}
 
-    def counting_raster(name, function):
+    def counting(counts, name, function):
         def wrapper(*args, **kwargs):
-            rasterized[name] += 1
+            counts[name] += 1
             return function(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(pncc_cuda, "rasterize", counting_raster("fused", pncc_cuda.rasterize))
-    monkeypatch.setattr(reference, "rasterize_reference", counting_raster("reference", reference.rasterize_reference))
+    monkeypatch.setattr(pncc_cuda, "render_pncc", counting(calls, "fused", pncc_cuda.render_pncc))
+    monkeypatch.setattr(reference, "render_pncc_reference",
+                        counting(calls, "reference", reference.render_pncc_reference))
+    monkeypatch.setattr(pncc_cuda, "rasterize", counting(rasterized, "fused", pncc_cuda.rasterize))
+    monkeypatch.setattr(reference, "rasterize_reference",
+                        counting(rasterized, "reference", reference.rasterize_reference))
     entries = {}
     for ops in ("fused", "reference"):
         trainer = training.Trainer(options(dataset, tmp_path / ops, ops=ops))

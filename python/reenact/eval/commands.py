@@ -50,6 +50,7 @@ def run(args):
     summary = "; ".join(f"{name}: L1 {m['l1']['mean']:.4f}, PSNR {m['psnr']['mean']:.2f} dB, SSIM {m['ssim']['mean']:.4f}"
                         for name, m in methods.items())
     print(f"{results['pairs']} pairs of {results['clips']} clips: {summary}; wrote {options.out_dir()}")
-    if repeat_warning(results):
-        print(f"warning: {repeat_warning(results)}", file=sys.stderr)
+    warning = repeat_warning(results)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0

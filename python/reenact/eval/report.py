@@ -38,6 +38,7 @@ def markdown_table(results):
     def row(label, cell, notes=""):
         return f"| {label} | " + " | ".join(cell(methods[name]) for name in names) + f" | {notes} |"
 
+    warning = repeat_warning(results)
     lines = [f"# reenact eval: {results['checkpoint']} (step {results['step']})", "",
              f"- data: `{results['data']}`{' [synthetic]' if results['synthetic'] else ''}; "
              f"{results['clips']} clips, {results['pairs']} pairs; {results['protocol']}",
@@ -46,7 +47,7 @@ def markdown_table(results):
              f"- every method on the same pairs, against the driving frame: the model; \"{GEOMETRIC}\", the "
              f"training-free warp of the source along the identity-matched mesh (reenact.warp); \"{COPY_SOURCE}\", "
              f"the source frame unchanged",
-             *([f"- **warning: {repeat_warning(results)}**"] if repeat_warning(results) else []), "",
+             *([f"- **warning: {warning}**"] if warning else []), "",
              f"| metric | {header} | notes |", "|---|" + "---|" * len(names) + "---|",
              row("L1 (lower is better)", lambda m: _number(m["l1"]["mean"], 4), "mean abs. difference, images in [0, 1]"),
              row("PSNR dB (higher is better)", lambda m: _number(m["psnr"]["mean"], 2),
