@@ -41,7 +41,7 @@ bool available() {
 #if PNCC_CORR_BF16_BUILT
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512bf16")
+#pragma GCC target("avx512f,avx512bw,avx512bf16,prfchw")
 // As in corr_cpu_simd.cpp: GCC 12's _mm512_undefined_* initialise a variable from itself.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -108,6 +108,11 @@ void micro(int64_t kp, const uint32_t* a, int64_t a_rs, int64_t a_ps, const uint
   PNCC_BF_ACC(6) PNCC_BF_ACC(7) PNCC_BF_ACC(8) PNCC_BF_ACC(9) PNCC_BF_ACC(10) PNCC_BF_ACC(11)
   // Row-group pointers (row-major A only): g<R>_3 is the pointer of row R's group of three.
   const uint32_t *grp0 = a, *grp1 = a + 3 * a_rs, *grp2 = a + 6 * a_rs, *grp3 = a + 9 * a_rs;
+  // As in corr_cpu_simd.cpp: C's lines are requested before the products, not at the stores.
+  for (int r = 0; r < rows; ++r) {
+    __builtin_prefetch(c + r * ldc, 1, 3);
+    __builtin_prefetch(c + r * ldc + 16, 1, 3);
+  }
   for (int64_t p = 0; p < kp; ++p) {
     const __m512bh b0 = (__m512bh)_mm512_maskz_loadu_epi32(m0, b);
     const __m512bh b1 = (__m512bh)_mm512_maskz_loadu_epi32(m1, b + 16);
@@ -193,30 +198,31 @@ void gemm(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t a_rs, int
           const uint32_t* b, int64_t ldb, int64_t b_panel_stride, float* c, int64_t ldc,
           bool accumulate) {
   if (m <= 0 || n <= 0) return;
-  thread_local std::vector<uint32_t> tail;  // a short last block of rows, zero-padded
-  for (int64_t i0 = 0; i0 < m; i0 += kRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kRows, m - i0));
-    const uint32_t* block = a + i0 * a_rs;
-    bool pair_major = a_ps != 1;
-    int64_t rs = a_rs, ps = a_ps;
-    if (rows < kRows) {
-      tail.assign(static_cast<size_t>(std::max<int64_t>(kp, 1) * kRows), 0u);
-      for (int64_t p = 0; p < kp; ++p)
-        for (int r = 0; r < rows; ++r) tail[p * kRows + r] = block[r * a_rs + p * a_ps];
-      block = tail.data();
-      pair_major = true;
-      rs = 1;
-      ps = kRows;
-    }
-    for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
-      const int64_t nn = std::min(kPanel, n - j0);
-      const uint32_t* bp = b + (j0 / kPanel) * b_panel_stride;
+  // A short last block of rows, zero-padded, as pair-major rows of kRows.
+  thread_local std::vector<uint32_t> tail;
+  const int64_t full = m / kRows * kRows;
+  if (full < m) {
+    const int rows = static_cast<int>(m - full);
+    const uint32_t* block = a + full * a_rs;
+    tail.assign(static_cast<size_t>(std::max<int64_t>(kp, 1) * kRows), 0u);
+    for (int64_t p = 0; p < kp; ++p)
+      for (int r = 0; r < rows; ++r) tail[p * kRows + r] = block[r * a_rs + p * a_ps];
+  }
+  // Panels outer, row blocks inner, as in corr_cpu_simd.cpp: one panel of B (kp x 32 pairs)
+  // stays in L1/L2 while the blocks of A stream past it.
+  for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
+    const int64_t nn = std::min(kPanel, n - j0);
+    const uint32_t* bp = b + (j0 / kPanel) * b_panel_stride;
+    const __mmask16 m0 = tail_mask(nn), m1 = tail_mask(nn - 16);
+    for (int64_t i0 = 0; i0 < m; i0 += kRows) {
       float* cp = c + i0 * ldc + j0;
-      const __mmask16 m0 = tail_mask(nn), m1 = tail_mask(nn - 16);
-      if (pair_major)
-        micro<true>(kp, block, rs, ps, bp, ldb, cp, ldc, rows, m0, m1, accumulate);
+      if (i0 == full)
+        micro<true>(kp, tail.data(), 1, kRows, bp, ldb, cp, ldc, static_cast<int>(m - full), m0,
+                    m1, accumulate);
+      else if (a_ps != 1)
+        micro<true>(kp, a + i0 * a_rs, a_rs, a_ps, bp, ldb, cp, ldc, kRows, m0, m1, accumulate);
       else
-        micro<false>(kp, block, rs, ps, bp, ldb, cp, ldc, rows, m0, m1, accumulate);
+        micro<false>(kp, a + i0 * a_rs, a_rs, a_ps, bp, ldb, cp, ldc, kRows, m0, m1, accumulate);
     }
   }
 }

@@ -45,7 +45,7 @@ bool available() {
 #if PNCC_CORR_SIMD_BUILT
 
 #pragma GCC push_options
-#pragma GCC target("avx512f,fma")
+#pragma GCC target("avx512f,fma,prfchw")
 // GCC 12's _mm512_undefined_ps (behind _mm512_max_ps, _mm512_set1_ps, ...) initialises a variable
 // from itself on purpose, which -Wall reports at every use.
 #pragma GCC diagnostic push
@@ -154,6 +154,17 @@ inline __m512 load_b(__mmask16 mask, const float* b) {
   return kMasked ? _mm512_maskz_loadu_ps(mask, b) : _mm512_loadu_ps(b);
 }
 
+// C is read (accumulate) and written only after the product loop: ask for the tile's lines
+// first, so that a tile in L3 or memory (the backward's dK and dV, a fresh score tile) arrives
+// while the products run instead of stalling the stores. With the order of gemm's loops this
+// took 15-25% off the backward (bench/RESULTS.md, issue 11).
+inline void prefetch_c_tile(float* c, int64_t ldc, int rows) {
+  for (int r = 0; r < rows; ++r) {
+    __builtin_prefetch(c + r * ldc, 1, 3);
+    __builtin_prefetch(c + r * ldc + 16, 1, 3);
+  }
+}
+
 template <bool kMasked>
 void micro(int64_t k, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
            float* c, int64_t ldc, int rows, __mmask16 m0, __mmask16 m1, bool accumulate) {
@@ -161,6 +172,7 @@ void micro(int64_t k, const float* a, int64_t a_rs, int64_t a_cs, const float* b
   PNCC_ACC(1)
   PNCC_ROW_POINTER(0) PNCC_ROW_POINTER(1) PNCC_ROW_POINTER(2)
   PNCC_ROW_POINTER(3) PNCC_ROW_POINTER(4) PNCC_ROW_POINTER(5)
+  prefetch_c_tile(c, ldc, rows);
   int64_t kk = 0;
   for (; kk + kSplit <= k; kk += kSplit) {
     PNCC_STEP(0)
@@ -196,13 +208,15 @@ void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_rs, int64_t
           const float* b, int64_t ldb, int64_t b_panel_stride, float* c, int64_t ldc,
           bool accumulate) {
   if (m <= 0 || n <= 0) return;
-  // One block of kRows rows of A at a time meets every column panel of B.
-  for (int64_t i0 = 0; i0 < m; i0 += kRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kRows, m - i0));
-    const float* a_block = a + i0 * a_rs;
-    for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
-      const int64_t nn = std::min(kPanel, n - j0);
-      const float* panel = b + (j0 / kPanel) * b_panel_stride;
+  // One column panel of B at a time meets every block of kRows rows of A: the panel stays in
+  // L1/L2 while A streams past it. (Blocks outer, the other order, streamed all of B once per
+  // block of rows, from L3 in the backward, whose operands do not stay in L2 between products.)
+  for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
+    const int64_t nn = std::min(kPanel, n - j0);
+    const float* panel = b + (j0 / kPanel) * b_panel_stride;
+    for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, m - i0));
+      const float* a_block = a + i0 * a_rs;
       float* c_block = c + i0 * ldc + j0;
       if (nn == kPanel)
         micro<false>(k, a_block, a_rs, a_cs, panel, ldb, c_block, ldc, rows, tail_mask(16),
