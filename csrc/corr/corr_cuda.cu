@@ -53,7 +53,7 @@ int64_t round_up64(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 // q^ and k^ as the kernels read them (SplitRows, corr_kernels.cuh): split into hi + lo where
 // rounds_normalised_rows (corr_math.h) says the dtype's rounding is not the contract, whole
-// otherwise.
+// otherwise. Worked out once per call by forward_impl / backward_impl, which pick the kernel by it.
 struct ScoreRows {
   SplitRows q, k;
   int64_t channels;  // of a row, before padding: 3C when split
@@ -118,12 +118,11 @@ int max_dynamic_smem_bytes() {
 
 template <typename T>
 void forward_flash(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                   double temperature, bool normalize, double eps, at::Tensor& out,
-                   at::Tensor& lse, cudaStream_t stream) {
-  const ScoreRows rows = score_rows<T>(query.size(2), normalize);
-  const int64_t ld_qk = round_up64(rows.channels, 16);
-  const at::Tensor qs = padded_rows<T>(query, ld_qk, normalize, eps, nullptr, stream, rows.q);
-  const at::Tensor kn = padded_rows<T>(key, ld_qk, normalize, eps, nullptr, stream, rows.k);
+                   double temperature, bool normalize, double eps, const ScoreRows& score,
+                   at::Tensor& out, at::Tensor& lse, cudaStream_t stream) {
+  const int64_t ld_qk = round_up64(score.channels, 16);
+  const at::Tensor qs = padded_rows<T>(query, ld_qk, normalize, eps, nullptr, stream, score.q);
+  const at::Tensor kn = padded_rows<T>(key, ld_qk, normalize, eps, nullptr, stream, score.k);
   const at::Tensor v = copy_ready_rows<T>(value, stream);
   // Without value channels lse is still an output: run 8 channels of zeros into scratch.
   const bool no_channels = value.size(2) == 0;
@@ -153,12 +152,11 @@ void check_tile_windows(int64_t n_out, int64_t n_rows) {
 
 template <typename T>
 void forward_simt(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                  double temperature, bool normalize, double eps, at::Tensor& out,
-                  at::Tensor& lse, cudaStream_t stream) {
-  const ScoreRows rows = score_rows<T>(query.size(2), normalize);
-  const int64_t C = rows.channels;
-  const at::Tensor qs = padded_rows<T>(query, C, normalize, eps, nullptr, stream, rows.q);
-  const at::Tensor kn = padded_rows<T>(key, C, normalize, eps, nullptr, stream, rows.k);
+                  double temperature, bool normalize, double eps, const ScoreRows& score,
+                  at::Tensor& out, at::Tensor& lse, cudaStream_t stream) {
+  const int64_t C = score.channels;
+  const at::Tensor qs = padded_rows<T>(query, C, normalize, eps, nullptr, stream, score.q);
+  const at::Tensor kn = padded_rows<T>(key, C, normalize, eps, nullptr, stream, score.k);
   // Without value channels lse is still an output: take the product with 16 channels of zeros.
   const bool no_channels = value.size(2) == 0;
   const at::Tensor v = no_channels ? at::zeros({key.size(0), key.size(1), 16}, value.options())
@@ -185,15 +183,16 @@ void forward_impl(const at::Tensor& query, const at::Tensor& key, const at::Tens
                   double temperature, bool normalize, double eps, at::Tensor& out,
                   at::Tensor& lse, cudaStream_t stream) {
   using T = typename CudaType<scalar_t>::type;
+  const ScoreRows score = score_rows<T>(query.size(2), normalize);
   if constexpr (sizeof(T) == 2) {
-    const size_t smem = flash_forward_smem(
-        round_up64(score_rows<T>(query.size(2), normalize).channels, 16), value.size(2), sizeof(T));
+    const size_t smem =
+        flash_forward_smem(round_up64(score.channels, 16), value.size(2), sizeof(T));
     if (smem <= static_cast<size_t>(max_dynamic_smem_bytes())) {
-      forward_flash<T>(query, key, value, temperature, normalize, eps, out, lse, stream);
+      forward_flash<T>(query, key, value, temperature, normalize, eps, score, out, lse, stream);
       return;
     }
   }
-  forward_simt<T>(query, key, value, temperature, normalize, eps, out, lse, stream);
+  forward_simt<T>(query, key, value, temperature, normalize, eps, score, out, lse, stream);
 }
 
 // ---- backward ----
@@ -224,14 +223,13 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_flash(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse, double temperature,
-    bool normalize, double eps, cudaStream_t stream) {
+    bool normalize, double eps, const ScoreRows& score, cudaStream_t stream) {
   const int64_t B = query.size(0), Nq = query.size(1), Nk = key.size(1), Cv = value.size(2);
-  const ScoreRows rows = score_rows<T>(query.size(2), normalize);
-  const int64_t ld_qk = 8 * backward_ntk(rows.channels);
+  const int64_t ld_qk = 8 * backward_ntk(score.channels);
   const int64_t ld_v = round_up64(Cv == 0 ? 8 : Cv, 8);
   at::Tensor q_stats, k_stats;
-  const at::Tensor qs = padded_rows<T>(query, ld_qk, normalize, eps, &q_stats, stream, rows.q);
-  const at::Tensor kn = padded_rows<T>(key, ld_qk, normalize, eps, &k_stats, stream, rows.k);
+  const at::Tensor qs = padded_rows<T>(query, ld_qk, normalize, eps, &q_stats, stream, score.q);
+  const at::Tensor kn = padded_rows<T>(key, ld_qk, normalize, eps, &k_stats, stream, score.k);
   const at::Tensor v = copy_ready_rows<T>(value, stream);
   // D = rowsum(dO * O), and dO padded like V.
   at::Tensor d = at::empty({B, Nq}, query.options().dtype(at::kFloat));
@@ -270,8 +268,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_flash(
   p.ld_v = static_cast<int>(v.size(2));
   p.single_key = Nk == 1;
   C10_CUDA_CHECK(launch_flash_backward<T>(p, B, deterministic, stream));
-  return {normalize_backward<T>(grad_qs, ld_qk, query, q_stats, eps, temperature, rows.q, stream),
-          normalize_backward<T>(grad_kn, ld_qk, key, k_stats, eps, temperature, rows.k, stream),
+  return {normalize_backward<T>(grad_qs, ld_qk, query, q_stats, eps, temperature, score.q, stream),
+          normalize_backward<T>(grad_kn, ld_qk, key, k_stats, eps, temperature, score.k, stream),
           grad_v};
 }
 
@@ -281,13 +279,12 @@ template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_simt(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const at::Tensor& lse, double temperature, bool normalize,
-    double eps, cudaStream_t stream) {
+    double eps, const ScoreRows& score, cudaStream_t stream) {
   const int64_t B = query.size(0), Nq = query.size(1), Nk = key.size(1);
-  const ScoreRows rows = score_rows<T>(query.size(2), normalize);
-  const int64_t C = rows.channels, Cv = value.size(2);
+  const int64_t C = score.channels, Cv = value.size(2);
   at::Tensor q_stats, k_stats;
-  const at::Tensor qs = padded_rows<T>(query, C, normalize, eps, &q_stats, stream, rows.q);
-  const at::Tensor kn = padded_rows<T>(key, C, normalize, eps, &k_stats, stream, rows.k);
+  const at::Tensor qs = padded_rows<T>(query, C, normalize, eps, &q_stats, stream, score.q);
+  const at::Tensor kn = padded_rows<T>(key, C, normalize, eps, &k_stats, stream, score.k);
   const auto f32 = query.options().dtype(at::kFloat);
   at::Tensor d = at::empty({B, Nq}, f32);
   check_tile_windows(std::max<int64_t>(C, Cv), std::max(Nq, Nk));
@@ -333,8 +330,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_simt(
   C10_CUDA_CHECK((launch_simt<T, Mode::kDq>(dq, B, stream)));
   C10_CUDA_CHECK((launch_simt<T, Mode::kDk>(dk, B, stream)));
   C10_CUDA_CHECK((launch_simt<T, Mode::kDv>(dv, B, stream)));
-  return {normalize_backward<T>(grad_qs, C, query, q_stats, eps, temperature, rows.q, stream),
-          normalize_backward<T>(grad_kn, C, key, k_stats, eps, temperature, rows.k, stream),
+  return {normalize_backward<T>(grad_qs, C, query, q_stats, eps, temperature, score.q, stream),
+          normalize_backward<T>(grad_kn, C, key, k_stats, eps, temperature, score.k, stream),
           grad_v};
 }
 
@@ -344,16 +341,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& value, const at::Tensor& out, const at::Tensor& lse, double temperature,
     bool normalize, double eps, cudaStream_t stream) {
   using T = typename CudaType<scalar_t>::type;
+  const ScoreRows score = score_rows<T>(query.size(2), normalize);
   if constexpr (sizeof(T) == 2) {
-    const int64_t C = score_rows<T>(query.size(2), normalize).channels;
+    const int64_t C = score.channels;
     if (C <= kBackwardMaxC && value.size(2) <= kBackwardMaxCv &&
         flash_backward_smem(C, value.size(2), sizeof(T)) <=
             static_cast<size_t>(max_dynamic_smem_bytes())) {
       return backward_flash<T>(grad_out, query, key, value, out, lse, temperature, normalize,
-                               eps, stream);
+                               eps, score, stream);
     }
   }
-  return backward_simt<T>(grad_out, query, key, value, lse, temperature, normalize, eps, stream);
+  return backward_simt<T>(grad_out, query, key, value, lse, temperature, normalize, eps, score,
+                          stream);
 }
 
 // corr_warp on CUDA.
