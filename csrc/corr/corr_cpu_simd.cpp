@@ -108,9 +108,9 @@ inline float hsum(__m512 v) {
 // the sum keeps the partial sums smaller: measured against float64 on normalised features at
 // 1/temperature = 100, the scores' rms error is 1.30e-6 at C = 256 (one fused multiply-add chain:
 // 1.81e-6; MKL: 1.30e-6) and 2.19e-6 at C = 8 (chain and MKL: 2.37e-6). On one Zen 4 core (EPYC,
-// family 25 model 17) whose FMA peak measures 116 GFLOP/s, this tile reaches 115 on full panels in cache, as fast as a
-// 12-row single chain or 8 rows x 3 vectors; 3 rows x 4 sums was slower (each B vector then
-// serves only 3 rows).
+// family 25 model 17) whose FMA peak measures 116 GFLOP/s, this tile reaches 115 on full panels
+// in cache, as fast as a 12-row single chain or 8 rows x 3 vectors; 3 rows x 4 sums was slower
+// (each B vector then serves only 3 rows).
 // kRows * 2 * kSplit = 24 accumulators, plus two B vectors and one broadcast in 32 registers.
 constexpr int kRows = 6;
 constexpr int kSplit = 2;

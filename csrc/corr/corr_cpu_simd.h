@@ -3,9 +3,10 @@
 // Why our own GEMM: MKL, which torch's CPU matmul and SDPA call, runs its AVX2 code on AMD CPUs.
 // On a Zen 5 EPYC (full-width AVX-512 FMAs) this register tile ran at 210-245 GFLOP/s a core
 // against MKL's 113; on a Zen 4 EPYC (family 25, AVX-512 FMAs at the AVX2 rate: peak 116) at
-// 110-114 against 98-100 (bench/RESULTS.md). On Sapphire Rapids MKL wins (issue 11). So this is one of the two paths corr_cpu_path.h chooses between, by measuring, when
-// the CPU has AVX-512F (checked at run time; the rest of the extension is compiled for the
-// baseline ISA). Otherwise, and for float64, corr_cpu.cpp calls ATen's GEMMs instead.
+// 110-114 against 98-100 (bench/RESULTS.md). On Sapphire Rapids MKL wins (issue 11). So this is
+// one of the two paths corr_cpu_path.h chooses between, by measuring, when the CPU has AVX-512F
+// (checked at run time; the rest of the extension is compiled for the baseline ISA). Otherwise,
+// and for float64, corr_cpu.cpp calls ATen's GEMMs instead.
 //
 // Determinism: every function here computes each output with a summation order fixed by the
 // sizes alone, so the results do not depend on the thread count (they may differ from the

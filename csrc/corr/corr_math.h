@@ -71,7 +71,8 @@ HOST_DEVICE_INLINE RowNorm<acc_t> row_norm_finish(acc_t sum_sq_c, acc_t mean, ac
 // corr_kernels.cuh; CPU: the fp32 products). At C = 7 and temperature 0.01 bf16 rounding alone put
 // the error of grad_query at 11% of its largest value, and such a padded score product is one mma
 // k-step, so the split costs at most two more. float16 keeps its rounding: 3 more bits make it 8x
-// smaller, and the rounded dS of the backward (FlashAttention's) then dominates (DESIGN-NOTES, issue 10).
+// smaller, and the rounded dS of the backward (FlashAttention's) then dominates (DESIGN-NOTES,
+// issue 10).
 HOST_DEVICE_INLINE constexpr bool rounds_normalised_rows(bool bf16, long long channels) {
   return !bf16 || channels >= 16;
 }

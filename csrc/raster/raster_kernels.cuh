@@ -2,7 +2,8 @@
 // struct; launchers take the same struct and a stream and launch through launch_per_item (one
 // thread per triangle or pixel), which checks the launch. Nothing here touches a tensor:
 // raster_cuda.cu validates, allocates and registers. The per-triangle and per-pixel work is in
-// raster_core.h, shared with the CPU; this file owns only the thread mapping. tools/cuda_emu compiles this header unchanged on the host.
+// raster_core.h, shared with the CPU; this file owns only the thread mapping. tools/cuda_emu
+// compiles this header unchanged on the host.
 //
 //   z-buffer pass: one thread per (image, triangle). Setup, bounding box, coverage, and one
 //                  64-bit atomicMin per covered sample on a key that packs the depth above the
