@@ -91,34 +91,46 @@ TEST_CASE(variant_names_round_trip) {
   CHECK(cull::supported(cull::Variant::kScalar));
 }
 
-TEST_CASE(every_variant_rasterizes_bit_identically) {
-  // Small triangles (one to a few samples: the vector coverage test's jobs) and larger ones,
-  // with exact ties, degenerate, sliver and non-finite triangles among them.
-  const int height = 48, width = 64;
-  std::mt19937 rng(11);
-  std::uniform_real_distribution<float> centre(-4.f, 68.f), unit(-1.f, 1.f), depth(0.f, 4.f);
+// Small triangles (one to a few samples: the vector coverage test's jobs) and larger ones,
+// with exact ties, degenerate, sliver and non-finite triangles among them, in a 64 x 48 image.
+struct HostileMesh {
+  static constexpr int height = 48, width = 64;
   std::vector<float> vertices;
   std::vector<int32_t> faces;
-  const float kNaN = std::numeric_limits<float>::quiet_NaN();
-  for (int f = 0; f < 3000; ++f) {
-    const float cx = centre(rng), cy = centre(rng) * height / width;
-    const float size = f % 9 == 0 ? 6.f : f % 3 == 0 ? 1.5f : 0.7f;
-    for (int v = 0; v < 3; ++v) {
-      float x = cx + size * unit(rng), y = cy + size * unit(rng);
-      if (f % 13 == 0) x = std::round(x), y = std::round(y);  // samples exactly on edges
-      vertices.insert(vertices.end(), {x, y, f % 7 == 0 ? 1.f : depth(rng)});  // depth ties
-      faces.push_back(3 * f + v);
+
+  HostileMesh() {
+    std::mt19937 rng(11);
+    std::uniform_real_distribution<float> centre(-4.f, 68.f), unit(-1.f, 1.f), depth(0.f, 4.f);
+    const float kNaN = std::numeric_limits<float>::quiet_NaN();
+    for (int f = 0; f < 3000; ++f) {
+      const float cx = centre(rng), cy = centre(rng) * height / width;
+      const float size = f % 9 == 0 ? 6.f : f % 3 == 0 ? 1.5f : 0.7f;
+      for (int v = 0; v < 3; ++v) {
+        float x = cx + size * unit(rng), y = cy + size * unit(rng);
+        if (f % 13 == 0) x = std::round(x), y = std::round(y);  // samples exactly on edges
+        vertices.insert(vertices.end(), {x, y, f % 7 == 0 ? 1.f : depth(rng)});  // depth ties
+        faces.push_back(3 * f + v);
+      }
+      if (f % 31 == 0) vertices[vertices.size() - 3] = vertices[vertices.size() - 6];  // sliver
+      if (f % 37 == 0) {  // degenerate: the third vertex on the first
+        vertices[vertices.size() - 3] = vertices[vertices.size() - 9];
+        vertices[vertices.size() - 2] = vertices[vertices.size() - 8];
+      }
+      if (f % 41 == 0) vertices[vertices.size() - 1] = kNaN;
+      if (f % 43 == 0) vertices[vertices.size() - 2] = kNaN;
     }
-    if (f % 31 == 0) vertices[vertices.size() - 3] = vertices[vertices.size() - 6];  // sliver
-    if (f % 37 == 0) {  // degenerate: the third vertex on the first
-      vertices[vertices.size() - 3] = vertices[vertices.size() - 9];
-      vertices[vertices.size() - 2] = vertices[vertices.size() - 8];
-    }
-    if (f % 41 == 0) vertices[vertices.size() - 1] = kNaN;
-    if (f % 43 == 0) vertices[vertices.size() - 2] = kNaN;
   }
-  const MeshView<float> mesh{vertices.data(), faces.data(), 1, int64_t(vertices.size() / 3),
-                             int64_t(faces.size() / 3), height, width};
+
+  MeshView<float> view() const {
+    return {vertices.data(), faces.data(), 1, int64_t(vertices.size() / 3),
+            int64_t(faces.size() / 3), height, width};
+  }
+};
+
+TEST_CASE(every_variant_rasterizes_bit_identically) {
+  const HostileMesh hostile;
+  const MeshView<float> mesh = hostile.view();
+  const int height = HostileMesh::height, width = HostileMesh::width;
   BandBuffer<float> scalar_band, band;
   for (const auto& [row_begin, row_end] : {std::pair{0, height}, std::pair{7, 30}}) {
     const RasterizedBand<float> want =
@@ -136,6 +148,44 @@ TEST_CASE(every_variant_rasterizes_bit_identically) {
       }
     }
   }
+}
+
+// render_pncc's band: shaded in mesh order where the variant can (the codes interpolated as
+// samples are covered), resolved from the weights otherwise; the image and mask must be the
+// scalar variant's, bit for bit, and both kinds of band must occur.
+TEST_CASE(shaded_bands_render_what_the_weights_resolve_to) {
+  const HostileMesh hostile;
+  const MeshView<float> mesh = hostile.view();
+  const int height = HostileMesh::height, width = HostileMesh::width;
+  std::vector<float> codes(hostile.vertices.size());
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> code(0.f, 1.f);
+  for (float& c : codes) c = code(rng);
+  const int64_t plane = int64_t(height) * width;
+  BandBuffer<float> band;
+  int shaded = 0;
+  for (const auto& [row_begin, row_end] : {std::pair{0, height}, std::pair{7, 30}}) {
+    const int64_t pixels = int64_t(row_end - row_begin) * width;
+    std::vector<float> want(3 * plane, -1.f), want_mask(plane, -1.f);
+    const RasterizedBand<float> weights =
+        band.rasterize(mesh, 0, row_begin, row_end, cull::Variant::kScalar, codes.data());
+    CHECK(!weights.shaded);
+    resolve_pncc_band(weights, pixels, codes.data(), mesh, want.data(), plane, want_mask.data(),
+                      cull::Variant::kScalar);
+    for (cull::Variant variant : {cull::Variant::kAvx2, cull::Variant::kAvx512}) {
+      if (!cull::supported(variant)) continue;
+      std::vector<float> got(3 * plane, -1.f), got_mask(plane, -1.f);
+      const RasterizedBand<float> result =
+          band.rasterize(mesh, 0, row_begin, row_end, variant, codes.data());
+      shaded += result.shaded;
+      resolve_pncc_band(result, pixels, codes.data(), mesh, got.data(), plane, got_mask.data(),
+                        variant);
+      CHECK(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)) == 0);
+      CHECK(std::memcmp(got_mask.data(), want_mask.data(), got_mask.size() * sizeof(float)) == 0);
+    }
+  }
+  std::printf("  %d shaded bands compared\n", shaded);
+  CHECK(shaded > 0 || !cull::supported(cull::Variant::kAvx512));
 }
 
 int main() { return pncc_test::run_all(); }
