@@ -76,7 +76,7 @@ struct BandBuffer {
         v[3] = depth;
       }
     };
-    const cull::CullFn cull = cull::function(variant);
+    const Culling cull = culling(mesh, b, variant);
     const cull::CoverFn cover = vector_cover(mesh, variant);
     const bool shade = cover != nullptr && codes != nullptr;
     // The scalar loop's updates of a shaded band: the codes at the weights, computed only for a
@@ -90,11 +90,9 @@ struct BandBuffer {
     };
     const float* verts32 = reinterpret_cast<const float*>(mesh.image_vertices(b));
     const int width = mesh.width;
-    const FixedPoint* points = vertex_fixed_points(mesh, b);
     for (int64_t f0 = 0; f0 < mesh.num_faces; f0 += Survivors::kBatch) {
       const int count = static_cast<int>(std::min<int64_t>(Survivors::kBatch, mesh.num_faces - f0));
-      const int n = cull(points, mesh.faces, static_cast<int32_t>(f0), count, row_begin, row_end,
-                         width, survivors);
+      const int n = cull(mesh.faces, static_cast<int32_t>(f0), count, row_begin, row_end, survivors);
       if (cover == nullptr) {
         for (int k = 0; k < n; ++k)
           zbuffer_face_in_bounds(mesh, b, survivors.face[k], survivors.bounds(k), row_begin,
@@ -125,13 +123,12 @@ struct BandBuffer {
   // survive it in rows [row_begin, row_end).
   int64_t count_survivors(const MeshView<T>& mesh, int64_t b, int row_begin, int row_end,
                           cull::Variant variant) {
-    const cull::CullFn cull = cull::function(variant);
-    const FixedPoint* points = vertex_fixed_points(mesh, b);
+    const Culling cull = culling(mesh, b, variant);
     int64_t total = 0;
     for (int64_t f0 = 0; f0 < mesh.num_faces; f0 += Survivors::kBatch)
-      total += cull(points, mesh.faces, static_cast<int32_t>(f0),
+      total += cull(mesh.faces, static_cast<int32_t>(f0),
                     static_cast<int>(std::min<int64_t>(Survivors::kBatch, mesh.num_faces - f0)),
-                    row_begin, row_end, mesh.width, survivors);
+                    row_begin, row_end, survivors);
     return total;
   }
 
@@ -151,6 +148,34 @@ struct BandBuffer {
     constexpr int64_t kMaxIndex = int64_t(1) << 30;
     if (mesh.num_vertices * 3 >= kMaxIndex || mesh.num_faces * 3 >= kMaxIndex) return nullptr;
     return cull::cover_function(variant);
+  }
+
+  // The culling of one image's faces, batch by batch: from the float32 vertices where the
+  // variant's vector coverage test runs (it reads the coordinates the culling keeps), otherwise
+  // from every vertex's fixed point, computed once per image.
+  struct Culling {
+    cull::CullVerticesFn from_vertices;  // or
+    cull::CullFn from_points;
+    const float* vertices;
+    const FixedPoint* points;
+    int height, width;
+
+    int operator()(const int32_t* faces, int32_t first, int count, int row_begin, int row_end,
+                   Survivors& out) const {
+      return from_vertices != nullptr
+                 ? from_vertices(vertices, faces, first, count, row_begin, row_end, height,
+                                 width, out)
+                 : from_points(points, faces, first, count, row_begin, row_end, width, out);
+    }
+  };
+
+  Culling culling(const MeshView<T>& mesh, int64_t b, cull::Variant variant) {
+    if (vector_cover(mesh, variant) != nullptr)
+      return {cull::cull_vertices_function(variant), nullptr,
+              reinterpret_cast<const float*>(mesh.image_vertices(b)), nullptr, mesh.height,
+              mesh.width};
+    return {nullptr, cull::function(variant), nullptr, vertex_fixed_points(mesh, b), mesh.height,
+            mesh.width};
   }
 
   // Every vertex's fixed point, once per image: a vertex is shared by about six triangles.

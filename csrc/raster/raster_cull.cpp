@@ -133,10 +133,25 @@ __attribute__((target("avx2"))) inline __m256i span_end8(__m256i hi, __m256i las
   return _mm256_min_epi32(_mm256_sub_epi32(floor, _mm256_set1_epi32(1)), last);
 }
 
-__attribute__((target("avx512f"))) int cull_avx512(const FixedPoint* points,
-                                                   const int32_t* faces, int32_t first, int count,
-                                                   int row_begin, int row_end, int width,
-                                                   Survivors& out) {
+// to_fixed_point of raster_math.h on 16 float32 coordinates, operation for operation:
+// max(v, -1) keeps -1 for NaN as `v > -1 ? v : -1` does, min(c, size) is `c < size ? c : size`,
+// and the conversion truncates.
+__attribute__((target("avx512f"))) inline __m512i to_fixed_point16(__m512 v, int size) {
+  const __m512 c = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-1.0f)),
+                                 _mm512_set1_ps(float(size)));
+  return _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_add_ps(c, _mm512_set1_ps(1.0f)),
+                                           _mm512_set1_ps(float(1 << kFixedPointShift))));
+}
+
+// The culling of 16 faces at a time, from the vertices' fixed points (kFromVertices false: any
+// mesh dtype, `source` is the FixedPoint table) or from float32 image-space vertices
+// (kFromVertices true: `source` is the (V, 3) array; the fixed points are formed in registers
+// and the survivors keep their corners' coordinates for the coverage test).
+template <bool kFromVertices>
+__attribute__((target("avx512f"))) int cull16(const void* source, const int32_t* faces,
+                                              int32_t first, int count, int row_begin,
+                                              int row_end, int height, int width,
+                                              Survivors& out) {
   static_assert(sizeof(FixedPoint) == 8, "x and y of a vertex are gathered as one int32 pair");
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i col_first = _mm512_setzero_si512(), col_last = _mm512_set1_epi32(width - 1);
@@ -145,10 +160,19 @@ __attribute__((target("avx512f"))) int cull_avx512(const FixedPoint* points,
   for (int base = 0; base < count; base += 16) {
     const int left = count - base;
     const __mmask16 valid = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
-    // Vertex indices, then each vertex's (x, y) fixed-point pair.
-    __m512i index[3], x[3], y[3];
+    // Vertex indices, then each vertex's (x, y) pair: fixed points, or coordinates.
+    __m512i index[3], x[3], y[3], x_bits[3], y_bits[3];
     load_corners16(faces + 3 * (int64_t(first) + base), std::min(left, 16), index);
-    for (int v = 0; v < 3; ++v) gather_pairs16<8>(index[v], valid, points, x[v], y[v]);
+    for (int v = 0; v < 3; ++v) {
+      if constexpr (kFromVertices) {
+        gather_pairs16<4>(_mm512_mullo_epi32(index[v], _mm512_set1_epi32(3)), valid, source,
+                          x_bits[v], y_bits[v]);
+        x[v] = to_fixed_point16(_mm512_castsi512_ps(x_bits[v]), width);
+        y[v] = to_fixed_point16(_mm512_castsi512_ps(y_bits[v]), height);
+      } else {
+        gather_pairs16<8>(index[v], valid, source, x[v], y[v]);
+      }
+    }
     const __m512i x_lo = _mm512_min_epi32(_mm512_min_epi32(x[0], x[1]), x[2]);
     const __m512i x_hi = _mm512_max_epi32(_mm512_max_epi32(x[0], x[1]), x[2]);
     const __m512i y_lo = _mm512_min_epi32(_mm512_min_epi32(y[0], y[1]), y[2]);
@@ -164,10 +188,31 @@ __attribute__((target("avx512f"))) int cull_avx512(const FixedPoint* points,
     store_compressed(out.col1 + n, keep, c1);
     store_compressed(out.row0 + n, keep, r0);
     store_compressed(out.row1 + n, keep, r1);
-    for (int v = 0; v < 3; ++v) store_compressed(out.vertex[v] + n, keep, index[v]);
+    for (int v = 0; v < 3; ++v) {
+      store_compressed(out.vertex[v] + n, keep, index[v]);
+      if constexpr (kFromVertices) {
+        store_compressed(reinterpret_cast<int32_t*>(out.x[v]) + n, keep, x_bits[v]);
+        store_compressed(reinterpret_cast<int32_t*>(out.y[v]) + n, keep, y_bits[v]);
+      }
+    }
     n += __builtin_popcount(keep);
   }
   return n;
+}
+
+__attribute__((target("avx512f"))) int cull_avx512(const FixedPoint* points,
+                                                   const int32_t* faces, int32_t first, int count,
+                                                   int row_begin, int row_end, int width,
+                                                   Survivors& out) {
+  return cull16<false>(points, faces, first, count, row_begin, row_end, 0, width, out);
+}
+
+__attribute__((target("avx512f"))) int cull_vertices_avx512(const float* vertices,
+                                                            const int32_t* faces, int32_t first,
+                                                            int count, int row_begin, int row_end,
+                                                            int height, int width,
+                                                            Survivors& out) {
+  return cull16<true>(vertices, faces, first, count, row_begin, row_end, height, width, out);
 }
 
 __attribute__((target("avx2"))) int cull_avx2(const FixedPoint* points, const int32_t* faces,
@@ -331,10 +376,8 @@ __attribute__((target("avx512f"))) int cover_avx512(const float* vertices, const
     for (int v = 0; v < 3; ++v) {
       const __m512i index = _mm512_maskz_loadu_epi32(small, survivors.vertex[v] + base);
       at[v] = _mm512_mullo_epi32(index, three);
-      __m512i xi, yi;
-      gather_pairs16<4>(at[v], small, vertices, xi, yi);  // (x, y) as one 8-byte pair
-      x[v] = _mm512_castsi512_ps(xi);
-      y[v] = _mm512_castsi512_ps(yi);
+      x[v] = _mm512_maskz_loadu_ps(small, survivors.x[v] + base);  // kept by the culling
+      y[v] = _mm512_maskz_loadu_ps(small, survivors.y[v] + base);
       z[v] = _mm512_mask_i32gather_ps(zero, small, at[v], vertices + 2, 4);
     }
     // setup_triangle: edge i is opposite vertex i; the doubled area decides the orientation.
@@ -605,6 +648,14 @@ ResolveFn resolve_function(Variant variant) {
 ResolveShadedFn resolve_shaded_function(Variant variant) {
 #if PNCC_CULL_SIMD_BUILT
   if (variant == Variant::kAvx512) return resolve_shaded_avx512;
+#endif
+  (void)variant;
+  return nullptr;
+}
+
+CullVerticesFn cull_vertices_function(Variant variant) {
+#if PNCC_CULL_SIMD_BUILT
+  if (variant == Variant::kAvx512) return cull_vertices_avx512;
 #endif
   (void)variant;
   return nullptr;

@@ -44,6 +44,9 @@ struct Survivors {
   // The face's three vertex indices, which culling has read anyway: the vector coverage test
   // then loads them instead of gathering them again.
   int32_t vertex[3][kBatch + kSlack];
+  // The corners' image-space coordinates, kept by a culling from float32 vertices
+  // (CullVerticesFn) for the vector coverage test; not written by a CullFn.
+  float x[3][kBatch + kSlack], y[3][kBatch + kSlack];
 
   SampleBounds bounds(int k) const { return {col0[k], col1[k], row0[k], row1[k]}; }
 };
@@ -53,6 +56,15 @@ struct Survivors {
 // survivors to `out` and returns their number. Face indices are int32 (as in the depth keys).
 using CullFn = int (*)(const FixedPoint* points, const int32_t* faces, int32_t first, int count,
                        int row_begin, int row_end, int width, Survivors& out);
+
+// The same culling from the (V, 3) float32 image-space vertices of a `height` x `width` image:
+// each corner's fixed point is formed in registers (vertex_fixed_point's clamps and truncation,
+// operation for operation, so the survivors and bounds are a CullFn's), and the survivors keep
+// their corners' x and y. It spares the fixed-point table and the coverage test's gathers of
+// x and y. (V * 3 must fit in int32.)
+using CullVerticesFn = int (*)(const float* vertices, const int32_t* faces, int32_t first,
+                               int count, int row_begin, int row_end, int height, int width,
+                               Survivors& out);
 
 // The vector coverage test of the survivors of one culling call: a float32 triangle with at
 // most kMaxVectorSamples samples in its bounds (on a face mesh at 256x256, 94% of the survivors
@@ -77,7 +89,8 @@ struct LargeSurvivors {
   int n = 0;
 };
 
-// Tests the first `count` survivors against the (V, 3) float32 image-space `vertices`; writes
+// Tests the first `count` survivors of the variant's CullVerticesFn (whose x and y it reads)
+// against the (V, 3) float32 image-space `vertices` (whose depths it reads); writes
 // the covered samples of the small ones to `out` and returns their number, and lists the large
 // ones in `large`. (V * 3 must fit in int32.)
 //
@@ -107,6 +120,9 @@ using ResolveShadedFn = void (*)(const uint64_t* keys, const float* codes_depth,
 // one-line message when PNCC_RASTER_SIMD is invalid or names a variant this CPU lacks.
 Variant selected();
 CullFn function(Variant variant);
+// The variant's culling from float32 vertices, or nullptr when it has none; a variant has it if
+// and only if it has a vector coverage test, which needs the survivors' coordinates.
+CullVerticesFn cull_vertices_function(Variant variant);
 // The variant's vector coverage test, or nullptr when it has none (then every survivor goes to
 // the scalar loop).
 CoverFn cover_function(Variant variant);

@@ -20,6 +20,7 @@ using namespace pncc::raster;
 namespace {
 
 struct Workload {
+  std::vector<float> vertices;  // (V, 3) image space
   std::vector<FixedPoint> points;
   std::vector<int32_t> faces;
 };
@@ -34,9 +35,18 @@ Workload random_workload(int num_faces, int height, int width, uint32_t seed) {
     const float cx = centre(rng), cy = centre(rng) * height / width;
     const float size = f % 17 == 0 ? 400.f : f % 5 == 0 ? 3.f : 0.6f;
     for (int v = 0; v < 3; ++v) {
-      w.points.push_back(vertex_fixed_point(cx + size * unit(rng), cy + size * unit(rng), height,
-                                            width));
+      const float x = cx + size * unit(rng), y = cy + size * unit(rng);
+      w.vertices.insert(w.vertices.end(), {x, y, 1.f});
+      w.points.push_back(vertex_fixed_point(x, y, height, width));
       w.faces.push_back(3 * f + v);
+    }
+    // Clamped and non-finite coordinates: the culling from vertices must form the same points.
+    if (f % 23 == 0) w.vertices[w.vertices.size() - 3] = std::numeric_limits<float>::quiet_NaN();
+    if (f % 29 == 0) w.vertices[w.vertices.size() - 2] = -std::numeric_limits<float>::infinity();
+    if (f % 23 == 0 || f % 29 == 0) {
+      const size_t last = w.points.size() - 1;
+      w.points[last] = vertex_fixed_point(w.vertices[3 * last], w.vertices[3 * last + 1], height,
+                                          width);
     }
   }
   return w;
@@ -82,6 +92,45 @@ TEST_CASE(every_variant_keeps_the_scalar_survivors_and_bounds) {
   }
   std::printf("  %d culling variants supported and tested\n", tested);
   CHECK(tested >= 1);
+}
+
+// The culling from float32 vertices forms the fixed points itself: same survivors, bounds and
+// vertex indices as the culling from the table, and every survivor's corner coordinates.
+TEST_CASE(culling_from_vertices_keeps_the_table_culling_survivors_and_coordinates) {
+  const int height = 96, width = 128;
+  const Workload w = random_workload(1000, height, width, 9);
+  int tested = 0;
+  for (cull::Variant variant : {cull::Variant::kScalar, cull::Variant::kAvx2,
+                                cull::Variant::kAvx512}) {
+    const cull::CullVerticesFn fn = cull::cull_vertices_function(variant);
+    CHECK((fn != nullptr) == (cull::cover_function(variant) != nullptr));
+    if (fn == nullptr || !cull::supported(variant)) continue;
+    ++tested;
+    for (const auto& [row_begin, row_end] : {std::pair{0, height}, std::pair{40, 96}}) {
+      int first = 0;
+      for (int count = 1; first + count <= int(w.faces.size() / 3) &&
+                          count <= cull::Survivors::kBatch; first += count, ++count) {
+        cull::Survivors want, got;
+        const int m = cull::function(cull::Variant::kScalar)(w.points.data(), w.faces.data(), first,
+                                                            count, row_begin, row_end, width, want);
+        const int n = fn(w.vertices.data(), w.faces.data(), first, count, row_begin, row_end,
+                         height, width, got);
+        CHECK(n == m);
+        for (int k = 0; k < std::min(n, m); ++k) {
+          CHECK(got.face[k] == want.face[k]);
+          const SampleBounds g = got.bounds(k), s = want.bounds(k);
+          CHECK(g.col0 == s.col0 && g.col1 == s.col1 && g.row0 == s.row0 && g.row1 == s.row1);
+          for (int v = 0; v < 3; ++v) {
+            const int32_t vertex = want.vertex[v][k];
+            CHECK(got.vertex[v][k] == vertex);
+            CHECK(std::memcmp(&got.x[v][k], &w.vertices[3 * vertex], sizeof(float)) == 0);
+            CHECK(std::memcmp(&got.y[v][k], &w.vertices[3 * vertex + 1], sizeof(float)) == 0);
+          }
+        }
+      }
+    }
+  }
+  std::printf("  %d variants cull from vertices\n", tested);
 }
 
 TEST_CASE(variant_names_round_trip) {
