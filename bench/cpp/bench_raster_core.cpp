@@ -1,7 +1,10 @@
 // Microbenchmark of the CPU rasterizer core, without torch or Python: the exact z-buffer loop a
 // CPU work item runs (raster_band.h) plus the render_pncc resolve, on one thread.
 //
-//   bench_raster_core [MESH.bin] [repeats]
+//   bench_raster_core [MESH.bin] [repeats] [cold]
+//
+// With "cold", 64 MiB are written before every timed call, so that the call starts with none of
+// its data in the caches (as in a training step, where the rest of the step evicts them).
 //
 // MESH.bin: int32 V, int32 F, float32 vertices (V, 3) in image space (256 x 256), int32 faces
 // (F, 3); `python bench/bench_raster.py --export-mesh MESH.bin` writes the benchmark mesh. Without
@@ -10,6 +13,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <string>
 #include <vector>
 
 #include "raster/raster_band.h"
@@ -66,6 +71,7 @@ int main(int argc, char** argv) {
     generated_mesh(vertices, faces, 76073);
   }
   const int repeats = argc > 2 ? std::max(1, std::atoi(argv[2])) : 200;
+  const bool cold = argc > 3 && std::string(argv[3]) == "cold";
   // Codes that vary per vertex (the values do not change the work, only the bits written).
   std::vector<float> ncc(vertices.size());
   for (size_t i = 0; i < ncc.size(); ++i) ncc[i] = float(i % 997) / 997.f;
@@ -73,32 +79,24 @@ int main(int argc, char** argv) {
                        int64_t(faces.size() / 3), kSize, kSize};
   std::vector<float> pncc(3 * kSize * kSize), mask(kSize * kSize);
   BandBuffer<float> band;
-  // Interleaved: render_pncc's path (the band shaded in mesh order where the variant can), and
-  // the band of weights resolved in pixel order (the codes gathered per covered pixel).
-  const char* names[2] = {"shaded band, copying resolve", "weights, gathering resolve"};
-  std::vector<double> times[2];
-  for (int rep = 0; rep < repeats + 10; ++rep)
-    for (int mode = 0; mode < 2; ++mode) {
-      const auto start = std::chrono::steady_clock::now();
-      const RasterizedBand<float> result =
-          band.rasterize(mesh, 0, 0, kSize, cull::selected(), mode == 0 ? ncc.data() : nullptr);
-      resolve_pncc_band(result, int64_t(kSize) * kSize, ncc.data(), mesh, pncc.data(),
-                        int64_t(kSize) * kSize, mask.data(), cull::selected());
-      const double ms =
-          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-      if (rep >= 10) times[mode].push_back(ms);
-    }
+  std::vector<char> evict(cold ? size_t(64) << 20 : 0);
+  std::vector<double> times;
+  for (int rep = 0; rep < repeats + 10; ++rep) {
+    if (cold) std::memset(evict.data(), rep, evict.size());
+    const auto start = std::chrono::steady_clock::now();
+    const RasterizedBand<float> result = band.rasterize(mesh, 0, 0, kSize);
+    resolve_pncc_band(result, int64_t(kSize) * kSize, ncc.data(), mesh, pncc.data(),
+                      int64_t(kSize) * kSize, mask.data(), cull::selected());
+    const double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    if (rep >= 10) times.push_back(ms);
+  }
   int covered = 0;
   for (float m : mask) covered += m != 0.f;
-  std::printf("%lld triangles, %d covered pixels, variant %s\n", (long long)mesh.num_faces, covered,
-              cull::selected_name().c_str());
-  double medians[2];
-  for (int mode = 0; mode < 2; ++mode) {
-    std::sort(times[mode].begin(), times[mode].end());
-    medians[mode] = times[mode][times[mode].size() / 2];
-    std::printf("  %-30s median %.3f ms, min %.3f ms per 256x256 image\n", names[mode],
-                medians[mode], times[mode].front());
-  }
-  std::printf("  shaded / weights: %.2fx\n", medians[0] / medians[1]);
+  std::sort(times.begin(), times.end());
+  std::printf("%lld triangles, %d covered pixels, variant %s%s: median %.3f ms, min %.3f ms per "
+              "256x256 image\n",
+              (long long)mesh.num_faces, covered, cull::selected_name().c_str(),
+              cold ? ", cold caches" : "", times[times.size() / 2], times.front());
   return 0;
 }

@@ -4,11 +4,9 @@
 //   cull:    every vertex's fixed point, then every triangle's bounds and emptiness test
 //            (raster_cull.h, in the variant asked for);
 //   cover:   the survivors' triangle setup and pixel coverage (full rasterize minus cull; the
-//            avx512 variant tests small triangles' samples 16 at a time and shades them: the
-//            codes interpolated as samples are covered);
+//            avx512 variant tests small triangles' samples 16 at a time);
 //   resolve: the PNCC image and mask from the z-buffer, as render_pncc_cpu writes them
-//            (resolve_pncc_band: in the avx512 variant a copy of the shaded codes, 16 pixels at
-//            a time; otherwise the codes interpolated from the stored weights).
+//            (resolve_pncc_band: 16 pixels at a time in the avx512 variant).
 #include <algorithm>
 #include <cstring>
 #include <ctime>
@@ -62,7 +60,7 @@ extern "C" int raster_split(const float* vertices, int num_vertices, const int32
     survivors = band.count_survivors(mesh, 0, 0, height, fn);
     const double c = thread_seconds() - start;
     start = thread_seconds();
-    const RasterizedBand<float> result = band.rasterize(mesh, 0, 0, height, fn, ncc);
+    const RasterizedBand<float> result = band.rasterize(mesh, 0, 0, height, fn);
     const double r = thread_seconds() - start;
     start = thread_seconds();
     resolve_pncc_band(result, plane, ncc, mesh, pncc.data(), plane, mask.data(), fn);

@@ -20,9 +20,6 @@ template <typename T>
 struct RasterizedBand {
   const uint64_t* keys;
   const T* values;
-  // The records hold render_pncc's interpolated codes in place of the weights (see
-  // BandBuffer::rasterize); bary() is then not the weights.
-  bool shaded = false;
 
   // Face index of the pixel at `offset`, -1 on the background; its weights and depth when
   // covered (the background's are never read).
@@ -48,15 +45,8 @@ struct BandBuffer {
 
   // `variant` picks the culling (and, for float32, vector coverage) functions of raster_cull.h;
   // every variant gives the same result, bit for bit.
-  //
-  // `codes`: render_pncc's (V, 3) per-vertex codes of image b, or nullptr. Where the variant has
-  // a vector coverage test, the band is then shaded: each record holds interpolate_pixel's codes
-  // at the winner's weights instead of the weights (computed in mesh order, as samples are
-  // covered; see cull::CoverFn), and resolve_pncc_band only copies them. The values are the ones
-  // a resolve from the weights gives, bit for bit.
   RasterizedBand<T> rasterize(const MeshView<T>& mesh_in, int64_t b, int row_begin, int row_end,
-                              cull::Variant variant = cull::selected(),
-                              const T* codes = nullptr) {
+                              cull::Variant variant = cull::selected()) {
     // A local copy: stores through `slots` and `values` cannot alias it, so the compiler keeps
     // its fields in registers across the triangle loop instead of reloading them per triangle.
     const MeshView<T> mesh = mesh_in;
@@ -78,16 +68,6 @@ struct BandBuffer {
     };
     const Culling cull = culling(mesh, b, variant);
     const cull::CoverFn cover = vector_cover(mesh, variant);
-    const bool shade = cover != nullptr && codes != nullptr;
-    // The scalar loop's updates of a shaded band: the codes at the weights, computed only for a
-    // sample that wins.
-    const auto keep_large = [&](int64_t offset, uint64_t key, const T* bary, T depth) {
-      if (!shade) return keep_nearest(offset, key, bary, depth);
-      if (key >= slots[offset]) return;
-      T value[3];
-      interpolate_pixel(codes, 3, mesh.faces, key_face(key), bary, value, 1);
-      keep_nearest(offset, key, value, depth);
-    };
     const float* verts32 = reinterpret_cast<const float*>(mesh.image_vertices(b));
     const int width = mesh.width;
     for (int64_t f0 = 0; f0 < mesh.num_faces; f0 += Survivors::kBatch) {
@@ -102,21 +82,19 @@ struct BandBuffer {
       // The vector coverage test of the small survivors, then the scalar depth test of each
       // covered sample (the z-buffer order is total, so the order of the updates does not
       // matter), then the large survivors one at a time.
-      const int m = cover(verts32, shade ? reinterpret_cast<const float*>(codes) : nullptr,
-                          survivors, n, covered, large);
+      const int m = cover(verts32, survivors, n, covered, large);
       for (int k = 0; k < m; ++k) {
-        const T value[3] = {T(covered.value[0][k]), T(covered.value[1][k]),
-                            T(covered.value[2][k])};
+        const T bary[3] = {T(covered.bary[0][k]), T(covered.bary[1][k]), T(covered.bary[2][k])};
         keep_nearest(int64_t(covered.row[k] - row_begin) * width + covered.col[k],
-                     depth_key(covered.depth[k], covered.face[k]), value, T(covered.depth[k]));
+                     depth_key(covered.depth[k], covered.face[k]), bary, T(covered.depth[k]));
       }
       for (int j = 0; j < large.n; ++j) {
         const int k = large.index[j];
         zbuffer_face_in_bounds(mesh, b, survivors.face[k], survivors.bounds(k), row_begin,
-                               keep_large);
+                               keep_nearest);
       }
     }
-    return {slots, values, shade};
+    return {slots, values};
   }
 
   // The culling alone (for the benchmark's time split): the number of faces of image b that
@@ -190,23 +168,17 @@ struct BandBuffer {
 };
 
 // render_pncc's resolve of the first `pixels` pixels of a rasterized band: the PNCC image
-// (out[c * plane + offset], c < 3) and mask (mask[offset]) from the z-buffer. A shaded band's
-// records hold the codes: they are copied. Otherwise the codes are interpolated from the stored
-// weights, on the variant's vector resolve for float32 meshes whose gathers' int32 offsets cannot
-// overflow, else one interpolate_pixel at a time. Bit-identical in every case (raster_cull.h).
+// (out[c * plane + offset], c < 3) and mask (mask[offset]) from the z-buffer, on the variant's
+// vector resolve for float32 meshes whose gathers' int32 offsets cannot overflow, otherwise one
+// interpolate_pixel at a time; bit-identical either way (raster_cull.h).
 template <typename T>
 void resolve_pncc_band(const RasterizedBand<T>& band, int64_t pixels, const T* ncc,
                        const MeshView<T>& mesh, T* out, int64_t plane, T* mask,
                        cull::Variant variant) {
   if constexpr (std::is_same_v<T, float>) {
-    const cull::ResolveShadedFn copy = cull::resolve_shaded_function(variant);
-    if (band.shaded && copy != nullptr) {
-      copy(band.keys, band.values, pixels, out, plane, mask);
-      return;
-    }
     constexpr int64_t kMaxIndex = int64_t(1) << 30;
     const cull::ResolveFn resolve = cull::resolve_function(variant);
-    if (!band.shaded && resolve != nullptr && mesh.num_vertices * 3 < kMaxIndex &&
+    if (resolve != nullptr && mesh.num_vertices * 3 < kMaxIndex &&
         mesh.num_faces * 3 < kMaxIndex) {
       resolve(band.keys, band.values, pixels, ncc, mesh.faces, out, plane, mask);
       return;
@@ -214,11 +186,7 @@ void resolve_pncc_band(const RasterizedBand<T>& band, int64_t pixels, const T* n
   }
   for (int64_t offset = 0; offset < pixels; ++offset) {
     const int32_t face = band.face(offset);
-    if (band.shaded) {
-      for (int c = 0; c < 3; ++c) out[c * plane + offset] = face >= 0 ? band.values[4 * offset + c] : T(0);
-    } else {
-      interpolate_pixel(ncc, 3, mesh.faces, face, band.bary(offset), out + offset, plane);
-    }
+    interpolate_pixel(ncc, 3, mesh.faces, face, band.bary(offset), out + offset, plane);
     mask[offset] = face >= 0 ? T(1) : T(0);
   }
 }

@@ -50,26 +50,22 @@ void for_each_band(int64_t batch, int64_t height, const Fn& fn) {
 #define PNCC_CPU_CLONES
 #endif
 
-// (`codes`: render_pncc's, to shade the band where the variant can; nullptr for rasterize.)
 template <typename T>
 RasterizedBand<T> rasterize_band(const MeshView<T>& mesh, int64_t b, int row_begin, int row_end,
-                                 cull::Variant variant, const T* codes);
+                                 cull::Variant variant);
 
 template <>
 PNCC_CPU_CLONES RasterizedBand<float> rasterize_band(const MeshView<float>& mesh, int64_t b,
                                                      int row_begin, int row_end,
-                                                     cull::Variant variant, const float* codes) {
-  return BandBuffer<float>::for_this_thread().rasterize(mesh, b, row_begin, row_end, variant,
-                                                        codes);
+                                                     cull::Variant variant) {
+  return BandBuffer<float>::for_this_thread().rasterize(mesh, b, row_begin, row_end, variant);
 }
 
 template <>
 PNCC_CPU_CLONES RasterizedBand<double> rasterize_band(const MeshView<double>& mesh, int64_t b,
                                                       int row_begin, int row_end,
-                                                      cull::Variant variant,
-                                                      const double* codes) {
-  return BandBuffer<double>::for_this_thread().rasterize(mesh, b, row_begin, row_end, variant,
-                                                         codes);
+                                                      cull::Variant variant) {
+  return BandBuffer<double>::for_this_thread().rasterize(mesh, b, row_begin, row_end, variant);
 }
 
 // The culling variant, chosen (and any PNCC_RASTER_SIMD error raised) before a parallel region.
@@ -97,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rasterize_cpu(const at::Tensor& v
     scalar_t* depth_out = depth.data_ptr<scalar_t>();
     for_each_band(batch, height, [&](int64_t b, int row_begin, int row_end) {
       const RasterizedBand<scalar_t> band =
-          rasterize_band(mesh, b, row_begin, row_end, cull, static_cast<const scalar_t*>(nullptr));
+          rasterize_band(mesh, b, row_begin, row_end, cull);
       const int64_t first_pixel = (b * height + row_begin) * width;
       for (int64_t offset = 0; offset < int64_t(row_end - row_begin) * width; ++offset) {
         const int64_t pixel = first_pixel + offset;
@@ -131,10 +127,11 @@ std::tuple<at::Tensor, at::Tensor> render_pncc_cpu(const at::Tensor& vertices_in
     scalar_t* mask_out = mask.data_ptr<scalar_t>();
     const int64_t plane = height * width;
     for_each_band(batch, height, [&](int64_t b, int row_begin, int row_end) {
-      const scalar_t* codes = ncc_data + b * ncc_batch_stride;
-      const RasterizedBand<scalar_t> band = rasterize_band(mesh, b, row_begin, row_end, cull, codes);
+      const RasterizedBand<scalar_t> band =
+          rasterize_band(mesh, b, row_begin, row_end, cull);
       const int64_t first_offset = int64_t(row_begin) * width;
-      resolve_pncc_band(band, int64_t(row_end - row_begin) * width, codes, mesh,
+      resolve_pncc_band(band, int64_t(row_end - row_begin) * width,
+                        ncc_data + b * ncc_batch_stride, mesh,
                         pncc_out + b * 3 * plane + first_offset, plane,
                         mask_out + b * plane + first_offset, cull);
     });

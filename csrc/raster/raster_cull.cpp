@@ -341,7 +341,7 @@ __attribute__((target("avx512f"))) inline __m512 interpolate16(const __m512 w[3]
       _mm512_mul_ps(w[2], code[2][c]));
 }
 
-__attribute__((target("avx512f"))) int cover_avx512(const float* vertices, const float* codes,
+__attribute__((target("avx512f"))) int cover_avx512(const float* vertices,
                                                     const Survivors& survivors, int count,
                                                     CoveredSamples& out, LargeSurvivors& large) {
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
@@ -372,13 +372,12 @@ __attribute__((target("avx512f"))) int cover_avx512(const float* vertices, const
     const __mmask16 small = valid & ~is_large;
     if (small == 0) continue;
     __m512 x[3], y[3], z[3];
-    __m512i at[3];  // float offset of each corner's vertex
     for (int v = 0; v < 3; ++v) {
-      const __m512i index = _mm512_maskz_loadu_epi32(small, survivors.vertex[v] + base);
-      at[v] = _mm512_mullo_epi32(index, three);
+      const __m512i at = _mm512_mullo_epi32(
+          _mm512_maskz_loadu_epi32(small, survivors.vertex[v] + base), three);
       x[v] = _mm512_maskz_loadu_ps(small, survivors.x[v] + base);  // kept by the culling
       y[v] = _mm512_maskz_loadu_ps(small, survivors.y[v] + base);
-      z[v] = _mm512_mask_i32gather_ps(zero, small, at[v], vertices + 2, 4);
+      z[v] = _mm512_mask_i32gather_ps(zero, small, at, vertices + 2, 4);
     }
     // setup_triangle: edge i is opposite vertex i; the doubled area decides the orientation.
     const Edge16 e0 = edge16(x[1], y[1], x[2], y[2]);
@@ -394,8 +393,6 @@ __attribute__((target("avx512f"))) int cover_avx512(const float* vertices, const
     // column, or 2 x 2.
     const __mmask16 one_col = _mm512_cmpeq_epi32_mask(cols, one_i);
     const __mmask16 two_cols = _mm512_cmpeq_epi32_mask(cols, two_i);
-    __m512 code[3][3];  // code[v][c]: code c of corner v, gathered at the first covered sample
-    bool have_codes = false;
     for (int k = 0; k < kMaxVectorSamples; ++k) {
       const __mmask16 live = set_up & _mm512_cmpgt_epi32_mask(samples, _mm512_set1_epi32(k));
       if (live == 0) break;  // samples > k fails for every larger k too
@@ -428,33 +425,21 @@ __attribute__((target("avx512f"))) int cover_avx512(const float* vertices, const
       store_compressed(out.col + n, covered, col);
       store_compressed(out.row + n, covered, row);
       store_compressed(out.depth + n, covered, depth);
-      if (codes == nullptr) {
-        for (int i = 0; i < 3; ++i) store_compressed(out.value[i] + n, covered, bary[i]);
-      } else {
-        if (!have_codes) {  // every set-up lane's, once: later samples may cover other lanes
-          for (int v = 0; v < 3; ++v) gather_codes16(codes, at[v], set_up, code[v]);
-          have_codes = true;
-        }
-        for (int c = 0; c < 3; ++c)
-          store_compressed(out.value[c] + n, covered, interpolate16(bary, code, c));
-      }
+      for (int i = 0; i < 3; ++i) store_compressed(out.bary[i] + n, covered, bary[i]);
       n += __builtin_popcount(covered);
     }
   }
   return n;
 }
 
-// render_pncc's resolve of 16 pixels at a time: from the weights in the records and the codes of
-// the faces' vertices (gathered), or, for a shaded band, from the codes in the records.
-template <bool kShaded>
-__attribute__((target("avx512f"))) void resolve16(const uint64_t* keys, const float* records,
-                                                  int64_t pixels, const float* ncc,
-                                                  const int32_t* faces, float* out, int64_t plane,
-                                                  float* mask) {
+__attribute__((target("avx512f"))) void resolve_avx512(const uint64_t* keys,
+                                                       const float* bary_depth, int64_t pixels,
+                                                       const float* ncc, const int32_t* faces,
+                                                       float* out, int64_t plane, float* mask) {
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
   const __m512i zero_i = _mm512_setzero_si512(), three = _mm512_set1_epi32(3);
   const __m512i empty = _mm512_set1_epi64(int64_t(kEmptyKey));
-  // Field v of 8 four-float records held in two registers: elements v, v + 4, ..., v + 28.
+  // Field v of 8 (bary[3], depth) records held in two registers: elements v, v + 4, ..., v + 28.
   const __m512i field = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
   for (int64_t base = 0; base < pixels; base += 16) {
     const int64_t left = pixels - base;
@@ -473,51 +458,34 @@ __attribute__((target("avx512f"))) void resolve16(const uint64_t* keys, const fl
     }
     // The 16 pixels' records are contiguous: four loads (masked past the end) and a transpose,
     // not three 16-lane gathers.
-    const float* r16 = records + 4 * base;
+    const float* records = bary_depth + 4 * base;
     __m512 r[4];
     for (int j = 0; j < 4; ++j) {
       const int64_t k = std::min<int64_t>(16, std::max<int64_t>(0, 4 * left - 16 * j));
       r[j] = _mm512_maskz_loadu_ps(k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << k) - 1u),
-                                   r16 + 16 * j);
+                                   records + 16 * j);
     }
-    __m512 w[3];  // the records' first three fields: weights, or codes when shaded
+    __m512 w[3];  // the weights
     for (int v = 0; v < 3; ++v) {
       const __m512i pick = _mm512_add_epi32(field, _mm512_set1_epi32(v));
       const __m512 low = _mm512_permutex2var_ps(r[0], pick, r[1]);
       const __m512 high = _mm512_permutex2var_ps(r[2], pick, r[3]);
       w[v] = _mm512_shuffle_f32x4(low, high, 0x44);  // low's lanes 0-7, then high's
     }
+    const __m512i face = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm512_cvtepi64_epi32(keys_lo)), _mm512_cvtepi64_epi32(keys_hi), 1);
+    const __m512i corner = _mm512_mullo_epi32(face, three);
     __m512 code[3][3];  // code[v][c]: code c of corner v
-    if constexpr (!kShaded) {
-      const __m512i face = _mm512_inserti64x4(
-          _mm512_castsi256_si512(_mm512_cvtepi64_epi32(keys_lo)), _mm512_cvtepi64_epi32(keys_hi),
-          1);
-      const __m512i corner = _mm512_mullo_epi32(face, three);
-      for (int v = 0; v < 3; ++v) {
-        const __m512i at = _mm512_mullo_epi32(
-            _mm512_mask_i32gather_epi32(zero_i, covered, corner, faces + v, 4), three);
-        gather_codes16(ncc, at, covered, code[v]);
-      }
+    for (int v = 0; v < 3; ++v) {
+      const __m512i at = _mm512_mullo_epi32(
+          _mm512_mask_i32gather_epi32(zero_i, covered, corner, faces + v, 4), three);
+      gather_codes16(ncc, at, covered, code[v]);
     }
     for (int c = 0; c < 3; ++c) {
-      const __m512 value = kShaded ? w[c] : interpolate16(w, code, c);
+      const __m512 value = interpolate16(w, code, c);
       _mm512_mask_storeu_ps(o + c * plane, valid, _mm512_maskz_mov_ps(covered, value));
     }
   }
-}
-
-__attribute__((target("avx512f"))) void resolve_avx512(const uint64_t* keys,
-                                                       const float* bary_depth, int64_t pixels,
-                                                       const float* ncc, const int32_t* faces,
-                                                       float* out, int64_t plane, float* mask) {
-  resolve16<false>(keys, bary_depth, pixels, ncc, faces, out, plane, mask);
-}
-
-__attribute__((target("avx512f"))) void resolve_shaded_avx512(const uint64_t* keys,
-                                                              const float* codes_depth,
-                                                              int64_t pixels, float* out,
-                                                              int64_t plane, float* mask) {
-  resolve16<true>(keys, codes_depth, pixels, nullptr, nullptr, out, plane, mask);
 }
 
 #pragma GCC diagnostic pop
@@ -570,7 +538,7 @@ Variant calibrate() {
     for (Variant v : {Variant::kScalar, Variant::kAvx2, Variant::kAvx512}) {
       if (!supported(v)) continue;
       const double start = thread_seconds();
-      const RasterizedBand<float> band = buffer.rasterize(mesh, 0, 0, kSide, v, codes.data());
+      const RasterizedBand<float> band = buffer.rasterize(mesh, 0, 0, kSide, v);
       resolve_pncc_band(band, int64_t(kSide) * kSide, codes.data(), mesh, image.data(),
                         int64_t(kSide) * kSide, mask.data(), v);
       const double seconds = thread_seconds() - start;
@@ -640,14 +608,6 @@ CoverFn cover_function(Variant variant) {
 ResolveFn resolve_function(Variant variant) {
 #if PNCC_CULL_SIMD_BUILT
   if (variant == Variant::kAvx512) return resolve_avx512;
-#endif
-  (void)variant;
-  return nullptr;
-}
-
-ResolveShadedFn resolve_shaded_function(Variant variant) {
-#if PNCC_CULL_SIMD_BUILT
-  if (variant == Variant::kAvx512) return resolve_shaded_avx512;
 #endif
   (void)variant;
   return nullptr;

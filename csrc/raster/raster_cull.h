@@ -74,13 +74,11 @@ using CullVerticesFn = int (*)(const float* vertices, const int32_t* faces, int3
 // samples and their weights are bit-identical. Larger triangles are left to the scalar loop.
 constexpr int kMaxVectorSamples = 4;
 
-// The covered samples, with the barycentric weights and depth cover_sample gives, or, when the
-// coverage test shades (see CoverFn), the interpolated codes in place of the weights.
+// The covered samples, with the barycentric weights and depth cover_sample gives.
 struct CoveredSamples {
   static constexpr int kSize = kMaxVectorSamples * Survivors::kBatch + kSlack;
   int32_t face[kSize], col[kSize], row[kSize];
-  float value[3][kSize];  // weights, or codes when shading
-  float depth[kSize];
+  float bary[3][kSize], depth[kSize];
 };
 
 // The survivors (their positions in Survivors) with more than kMaxVectorSamples samples.
@@ -90,17 +88,11 @@ struct LargeSurvivors {
 };
 
 // Tests the first `count` survivors of the variant's CullVerticesFn (whose x and y it reads)
-// against the (V, 3) float32 image-space `vertices` (whose depths it reads); writes
-// the covered samples of the small ones to `out` and returns their number, and lists the large
-// ones in `large`. (V * 3 must fit in int32.)
-//
-// Shading: with (V, 3) float32 per-vertex `codes` (nullptr: none), each covered sample carries
-// interpolate_pixel's value of the codes at its weights instead of the weights: the same products
-// and sums in the same order, so the value equals what a resolve from the weights would give, bit
-// for bit. Shading in mesh order reads the codes of the vertices the test has just gathered, where
-// a resolve in pixel order would gather every covered pixel's face and codes from memory.
-using CoverFn = int (*)(const float* vertices, const float* codes, const Survivors& survivors,
-                        int count, CoveredSamples& out, LargeSurvivors& large);
+// against the (V, 3) float32 image-space `vertices` (whose depths it reads); writes the covered
+// samples of the small ones to `out` and returns their number, and lists the large ones in
+// `large`. (V * 3 must fit in int32.)
+using CoverFn = int (*)(const float* vertices, const Survivors& survivors, int count,
+                        CoveredSamples& out, LargeSurvivors& large);
 
 // render_pncc's resolve of `pixels` consecutive pixels of a band z-buffer (raster_band.h): the
 // face of each pixel's key, interpolate_pixel of the (V, 3) float32 `ncc` with the stored weights
@@ -111,10 +103,6 @@ using CoverFn = int (*)(const float* vertices, const float* codes, const Survivo
 using ResolveFn = void (*)(const uint64_t* keys, const float* bary_depth, int64_t pixels,
                            const float* ncc, const int32_t* faces, float* out, int64_t plane,
                            float* mask);
-
-// The same resolve of a shaded band, whose records hold the codes already: a transposing copy.
-using ResolveShadedFn = void (*)(const uint64_t* keys, const float* codes_depth, int64_t pixels,
-                                 float* out, int64_t plane, float* mask);
 
 // The variant this process uses (see above), and its functions. Throws std::runtime_error with a
 // one-line message when PNCC_RASTER_SIMD is invalid or names a variant this CPU lacks.
@@ -128,7 +116,6 @@ CullVerticesFn cull_vertices_function(Variant variant);
 CoverFn cover_function(Variant variant);
 // The variant's vector resolve, or nullptr when it has none (then the scalar loop resolves).
 ResolveFn resolve_function(Variant variant);
-ResolveShadedFn resolve_shaded_function(Variant variant);
 bool supported(Variant variant);
 const char* name(Variant variant);
 

@@ -199,42 +199,4 @@ TEST_CASE(every_variant_rasterizes_bit_identically) {
   }
 }
 
-// render_pncc's band: shaded in mesh order where the variant can (the codes interpolated as
-// samples are covered), resolved from the weights otherwise; the image and mask must be the
-// scalar variant's, bit for bit, and both kinds of band must occur.
-TEST_CASE(shaded_bands_render_what_the_weights_resolve_to) {
-  const HostileMesh hostile;
-  const MeshView<float> mesh = hostile.view();
-  const int height = HostileMesh::height, width = HostileMesh::width;
-  std::vector<float> codes(hostile.vertices.size());
-  std::mt19937 rng(5);
-  std::uniform_real_distribution<float> code(0.f, 1.f);
-  for (float& c : codes) c = code(rng);
-  const int64_t plane = int64_t(height) * width;
-  BandBuffer<float> band;
-  int shaded = 0;
-  for (const auto& [row_begin, row_end] : {std::pair{0, height}, std::pair{7, 30}}) {
-    const int64_t pixels = int64_t(row_end - row_begin) * width;
-    std::vector<float> want(3 * plane, -1.f), want_mask(plane, -1.f);
-    const RasterizedBand<float> weights =
-        band.rasterize(mesh, 0, row_begin, row_end, cull::Variant::kScalar, codes.data());
-    CHECK(!weights.shaded);
-    resolve_pncc_band(weights, pixels, codes.data(), mesh, want.data(), plane, want_mask.data(),
-                      cull::Variant::kScalar);
-    for (cull::Variant variant : {cull::Variant::kAvx2, cull::Variant::kAvx512}) {
-      if (!cull::supported(variant)) continue;
-      std::vector<float> got(3 * plane, -1.f), got_mask(plane, -1.f);
-      const RasterizedBand<float> result =
-          band.rasterize(mesh, 0, row_begin, row_end, variant, codes.data());
-      shaded += result.shaded;
-      resolve_pncc_band(result, pixels, codes.data(), mesh, got.data(), plane, got_mask.data(),
-                        variant);
-      CHECK(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)) == 0);
-      CHECK(std::memcmp(got_mask.data(), want_mask.data(), got_mask.size() * sizeof(float)) == 0);
-    }
-  }
-  std::printf("  %d shaded bands compared\n", shaded);
-  CHECK(shaded > 0 || !cull::supported(cull::Variant::kAvx512));
-}
-
 int main() { return pncc_test::run_all(); }
