@@ -89,24 +89,35 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def interleaved_times(steps, device, repeats, warmup, prepare=None):
-    """Wall and process-CPU seconds of each callable of ``steps`` (name -> step), timed in
-    interleaved rounds after ``warmup`` untimed ones, so drifting machine load hits every step
-    alike -> ({name: [wall s]}, {name: [CPU s]}). ``prepare(name)``, when given, runs before each
-    call, outside the timing."""
+def interleaved_times(steps, device, repeats, warmup, prepare=None, sparse=(),
+                      cpu_clock=time.process_time):
+    """Wall and CPU seconds of each callable of ``steps`` (name -> step), timed in interleaved
+    rounds after ``warmup`` untimed ones, so drifting machine load hits every step alike
+    -> ({name: [wall s]}, {name: [CPU s]}).
+
+    The order rotates by one step each round, so every step runs after every other step equally
+    often: in a fixed order a step that evicts the caches (a slow reference streaming hundreds of
+    MB) would always precede the same step, and only that step would pay for the cold caches.
+    The names in ``sparse`` (slow references) are timed only every third round. ``cpu_clock`` is
+    time.process_time, or time.thread_time for single-thread rows (a busy neighbour does not
+    stretch it). ``prepare(name)``, when given, runs before each call, outside the timing."""
     times = {name: [] for name in steps}
     cpu_times = {name: [] for name in steps}
+    names = list(steps)
     for round_ in range(warmup + repeats):
-        for name, step in steps.items():
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            if name in sparse and round_ >= warmup and (round_ - warmup) % 3:
+                continue
             if prepare is not None:
                 prepare(name)
             sync(device)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            step()
+            start, cpu_start = time.perf_counter(), cpu_clock()
+            steps[name]()
             sync(device)
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - start)
-                cpu_times[name].append(time.process_time() - cpu_start)
+                cpu_times[name].append(cpu_clock() - cpu_start)
     return times, cpu_times
 
 

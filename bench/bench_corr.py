@@ -44,7 +44,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import pncc_cuda  # noqa: E402
-from _common import describe as describe_cpu, peak_bytes, random_qkv, sync  # noqa: E402
+from _common import describe as describe_cpu, interleaved_times, peak_bytes, random_qkv, sync  # noqa: E402
 from pncc_cuda.reference import corr_warp_normalize, corr_warp_reference  # noqa: E402
 
 TEMPERATURE = 0.01
@@ -153,25 +153,13 @@ def run_config(device, dtype, B, N, C, Cv, backward, repeats, warmup=1, sdpa_bac
     grad_out = torch.randn(B, N, Cv, dtype=dtype, device=device)
     impls, rejected = implementations(device, sdpa_backends, q, k, v)
     steps = {name: make_step(fn, q, k, v, grad_out, backward) for name, fn in impls.items()}
-    times = {name: [] for name in steps}
-    cpu_times = {name: [] for name in steps}  # process CPU time (all threads), CPU device only
     if device == "cpu":
         torch.ops.pncc._corr_cpu_path_mode(START_MODE)
         path = torch.ops.pncc._corr_cpu_path(C, Cv, dtype == torch.bfloat16)
     else:
         path = None
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    sync(device)
-    for _ in range(repeats):  # interleaved rounds
-        for name, step in steps.items():
-            sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            step()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-            cpu_times[name].append(time.process_time() - c0)
+    # cpu_times: process CPU time (all threads), reported for the CPU device only.
+    times, cpu_times = interleaved_times(steps, device, repeats, warmup)
     flops = 2.0 * B * N * N * (C + Cv) * (3.5 if backward else 1.0)
     shape = dict(device=device, dtype=str(dtype).removeprefix("torch."), B=B, N=N, C=C, Cv=Cv,
                  pass_="fwd+bwd" if backward else "fwd")

@@ -41,7 +41,7 @@ if any((ROOT / "pncc_cuda").glob("_C*.so")):
 sys.path.insert(0, str(ROOT / "bench"))
 
 import pncc_cuda  # noqa: E402
-from _common import machine as machine_facts  # noqa: E402
+from _common import interleaved_times, machine as machine_facts, sync  # noqa: E402
 from pncc_cuda import reference  # noqa: E402
 from pncc_cuda.testing import face_mesh  # noqa: E402
 
@@ -52,11 +52,6 @@ CUDA_BATCHES = (1, 32, 256)  # the issue's CUDA target is stated at batch 256
 CLASSIC = "classic loop, C++ -O2 (Sim3DR style)"
 # The extension's own compiler flags (setup.py), for the time split of its rasterizer.
 EXTENSION_FLAGS = ["-O3", "-ffp-contract=off", "-std=c++17"]
-
-
-def synchronize(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def build_native(out_dir):
@@ -133,22 +128,11 @@ def candidates(device, all_threads, classic):
 
 def interleaved_medians(fns, device, repeats, sparse, cpu_clock, warmup=2):
     """Median wall and CPU seconds of each callable of `fns` (name -> fn), timed in interleaved
-    rounds -> ({name: wall s}, {name: CPU s}). `cpu_clock` is time.thread_time for one thread
-    (everything then runs on the calling thread) or time.process_time. The names in `sparse`
-    (the slow reference) run only every third round."""
-    wall = {name: [] for name in fns}
-    cpu = {name: [] for name in fns}
-    for round_ in range(warmup + repeats):
-        for name, fn in fns.items():
-            if name in sparse and round_ >= warmup and (round_ - warmup) % 3:
-                continue
-            synchronize(device)
-            start, cpu_start = time.perf_counter(), cpu_clock()
-            fn()
-            synchronize(device)
-            if round_ >= warmup:
-                wall[name].append(time.perf_counter() - start)
-                cpu[name].append(cpu_clock() - cpu_start)
+    rounds of rotating order (_common.interleaved_times) -> ({name: wall s}, {name: CPU s}).
+    `cpu_clock` is time.thread_time for one thread (everything then runs on the calling thread)
+    or time.process_time. The names in `sparse` (the slow reference) run only every third
+    round."""
+    wall, cpu = interleaved_times(fns, device, repeats, warmup, sparse=sparse, cpu_clock=cpu_clock)
     return ({name: statistics.median(t) for name, t in wall.items()},
             {name: statistics.median(t) for name, t in cpu.items()})
 
@@ -398,7 +382,7 @@ def _bench_case(benchmark, device, threads, num_faces, batch):
 
         def once():
             out = pncc_cuda.render_pncc(vertices, faces, ncc, SIZE, SIZE)
-            synchronize(device)
+            sync(device)
             return out
 
         benchmark.extra_info.update(triangles=num_faces, batch=batch, device=device, source=mesh.source)
