@@ -12,6 +12,7 @@ Benchmarks import this module and the packages; never the tests, never each othe
 tests/ imports it.
 """
 import platform
+import random
 import re
 import subprocess
 import time
@@ -95,18 +96,20 @@ def interleaved_times(steps, device, repeats, warmup, prepare=None, sparse=(),
     rounds after ``warmup`` untimed ones, so drifting machine load hits every step alike
     -> ({name: [wall s]}, {name: [CPU s]}).
 
-    The order rotates by one step each round, so every step runs after every other step equally
-    often: in a fixed order a step that evicts the caches (a slow reference streaming hundreds of
-    MB) would always precede the same step, and only that step would pay for the cold caches.
-    The names in ``sparse`` (slow references) are timed only every third round. ``cpu_clock`` is
+    Each round runs the steps in a shuffled order (seeded by the round, so runs repeat), so every
+    step follows every other step about equally often: in a fixed order a step that evicts the
+    caches (a slow reference streaming hundreds of MB) would always precede the same step, and
+    only that step would pay for the cold caches. (A rotation would not do: with a sparse step
+    every third round it lines up with a period of three.) The names in ``sparse`` (slow
+    references) are timed only every third round. ``cpu_clock`` is
     time.process_time, or time.thread_time for single-thread rows (a busy neighbour does not
     stretch it). ``prepare(name)``, when given, runs before each call, outside the timing."""
     times = {name: [] for name in steps}
     cpu_times = {name: [] for name in steps}
-    names = list(steps)
     for round_ in range(warmup + repeats):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
+        order = list(steps)
+        random.Random(round_).shuffle(order)
+        for name in order:
             if name in sparse and round_ >= warmup and (round_ - warmup) % 3:
                 continue
             if prepare is not None:

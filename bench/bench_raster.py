@@ -128,7 +128,7 @@ def candidates(device, all_threads, classic):
 
 def interleaved_medians(fns, device, repeats, sparse, cpu_clock, warmup=2):
     """Median wall and CPU seconds of each callable of `fns` (name -> fn), timed in interleaved
-    rounds of rotating order (_common.interleaved_times) -> ({name: wall s}, {name: CPU s}).
+    rounds of shuffled order (_common.interleaved_times) -> ({name: wall s}, {name: CPU s}).
     `cpu_clock` is time.thread_time for one thread (everything then runs on the calling thread)
     or time.process_time. The names in `sparse` (the slow reference) run only every third
     round."""
