@@ -30,9 +30,10 @@ struct MeshView {
 };
 
 // Triangle bounds computed from the vertex coordinates on the fly: a callable for zbuffer_face.
-// (The CPU instead precomputes every vertex's fixed point once per image, since a vertex is
-// shared by about six triangles; CUDA converts per thread, since a per-vertex buffer would cost
-// memory per image.)
+// (The CPU's scalar and AVX2 culling instead precompute every vertex's fixed point once per
+// image, since a vertex is shared by about six triangles, and its AVX-512 culling of float32
+// meshes converts the gathered coordinates in registers; CUDA converts per thread, since a
+// per-vertex buffer would cost memory per image.)
 template <typename T>
 struct BoundsFromVertices {
   const T* verts;
