@@ -68,7 +68,6 @@ struct BandBuffer {
     };
     const Culling cull = culling(mesh, b, variant);
     const cull::CoverFn cover = vector_cover(mesh, variant);
-    const float* verts32 = reinterpret_cast<const float*>(mesh.image_vertices(b));
     const int width = mesh.width;
     for (int64_t f0 = 0; f0 < mesh.num_faces; f0 += Survivors::kBatch) {
       const int count = static_cast<int>(std::min<int64_t>(Survivors::kBatch, mesh.num_faces - f0));
@@ -82,7 +81,7 @@ struct BandBuffer {
       // The vector coverage test of the small survivors, then the scalar depth test of each
       // covered sample (the z-buffer order is total, so the order of the updates does not
       // matter), then the large survivors one at a time.
-      const int m = cover(verts32, survivors, n, covered, large);
+      const int m = cover(survivors, n, covered, large);
       for (int k = 0; k < m; ++k) {
         const T bary[3] = {T(covered.bary[0][k]), T(covered.bary[1][k]), T(covered.bary[2][k])};
         keep_nearest(int64_t(covered.row[k] - row_begin) * width + covered.col[k],
@@ -135,14 +134,15 @@ struct BandBuffer {
     cull::CullVerticesFn from_vertices;  // or
     cull::CullFn from_points;
     const float* vertices;
+    int64_t num_vertices;
     const FixedPoint* points;
     int height, width;
 
     int operator()(const int32_t* faces, int32_t first, int count, int row_begin, int row_end,
                    Survivors& out) const {
       return from_vertices != nullptr
-                 ? from_vertices(vertices, faces, first, count, row_begin, row_end, height,
-                                 width, out)
+                 ? from_vertices(vertices, num_vertices, faces, first, count, row_begin,
+                                 row_end, height, width, out)
                  : from_points(points, faces, first, count, row_begin, row_end, width, out);
     }
   };
@@ -150,10 +150,10 @@ struct BandBuffer {
   Culling culling(const MeshView<T>& mesh, int64_t b, cull::Variant variant) {
     if (vector_cover(mesh, variant) != nullptr)
       return {cull::cull_vertices_function(variant), nullptr,
-              reinterpret_cast<const float*>(mesh.image_vertices(b)), nullptr, mesh.height,
-              mesh.width};
-    return {nullptr, cull::function(variant), nullptr, vertex_fixed_points(mesh, b), mesh.height,
-            mesh.width};
+              reinterpret_cast<const float*>(mesh.image_vertices(b)), mesh.num_vertices, nullptr,
+              mesh.height, mesh.width};
+    return {nullptr, cull::function(variant), nullptr, mesh.num_vertices,
+            vertex_fixed_points(mesh, b), mesh.height, mesh.width};
   }
 
   // Every vertex's fixed point, once per image: a vertex is shared by about six triangles.

@@ -38,7 +38,6 @@ int cull_scalar(const FixedPoint* points, const int32_t* faces, int32_t first, i
     out.col1[n] = s.col1;
     out.row0[n] = s.row0;
     out.row1[n] = s.row1;
-    for (int v = 0; v < 3; ++v) out.vertex[v][n] = idx[v];
     ++n;
   }
   return n;
@@ -70,27 +69,28 @@ __attribute__((target("avx512f"))) inline void store_compressed(float* out, __mm
   _mm512_storeu_ps(out, _mm512_maskz_compress_ps(keep, v));
 }
 
-// The three vertex indices of faces[first .. first + 16) (valid lanes only, 0 elsewhere): three
-// loads of the 48 contiguous indices and two permutes per corner, not three 16-lane gathers
-// (a gather costs one load per lane).
-__attribute__((target("avx512f"))) inline void load_corners16(const int32_t* f, int valid_faces,
-                                                              __m512i corner[3]) {
-  const int n = 3 * valid_faces;  // valid int32 elements at f (at most 48)
+// The three fields of the first `count` (<= 16) of 16 consecutive int32 triples at p, lane by
+// lane (0 in the lanes past `count`): a face's three vertex indices, or a vertex's x, y and z
+// bits. Three loads of the 48 contiguous values and two permutes per field, not three 16-lane
+// gathers (a gather costs one load per lane).
+__attribute__((target("avx512f"))) inline void load_triples16(const int32_t* p, int count,
+                                                              __m512i field[3]) {
+  const int n = 3 * count;  // valid int32 elements at p (at most 48)
   const auto mask = [n](int from) {
     const int k = std::min(16, std::max(0, n - from));
     return k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << k) - 1u);
   };
-  const __m512i a = _mm512_maskz_loadu_epi32(mask(0), f);
-  const __m512i b = _mm512_maskz_loadu_epi32(mask(16), f + 16);
-  const __m512i c = _mm512_maskz_loadu_epi32(mask(32), f + 32);
+  const __m512i a = _mm512_maskz_loadu_epi32(mask(0), p);
+  const __m512i b = _mm512_maskz_loadu_epi32(mask(16), p + 16);
+  const __m512i c = _mm512_maskz_loadu_epi32(mask(32), p + 32);
   const __m512i lane3 = _mm512_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39, 42, 45);
   for (int v = 0; v < 3; ++v) {
     // Element 3 * lane + v: from a or b when below 32, else from c.
     const __m512i at = _mm512_add_epi32(lane3, _mm512_set1_epi32(v));
     const __m512i from_ab = _mm512_permutex2var_epi32(a, at, b);
     const __mmask16 in_c = _mm512_cmpge_epi32_mask(at, _mm512_set1_epi32(32));
-    corner[v] = _mm512_mask_permutexvar_epi32(from_ab, in_c,
-                                              _mm512_sub_epi32(at, _mm512_set1_epi32(32)), c);
+    field[v] = _mm512_mask_permutexvar_epi32(from_ab, in_c,
+                                             _mm512_sub_epi32(at, _mm512_set1_epi32(32)), c);
   }
 }
 
@@ -143,14 +143,60 @@ __attribute__((target("avx512f"))) inline __m512i to_fixed_point16(__m512 v, int
                                            _mm512_set1_ps(float(1 << kFixedPointShift))));
 }
 
+// The coordinates (as bits) of the three corners of 16 faces without gathers, when the batch's
+// vertex indices fall in two windows of 16 consecutive vertices: a mesh stored row by row
+// references two rows of its grid at a time (93.6% of the 16-face batches of the 3DDFA BFM face
+// mesh fit). Each window is three plain loads and a deinterleave (load_triples16), and each
+// corner's x, y and z a permute over both windows, in place of six pair gathers and three
+// gathers (on Zen 4 a 16-lane gather costs some 20 cycles; bench/RESULTS.md). Returns false,
+// having written nothing, when the indices of the `valid` lanes do not fit. (Indices are in
+// [0, V).)
+__attribute__((target("avx512f"))) inline bool window_corners16(const float* vertices,
+                                                                int64_t num_vertices,
+                                                                const __m512i index[3],
+                                                                __mmask16 valid, __m512i x[3],
+                                                                __m512i y[3], __m512i z[3]) {
+  const int lo = _mm512_mask_reduce_min_epi32(
+      valid, _mm512_min_epi32(_mm512_min_epi32(index[0], index[1]), index[2]));
+  const int hi = _mm512_mask_reduce_max_epi32(
+      valid, _mm512_max_epi32(_mm512_max_epi32(index[0], index[1]), index[2]));
+  const int base_b = std::max(lo + 16, hi - 15);  // window B: past window A, ending at hi
+  const __m512i sixteen = _mm512_set1_epi32(16);
+  __m512i from_a[3], from_b[3];
+  __mmask16 in_a[3];
+  for (int v = 0; v < 3; ++v) {
+    from_a[v] = _mm512_sub_epi32(index[v], _mm512_set1_epi32(lo));
+    from_b[v] = _mm512_sub_epi32(index[v], _mm512_set1_epi32(base_b));
+    in_a[v] = _mm512_cmplt_epu32_mask(from_a[v], sixteen);
+    const __mmask16 in_b = _mm512_cmplt_epu32_mask(from_b[v], sixteen);
+    if ((valid & ~(in_a[v] | in_b)) != 0) return false;
+  }
+  // Window w's x, y and z of its 16 vertices (0 past the last vertex).
+  __m512i window[2][3];
+  for (int w = 0; w < 2; ++w) {
+    const int64_t first = w == 0 ? lo : base_b;
+    const int count = static_cast<int>(std::clamp<int64_t>(num_vertices - first, 0, 16));
+    load_triples16(reinterpret_cast<const int32_t*>(vertices) + 3 * first, count, window[w]);
+  }
+  for (int v = 0; v < 3; ++v) {
+    // Table entries 0-15 are window A, 16-31 window B.
+    const __m512i at = _mm512_mask_blend_epi32(in_a[v], _mm512_add_epi32(from_b[v], sixteen),
+                                               from_a[v]);
+    x[v] = _mm512_permutex2var_epi32(window[0][0], at, window[1][0]);
+    y[v] = _mm512_permutex2var_epi32(window[0][1], at, window[1][1]);
+    z[v] = _mm512_permutex2var_epi32(window[0][2], at, window[1][2]);
+  }
+  return true;
+}
+
 // The culling of 16 faces at a time, from the vertices' fixed points (kFromVertices false: any
 // mesh dtype, `source` is the FixedPoint table) or from float32 image-space vertices
 // (kFromVertices true: `source` is the (V, 3) array; the fixed points are formed in registers
 // and the survivors keep their corners' coordinates for the coverage test).
 template <bool kFromVertices>
-__attribute__((target("avx512f"))) int cull16(const void* source, const int32_t* faces,
-                                              int32_t first, int count, int row_begin,
-                                              int row_end, int height, int width,
+__attribute__((target("avx512f"))) int cull16(const void* source, int64_t num_vertices,
+                                              const int32_t* faces, int32_t first, int count,
+                                              int row_begin, int row_end, int height, int width,
                                               Survivors& out) {
   static_assert(sizeof(FixedPoint) == 8, "x and y of a vertex are gathered as one int32 pair");
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -160,18 +206,25 @@ __attribute__((target("avx512f"))) int cull16(const void* source, const int32_t*
   for (int base = 0; base < count; base += 16) {
     const int left = count - base;
     const __mmask16 valid = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
-    // Vertex indices, then each vertex's (x, y) pair: fixed points, or coordinates.
-    __m512i index[3], x[3], y[3], x_bits[3], y_bits[3];
-    load_corners16(faces + 3 * (int64_t(first) + base), std::min(left, 16), index);
-    for (int v = 0; v < 3; ++v) {
-      if constexpr (kFromVertices) {
-        gather_pairs16<4>(_mm512_mullo_epi32(index[v], _mm512_set1_epi32(3)), valid, source,
-                          x_bits[v], y_bits[v]);
+    // Vertex indices, then each vertex's (x, y) pair: fixed points, or coordinates (and depth).
+    __m512i index[3], x[3], y[3], x_bits[3], y_bits[3], z_bits[3];
+    load_triples16(faces + 3 * (int64_t(first) + base), std::min(left, 16), index);
+    if constexpr (kFromVertices) {
+      const float* vertices = static_cast<const float*>(source);
+      if (!window_corners16(vertices, num_vertices, index, valid, x_bits, y_bits, z_bits)) {
+        for (int v = 0; v < 3; ++v) {
+          const __m512i at = _mm512_mullo_epi32(index[v], _mm512_set1_epi32(3));
+          gather_pairs16<4>(at, valid, vertices, x_bits[v], y_bits[v]);
+          z_bits[v] = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, at,
+                                                  vertices + 2, 4);
+        }
+      }
+      for (int v = 0; v < 3; ++v) {
         x[v] = to_fixed_point16(_mm512_castsi512_ps(x_bits[v]), width);
         y[v] = to_fixed_point16(_mm512_castsi512_ps(y_bits[v]), height);
-      } else {
-        gather_pairs16<8>(index[v], valid, source, x[v], y[v]);
       }
+    } else {
+      for (int v = 0; v < 3; ++v) gather_pairs16<8>(index[v], valid, source, x[v], y[v]);
     }
     const __m512i x_lo = _mm512_min_epi32(_mm512_min_epi32(x[0], x[1]), x[2]);
     const __m512i x_hi = _mm512_max_epi32(_mm512_max_epi32(x[0], x[1]), x[2]);
@@ -188,11 +241,11 @@ __attribute__((target("avx512f"))) int cull16(const void* source, const int32_t*
     store_compressed(out.col1 + n, keep, c1);
     store_compressed(out.row0 + n, keep, r0);
     store_compressed(out.row1 + n, keep, r1);
-    for (int v = 0; v < 3; ++v) {
-      store_compressed(out.vertex[v] + n, keep, index[v]);
-      if constexpr (kFromVertices) {
+    if constexpr (kFromVertices) {
+      for (int v = 0; v < 3; ++v) {
         store_compressed(reinterpret_cast<int32_t*>(out.x[v]) + n, keep, x_bits[v]);
         store_compressed(reinterpret_cast<int32_t*>(out.y[v]) + n, keep, y_bits[v]);
+        store_compressed(reinterpret_cast<int32_t*>(out.z[v]) + n, keep, z_bits[v]);
       }
     }
     n += __builtin_popcount(keep);
@@ -204,15 +257,17 @@ __attribute__((target("avx512f"))) int cull_avx512(const FixedPoint* points,
                                                    const int32_t* faces, int32_t first, int count,
                                                    int row_begin, int row_end, int width,
                                                    Survivors& out) {
-  return cull16<false>(points, faces, first, count, row_begin, row_end, 0, width, out);
+  return cull16<false>(points, 0, faces, first, count, row_begin, row_end, 0, width, out);
 }
 
 __attribute__((target("avx512f"))) int cull_vertices_avx512(const float* vertices,
+                                                            int64_t num_vertices,
                                                             const int32_t* faces, int32_t first,
                                                             int count, int row_begin, int row_end,
                                                             int height, int width,
                                                             Survivors& out) {
-  return cull16<true>(vertices, faces, first, count, row_begin, row_end, height, width, out);
+  return cull16<true>(vertices, num_vertices, faces, first, count, row_begin, row_end, height,
+                      width, out);
 }
 
 __attribute__((target("avx2"))) int cull_avx2(const FixedPoint* points, const int32_t* faces,
@@ -244,9 +299,7 @@ __attribute__((target("avx2"))) int cull_avx2(const FixedPoint* points, const in
     const __m256i empty = _mm256_or_si256(_mm256_cmpgt_epi32(c0, c1), _mm256_cmpgt_epi32(r0, r1));
     unsigned keep = ~unsigned(_mm256_movemask_ps(_mm256_castsi256_ps(empty))) & 0xFFu;
     if (keep == 0) continue;
-    alignas(32) int32_t lanes[8][8];
-    for (int v = 0; v < 3; ++v)
-      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[5 + v]), index[v]);
+    alignas(32) int32_t lanes[5][8];
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[0]), c0);
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[1]), c1);
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[2]), r0);
@@ -260,7 +313,6 @@ __attribute__((target("avx2"))) int cull_avx2(const FixedPoint* points, const in
       out.row0[n] = lanes[2][k];
       out.row1[n] = lanes[3][k];
       out.face[n] = lanes[4][k];
-      for (int v = 0; v < 3; ++v) out.vertex[v][n] = lanes[5 + v][k];
       ++n;
     }
   }
@@ -274,7 +326,6 @@ __attribute__((target("avx2"))) int cull_avx2(const FixedPoint* points, const in
     out.col1[n] = tail.col1[k];
     out.row0[n] = tail.row0[k];
     out.row1[n] = tail.row1[k];
-    for (int v = 0; v < 3; ++v) out.vertex[v][n] = tail.vertex[v][k];
   }
   return n;
 }
@@ -341,12 +392,11 @@ __attribute__((target("avx512f"))) inline __m512 interpolate16(const __m512 w[3]
       _mm512_mul_ps(w[2], code[2][c]));
 }
 
-__attribute__((target("avx512f"))) int cover_avx512(const float* vertices,
-                                                    const Survivors& survivors, int count,
+__attribute__((target("avx512f"))) int cover_avx512(const Survivors& survivors, int count,
                                                     CoveredSamples& out, LargeSurvivors& large) {
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
   const __m512i one_i = _mm512_set1_epi32(1);
-  const __m512i two_i = _mm512_set1_epi32(2), three = _mm512_set1_epi32(3);
+  const __m512i two_i = _mm512_set1_epi32(2);
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int n = 0;
   large.n = 0;
@@ -372,12 +422,10 @@ __attribute__((target("avx512f"))) int cover_avx512(const float* vertices,
     const __mmask16 small = valid & ~is_large;
     if (small == 0) continue;
     __m512 x[3], y[3], z[3];
-    for (int v = 0; v < 3; ++v) {
-      const __m512i at = _mm512_mullo_epi32(
-          _mm512_maskz_loadu_epi32(small, survivors.vertex[v] + base), three);
-      x[v] = _mm512_maskz_loadu_ps(small, survivors.x[v] + base);  // kept by the culling
+    for (int v = 0; v < 3; ++v) {  // kept by the culling
+      x[v] = _mm512_maskz_loadu_ps(small, survivors.x[v] + base);
       y[v] = _mm512_maskz_loadu_ps(small, survivors.y[v] + base);
-      z[v] = _mm512_mask_i32gather_ps(zero, small, at, vertices + 2, 4);
+      z[v] = _mm512_maskz_loadu_ps(small, survivors.z[v] + base);
     }
     // setup_triangle: edge i is opposite vertex i; the doubled area decides the orientation.
     const Edge16 e0 = edge16(x[1], y[1], x[2], y[2]);

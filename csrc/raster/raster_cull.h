@@ -41,12 +41,9 @@ struct Survivors {
   int32_t face[kBatch + kSlack];
   int32_t col0[kBatch + kSlack], col1[kBatch + kSlack], row0[kBatch + kSlack],
       row1[kBatch + kSlack];
-  // The face's three vertex indices, which culling has read anyway: the vector coverage test
-  // then loads them instead of gathering them again.
-  int32_t vertex[3][kBatch + kSlack];
   // The corners' image-space coordinates, kept by a culling from float32 vertices
   // (CullVerticesFn) for the vector coverage test; not written by a CullFn.
-  float x[3][kBatch + kSlack], y[3][kBatch + kSlack];
+  float x[3][kBatch + kSlack], y[3][kBatch + kSlack], z[3][kBatch + kSlack];
 
   SampleBounds bounds(int k) const { return {col0[k], col1[k], row0[k], row1[k]}; }
 };
@@ -60,11 +57,11 @@ using CullFn = int (*)(const FixedPoint* points, const int32_t* faces, int32_t f
 // The same culling from the (V, 3) float32 image-space vertices of a `height` x `width` image:
 // each corner's fixed point is formed in registers (vertex_fixed_point's clamps and truncation,
 // operation for operation, so the survivors and bounds are a CullFn's), and the survivors keep
-// their corners' x and y. It spares the fixed-point table and the coverage test's gathers of
-// x and y. (V * 3 must fit in int32.)
-using CullVerticesFn = int (*)(const float* vertices, const int32_t* faces, int32_t first,
-                               int count, int row_begin, int row_end, int height, int width,
-                               Survivors& out);
+// their corners' x, y and z. It spares the fixed-point table and every gather of the coverage
+// test. (V * 3 must fit in int32, and every index must be in [0, V).)
+using CullVerticesFn = int (*)(const float* vertices, int64_t num_vertices, const int32_t* faces,
+                               int32_t first, int count, int row_begin, int row_end, int height,
+                               int width, Survivors& out);
 
 // The vector coverage test of the survivors of one culling call: a float32 triangle with at
 // most kMaxVectorSamples samples in its bounds (on a face mesh at 256x256, 94% of the survivors
@@ -87,12 +84,11 @@ struct LargeSurvivors {
   int n = 0;
 };
 
-// Tests the first `count` survivors of the variant's CullVerticesFn (whose x and y it reads)
-// against the (V, 3) float32 image-space `vertices` (whose depths it reads); writes the covered
-// samples of the small ones to `out` and returns their number, and lists the large ones in
-// `large`. (V * 3 must fit in int32.)
-using CoverFn = int (*)(const float* vertices, const Survivors& survivors, int count,
-                        CoveredSamples& out, LargeSurvivors& large);
+// Tests the first `count` survivors of the variant's CullVerticesFn (whose corner coordinates it
+// reads); writes the covered samples of the small ones to `out` and returns their number, and
+// lists the large ones in `large`.
+using CoverFn = int (*)(const Survivors& survivors, int count, CoveredSamples& out,
+                        LargeSurvivors& large);
 
 // render_pncc's resolve of `pixels` consecutive pixels of a band z-buffer (raster_band.h): the
 // face of each pixel's key, interpolate_pixel of the (V, 3) float32 `ncc` with the stored weights
