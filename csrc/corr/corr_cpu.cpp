@@ -59,18 +59,25 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // scores (up to 1/temperature = 1000 in magnitude) as accurate as an unfused fp32 implementation.
 using stat_t = double;
 
-// sum over j < n of term(j), as eight interleaved partial sums added pairwise at the end: a single
-// running sum would chain every term to the previous one through the add latency (the row
-// statistics below spent 4 ns an element so). The order is fixed by n alone, so the result is as
-// reproducible as a sequential loop.
-template <typename acc_t, typename Term>
-acc_t sum_of(int64_t n, const Term& term) {
-  acc_t part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+// combine(...combine(init, term(0))..., term(n - 1)) as eight interleaved partial results
+// combined pairwise at the end: a single running value would chain every term to the previous one
+// through the latency of `combine` (the row statistics below spent 4 ns an element so). The order
+// is fixed by n alone, so the result is as reproducible as a sequential loop.
+template <typename acc_t, typename Term, typename Combine>
+acc_t fold_of(int64_t n, acc_t init, const Term& term, const Combine& combine) {
+  acc_t part[8] = {init, init, init, init, init, init, init, init};
   int64_t j = 0;
   for (; j + 8 <= n; j += 8)
-    for (int r = 0; r < 8; ++r) part[r] += term(j + r);
-  for (; j < n; ++j) part[0] += term(j);
-  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    for (int r = 0; r < 8; ++r) part[r] = combine(part[r], term(j + r));
+  for (; j < n; ++j) part[0] = combine(part[0], term(j));
+  return combine(combine(combine(part[0], part[1]), combine(part[2], part[3])),
+                 combine(combine(part[4], part[5]), combine(part[6], part[7])));
+}
+
+// sum over j < n of term(j).
+template <typename acc_t, typename Term>
+acc_t sum_of(int64_t n, const Term& term) {
+  return fold_of<acc_t>(n, acc_t(0), term, [](acc_t a, acc_t b) { return a + b; });
 }
 
 // Statistics of one contiguous row of C elements (two passes; see row_norm_finish).
@@ -132,18 +139,11 @@ void normalized_rows_backward(at::Tensor& g, const at::Tensor& x, stat_t scale, 
   });
 }
 
-// Max of a row with eight independent partial results, for the reason of sum_of.
+// Max of a row (n >= 1).
 template <typename acc_t>
 acc_t row_max(const acc_t* x, int64_t n) {
-  acc_t part[8];
-  for (int r = 0; r < 8; ++r) part[r] = x[0];
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int r = 0; r < 8; ++r) part[r] = x[j + r] > part[r] ? x[j + r] : part[r];
-  for (; j < n; ++j) part[0] = x[j] > part[0] ? x[j] : part[0];
-  acc_t m = part[0];
-  for (int r = 1; r < 8; ++r) m = part[r] > m ? part[r] : m;
-  return m;
+  return fold_of<acc_t>(n, x[0], [x](int64_t j) { return x[j]; },
+                        [](acc_t m, acc_t v) { return v > m ? v : m; });
 }
 
 template <typename acc_t>
