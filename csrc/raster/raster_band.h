@@ -28,6 +28,16 @@ struct RasterizedBand {
   T depth(int64_t offset) const { return values[4 * offset + 3]; }
 };
 
+// The variant's float32 vector kernels (raster_cull.h) where they apply to `mesh`: float32, and
+// indices whose gathers' int32 offsets (3 * index) cannot overflow; none otherwise.
+template <typename T>
+cull::VectorKernels vector_kernels_for(const MeshView<T>& mesh, cull::Variant variant) {
+  if constexpr (!std::is_same_v<T, float>) return {};
+  constexpr int64_t kMaxIndex = int64_t(1) << 30;
+  if (mesh.num_vertices * 3 >= kMaxIndex || mesh.num_faces * 3 >= kMaxIndex) return {};
+  return cull::vector_kernels(variant);
+}
+
 // The z-buffer of rows [row_begin, row_end) of one image: a packed key per pixel, plus the
 // barycentrics and depth of the current winner, so that resolving needs no second setup.
 template <typename T>
@@ -66,8 +76,9 @@ struct BandBuffer {
         v[3] = depth;
       }
     };
-    const Culling cull = culling(mesh, b, variant);
-    const cull::CoverFn cover = vector_cover(mesh, variant);
+    const cull::VectorKernels kernels = vector_kernels_for(mesh, variant);
+    const Culling cull = culling(mesh, b, variant, kernels.cull);
+    const cull::CoverFn cover = kernels.cover;
     const int width = mesh.width;
     for (int64_t f0 = 0; f0 < mesh.num_faces; f0 += Survivors::kBatch) {
       const int count = static_cast<int>(std::min<int64_t>(Survivors::kBatch, mesh.num_faces - f0));
@@ -100,7 +111,7 @@ struct BandBuffer {
   // survive it in rows [row_begin, row_end).
   int64_t count_survivors(const MeshView<T>& mesh, int64_t b, int row_begin, int row_end,
                           cull::Variant variant) {
-    const Culling cull = culling(mesh, b, variant);
+    const Culling cull = culling(mesh, b, variant, vector_kernels_for(mesh, variant).cull);
     int64_t total = 0;
     for (int64_t f0 = 0; f0 < mesh.num_faces; f0 += Survivors::kBatch)
       total += cull(mesh.faces, static_cast<int32_t>(f0),
@@ -118,18 +129,9 @@ struct BandBuffer {
   cull::CoveredSamples covered;
   cull::LargeSurvivors large;
 
-  // The variant's vector coverage test, for float32 meshes whose gathers' int32 offsets cannot
-  // overflow; nullptr otherwise.
-  static cull::CoverFn vector_cover(const MeshView<T>& mesh, cull::Variant variant) {
-    if constexpr (!std::is_same_v<T, float>) return nullptr;
-    constexpr int64_t kMaxIndex = int64_t(1) << 30;
-    if (mesh.num_vertices * 3 >= kMaxIndex || mesh.num_faces * 3 >= kMaxIndex) return nullptr;
-    return cull::cover_function(variant);
-  }
-
   // The culling of one image's faces, batch by batch: from the float32 vertices where the
-  // variant's vector coverage test runs (it reads the coordinates the culling keeps), otherwise
-  // from every vertex's fixed point, computed once per image.
+  // variant's vector kernels apply (the coverage test reads the coordinates that culling keeps),
+  // otherwise from every vertex's fixed point, computed once per image.
   struct Culling {
     cull::CullVerticesFn from_vertices;  // or
     cull::CullFn from_points;
@@ -147,11 +149,11 @@ struct BandBuffer {
     }
   };
 
-  Culling culling(const MeshView<T>& mesh, int64_t b, cull::Variant variant) {
-    if (vector_cover(mesh, variant) != nullptr)
-      return {cull::cull_vertices_function(variant), nullptr,
-              reinterpret_cast<const float*>(mesh.image_vertices(b)), mesh.num_vertices, nullptr,
-              mesh.height, mesh.width};
+  Culling culling(const MeshView<T>& mesh, int64_t b, cull::Variant variant,
+                  cull::CullVerticesFn from_vertices) {
+    if (from_vertices != nullptr)
+      return {from_vertices, nullptr, reinterpret_cast<const float*>(mesh.image_vertices(b)),
+              mesh.num_vertices, nullptr, mesh.height, mesh.width};
     return {nullptr, cull::function(variant), nullptr, mesh.num_vertices,
             vertex_fixed_points(mesh, b), mesh.height, mesh.width};
   }
@@ -169,17 +171,15 @@ struct BandBuffer {
 
 // render_pncc's resolve of the first `pixels` pixels of a rasterized band: the PNCC image
 // (out[c * plane + offset], c < 3) and mask (mask[offset]) from the z-buffer, on the variant's
-// vector resolve for float32 meshes whose gathers' int32 offsets cannot overflow, otherwise one
+// vector resolve where its vector kernels apply (vector_kernels_for), otherwise one
 // interpolate_pixel at a time; bit-identical either way (raster_cull.h).
 template <typename T>
 void resolve_pncc_band(const RasterizedBand<T>& band, int64_t pixels, const T* ncc,
                        const MeshView<T>& mesh, T* out, int64_t plane, T* mask,
                        cull::Variant variant) {
   if constexpr (std::is_same_v<T, float>) {
-    constexpr int64_t kMaxIndex = int64_t(1) << 30;
-    const cull::ResolveFn resolve = cull::resolve_function(variant);
-    if (resolve != nullptr && mesh.num_vertices * 3 < kMaxIndex &&
-        mesh.num_faces * 3 < kMaxIndex) {
+    const cull::ResolveFn resolve = vector_kernels_for(mesh, variant).resolve;
+    if (resolve != nullptr) {
       resolve(band.keys, band.values, pixels, ncc, mesh.faces, out, plane, mask);
       return;
     }

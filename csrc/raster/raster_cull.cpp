@@ -645,28 +645,12 @@ std::vector<double> selection_seconds() {
   return calibration_seconds();
 }
 
-CoverFn cover_function(Variant variant) {
+VectorKernels vector_kernels(Variant variant) {
 #if PNCC_CULL_SIMD_BUILT
-  if (variant == Variant::kAvx512) return cover_avx512;
+  if (variant == Variant::kAvx512) return {cull_vertices_avx512, cover_avx512, resolve_avx512};
 #endif
   (void)variant;
-  return nullptr;
-}
-
-ResolveFn resolve_function(Variant variant) {
-#if PNCC_CULL_SIMD_BUILT
-  if (variant == Variant::kAvx512) return resolve_avx512;
-#endif
-  (void)variant;
-  return nullptr;
-}
-
-CullVerticesFn cull_vertices_function(Variant variant) {
-#if PNCC_CULL_SIMD_BUILT
-  if (variant == Variant::kAvx512) return cull_vertices_avx512;
-#endif
-  (void)variant;
-  return nullptr;
+  return {};
 }
 
 CullFn function(Variant variant) {

@@ -104,14 +104,15 @@ using ResolveFn = void (*)(const uint64_t* keys, const float* bary_depth, int64_
 // one-line message when PNCC_RASTER_SIMD is invalid or names a variant this CPU lacks.
 Variant selected();
 CullFn function(Variant variant);
-// The variant's culling from float32 vertices, or nullptr when it has none; a variant has it if
-// and only if it has a vector coverage test, which needs the survivors' coordinates.
-CullVerticesFn cull_vertices_function(Variant variant);
-// The variant's vector coverage test, or nullptr when it has none (then every survivor goes to
-// the scalar loop).
-CoverFn cover_function(Variant variant);
-// The variant's vector resolve, or nullptr when it has none (then the scalar loop resolves).
-ResolveFn resolve_function(Variant variant);
+// The variant's float32 vector kernels, all three or none (every member nullptr): the coverage
+// test reads the coordinates only the culling from vertices keeps. Without them the survivors go
+// to the scalar coverage loop and the scalar loop resolves.
+struct VectorKernels {
+  CullVerticesFn cull = nullptr;
+  CoverFn cover = nullptr;
+  ResolveFn resolve = nullptr;
+};
+VectorKernels vector_kernels(Variant variant);
 bool supported(Variant variant);
 const char* name(Variant variant);
 

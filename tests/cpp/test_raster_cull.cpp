@@ -153,8 +153,9 @@ TEST_CASE(culling_from_vertices_keeps_the_table_culling_survivors_and_coordinate
                             grid_workload(6, 400, height, width, 4)})
   for (cull::Variant variant : {cull::Variant::kScalar, cull::Variant::kAvx2,
                                 cull::Variant::kAvx512}) {
-    const cull::CullVerticesFn fn = cull::cull_vertices_function(variant);
-    CHECK((fn != nullptr) == (cull::cover_function(variant) != nullptr));
+    const cull::VectorKernels kernels = cull::vector_kernels(variant);
+    const cull::CullVerticesFn fn = kernels.cull;
+    CHECK((fn != nullptr) == (kernels.cover != nullptr));
     if (fn == nullptr || !cull::supported(variant)) continue;
     ++tested;
     // Batches of every size from 1 up, then the last faces (whose windows reach the last vertex).
