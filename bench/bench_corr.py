@@ -113,7 +113,7 @@ def implementations(device, sdpa_backends, q, k, v):
 def impls_for(device, dtype):
     """The rows that apply: the forced-path rows only on a CPU that has more than one path, the
     bf16 one only for bfloat16 inputs on a CPU with AVX512-BF16."""
-    stats = torch.ops.pncc._corr_cpu_path_stats() if device == "cpu" else [0] * 6
+    stats = torch.ops.pncc._corr_cpu_path_stats() if device == "cpu" else [0] * 7
     forced = {"corr_warp [simd]": stats[0] == 1, "corr_warp [aten]": stats[0] == 1,
               "corr_warp [bf16]": stats[4] == 1 and dtype == torch.bfloat16}
     return [name for name in IMPLS if forced.get(name, True)]

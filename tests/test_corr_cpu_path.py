@@ -1,5 +1,5 @@
 """corr_warp's CPU path choice (csrc/corr/corr_cpu_path.h): the AVX-512 kernels or ATen's GEMMs in
-fp32, or the AVX512-BF16 kernels for bfloat16 inputs, chosen by measuring once per shape class,
+fp32, or the bf16 kernels (AVX512-BF16, on AMX tiles where the CPU has them) for bfloat16 inputs, chosen by measuring once per shape class,
 cached, forced by PNCC_CORR_SIMD or the _corr_cpu_path_mode debug op, and actually used (the
 tile-product counters of _corr_cpu_path_stats say which path ran)."""
 import os
@@ -16,15 +16,17 @@ OPS = torch.ops.pncc
 
 
 def stats():
-    available, calibrations, simd, aten, bf16_available, bf16 = OPS._corr_cpu_path_stats()
+    available, calibrations, simd, aten, bf16_available, bf16, amx = OPS._corr_cpu_path_stats()
     return dict(available=bool(available), calibrations=calibrations, simd=simd, aten=aten,
-                bf16_available=bool(bf16_available), bf16=bf16)
+                bf16_available=bool(bf16_available), bf16=bf16, amx=bool(amx))
 
 
 SIMD_AVAILABLE = stats()["available"]
 BF16_AVAILABLE = stats()["bf16_available"]
 needs_simd = pytest.mark.skipif(not SIMD_AVAILABLE, reason="this CPU has no AVX-512F")
 needs_bf16 = pytest.mark.skipif(not BF16_AVAILABLE, reason="this CPU has no AVX512-BF16")
+AMX_IN_USE = stats()["amx"]
+needs_amx = pytest.mark.skipif(not AMX_IN_USE, reason="this CPU has no AMX-BF16 (or it is off)")
 PATHS = ("simd", "aten", "bf16")
 
 
@@ -142,8 +144,39 @@ def test_bad_mode_is_a_one_line_error(corr_path_mode):
         OPS._corr_cpu_path(0, 3)
 
 
-def _in_fresh_process(env_value, code):
-    env = dict(os.environ, PNCC_CORR_SIMD=env_value)
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":")[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(not _cpu_flags() or os.environ.get("PNCC_CORR_AMX") == "0",
+                    reason="no /proc/cpuinfo flags, or AMX turned off")
+def test_bf16_products_run_on_amx_exactly_where_the_cpu_has_it():
+    flags = _cpu_flags()
+    expected = {"amx_bf16", "amx_tile", "avx512_bf16", "avx512bw"} <= set(flags)
+    assert AMX_IN_USE == expected
+
+
+@needs_amx
+def test_amx_can_be_turned_off_and_vdpbf16ps_then_agrees_with_the_reference():
+    # This process's bf16 path runs on AMX (test_each_path_agrees_with_the_reference checks it);
+    # PNCC_CORR_AMX=0 puts a fresh process's on vdpbf16ps.
+    code = ("from test_corr import _inputs, assert_accuracy\n"
+            "torch.ops.pncc._corr_cpu_path_mode('bf16')\n"
+            "q, k, v = _inputs(2, 130, 600, 40, 7, dtype=torch.bfloat16)\n"
+            "assert_accuracy(q, k, v, temperature=0.01)\n"
+            "print(torch.ops.pncc._corr_cpu_path_stats()[5:])")
+    result = _in_fresh_process("auto", code, PNCC_CORR_AMX="0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    bf16_products, amx = eval(result.stdout.strip())
+    assert bf16_products > 0 and amx == 0
+
+
+def _in_fresh_process(env_value, code, **more_env):
+    env = dict(os.environ, PNCC_CORR_SIMD=env_value, **more_env)
     # (conftest puts this checkout's build first on the path, as under pytest)
     return subprocess.run([sys.executable, "-c", "import conftest, pncc_cuda, torch\n" + code],
                           env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__))

@@ -5,6 +5,8 @@
 #include "corr/corr_cpu_bf16.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -32,6 +34,23 @@ bool available() {
 #endif
   }();
   return ok;
+}
+
+bool amx_in_use() {
+  static const bool on = [] {
+    const char* env = std::getenv("PNCC_CORR_AMX");
+    return amx_available() && !(env != nullptr && std::strcmp(env, "0") == 0);
+  }();
+  return on;
+}
+
+void gemm(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t a_rs, int64_t a_ps,
+          const uint32_t* b, int64_t ldb, int64_t b_panel_stride, float* c, int64_t ldc,
+          bool accumulate) {
+  if (amx_in_use())
+    gemm_amx(m, n, kp, a, a_rs, a_ps, b, ldb, b_panel_stride, c, ldc, accumulate);
+  else
+    gemm_avx512(m, n, kp, a, a_rs, a_ps, b, ldb, b_panel_stride, c, ldc, accumulate);
 }
 
 }  // namespace bf16
@@ -194,9 +213,9 @@ void pack_transposed(const float* x, int64_t n, int64_t k, int64_t ldx, uint32_t
   }
 }
 
-void gemm(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t a_rs, int64_t a_ps,
-          const uint32_t* b, int64_t ldb, int64_t b_panel_stride, float* c, int64_t ldc,
-          bool accumulate) {
+void gemm_avx512(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t a_rs, int64_t a_ps,
+                 const uint32_t* b, int64_t ldb, int64_t b_panel_stride, float* c, int64_t ldc,
+                 bool accumulate) {
   if (m <= 0 || n <= 0) return;
   // A short last block of rows, zero-padded, as pair-major rows of kRows.
   thread_local std::vector<uint32_t> tail;
@@ -243,8 +262,8 @@ namespace bf16 {
 void rows_to_pairs(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {}
 void cols_to_pairs(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {}
 void pack_transposed(const float*, int64_t, int64_t, int64_t, uint32_t*) {}
-void gemm(int64_t, int64_t, int64_t, const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t,
-          int64_t, float*, int64_t, bool) {}
+void gemm_avx512(int64_t, int64_t, int64_t, const uint32_t*, int64_t, int64_t, const uint32_t*,
+                 int64_t, int64_t, float*, int64_t, bool) {}
 
 }  // namespace bf16
 }  // namespace corr

@@ -18,7 +18,11 @@
 // Run-time dispatch: available() checks the CPU for AVX-512F, AVX-512BW and AVX512-BF16 (CPUID,
 // through GCC's __builtin_cpu_supports). corr_cpu_path.h decides whether this path runs; without
 // these features bf16 inputs take the fp32 tile products (corr_cpu_simd.h or ATen's GEMMs).
-// Determinism: each output's summation order is fixed by the sizes alone.
+// Where the CPU also has AMX-BF16 (Sapphire Rapids and later), gemm runs on AMX tiles
+// (corr_cpu_amx.cpp) unless PNCC_CORR_AMX=0: same operands, same rounding of the operands, fp32
+// sums in another order (AMX adds 16 pairs per instruction).
+// Determinism: each output's summation order is fixed by the sizes and the engine alone, and the
+// engine by the CPU and the environment, once per process.
 #pragma once
 
 #include <cstdint>
@@ -67,11 +71,30 @@ void pack_transposed(const float* x, int64_t n, int64_t k, int64_t ldx, uint32_t
 // C = A B (accumulate = false) or C = C + A B, C in fp32, over kp pairs of the reduction
 // dimension, where pair p of A's row i is a[i * a_rs + p * a_ps] (one of a_rs, a_ps is 1), pair p
 // of B's column j is b[(j / kPanel) * b_panel_stride + p * ldb + j % kPanel], and
-// C(i, j) = c[i * ldc + j], i < m, j < n. Every product of two bf16 values is exact in fp32;
-// each output is one fp32 sum over p in order (vdpbf16ps adds the pair's two products to it).
+// C(i, j) = c[i * ldc + j], i < m, j < n. Every product of two bf16 values is exact in fp32.
+// Runs gemm_amx when amx_in_use(), gemm_avx512 otherwise.
 void gemm(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t a_rs, int64_t a_ps,
           const uint32_t* b, int64_t ldb, int64_t b_panel_stride, float* c, int64_t ldc,
           bool accumulate);
+
+// gemm on vdpbf16ps: each output is one fp32 sum over p in order (each step adds the pair's two
+// products to it), then added to C when accumulating. Needs available().
+void gemm_avx512(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t a_rs, int64_t a_ps,
+                 const uint32_t* b, int64_t ldb, int64_t b_panel_stride, float* c, int64_t ldc,
+                 bool accumulate);
+
+// True when this CPU has AMX-TILE and AMX-BF16, the OS enabled them and granted this process the
+// tile state (Linux's arch_prctl(ARCH_REQ_XCOMP_PERM), asked for on the first call).
+bool amx_available();
+
+// True when gemm runs on AMX: amx_available() and PNCC_CORR_AMX is not "0" (read once).
+bool amx_in_use();
+
+// gemm on AMX tiles: each output starts from 0 (C when accumulating) and adds the products 16
+// pairs per tile instruction, in order. Needs amx_available().
+void gemm_amx(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t a_rs, int64_t a_ps,
+              const uint32_t* b, int64_t ldb, int64_t b_panel_stride, float* c, int64_t ldc,
+              bool accumulate);
 
 }  // namespace bf16
 }  // namespace corr

@@ -190,7 +190,8 @@ std::string set_mode(const std::string& mode) {
 std::vector<int64_t> stats() {
   State& s = state();
   return {simd::available() ? 1 : 0, s.calibrations.load(), s.simd_products.load(),
-          s.aten_products.load(), bf16::available() ? 1 : 0, s.bf16_products.load()};
+          s.aten_products.load(), bf16::available() ? 1 : 0, s.bf16_products.load(),
+          bf16::amx_in_use() ? 1 : 0};
 }
 
 }  // namespace path

@@ -6,7 +6,8 @@
 // project's kernel is about twice as fast; on Intel CPUs with AVX-512 MKL's own AVX-512 code beats
 // it (bench/RESULTS.md). A vendor check would encode today's MKL; a measurement follows the BLAS
 // the user actually has. The bf16 kernels do twice the multiply-adds per instruction, but are
-// measured all the same against the fp32 path chosen for the class.
+// measured all the same against the fp32 path chosen for the class (on AMX tiles where the CPU
+// has them: corr_cpu_bf16.h).
 //
 // Policy (PNCC_CORR_SIMD, read once per process; the _corr_cpu_path_mode op changes it later):
 //   unset or "auto": the first call of a shape class (C and Cv, each rounded up to a power of two,
@@ -59,7 +60,8 @@ void count_product(Tiles tiles);
 //                              only returns the current one.
 //   _corr_cpu_path_stats():    [AVX-512 kernels available, calibrations run, tile products on
 //                              the AVX-512 kernels, tile products on ATen, AVX512-BF16 kernels
-//                              available, tile products on them].
+//                              available, tile products on them, whether those run on AMX
+//                              tiles (bf16::amx_in_use)].
 std::string set_mode(const std::string& mode);
 std::vector<int64_t> stats();
 

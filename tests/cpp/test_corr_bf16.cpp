@@ -2,7 +2,8 @@
 // the bf16 rounding bit for bit against the header's portable statement (ties, NaN, infinities,
 // denormals), the three operand layouts, and the GEMM against double sums of the rounded operands
 // in every A layout, at sizes that are not multiples of its register tile, exactly where the sums
-// are exact. Torch-free; skips (passes) on a CPU without AVX512-BF16.
+// are exact, on each engine this CPU has (vdpbf16ps; AMX tiles). Torch-free; skips (passes) on a
+// CPU without AVX512-BF16.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -110,11 +111,27 @@ TEST_CASE(conversions_match_the_portable_rounding_bit_for_bit) {
 
 namespace {
 
+using Gemm = void (*)(int64_t, int64_t, int64_t, const uint32_t*, int64_t, int64_t, const uint32_t*,
+                      int64_t, int64_t, float*, int64_t, bool);
+
+struct Engine {
+  const char* name;
+  Gemm gemm;
+};
+
+// The engines of bf16::gemm that this CPU can run.
+std::vector<Engine> engines() {
+  std::vector<Engine> out;
+  if (bf16::available()) out.push_back({"avx512bf16", bf16::gemm_avx512});
+  if (bf16::amx_available()) out.push_back({"amx", bf16::gemm_amx});
+  return out;
+}
+
 // One GEMM: A (m x k) and B (k x n) as floats, rounded to bf16 by the conversions. a_layout:
 // 0 row-major pairs (rows_to_pairs), 1 pair-major (cols_to_pairs of A^T). b_packed: B given as
 // the transpose of an (n x k) matrix, packed; otherwise B's pairs by cols_to_pairs (row-major).
 // `integers`: small integer values, whose sums are exact in fp32, checked for equality.
-void check_gemm(std::mt19937& rng, int64_t m, int64_t n, int64_t k, int a_layout, bool b_packed,
+void check_gemm(const Engine& engine, std::mt19937& rng, int64_t m, int64_t n, int64_t k, int a_layout, bool b_packed,
                 bool accumulate, bool integers) {
   std::uniform_int_distribution<int> small(-3, 3);
   std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -161,8 +178,8 @@ void check_gemm(std::mt19937& rng, int64_t m, int64_t n, int64_t k, int a_layout
   std::vector<float> c(m * ldc);
   for (float& v : c) v = integers ? float(small(rng)) : nd(rng);
   const std::vector<float> c_old = c;
-  bf16::gemm(m, n, kp, ap.data(), a_rs, a_ps, bp.data(), ldb, panel_stride, c.data(), ldc,
-             accumulate);
+  engine.gemm(m, n, kp, ap.data(), a_rs, a_ps, bp.data(), ldb, panel_stride, c.data(), ldc,
+              accumulate);
   int bad = 0;
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < ldc; ++j) {
@@ -181,43 +198,50 @@ void check_gemm(std::mt19937& rng, int64_t m, int64_t n, int64_t k, int a_layout
       bad += integers ? err != 0.0 : !(err <= 1e-6 * (1.0 + magnitude));
     }
   if (bad)
-    std::printf("  gemm m=%ld n=%ld k=%ld a_layout=%d b_packed=%d acc=%d int=%d: %d bad\n",
-                long(m), long(n), long(k), a_layout, b_packed, accumulate, integers, bad);
+    std::printf("  %s gemm m=%ld n=%ld k=%ld a_layout=%d b_packed=%d acc=%d int=%d: %d bad\n",
+                engine.name, long(m), long(n), long(k), a_layout, b_packed, accumulate, integers,
+                bad);
   CHECK(bad == 0);
 }
 
 }  // namespace
 
 TEST_CASE(gemm_matches_double_in_every_layout_and_at_ragged_sizes) {
-  if (!bf16::available()) return;
+  // 32, 64 and k = 64 make whole AMX blocks (read in place); the others ragged ones.
   std::mt19937 rng(2);
-  for (int64_t m : {1, 5, 11, 12, 13, 24, 30})
-    for (int64_t n : {1, 16, 17, 32, 33, 70})
-      for (int64_t k : {0, 1, 2, 3, 8, 37})
-        for (int layout = 0; layout < 16; ++layout)
-          check_gemm(rng, m, n, k, layout & 1, layout & 2, layout & 4, layout & 8);
+  for (const Engine& engine : engines())
+    for (int64_t m : {1, 5, 11, 12, 13, 24, 30, 32, 47, 64})
+      for (int64_t n : {1, 16, 17, 32, 33, 64, 70})
+        for (int64_t k : {0, 1, 2, 3, 8, 37, 64})
+          for (int layout = 0; layout < 16; ++layout)
+            check_gemm(engine, rng, m, n, k, layout & 1, layout & 2, layout & 4, layout & 8);
 }
 
 TEST_CASE(gemm_result_does_not_depend_on_the_rows_around_it) {
   // As for the fp32 kernels: a row's values must not depend on which rows share its call (the
   // partition into tasks and the short last block of rows change that).
-  if (!bf16::available()) return;
+  // On AMX, k = 64 reads whole blocks of rows in place and single rows through a padded copy.
   std::mt19937 rng(3);
-  const int64_t m = 29, n = 45, k = 77, kp = bf16::pairs(k);
-  const std::vector<float> a = values(rng, m * k, false), b = values(rng, k * n, false);
-  std::vector<uint32_t> ap(m * kp), bp(kp * n);
-  bf16::rows_to_pairs(a.data(), m, k, k, ap.data(), kp);
-  bf16::cols_to_pairs(b.data(), k, n, n, bp.data(), n);
-  std::vector<float> whole(m * n), part(n);
-  bf16::gemm(m, n, kp, ap.data(), kp, 1, bp.data(), n, bf16::kPanel, whole.data(), n, false);
-  for (int64_t i = 0; i < m; ++i) {
-    bf16::gemm(1, n, kp, ap.data() + i * kp, kp, 1, bp.data(), n, bf16::kPanel, part.data(), n,
-               false);
-    CHECK(std::memcmp(part.data(), whole.data() + i * n, n * sizeof(float)) == 0);
+  for (const Engine& engine : engines())
+  for (const int64_t k : {77, 64}) {
+    const int64_t m = 69, n = 45, kp = bf16::pairs(k);
+    const std::vector<float> a = values(rng, m * k, false), b = values(rng, k * n, false);
+    std::vector<uint32_t> ap(m * kp), bp(kp * n);
+    bf16::rows_to_pairs(a.data(), m, k, k, ap.data(), kp);
+    bf16::cols_to_pairs(b.data(), k, n, n, bp.data(), n);
+    std::vector<float> whole(m * n), part(n);
+    engine.gemm(m, n, kp, ap.data(), kp, 1, bp.data(), n, bf16::kPanel, whole.data(), n, false);
+    for (int64_t i = 0; i < m; ++i) {
+      engine.gemm(1, n, kp, ap.data() + i * kp, kp, 1, bp.data(), n, bf16::kPanel, part.data(), n,
+                  false);
+      CHECK(std::memcmp(part.data(), whole.data() + i * n, n * sizeof(float)) == 0);
+    }
   }
 }
 
 int main() {
-  std::printf("AVX512-BF16 kernels %s\n", bf16::available() ? "available" : "unavailable: skipped");
+  std::printf("AVX512-BF16 kernels %s, AMX-BF16 %s\n",
+              bf16::available() ? "available" : "unavailable: skipped",
+              bf16::amx_available() ? "available" : "unavailable: skipped");
   return pncc_test::run_all();
 }
