@@ -20,7 +20,8 @@
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
+
+#include "common/aligned_buffer.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 #define PNCC_CORR_AMX_BUILT 1
@@ -205,11 +206,11 @@ inline void block_product(int64_t steps, const uint32_t* a, int64_t a_ld, const 
   }
   for (int64_t s = 0; s < steps; ++s) {
     _tile_loadd(4, a + s * kStep, a_bytes);
-    _tile_loadd(5, a + 16 * a_ld + s * kStep, a_bytes);
     _tile_loadd(6, b + s * kStep * b_ld, b_bytes);
-    _tile_loadd(7, b + s * kStep * b_ld + 16, b_bytes);
     _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, b + s * kStep * b_ld + 16, b_bytes);
     _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, a + 16 * a_ld + s * kStep, a_bytes);
     _tile_dpbf16ps(2, 5, 6);
     _tile_dpbf16ps(3, 5, 7);
   }
@@ -230,7 +231,7 @@ void gemm_amx(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t a_rs,
   const bool whole_k = kp_pad == kp;
   // B panels that cannot be read in place (a ragged reduction, or a partial last panel whose
   // missing columns may lie outside B) are copied, zero-padded, once per call.
-  thread_local std::vector<uint32_t> b_copy, a_copy;
+  thread_local AlignedBuffer<uint32_t> b_copy, a_copy;
   const bool last_partial = n % kBlock != 0;
   const int64_t copied = whole_k ? (last_partial ? 1 : 0) : panels;
   b_copy.resize(size_t(std::max<int64_t>(copied, 1) * kp_pad * kBlock));

@@ -66,6 +66,8 @@ void gemm(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t a_rs, int
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#include "corr/corr_cpu_round16.h"
+
 namespace pncc {
 namespace corr {
 namespace bf16 {
@@ -73,17 +75,6 @@ namespace {
 
 inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
-}
-
-// round_to_bf16 on 16 lanes: each 32-bit lane's high half becomes the bf16 value (the low half is
-// left over). Not vcvtneps2bf16, which flushes denormal inputs to zero on some CPUs: this is the
-// same integer rounding as the portable statement in the header.
-inline __m512i round16(__m512 v) {
-  const __m512i x = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  return _mm512_mask_or_epi32(r, nan, x, _mm512_set1_epi32(0x00400000));
 }
 
 // Pairs of lanes: (even's bf16) | (odd's bf16) << 16, from two round16 results.

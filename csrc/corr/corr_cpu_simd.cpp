@@ -52,6 +52,7 @@ bool available() {
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#include "corr/corr_cpu_round16.h"
 #include "corr/corr_math.h"
 
 namespace pncc {
@@ -252,7 +253,12 @@ float row_max(const float* x, int64_t n) {
   return _mm512_reduce_max_ps(m);
 }
 
-float exp_shifted_sum(float* x, int64_t n, float m) {
+namespace {
+
+// The loop of exp_shifted_sum and exp_shifted_sum_bf16: one order of the sum for both, so the two
+// return the same bits; store(j, mask, e) keeps the exponentials of x[j:j+16].
+template <typename Store>
+float exp_shifted_sum_with(const float* x, int64_t n, float m, Store store) {
   const __m512 mv = _mm512_set1_ps(m);
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                    _mm512_setzero_ps()};
@@ -260,16 +266,39 @@ float exp_shifted_sum(float* x, int64_t n, float m) {
   for (; j + 64 <= n; j += 64)
     for (int u = 0; u < 4; ++u) {
       const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j + 16 * u), mv));
-      _mm512_storeu_ps(x + j + 16 * u, e);
+      store(j + 16 * u, __mmask16(0xFFFF), e);
       acc[u] = _mm512_add_ps(acc[u], e);
     }
   for (; j < n; j += 16) {
     const __mmask16 mask = tail_mask(n - j);
     const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x + j), mv));
-    _mm512_mask_storeu_ps(x + j, mask, e);
+    store(j, mask, e);
     acc[0] = _mm512_add_ps(acc[0], _mm512_maskz_mov_ps(mask, e));
   }
   return hsum(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+
+}  // namespace
+
+float exp_shifted_sum(float* x, int64_t n, float m) {
+  return exp_shifted_sum_with(x, n, m, [x](int64_t j, __mmask16 mask, __m512 e) {
+    _mm512_mask_storeu_ps(x + j, mask, e);
+  });
+}
+
+float exp_shifted_sum_bf16(const float* x, int64_t n, float m, uint16_t* out) {
+  const float sum = exp_shifted_sum_with(x, n, m, [out](int64_t j, __mmask16 mask, __m512 e) {
+    const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(round16(e), 16));
+    if (mask == __mmask16(0xFFFF)) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), h);
+    } else {  // the tail (AVX-512F has no 16-bit masked store)
+      alignas(32) uint16_t lanes[16];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), h);
+      std::memcpy(out + j, lanes, sizeof(uint16_t) * size_t(__builtin_popcount(mask)));
+    }
+  });
+  if (n % 2 != 0) out[n] = 0;  // the zero that pads the last pair
+  return sum;
 }
 
 void scale_row(float* x, int64_t n, float s) {
@@ -278,6 +307,78 @@ void scale_row(float* x, int64_t n, float s) {
     const __mmask16 mask = tail_mask(n - j);
     _mm512_mask_storeu_ps(x + j, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x + j), sv));
   }
+}
+
+namespace {
+
+// Eight values from x[j] as doubles, and one.
+inline __m512d load8_pd(const float* x) { return _mm512_cvtps_pd(_mm256_loadu_ps(x)); }
+inline __m512d load8_pd(const uint16_t* x) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
+  return _mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+}
+inline double value_of(const float* x) { return double(*x); }
+inline double value_of(const uint16_t* x) {
+  const uint32_t u = uint32_t(*x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return double(f);
+}
+
+// corr_cpu.cpp's fold_of sum with lane r of `acc` as partial r, of x[j] or, kSquares, of
+// (x[j] - mean)^2.
+template <bool kSquares, typename T>
+double fold_sum(const T* x, int64_t n, double mean) {
+  const __m512d mv = _mm512_set1_pd(mean);
+  __m512d acc = _mm512_setzero_pd();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m512d v = load8_pd(x + j);
+    if constexpr (kSquares) {
+      v = _mm512_sub_pd(v, mv);
+      v = _mm512_mul_pd(v, v);
+    }
+    acc = _mm512_add_pd(acc, v);
+  }
+  alignas(64) double p[8];
+  _mm512_store_pd(p, acc);
+  for (; j < n; ++j) {
+    double v = value_of(x + j);
+    if constexpr (kSquares) {
+      v = v - mean;
+      v = v * v;
+    }
+    p[0] = p[0] + v;
+  }
+  return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+}
+
+template <typename T>
+RowMoments moments(const T* x, int64_t n) {
+  RowMoments r;
+  r.mean = fold_sum<false>(x, n, 0.0) / double(n);
+  r.sum_sq = fold_sum<true>(x, n, r.mean);
+  return r;
+}
+
+template <typename T>
+void normalize(const T* x, int64_t n, double mean, double inv, float* out) {
+  const __m512d mv = _mm512_set1_pd(mean), iv = _mm512_set1_pd(inv);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(out + j, _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_sub_pd(load8_pd(x + j), mv), iv)));
+  for (; j < n; ++j) out[j] = float((value_of(x + j) - mean) * inv);
+}
+
+}  // namespace
+
+RowMoments row_moments(const float* x, int64_t n) { return moments(x, n); }
+RowMoments row_moments(const uint16_t* x, int64_t n) { return moments(x, n); }
+void normalize_row(const float* x, int64_t n, double mean, double inv, float* out) {
+  normalize(x, n, mean, inv, out);
+}
+void normalize_row(const uint16_t* x, int64_t n, double mean, double inv, float* out) {
+  normalize(x, n, mean, inv, out);
 }
 
 void probs_from_lse_cols(float* s, int64_t rows, int64_t cols, int64_t ld, const float* lse_hi,
@@ -340,6 +441,11 @@ void gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float
 void pack_transposed(const float*, int64_t, int64_t, int64_t, float*) {}
 float row_max(const float*, int64_t) { return 0.0f; }
 float exp_shifted_sum(float*, int64_t, float) { return 0.0f; }
+float exp_shifted_sum_bf16(const float*, int64_t, float, uint16_t*) { return 0.0f; }
+RowMoments row_moments(const float*, int64_t) { return {}; }
+RowMoments row_moments(const uint16_t*, int64_t) { return {}; }
+void normalize_row(const float*, int64_t, double, double, float*) {}
+void normalize_row(const uint16_t*, int64_t, double, double, float*) {}
 void scale_row(float*, int64_t, float) {}
 void probs_from_lse_cols(float*, int64_t, int64_t, int64_t, const float*, const float*) {}
 void col_dots(const float*, const float*, int64_t, int64_t, int64_t, float*) {}

@@ -53,8 +53,27 @@ float row_max(const float* x, int64_t n);
 // x[j] = exp(x[j] - m) in place; returns sum_j of the new x[j].
 float exp_shifted_sum(float* x, int64_t n, float m);
 
+// exp_shifted_sum, but the exponentials go to out as bf16 (bf16::round_to_bf16), padded with a
+// zero to an even count (one row of bf16 pairs), and x is left as it was. Returns the same sum as
+// exp_shifted_sum, bit for bit: the bf16 path's forward rounds P for P V but sums it unrounded.
+float exp_shifted_sum_bf16(const float* x, int64_t n, float m, uint16_t* out);
+
 // x[j] *= s.
 void scale_row(float* x, int64_t n, float s);
+
+// The double sums of one row's normalisation statistics (corr_cpu.cpp's row_stats), bit for bit
+// as its portable fold computes them: eight partial sums, partial r taking the j = r (mod 8) below
+// the last multiple of 8 and partial 0 the rest in order, combined ((p0 + p1) + (p2 + p3)) +
+// ((p4 + p5) + (p6 + p7)); mean = sum / n, then sum_sq over (x - mean)^2. x as fp32 values or as
+// the bits of bf16 ones. And the normalisation itself: out[j] = float((double(x[j]) - mean) * inv),
+// corr_math.h's row_norm_apply followed by the cast.
+struct RowMoments {
+  double mean, sum_sq;
+};
+RowMoments row_moments(const float* x, int64_t n);
+RowMoments row_moments(const uint16_t* bf16_bits, int64_t n);
+void normalize_row(const float* x, int64_t n, double mean, double inv, float* out);
+void normalize_row(const uint16_t* bf16_bits, int64_t n, double mean, double inv, float* out);
 
 // Column passes over a (rows x cols) tile of row stride ld whose columns are softmax rows (the
 // backward's transposed tiles, keys down and queries across):

@@ -4,6 +4,7 @@
 // in every A layout, at sizes that are not multiples of its register tile, exactly where the sums
 // are exact, on each engine this CPU has (vdpbf16ps; AMX tiles). Torch-free; skips (passes) on a
 // CPU without AVX512-BF16.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -13,6 +14,7 @@
 
 #include "check.h"
 #include "corr/corr_cpu_bf16.h"
+#include "corr/corr_cpu_simd.h"
 
 using namespace pncc::corr;
 
@@ -236,6 +238,30 @@ TEST_CASE(gemm_result_does_not_depend_on_the_rows_around_it) {
                   false);
       CHECK(std::memcmp(part.data(), whole.data() + i * n, n * sizeof(float)) == 0);
     }
+  }
+}
+
+TEST_CASE(fused_exp_to_bf16_equals_exp_then_conversion_bit_for_bit) {
+  // The bf16 forward's exp pass (simd::exp_shifted_sum_bf16) against the two passes it replaced:
+  // the same sum, and the pairs rows_to_pairs makes of exp_shifted_sum's output.
+  if (!bf16::available()) return;
+  std::mt19937 rng(4);
+  std::normal_distribution<float> nd(0.0f, 3.0f);
+  for (int64_t n : {1, 2, 15, 16, 17, 63, 64, 65, 127, 512}) {
+    std::vector<float> x(n);
+    for (float& v : x) v = nd(rng);
+    x[n / 2] = -std::numeric_limits<float>::infinity();  // a masked-out score: exp gives 0
+    const float m = *std::max_element(x.begin(), x.end());
+    std::vector<float> e = x;
+    const float sum_two_passes = simd::exp_shifted_sum(e.data(), n, m);
+    std::vector<uint32_t> expected(bf16::pairs(n)), got(bf16::pairs(n), 0xDEADBEEFu);
+    bf16::rows_to_pairs(e.data(), 1, n, n, expected.data(), bf16::pairs(n));
+    const std::vector<float> x_before = x;
+    const float sum_fused =
+        simd::exp_shifted_sum_bf16(x.data(), n, m, reinterpret_cast<uint16_t*>(got.data()));
+    CHECK(bits_of(sum_fused) == bits_of(sum_two_passes));
+    CHECK(got == expected);
+    CHECK(std::memcmp(x.data(), x_before.data(), n * sizeof(float)) == 0);
   }
 }
 

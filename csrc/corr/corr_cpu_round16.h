@@ -1,0 +1,26 @@
+// bf16::round_to_bf16 (corr_cpu_bf16.h) on 16 fp32 lanes, for the kernel files that round: the
+// bf16 conversions and the bf16 path's fused exp pass (corr_cpu_simd.cpp). Include it only inside
+// a region compiled for AVX-512F (`#pragma GCC target`); it has internal linkage, so each file's
+// copy is compiled for that file's target.
+#pragma once
+
+#include <immintrin.h>
+
+namespace pncc {
+namespace corr {
+namespace {
+
+// Each 32-bit lane's high half becomes the bf16 value (the low half is left over). Not
+// vcvtneps2bf16, which flushes denormal inputs to zero on some CPUs: this is the same integer
+// rounding as the portable statement (round to nearest even; a NaN stays a quiet NaN).
+inline __m512i round16(__m512 v) {
+  const __m512i x = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_mask_or_epi32(r, nan, x, _mm512_set1_epi32(0x00400000));
+}
+
+}  // namespace
+}  // namespace corr
+}  // namespace pncc
