@@ -114,6 +114,18 @@ RowNorm<stat_t> row_stats(const scalar_t* x, int64_t C, stat_t scale, bool norma
   return row_norm_finish<stat_t>(sum_sq, mean, scale, normalize, eps);
 }
 
+// x^ of one row of C values into out.
+template <typename scalar_t, typename acc_t>
+void normalize_row_into(const scalar_t* x, int64_t C, stat_t scale, bool normalize, stat_t eps,
+                        acc_t* out) {
+  const RowNorm<stat_t> st = row_stats(x, C, scale, normalize, eps);
+  if constexpr (kVectorRows<scalar_t> && std::is_same_v<acc_t, float>) {
+    if (simd::available()) return simd::normalize_row(vector_row(x), C, st.mean, st.inv, out);
+  }
+  for (int64_t c = 0; c < C; ++c)
+    out[c] = static_cast<acc_t>(row_norm_apply(st, static_cast<stat_t>(x[c])));
+}
+
 // x^ of every row of a contiguous (R, C) tensor, as a new contiguous acc_t tensor. `serial` runs
 // it on the calling thread (a few rows are not worth a parallel region and its barrier).
 template <typename scalar_t, typename acc_t>
@@ -124,17 +136,8 @@ at::Tensor normalized_rows(const at::Tensor& x, stat_t scale, bool normalize, st
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   acc_t* op = out.mutable_data_ptr<acc_t>();
   at::parallel_for(0, R, serial ? std::max<int64_t>(R, 1) : 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const RowNorm<stat_t> st = row_stats(xp + r * C, C, scale, normalize, eps);
-      if constexpr (kVectorRows<scalar_t> && std::is_same_v<acc_t, float>) {
-        if (simd::available()) {
-          simd::normalize_row(vector_row(xp + r * C), C, st.mean, st.inv, op + r * C);
-          continue;
-        }
-      }
-      for (int64_t c = 0; c < C; ++c)
-        op[r * C + c] = static_cast<acc_t>(row_norm_apply(st, static_cast<stat_t>(xp[r * C + c])));
-    }
+    for (int64_t r = begin; r < end; ++r)
+      normalize_row_into(xp + r * C, C, scale, normalize, eps, op + r * C);
   });
   return out;
 }
@@ -346,6 +349,62 @@ Pairs transposed_as_pairs(const float* x, int64_t R, int64_t C, bool serial = fa
   return out;
 }
 
+// The bf16 forward's operands made straight from the inputs, without fp32 copies of whole
+// tensors (their allocation, page faults and passes were a tenth of the bf16 forward at
+// Nq = 32768): the same values as rows_as_pairs / transposed_as_pairs of normalized_rows' output.
+// x^ of every row of a contiguous (R, C) tensor, by rows: R x pairs(C).
+template <typename scalar_t>
+Pairs normalized_row_pairs(const at::Tensor& x, stat_t scale, bool normalize, stat_t eps) {
+  const int64_t C = x.size(-1), R = x.numel() / C, kp = bf16::pairs(C);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  Pairs out(static_cast<size_t>(R * kp));
+  at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(static_cast<size_t>(C));
+    for (int64_t r = begin; r < end; ++r) {
+      normalize_row_into(xp + r * C, C, scale, normalize, eps, row.data());
+      bf16::rows_to_pairs(row.data(), 1, C, C, out.data() + r * kp, kp);
+    }
+  });
+  return out;
+}
+
+// x^ of each (N, C) matrix of a contiguous (B, N, C) tensor, transposed and packed
+// (bf16::pack_transposed), entry b's block at b * packed_size(N, C).
+template <typename scalar_t>
+Pairs normalized_transposed_pairs(const at::Tensor& x, stat_t scale, bool normalize, stat_t eps) {
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), kp = bf16::pairs(C);
+  const int64_t per = bf16::packed_size(N, C), panels = ceil_div(N, bf16::kPanel);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  Pairs out(static_cast<size_t>(B * per));
+  at::parallel_for(0, B * panels, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> rows(static_cast<size_t>(bf16::kPanel * C));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / panels, r0 = (t % panels) * bf16::kPanel;
+      const int64_t nn = std::min(bf16::kPanel, N - r0);
+      for (int64_t r = 0; r < nn; ++r)
+        normalize_row_into(xp + (b * N + r0 + r) * C, C, scale, normalize, eps, rows.data() + r * C);
+      bf16::pack_transposed(rows.data(), nn, C, C, out.data() + b * per + r0 * kp);
+    }
+  });
+  return out;
+}
+
+// v of each (N, Cv) matrix of a contiguous bf16 (B, N, Cv) tensor by pairs of rows
+// (bf16::cols_to_pairs), entry b's block at b * pairs(N) * Cv.
+Pairs value_pairs(const at::Tensor& v) {
+  const int64_t B = v.size(0), N = v.size(1), Cv = v.size(2), np = bf16::pairs(N);
+  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.const_data_ptr<c10::BFloat16>());
+  Pairs out(static_cast<size_t>(B * np * Cv));
+  at::parallel_for(0, B * np, 128, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / np, p = t % np;
+      bf16::cols_to_pairs(vp + (b * N + 2 * p) * Cv, std::min<int64_t>(2, N - 2 * p), Cv, Cv,
+                          out.data() + t * Cv, Cv);
+    }
+  });
+  return out;
+}
+
 // pack_transposed of every (rows x cols) matrix of a contiguous (batch, rows, cols) fp32 tensor,
 // for the SIMD path's B operands (an undefined tensor elsewhere). O(batch * rows * cols) memory.
 template <typename acc_t>
@@ -499,51 +558,48 @@ void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
   const int64_t B = query.size(0), Nq = query.size(1), Nk = key.size(1);
   const int64_t C = query.size(2), Cv = value.size(2);
   const auto acc_opts = query.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const at::Tensor qs = normalized_rows<scalar_t, acc_t>(query, 1.0 / temperature, normalize, eps);
-  const at::Tensor kn = normalized_rows<scalar_t, acc_t>(key, 1.0, normalize, eps);
   const path::Tiles tiles = choose_tiles<scalar_t>(C, Cv);
   // The row passes run on the SIMD kernels with either of the project's products.
   const bool fast = tiles != path::Tiles::kAten, use_bf16 = tiles == path::Tiles::kBf16;
-  // The B operand of q^ k^T on the SIMD path.
-  const at::Tensor kn_packed = pack_rows_transposed<acc_t>(tiles == path::Tiles::kSimd, kn);
-  const at::Tensor v = value.to(acc_opts.dtype());
-  // The bf16 path's operands: q^ by rows, k^ transposed and packed, v by pairs of keys; each
-  // batch entry's block starts at a multiple of its size.
+  // The operands: q^, k^ and v in acc_t, and k^ packed as the B operand of q^ k^T on the SIMD
+  // path; or, on the bf16 path, q^ by rows, k^ transposed and packed, v by pairs of keys (each
+  // batch entry's block at a multiple of its size).
+  at::Tensor qs, kn, kn_packed, v;
   const int64_t pc = bf16::pairs(C), kn_per = bf16::packed_size(Nk, C);
   const int64_t v_per = bf16::pairs(Nk) * Cv;
   Pairs q_pairs, k_pairs, v_pairs;
-  if constexpr (std::is_same_v<acc_t, float>) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     if (use_bf16) {
-      q_pairs = rows_as_pairs(qs.const_data_ptr<float>(), B * Nq, C);
-      k_pairs.resize(B * kn_per);
-      v_pairs.resize(B * v_per);
-      for (int64_t b = 0; b < B; ++b) {
-        Pairs kb = transposed_as_pairs(kn.const_data_ptr<float>() + b * Nk * C, Nk, C);
-        Pairs vb = cols_as_pairs(v.const_data_ptr<float>() + b * Nk * Cv, Nk, Cv);
-        std::copy(kb.begin(), kb.end(), k_pairs.begin() + b * kn_per);
-        std::copy(vb.begin(), vb.end(), v_pairs.begin() + b * v_per);
-      }
+      q_pairs = normalized_row_pairs<scalar_t>(query, 1.0 / temperature, normalize, eps);
+      k_pairs = normalized_transposed_pairs<scalar_t>(key, 1.0, normalize, eps);
+      v_pairs = value_pairs(value);
     }
   }
-  at::Tensor out_acc =
-      out.scalar_type() == acc_opts.dtype() ? out : at::empty(out.sizes(), acc_opts);
-  const acc_t* qp = qs.const_data_ptr<acc_t>();
-  const acc_t* kp = kn.const_data_ptr<acc_t>();
-  const acc_t* vp = v.const_data_ptr<acc_t>();
-  acc_t* op = out_acc.mutable_data_ptr<acc_t>();
+  if (!use_bf16) {
+    qs = normalized_rows<scalar_t, acc_t>(query, 1.0 / temperature, normalize, eps);
+    kn = normalized_rows<scalar_t, acc_t>(key, 1.0, normalize, eps);
+    kn_packed = pack_rows_transposed<acc_t>(tiles == path::Tiles::kSimd, kn);
+    v = value.to(acc_opts.dtype());
+  }
+  // The output rows are the accumulator when out is acc_t; otherwise each task accumulates in a
+  // buffer of its own and converts its rows at the end (no acc_t copy of the whole output).
+  const bool out_is_acc = out.scalar_type() == acc_opts.dtype();
+  const acc_t* qp = use_bf16 ? nullptr : qs.const_data_ptr<acc_t>();
+  const acc_t* kp = use_bf16 ? nullptr : kn.const_data_ptr<acc_t>();
+  const acc_t* vp = use_bf16 ? nullptr : v.const_data_ptr<acc_t>();
   double* lse_p = lse.mutable_data_ptr<double>();
   const int64_t n_qt = ceil_div(Nq, kFwdTileQ), n_kt = ceil_div(Nk, kTileK);
 
   at::parallel_for(0, B * n_qt, 1, [&](int64_t begin, int64_t end) {
-    AlignedBuffer<acc_t> s_buf(kFwdTileQ * kTileK);
+    AlignedBuffer<acc_t> s_buf(kFwdTileQ * kTileK), acc_buf(out_is_acc ? 0 : kFwdTileQ * Cv);
     std::vector<acc_t> m(kFwdTileQ), l(kFwdTileQ), alpha(kFwdTileQ), tile_sum(kFwdTileQ);
     Pairs p_pairs(use_bf16 ? kFwdTileQ * bf16::pairs(kTileK) : 0);  // P of the tile, bf16
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_qt, q0 = (task % n_qt) * kFwdTileQ;
       const int64_t nq = std::min(kFwdTileQ, Nq - q0);
-      const acc_t* q_tile = qp + (b * Nq + q0) * C;
-      // The output rows are the accumulator: they are owned by this task alone.
-      acc_t* acc = op + (b * Nq + q0) * Cv;
+      const acc_t* q_tile = use_bf16 ? nullptr : qp + (b * Nq + q0) * C;
+      // The output rows (owned by this task alone) or the task's buffer.
+      acc_t* acc = out_is_acc ? out.mutable_data_ptr<acc_t>() + (b * Nq + q0) * Cv : acc_buf.data();
       std::fill(m.begin(), m.end(), -std::numeric_limits<acc_t>::infinity());
       std::fill(l.begin(), l.end(), acc_t(0));
       for (int64_t kt = 0; kt < n_kt; ++kt) {
@@ -594,9 +650,10 @@ void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
         scale_row(fast, acc + i * Cv, Cv, acc_t(1) / l[i]);
         lse_p[b * Nq + q0 + i] = online_softmax_lse(m[i], l[i]);
       }
+      if (!out_is_acc)
+        out[b].narrow(0, q0, nq).copy_(at::from_blob(acc, {nq, Cv}, acc_opts));
     }
   });
-  if (!out_acc.is_same(out)) out.copy_(out_acc);
 }
 
 // dst[r] = parts[0][r] + parts[1][r] + ... (in index order) for rows r in [r_begin, r_end), where

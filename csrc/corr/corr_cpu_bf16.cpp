@@ -188,6 +188,35 @@ void cols_to_pairs(const float* x, int64_t rows, int64_t cols, int64_t ldx, uint
   }
 }
 
+namespace {
+
+// 16 bf16 values (bits) as the low halves of 32-bit lanes, NaNs quieted as round_to_bf16 does.
+inline __m512i widen_bf16(__mmask16 mask, const uint16_t* x) {
+  const __m512i w = _mm512_cvtepu16_epi32(
+      _mm512_castsi512_si256(_mm512_maskz_loadu_epi16(__mmask32(mask), x)));
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(w, _mm512_set1_epi32(0x7FFF)),
+                                                _mm512_set1_epi32(0x7F80));
+  return _mm512_mask_or_epi32(w, nan, w, _mm512_set1_epi32(0x40));
+}
+
+}  // namespace
+
+void cols_to_pairs(const uint16_t* x, int64_t rows, int64_t cols, int64_t ldx, uint32_t* out,
+                   int64_t ld_out) {
+  const int64_t kp = pairs(rows);
+  for (int64_t p = 0; p < kp; ++p) {
+    const uint16_t* even = x + 2 * p * ldx;
+    const bool has_odd = 2 * p + 1 < rows;
+    uint32_t* o = out + p * ld_out;
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __mmask16 mask = tail_mask(cols - j);
+      const __m512i e = widen_bf16(mask, even + j);
+      const __m512i od = has_odd ? widen_bf16(mask, even + ldx + j) : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(o + j, mask, _mm512_or_si512(e, _mm512_slli_epi32(od, 16)));
+    }
+  }
+}
+
 void pack_transposed(const float* x, int64_t n, int64_t k, int64_t ldx, uint32_t* out) {
   const int64_t kp = pairs(k);
   thread_local std::vector<uint32_t> rows;
@@ -252,6 +281,7 @@ namespace bf16 {
 
 void rows_to_pairs(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {}
 void cols_to_pairs(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {}
+void cols_to_pairs(const uint16_t*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {}
 void pack_transposed(const float*, int64_t, int64_t, int64_t, uint32_t*) {}
 void gemm_avx512(int64_t, int64_t, int64_t, const uint32_t*, int64_t, int64_t, const uint32_t*,
                  int64_t, int64_t, float*, int64_t, bool) {}

@@ -58,6 +58,11 @@ void rows_to_pairs(const float* x, int64_t rows, int64_t cols, int64_t ldx, uint
 void cols_to_pairs(const float* x, int64_t rows, int64_t cols, int64_t ldx, uint32_t* out,
                    int64_t ld_out);
 
+// cols_to_pairs of bf16 values given as their bits: x(r, j) = x[r * ldx + j] exactly (the
+// conversion of bf16 values is exact; a NaN becomes a quiet NaN, as round_to_bf16 makes it).
+void cols_to_pairs(const uint16_t* x, int64_t rows, int64_t cols, int64_t ldx, uint32_t* out,
+                   int64_t ld_out);
+
 // Pairs of pack_transposed's output for a row-major (n x k) matrix.
 inline int64_t packed_size(int64_t n, int64_t k) {
   return (n + kPanel - 1) / kPanel * kPanel * pairs(k);

@@ -99,6 +99,18 @@ TEST_CASE(conversions_match_the_portable_rounding_bit_for_bit) {
         for (int64_t j = 0; j < ld_c; ++j)
           bad += outc[p * ld_c + j] != (j < cols ? pair_of(at(2 * p, j), at(2 * p + 1, j))
                                                  : 0xDEADBEEFu);
+      // cols_to_pairs of bf16 bits (x rounded first): the same pairs, NaNs included.
+      std::vector<uint16_t> xh(x.size());
+      for (size_t i = 0; i < x.size(); ++i) xh[i] = rounded(x[i]);
+      std::vector<uint32_t> outh(rp * ld_c, 0xDEADBEEFu);
+      bf16::cols_to_pairs(xh.data(), rows, cols, ldx, outh.data(), ld_c);
+      bad += outh != outc;
+      if (rows >= 2) {  // a signalling NaN becomes quiet, as round_to_bf16 makes it
+        xh[0] = 0x7F81;
+        xh[ldx] = 0xFF82;
+        bf16::cols_to_pairs(xh.data(), rows, cols, ldx, outh.data(), ld_c);
+        bad += outh[0] != (0x7FC1u | (0xFFC2u << 16));
+      }
       // pack_transposed of the (rows x cols) matrix: B = X^T, panels of kPanel rows of X.
       std::vector<uint32_t> packed(bf16::packed_size(rows, cols), 0xDEADBEEFu);
       bf16::pack_transposed(x.data(), rows, cols, ldx, packed.data());
