@@ -234,7 +234,12 @@ def main(argv=None):
     if args.device == "cpu":
         for cv in cvs:
             path, ms = calibration_ms(c, cv, dtype == torch.bfloat16)
-            print(f"CPU path calibration for C={c}, Cv={cv}, {dtype}: {ms:.1f} ms, chose {path}")
+            engine = ""
+            if path == "bf16":  # which instructions the bf16 kernels run on
+                on_amx = torch.ops.pncc._corr_cpu_path_stats()[6] == 1
+                engine = " (AMX tiles)" if on_amx else " (AVX512-BF16; no AMX or PNCC_CORR_AMX=0)"
+            print(f"CPU path calibration for C={c}, Cv={cv}, {dtype}: {ms:.1f} ms, chose {path}"
+                  f"{engine}")
         print()
     print(table)
     out_dir = args.out
