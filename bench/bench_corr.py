@@ -240,6 +240,8 @@ def main(argv=None):
                 engine = " (AMX tiles)" if on_amx else " (AVX512-BF16; no AMX or PNCC_CORR_AMX=0)"
             print(f"CPU path calibration for C={c}, Cv={cv}, {dtype}: {ms:.1f} ms, chose {path}"
                   f"{engine}")
+        print("(a fresh calibration, timed for its cost; the rows marked 'chosen' ran on the "
+              "process's first one, which may differ where two paths are within its 10% margin)")
         print()
     print(table)
     out_dir = args.out
