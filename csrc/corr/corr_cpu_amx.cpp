@@ -86,6 +86,8 @@ bool amx_available() {
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#include "corr/corr_cpu_avx512.h"
+
 namespace pncc {
 namespace corr {
 namespace bf16 {
@@ -113,10 +115,6 @@ const TileConfig& tile_config() {
     return c;
   }();
   return cfg;
-}
-
-inline __mmask16 tail_mask(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
 }
 
 // out[r][0:16] = column r of the 16 x 16 block of 32-bit words in[0:16][0:16] (rows of 16 words).

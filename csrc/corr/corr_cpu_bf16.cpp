@@ -66,22 +66,12 @@ void gemm(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t a_rs, int
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-#include "corr/corr_cpu_round16.h"
+#include "corr/corr_cpu_avx512.h"
 
 namespace pncc {
 namespace corr {
 namespace bf16 {
 namespace {
-
-inline __mmask16 tail_mask(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
-}
-
-// Pairs of lanes: (even's bf16) | (odd's bf16) << 16, from two round16 results.
-inline __m512i pair16(__m512i even, __m512i odd) {
-  return _mm512_or_si512(_mm512_srli_epi32(even, 16),
-                         _mm512_and_si512(odd, _mm512_set1_epi32(int(0xFFFF0000u))));
-}
 
 // The register tile: kRows rows x 32 columns, 24 accumulators, two B vectors and a broadcast in
 // the 32 registers. One fp32 sum per element: each vdpbf16ps step adds two exact products.
@@ -171,27 +161,14 @@ void rows_to_pairs(const float* x, int64_t rows, int64_t cols, int64_t ldx, uint
   }
 }
 
-void cols_to_pairs(const float* x, int64_t rows, int64_t cols, int64_t ldx, uint32_t* out,
-                   int64_t ld_out) {
-  const int64_t kp = pairs(rows);
-  for (int64_t p = 0; p < kp; ++p) {
-    const float* even = x + 2 * p * ldx;
-    const bool has_odd = 2 * p + 1 < rows;
-    uint32_t* o = out + p * ld_out;
-    for (int64_t j = 0; j < cols; j += 16) {
-      const __mmask16 mask = tail_mask(cols - j);
-      const __m512i e = round16(_mm512_maskz_loadu_ps(mask, even + j));
-      const __m512i od = has_odd ? round16(_mm512_maskz_loadu_ps(mask, even + ldx + j))
-                                 : _mm512_setzero_si512();
-      _mm512_mask_storeu_epi32(o + j, mask, pair16(e, od));
-    }
-  }
-}
-
 namespace {
 
-// 16 bf16 values (bits) as the low halves of 32-bit lanes, NaNs quieted as round_to_bf16 does.
-inline __m512i widen_bf16(__mmask16 mask, const uint16_t* x) {
+// 16 bf16 values as the low halves of 32-bit lanes (the high halves zero): of fp32 values, rounded;
+// of bf16 values (bits), NaNs quieted as round_to_bf16 does.
+inline __m512i low_bf16(__mmask16 mask, const float* x) {
+  return _mm512_srli_epi32(round16(_mm512_maskz_loadu_ps(mask, x)), 16);
+}
+inline __m512i low_bf16(__mmask16 mask, const uint16_t* x) {
   const __m512i w = _mm512_cvtepu16_epi32(
       _mm512_castsi512_si256(_mm512_maskz_loadu_epi16(__mmask32(mask), x)));
   const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(w, _mm512_set1_epi32(0x7FFF)),
@@ -199,22 +176,33 @@ inline __m512i widen_bf16(__mmask16 mask, const uint16_t* x) {
   return _mm512_mask_or_epi32(w, nan, w, _mm512_set1_epi32(0x40));
 }
 
-}  // namespace
-
-void cols_to_pairs(const uint16_t* x, int64_t rows, int64_t cols, int64_t ldx, uint32_t* out,
-                   int64_t ld_out) {
+template <typename T>
+void cols_to_pairs_of(const T* x, int64_t rows, int64_t cols, int64_t ldx, uint32_t* out,
+                      int64_t ld_out) {
   const int64_t kp = pairs(rows);
   for (int64_t p = 0; p < kp; ++p) {
-    const uint16_t* even = x + 2 * p * ldx;
+    const T* even = x + 2 * p * ldx;
     const bool has_odd = 2 * p + 1 < rows;
     uint32_t* o = out + p * ld_out;
     for (int64_t j = 0; j < cols; j += 16) {
       const __mmask16 mask = tail_mask(cols - j);
-      const __m512i e = widen_bf16(mask, even + j);
-      const __m512i od = has_odd ? widen_bf16(mask, even + ldx + j) : _mm512_setzero_si512();
+      const __m512i e = low_bf16(mask, even + j);
+      const __m512i od = has_odd ? low_bf16(mask, even + ldx + j) : _mm512_setzero_si512();
       _mm512_mask_storeu_epi32(o + j, mask, _mm512_or_si512(e, _mm512_slli_epi32(od, 16)));
     }
   }
+}
+
+}  // namespace
+
+void cols_to_pairs(const float* x, int64_t rows, int64_t cols, int64_t ldx, uint32_t* out,
+                   int64_t ld_out) {
+  cols_to_pairs_of(x, rows, cols, ldx, out, ld_out);
+}
+
+void cols_to_pairs(const uint16_t* x, int64_t rows, int64_t cols, int64_t ldx, uint32_t* out,
+                   int64_t ld_out) {
+  cols_to_pairs_of(x, rows, cols, ldx, out, ld_out);
 }
 
 void pack_transposed(const float* x, int64_t n, int64_t k, int64_t ldx, uint32_t* out) {

@@ -52,7 +52,7 @@ bool available() {
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-#include "corr/corr_cpu_round16.h"
+#include "corr/corr_cpu_avx512.h"
 #include "corr/corr_math.h"
 
 namespace pncc {
@@ -67,10 +67,6 @@ struct F16 {
 inline F16 operator+(F16 a, F16 b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline F16 operator-(F16 a, F16 b) { return {_mm512_sub_ps(a.v, b.v)}; }
 inline F16 operator*(F16 a, F16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
-
-inline __mmask16 tail_mask(int64_t n) {
-  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
-}
 
 // exp on 16 lanes: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial for
 // e^r (Cephes' expf coefficients; measured at most 1.0 ulp from the correctly rounded value over

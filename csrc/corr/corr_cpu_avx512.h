@@ -1,16 +1,23 @@
-// bf16::round_to_bf16 (corr_cpu_bf16.h) on 16 fp32 lanes, for the kernel files that round: the
-// bf16 conversions and the bf16 path's fused exp pass (corr_cpu_simd.cpp). Include it only inside
-// a region compiled for AVX-512F (`#pragma GCC target`); it has internal linkage, so each file's
-// copy is compiled for that file's target.
+// AVX-512 helpers shared by the corr_warp kernel files (corr_cpu_simd.cpp, corr_cpu_bf16.cpp,
+// corr_cpu_amx.cpp). Include it only inside a region compiled for AVX-512F (`#pragma GCC target`);
+// it has internal linkage, so each file's copy is compiled for that file's target.
 #pragma once
 
 #include <immintrin.h>
+
+#include <cstdint>
 
 namespace pncc {
 namespace corr {
 namespace {
 
-// Each 32-bit lane's high half becomes the bf16 value (the low half is left over). Not
+// The first n of 16 lanes (none for n <= 0, all for n >= 16).
+inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
+}
+
+// bf16::round_to_bf16 (corr_cpu_bf16.h) on 16 fp32 lanes, for the bf16 conversions and the bf16
+// path's fused exp pass. Each 32-bit lane's high half becomes the bf16 value (the low half is left over). Not
 // vcvtneps2bf16, which flushes denormal inputs to zero on some CPUs: this is the same integer
 // rounding as the portable statement (round to nearest even; a NaN stays a quiet NaN).
 inline __m512i round16(__m512 v) {
