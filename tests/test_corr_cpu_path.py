@@ -175,6 +175,27 @@ def test_amx_can_be_turned_off_and_vdpbf16ps_then_agrees_with_the_reference():
     assert bf16_products > 0 and amx == 0
 
 
+@needs_amx
+def test_amx_products_and_onednn_share_threads(corr_path_mode):
+    # Tile configuration is per thread state: corr_warp loads its own before its products and
+    # releases it after, and oneDNN (SDPA's bf16 path, bf16 matmuls) must still get its results,
+    # and corr_warp its own, whichever ran last on the thread.
+    corr_path_mode("bf16")
+    q, k, v = _inputs(2, 300, 700, 64, 32, dtype=torch.bfloat16)
+    a = torch.randn(256, 512, generator=torch.Generator().manual_seed(5)).bfloat16()
+
+    def sdpa():
+        return torch.nn.functional.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])
+
+    expected_sdpa, expected_mm = sdpa(), a @ a.T
+    expected_corr = pncc_cuda.corr_warp(q, k, v, 0.05)
+    for _ in range(3):
+        assert torch.equal(pncc_cuda.corr_warp(q, k, v, 0.05), expected_corr)
+        assert torch.equal(sdpa(), expected_sdpa)
+        assert torch.equal(pncc_cuda.corr_warp(q, k, v, 0.05), expected_corr)
+        assert torch.equal(a @ a.T, expected_mm)
+
+
 def _in_fresh_process(env_value, code, **more_env):
     env = dict(os.environ, PNCC_CORR_SIMD=env_value, **more_env)
     # (conftest puts this checkout's build first on the path, as under pytest)
