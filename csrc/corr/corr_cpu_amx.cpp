@@ -224,6 +224,11 @@ void gemm_amx(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t a_rs,
               const uint32_t* b, int64_t ldb, int64_t b_panel_stride, float* c, int64_t ldc,
               bool accumulate) {
   if (m <= 0 || n <= 0) return;
+  if (kp <= 0) {  // an empty sum: C = 0, or C unchanged (and no operand to copy or load)
+    if (!accumulate)
+      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
+    return;
+  }
   const int64_t steps = (kp + kStep - 1) / kStep, kp_pad = steps * kStep;
   const int64_t panels = (n + kBlock - 1) / kBlock;
   const bool whole_k = kp_pad == kp;
