@@ -126,7 +126,7 @@ def interleaved_times(steps, device, repeats, warmup, prepare=None, sparse=(),
 
 def peak_bytes(step, device):
     """Peak bytes allocated above the start while ``step()`` runs: the CUDA allocator's peak, or the
-    CPU profiler's memory timeline replayed (:func:`pncc_cuda.testing.peak_cpu_bytes`)."""
+    CPU profiler's allocation events replayed (:func:`pncc_cuda.testing.peak_cpu_bytes`)."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

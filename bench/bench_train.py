@@ -18,7 +18,7 @@ a warm-up, so drifting machine load hits both alike. Reported: the median wall t
 iteration (it/s), the median CPU time of the process per iteration (all threads; it swings much
 less than wall time on a shared machine), and the peak memory of one iteration above what
 existed before it: on CUDA `torch.cuda.max_memory_allocated`, on the CPU every torch allocation
-and free of the iteration from the profiler's memory timeline (_common.peak_bytes); numpy and
+and free of the iteration from the profiler's allocation events (_common.peak_bytes); numpy and
 Python allocations are not torch's and are not counted.
 
 Rows: CPU at 128x128, small config, batch 4, fp32. GPU (when CUDA is visible): 256x256, paper

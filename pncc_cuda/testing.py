@@ -124,30 +124,22 @@ def random_triangles(num_faces, height, width, generator=None, max_size=None, dt
 
 
 def peak_cpu_bytes(fn):
-    """Peak of the CPU memory allocated while fn runs, from the profiler's memory counters.
+    """Peak of the CPU memory allocated while fn runs, from the profiler's allocation events.
 
-    The profiler's memory timeline lists every allocation and free, including the temporaries
-    inside a fused op; replaying it gives the peak of live bytes above what existed before.
+    With profile_memory the profiler records every allocation and free (its size, signed, and its
+    time), including the temporaries inside a fused op and on its worker threads; replaying them
+    in time order gives the peak of live bytes above what existed before. (torch's private
+    MemoryProfileTimeline gave the same peaks, but its data-flow pass asserts "version mismatch"
+    on ordinary ops such as grid_sampler or nan_to_num, on some machines on every try.)
     """
-    from torch.profiler._memory_profiler import Action, MemoryProfileTimeline  # private API: only for this helper
-
-    # The profiler's (private) data-flow pass now and then asserts "version mismatch" on a trace
-    # it cannot pair up (seen once in ~10 runs of bench_train's training step): profile again.
-    for attempt in range(3):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                    profile_memory=True, record_shapes=True, with_stack=True) as prof:
-            fn()
-        try:
-            timeline = MemoryProfileTimeline(prof._memory_profile()).timeline
-            break
-        except AssertionError:
-            if attempt == 2:
-                raise
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        fn()
+    cpu = torch.autograd.DeviceType.CPU
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == cpu]
     live = peak = 0
-    for _, action, _, size in timeline:
-        if action == Action.CREATE:
-            live += size
-        elif action == Action.DESTROY:
-            live -= size
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()
         peak = max(peak, live)
     return peak

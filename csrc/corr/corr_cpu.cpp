@@ -550,6 +550,17 @@ path::Tiles choose_tiles(int64_t C, int64_t Cv) {
                       });
 }
 
+// out[i] = scalar_t(x[i]) without an ATen op: the forward's tasks store their rows of the output
+// this way, since a copy_ into a view of `out` inside the op is recorded by the profiler as an
+// undeclared mutation, which torch's memory profiler rejects ("version mismatch").
+template <typename scalar_t, typename acc_t>
+void store_converted(const acc_t* x, int64_t n, scalar_t* out) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    if (simd::available()) return simd::to_bf16(x, n, reinterpret_cast<uint16_t*>(out));
+  }
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(x[i]);
+}
+
 template <typename scalar_t>
 void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
                             const at::Tensor& value, double temperature, bool normalize,
@@ -651,7 +662,7 @@ void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
         lse_p[b * Nq + q0 + i] = online_softmax_lse(m[i], l[i]);
       }
       if (!out_is_acc)
-        out[b].narrow(0, q0, nq).copy_(at::from_blob(acc, {nq, Cv}, acc_opts));
+        store_converted(acc, nq * Cv, out.mutable_data_ptr<scalar_t>() + (b * Nq + q0) * Cv);
     }
   });
 }

@@ -282,19 +282,38 @@ float exp_shifted_sum(float* x, int64_t n, float m) {
   });
 }
 
+namespace {
+
+// The first popcount(mask) of 16 bf16 values (the high halves of `rounded`'s lanes) to out.
+inline void store_bf16(uint16_t* out, __mmask16 mask, __m512i rounded) {
+  const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+  if (mask == __mmask16(0xFFFF)) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), h);
+  } else {  // the tail (AVX-512F has no 16-bit masked store)
+    alignas(32) uint16_t lanes[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), h);
+    std::memcpy(out, lanes, sizeof(uint16_t) * size_t(__builtin_popcount(mask)));
+  }
+}
+
+}  // namespace
+
 float exp_shifted_sum_bf16(const float* x, int64_t n, float m, uint16_t* out) {
   const float sum = exp_shifted_sum_with(x, n, m, [out](int64_t j, __mmask16 mask, __m512 e) {
-    const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(round16(e), 16));
-    if (mask == __mmask16(0xFFFF)) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), h);
-    } else {  // the tail (AVX-512F has no 16-bit masked store)
-      alignas(32) uint16_t lanes[16];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), h);
-      std::memcpy(out + j, lanes, sizeof(uint16_t) * size_t(__builtin_popcount(mask)));
-    }
+    store_bf16(out + j, mask, round16(e));
   });
   if (n % 2 != 0) out[n] = 0;  // the zero that pads the last pair
   return sum;
+}
+
+void to_bf16(const float* x, int64_t n, uint16_t* out) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 mask = tail_mask(n - j);
+    const __m512 v = _mm512_maskz_loadu_ps(mask, x + j);
+    // c10::BFloat16's NaN, where round16 would keep the payload.
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    store_bf16(out + j, mask, _mm512_mask_mov_epi32(round16(v), nan, _mm512_set1_epi32(0x7FC00000)));
+  }
 }
 
 void scale_row(float* x, int64_t n, float s) {
@@ -438,6 +457,7 @@ void pack_transposed(const float*, int64_t, int64_t, int64_t, float*) {}
 float row_max(const float*, int64_t) { return 0.0f; }
 float exp_shifted_sum(float*, int64_t, float) { return 0.0f; }
 float exp_shifted_sum_bf16(const float*, int64_t, float, uint16_t*) { return 0.0f; }
+void to_bf16(const float*, int64_t, uint16_t*) {}
 RowMoments row_moments(const float*, int64_t) { return {}; }
 RowMoments row_moments(const uint16_t*, int64_t) { return {}; }
 void normalize_row(const float*, int64_t, double, double, float*) {}

@@ -58,6 +58,9 @@ float exp_shifted_sum(float* x, int64_t n, float m);
 // exp_shifted_sum, bit for bit: the bf16 path's forward rounds P for P V but sums it unrounded.
 float exp_shifted_sum_bf16(const float* x, int64_t n, float m, uint16_t* out);
 
+// out[j] = c10::BFloat16(x[j]) as bits: round to nearest even, every NaN 0x7FC0.
+void to_bf16(const float* x, int64_t n, uint16_t* out);
+
 // x[j] *= s.
 void scale_row(float* x, int64_t n, float s);
 

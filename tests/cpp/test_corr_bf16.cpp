@@ -277,6 +277,22 @@ TEST_CASE(fused_exp_to_bf16_equals_exp_then_conversion_bit_for_bit) {
   }
 }
 
+TEST_CASE(output_conversion_is_c10s_bfloat16_rounding) {
+  // simd::to_bf16 stores the bf16 forward's output rows: round to nearest even like
+  // round_to_bf16, but every NaN as c10::BFloat16's 0x7FC0.
+  if (!bf16::available()) return;
+  std::mt19937 rng(5);
+  for (int64_t n : {1, 15, 16, 17, 100}) {
+    const std::vector<float> x = values(rng, n, true);
+    std::vector<uint16_t> got(n + 1, 0xBEEF);
+    simd::to_bf16(x.data(), n, got.data());
+    int bad = got[n] != 0xBEEF;  // nothing past the end
+    for (int64_t i = 0; i < n; ++i)
+      bad += got[i] != (std::isnan(x[i]) ? uint16_t(0x7FC0) : rounded(x[i]));
+    CHECK(bad == 0);
+  }
+}
+
 int main() {
   std::printf("AVX512-BF16 kernels %s, AMX-BF16 %s\n",
               bf16::available() ? "available" : "unavailable: skipped",
