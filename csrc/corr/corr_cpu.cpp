@@ -81,9 +81,9 @@ acc_t sum_of(int64_t n, const Term& term) {
   return fold_of<acc_t>(n, acc_t(0), term, [](acc_t a, acc_t b) { return a + b; });
 }
 
-// Statistics of one contiguous row of C elements (two passes; see row_norm_finish).
-// The fp32 and bf16 rows on AVX-512 (simd::row_moments: the same sums, bit for bit; the scalar
-// loops spent ~9% of the bf16 forward on AMX here).
+// Rows whose statistics and normalisation run on AVX-512 (simd::row_moments, simd::normalize_row:
+// the same values, bit for bit; the scalar loops spent ~9% of the bf16 forward on AMX here), and
+// their elements as those functions take them.
 template <typename scalar_t>
 constexpr bool kVectorRows =
     std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
@@ -96,6 +96,7 @@ const auto* vector_row(const scalar_t* x) {
     return reinterpret_cast<const uint16_t*>(x);
 }
 
+// Statistics of one contiguous row of C elements (two passes; see row_norm_finish).
 template <typename scalar_t>
 RowNorm<stat_t> row_stats(const scalar_t* x, int64_t C, stat_t scale, bool normalize,
                           stat_t eps) {
@@ -323,13 +324,21 @@ Pairs rows_as_pairs(const float* x, int64_t R, int64_t C, bool serial = false) {
   return out;
 }
 
-// cols_to_pairs of a contiguous (R, C) fp32 matrix: pairs(R) x C.
-Pairs cols_as_pairs(const float* x, int64_t R, int64_t C, bool serial = false) {
-  const int64_t rp = bf16::pairs(R);
-  Pairs out(static_cast<size_t>(rp * C));
-  at::parallel_for(0, rp, serial ? std::max<int64_t>(rp, 1) : 128, [&](int64_t begin, int64_t end) {
-    bf16::cols_to_pairs(x + 2 * begin * C, std::min(2 * end, R) - 2 * begin, C, C,
-                        out.data() + begin * C, C);
+// cols_to_pairs of each (R, C) matrix of a contiguous (batch, R, C) array of fp32 values or bf16
+// bits: pairs(R) x C per matrix, matrix b's block at b * pairs(R) * C.
+template <typename T>
+Pairs cols_as_pairs(const T* x, int64_t R, int64_t C, bool serial = false, int64_t batch = 1) {
+  const int64_t rp = bf16::pairs(R), rows = batch * rp;
+  Pairs out(static_cast<size_t>(rows * C));
+  at::parallel_for(0, rows, serial ? std::max<int64_t>(rows, 1) : 128,
+                   [&](int64_t begin, int64_t end) {
+    // One call per matrix that the range [begin, end) of pair rows touches.
+    for (int64_t t = begin; t < end;) {
+      const int64_t b = t / rp, p0 = t % rp, p1 = std::min(rp, p0 + (end - t));
+      bf16::cols_to_pairs(x + (b * R + 2 * p0) * C, std::min(2 * p1, R) - 2 * p0, C, C,
+                          out.data() + t * C, C);
+      t += p1 - p0;
+    }
   });
   return out;
 }
@@ -351,7 +360,8 @@ Pairs transposed_as_pairs(const float* x, int64_t R, int64_t C, bool serial = fa
 
 // The bf16 forward's operands made straight from the inputs, without fp32 copies of whole
 // tensors (their allocation, page faults and passes were a tenth of the bf16 forward at
-// Nq = 32768): the same values as rows_as_pairs / transposed_as_pairs of normalized_rows' output.
+// Nq = 32768): the same values as rows_as_pairs / transposed_as_pairs of normalized_rows' output
+// (and v's pairs come from its bf16 bits through cols_as_pairs).
 // x^ of every row of a contiguous (R, C) tensor, by rows: R x pairs(C).
 template <typename scalar_t>
 Pairs normalized_row_pairs(const at::Tensor& x, stat_t scale, bool normalize, stat_t eps) {
@@ -384,22 +394,6 @@ Pairs normalized_transposed_pairs(const at::Tensor& x, stat_t scale, bool normal
       for (int64_t r = 0; r < nn; ++r)
         normalize_row_into(xp + (b * N + r0 + r) * C, C, scale, normalize, eps, rows.data() + r * C);
       bf16::pack_transposed(rows.data(), nn, C, C, out.data() + b * per + r0 * kp);
-    }
-  });
-  return out;
-}
-
-// v of each (N, Cv) matrix of a contiguous bf16 (B, N, Cv) tensor by pairs of rows
-// (bf16::cols_to_pairs), entry b's block at b * pairs(N) * Cv.
-Pairs value_pairs(const at::Tensor& v) {
-  const int64_t B = v.size(0), N = v.size(1), Cv = v.size(2), np = bf16::pairs(N);
-  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v.const_data_ptr<c10::BFloat16>());
-  Pairs out(static_cast<size_t>(B * np * Cv));
-  at::parallel_for(0, B * np, 128, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / np, p = t % np;
-      bf16::cols_to_pairs(vp + (b * N + 2 * p) * Cv, std::min<int64_t>(2, N - 2 * p), Cv, Cv,
-                          out.data() + t * Cv, Cv);
     }
   });
   return out;
@@ -583,7 +577,8 @@ void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
     if (use_bf16) {
       q_pairs = normalized_row_pairs<scalar_t>(query, 1.0 / temperature, normalize, eps);
       k_pairs = normalized_transposed_pairs<scalar_t>(key, 1.0, normalize, eps);
-      v_pairs = value_pairs(value);
+      v_pairs = cols_as_pairs(reinterpret_cast<const uint16_t*>(value.const_data_ptr<scalar_t>()),
+                              Nk, Cv, /*serial=*/false, B);
     }
   }
   if (!use_bf16) {

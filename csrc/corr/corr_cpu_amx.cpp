@@ -237,7 +237,7 @@ void gemm_amx(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t a_rs,
   thread_local AlignedBuffer<uint32_t> b_copy, a_copy;
   const bool last_partial = n % kBlock != 0;
   const int64_t copied = whole_k ? (last_partial ? 1 : 0) : panels;
-  b_copy.resize(size_t(std::max<int64_t>(copied, 1) * kp_pad * kBlock));
+  b_copy.resize(size_t(copied * kp_pad * kBlock));
   for (int64_t j = panels - copied; j < panels; ++j) {
     const int64_t slot = j - (panels - copied);
     pack_b_panel(b + j * b_panel_stride, ldb, std::min(kBlock, n - j * kBlock), kp, kp_pad,
