@@ -632,7 +632,7 @@ void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
           if (use_bf16) {
             uint16_t* p16 = reinterpret_cast<uint16_t*>(p_pairs.data());
             for (int64_t i = 0; i < nq; ++i)
-              tile_sum[i] = simd::exp_shifted_sum_bf16(sp + i * nk, nk, m[i], p16 + i * 2 * pk);
+              tile_sum[i] = bf16::exp_shifted_sum(sp + i * nk, nk, m[i], p16 + i * 2 * pk);
           }
         }
         if (!use_bf16) exp_shifted_rows(fast, sp, nq, nk, m.data(), tile_sum.data());

@@ -205,6 +205,54 @@ void cols_to_pairs(const uint16_t* x, int64_t rows, int64_t cols, int64_t ldx, u
   cols_to_pairs_of(x, rows, cols, ldx, out, ld_out);
 }
 
+namespace {
+
+// 2^t on 16 lanes for t <= 0 (or NaN): t = k + f with k an integer and |f| <= 1/2, a degree-5
+// minimax polynomial 1 + f q(f) for 2^f (relative error 8.6e-8; 1.7e-7 evaluated in fp32), scaled
+// by 2^k with scalef, which rounds gradual underflow. Its constant term is 1, so 2^0 is exactly 1
+// (a row's largest score gives P = 1, as exp does: one key's softmax must be exactly 1). Below -151 the result is 0 (the clamp keeps -inf from
+// making a NaN of t - k); max returns its second operand on NaN, so NaN propagates.
+inline __m512 exp2_nonpositive(__m512 t) {
+  t = _mm512_max_ps(_mm512_set1_ps(-151.0f), t);
+  const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, k);
+  __m512 p = _mm512_set1_ps(1.3255270896479487e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.671489708125591e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5507514625787735e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022245407104492e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931470036506653e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, k);
+}
+
+}  // namespace
+
+float exp_shifted_sum(const float* x, int64_t n, float m, uint16_t* out) {
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), mv = _mm512_set1_ps(m);
+  auto exp_at = [&](__mmask16 mask, int64_t j) {
+    return exp2_nonpositive(_mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x + j), mv),
+                                          log2e));
+  };
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const __m512 e0 = exp_at(__mmask16(0xFFFF), j), e1 = exp_at(__mmask16(0xFFFF), j + 16);
+    _mm512_storeu_si512(out + j, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    acc0 = _mm512_add_ps(acc0, e0);
+    acc1 = _mm512_add_ps(acc1, e1);
+  }
+  for (; j < n; j += 16) {  // the tail, 16 at a time
+    const __mmask16 mask = tail_mask(n - j);
+    const __m512 e = _mm512_maskz_mov_ps(mask, exp_at(mask, j));
+    alignas(32) uint16_t lanes[16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), (__m256i)_mm512_cvtneps_pbh(e));
+    std::memcpy(out + j, lanes, sizeof(uint16_t) * size_t(std::min<int64_t>(16, n - j)));
+    acc0 = _mm512_add_ps(acc0, e);
+  }
+  if (n % 2 != 0) out[n] = 0;
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
 void pack_transposed(const float* x, int64_t n, int64_t k, int64_t ldx, uint32_t* out) {
   const int64_t kp = pairs(k);
   thread_local std::vector<uint32_t> rows;
@@ -271,6 +319,7 @@ void rows_to_pairs(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) 
 void cols_to_pairs(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {}
 void cols_to_pairs(const uint16_t*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {}
 void pack_transposed(const float*, int64_t, int64_t, int64_t, uint32_t*) {}
+float exp_shifted_sum(const float*, int64_t, float, uint16_t*) { return 0.0f; }
 void gemm_avx512(int64_t, int64_t, int64_t, const uint32_t*, int64_t, int64_t, const uint32_t*,
                  int64_t, int64_t, float*, int64_t, bool) {}
 

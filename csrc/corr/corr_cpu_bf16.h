@@ -63,6 +63,16 @@ void cols_to_pairs(const float* x, int64_t rows, int64_t cols, int64_t ldx, uint
 void cols_to_pairs(const uint16_t* x, int64_t rows, int64_t cols, int64_t ldx, uint32_t* out,
                    int64_t ld_out);
 
+// The bf16 forward's exp pass over one row of scores: e_j = exp(x[j] - m) for j < n, where
+// x[j] - m <= 0 (m is the row's maximum) or NaN; out[j] = e_j rounded to bf16 (round to nearest
+// even; values below 2^-126 flush to zero, NaN stays a quiet NaN), out[n] = 0 when n is odd (the
+// zero that pads the last pair); returns the fp32 sum of the unrounded e_j in a fixed order.
+// e_j is 2^t, t = (x[j] - m) log2(e), by a degree-5 polynomial on the fraction of t: within
+// 2e-7 + |x[j] - m| 7e-8 of exp relative, exactly 1 at x[j] = m (the second term is t's rounding, and only large where
+// e_j is a small part of the row), where P needs 8 bits and its sum fp32's 24. The fp32 path's
+// exp (simd::exp_shifted_sum, 1 ulp) costs twice the instructions. Needs available().
+float exp_shifted_sum(const float* x, int64_t n, float m, uint16_t* out);
+
 // Pairs of pack_transposed's output for a row-major (n x k) matrix.
 inline int64_t packed_size(int64_t n, int64_t k) {
   return (n + kPanel - 1) / kPanel * kPanel * pairs(k);

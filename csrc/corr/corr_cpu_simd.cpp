@@ -249,12 +249,7 @@ float row_max(const float* x, int64_t n) {
   return _mm512_reduce_max_ps(m);
 }
 
-namespace {
-
-// The loop of exp_shifted_sum and exp_shifted_sum_bf16: one order of the sum for both, so the two
-// return the same bits; store(j, mask, e) keeps the exponentials of x[j:j+16].
-template <typename Store>
-float exp_shifted_sum_with(const float* x, int64_t n, float m, Store store) {
+float exp_shifted_sum(float* x, int64_t n, float m) {
   const __m512 mv = _mm512_set1_ps(m);
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                    _mm512_setzero_ps()};
@@ -262,24 +257,16 @@ float exp_shifted_sum_with(const float* x, int64_t n, float m, Store store) {
   for (; j + 64 <= n; j += 64)
     for (int u = 0; u < 4; ++u) {
       const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j + 16 * u), mv));
-      store(j + 16 * u, __mmask16(0xFFFF), e);
+      _mm512_storeu_ps(x + j + 16 * u, e);
       acc[u] = _mm512_add_ps(acc[u], e);
     }
   for (; j < n; j += 16) {
     const __mmask16 mask = tail_mask(n - j);
     const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x + j), mv));
-    store(j, mask, e);
+    _mm512_mask_storeu_ps(x + j, mask, e);
     acc[0] = _mm512_add_ps(acc[0], _mm512_maskz_mov_ps(mask, e));
   }
   return hsum(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-}
-
-}  // namespace
-
-float exp_shifted_sum(float* x, int64_t n, float m) {
-  return exp_shifted_sum_with(x, n, m, [x](int64_t j, __mmask16 mask, __m512 e) {
-    _mm512_mask_storeu_ps(x + j, mask, e);
-  });
 }
 
 namespace {
@@ -297,14 +284,6 @@ inline void store_bf16(uint16_t* out, __mmask16 mask, __m512i rounded) {
 }
 
 }  // namespace
-
-float exp_shifted_sum_bf16(const float* x, int64_t n, float m, uint16_t* out) {
-  const float sum = exp_shifted_sum_with(x, n, m, [out](int64_t j, __mmask16 mask, __m512 e) {
-    store_bf16(out + j, mask, round16(e));
-  });
-  if (n % 2 != 0) out[n] = 0;  // the zero that pads the last pair
-  return sum;
-}
 
 void to_bf16(const float* x, int64_t n, uint16_t* out) {
   for (int64_t j = 0; j < n; j += 16) {
@@ -456,7 +435,6 @@ void gemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float
 void pack_transposed(const float*, int64_t, int64_t, int64_t, float*) {}
 float row_max(const float*, int64_t) { return 0.0f; }
 float exp_shifted_sum(float*, int64_t, float) { return 0.0f; }
-float exp_shifted_sum_bf16(const float*, int64_t, float, uint16_t*) { return 0.0f; }
 void to_bf16(const float*, int64_t, uint16_t*) {}
 RowMoments row_moments(const float*, int64_t) { return {}; }
 RowMoments row_moments(const uint16_t*, int64_t) { return {}; }

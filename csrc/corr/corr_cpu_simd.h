@@ -53,11 +53,6 @@ float row_max(const float* x, int64_t n);
 // x[j] = exp(x[j] - m) in place; returns sum_j of the new x[j].
 float exp_shifted_sum(float* x, int64_t n, float m);
 
-// exp_shifted_sum, but the exponentials go to out as bf16 (bf16::round_to_bf16), padded with a
-// zero to an even count (one row of bf16 pairs), and x is left as it was. Returns the same sum as
-// exp_shifted_sum, bit for bit: the bf16 path's forward rounds P for P V but sums it unrounded.
-float exp_shifted_sum_bf16(const float* x, int64_t n, float m, uint16_t* out);
-
 // out[j] = c10::BFloat16(x[j]) as bits: round to nearest even, every NaN 0x7FC0.
 void to_bf16(const float* x, int64_t n, uint16_t* out);
 

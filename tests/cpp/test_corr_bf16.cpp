@@ -253,28 +253,63 @@ TEST_CASE(gemm_result_does_not_depend_on_the_rows_around_it) {
   }
 }
 
-TEST_CASE(fused_exp_to_bf16_equals_exp_then_conversion_bit_for_bit) {
-  // The bf16 forward's exp pass (simd::exp_shifted_sum_bf16) against the two passes it replaced:
-  // the same sum, and the pairs rows_to_pairs makes of exp_shifted_sum's output.
+TEST_CASE(exp_pass_is_within_its_bound_of_exp_and_rounds_each_value_to_bf16) {
+  // bf16::exp_shifted_sum, the bf16 forward's exp pass: each e_j within kRel of exp(x_j - m) in
+  // double, out[j] the bf16 rounding of a value within that bound (so one of the two roundings
+  // of the bound's ends), values below 2^-126 flushed to zero, the sum that of the e_j, the pad,
+  // nothing written past it, x untouched.
   if (!bf16::available()) return;
+  // 1.7e-7 of the polynomial in fp32, plus the rounding of t = (x - m) log2(e) (half an ulp of t
+  // is |x - m| 3e-8 of it, times ln 2): 5.5e-7 at x - m = -5, where e is 7e-3 of the row's largest.
+  auto bound = [](double d) { return 2e-7 + std::fabs(d) * 7e-8; };
+  constexpr double kRel = 2e-7 + 88 * 7e-8;  // the bound at the end of fp32's normal range
+  const double kMinNormal = std::ldexp(1.0, -126);
   std::mt19937 rng(4);
-  std::normal_distribution<float> nd(0.0f, 3.0f);
-  for (int64_t n : {1, 2, 15, 16, 17, 63, 64, 65, 127, 512}) {
+  std::normal_distribution<float> nd(0.0f, 8.0f);
+  int bad_value = 0, bad_bf16 = 0, bad_sum = 0, bad_bounds = 0;
+  for (int64_t n : {1, 2, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 512}) {
     std::vector<float> x(n);
     for (float& v : x) v = nd(rng);
-    x[n / 2] = -std::numeric_limits<float>::infinity();  // a masked-out score: exp gives 0
+    if (n > 1) x[n / 2] = -std::numeric_limits<float>::infinity();  // a masked-out score: 0
+    if (n > 4) x[n - 2] = x[0] - 95.0f;  // a probability below fp32's normal range
     const float m = *std::max_element(x.begin(), x.end());
-    std::vector<float> e = x;
-    const float sum_two_passes = simd::exp_shifted_sum(e.data(), n, m);
-    std::vector<uint32_t> expected(bf16::pairs(n)), got(bf16::pairs(n), 0xDEADBEEFu);
-    bf16::rows_to_pairs(e.data(), 1, n, n, expected.data(), bf16::pairs(n));
     const std::vector<float> x_before = x;
-    const float sum_fused =
-        simd::exp_shifted_sum_bf16(x.data(), n, m, reinterpret_cast<uint16_t*>(got.data()));
-    CHECK(bits_of(sum_fused) == bits_of(sum_two_passes));
-    CHECK(got == expected);
-    CHECK(std::memcmp(x.data(), x_before.data(), n * sizeof(float)) == 0);
+    std::vector<uint16_t> out(n + 3, 0xBEEF);
+    const float sum = bf16::exp_shifted_sum(x.data(), n, m, out.data());
+    double expected_sum = 0.0;
+    for (int64_t j = 0; j < n; ++j) {
+      const double e = std::exp(double(x[j]) - double(m));
+      expected_sum += e;
+      const float lo = float(e * (1 - kRel)), hi = float(e * (1 + kRel));
+      const bool tiny = e * (1 + kRel) < kMinNormal;
+      bad_bf16 += tiny ? out[j] != 0 : out[j] != rounded(lo) && out[j] != rounded(hi);
+      bad_value += !tiny && !(std::fabs(double(float_of(out[j])) - e) <= e * (1.0 / 256 + kRel));
+    }
+    bad_sum += !(std::fabs(double(sum) - expected_sum) <= expected_sum * 1e-6);
+    const int64_t pad = n % 2 != 0 ? 1 : 0;
+    bad_bounds += pad && out[n] != 0;
+    for (int64_t j = n + pad; j < n + 3; ++j) bad_bounds += out[j] != 0xBEEF;
+    bad_bounds += std::memcmp(x.data(), x_before.data(), n * sizeof(float)) != 0;
   }
+  // Each value in fp32: a row of one returns its e_0 as the sum, exactly.
+  for (int i = 0; i <= 40000; ++i) {
+    const float x0 = -87.0f * float(i) / 40000.0f;  // down to fp32's normal range
+    uint16_t pair[2];
+    const double e = std::exp(double(x0)), got = bf16::exp_shifted_sum(&x0, 1, 0.0f, pair);
+    bad_value += !(std::fabs(got - e) <= e * bound(x0));
+  }
+  CHECK(bad_value == 0);
+  CHECK(bad_bf16 == 0);
+  const float zero = 0.0f;  // the row's largest score: exactly 1, as exp gives
+  uint16_t one[2];
+  CHECK(bf16::exp_shifted_sum(&zero, 1, 0.0f, one) == 1.0f);
+  CHECK(bad_sum == 0);
+  CHECK(bad_bounds == 0);
+  // NaN propagates to its probability and to the sum.
+  std::vector<float> x = {0.0f, std::numeric_limits<float>::quiet_NaN(), -1.0f};
+  std::vector<uint16_t> out(4);
+  CHECK(std::isnan(bf16::exp_shifted_sum(x.data(), 3, 0.0f, out.data())));
+  CHECK(std::isnan(float_of(out[1])) && out[0] == rounded(1.0f));
 }
 
 TEST_CASE(output_conversion_is_c10s_bfloat16_rounding) {
