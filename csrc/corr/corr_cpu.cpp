@@ -157,6 +157,14 @@ void normalized_rows_backward(at::Tensor& g, const at::Tensor& x, stat_t scale, 
       const scalar_t* xr = xp + r * C;
       acc_t* gr = gp + r * C;
       const RowNorm<stat_t> st = row_stats(xr, C, scale, normalize, eps);
+      if constexpr (kVectorRows<scalar_t> && std::is_same_v<acc_t, float>) {
+        if (simd::available()) {
+          const stat_t coef =
+              row_norm_grad_coef(st, simd::centred_dot(gr, vector_row(xr), C, st.mean), eps);
+          simd::grad_through_norm(gr, vector_row(xr), C, st.mean, st.inv, coef, st.centred);
+          continue;
+        }
+      }
       const stat_t g_dot_c = sum_of<stat_t>(C, [&](int64_t c) {
         return static_cast<stat_t>(gr[c]) * (static_cast<stat_t>(xr[c]) - st.mean);
       });

@@ -319,40 +319,63 @@ inline double value_of(const uint16_t* x) {
   return double(f);
 }
 
-// corr_cpu.cpp's fold_of sum with lane r of `acc` as partial r, of x[j] or, kSquares, of
-// (x[j] - mean)^2.
-template <bool kSquares, typename T>
-double fold_sum(const T* x, int64_t n, double mean) {
-  const __m512d mv = _mm512_set1_pd(mean);
+// corr_cpu.cpp's fold_of sum of term(j), j < n, with lane r of `acc` as partial r: vec(j) gives
+// the terms j .. j + 7, one(j) a single term (of the tail, which partial 0 takes in order).
+template <typename Vec, typename One>
+double fold_sum(int64_t n, const Vec& vec, const One& one) {
   __m512d acc = _mm512_setzero_pd();
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    __m512d v = load8_pd(x + j);
-    if constexpr (kSquares) {
-      v = _mm512_sub_pd(v, mv);
-      v = _mm512_mul_pd(v, v);
-    }
-    acc = _mm512_add_pd(acc, v);
-  }
+  for (; j + 8 <= n; j += 8) acc = _mm512_add_pd(acc, vec(j));
   alignas(64) double p[8];
   _mm512_store_pd(p, acc);
-  for (; j < n; ++j) {
-    double v = value_of(x + j);
-    if constexpr (kSquares) {
-      v = v - mean;
-      v = v * v;
-    }
-    p[0] = p[0] + v;
-  }
+  for (; j < n; ++j) p[0] = p[0] + one(j);
   return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
 }
 
 template <typename T>
 RowMoments moments(const T* x, int64_t n) {
   RowMoments r;
-  r.mean = fold_sum<false>(x, n, 0.0) / double(n);
-  r.sum_sq = fold_sum<true>(x, n, r.mean);
+  r.mean = fold_sum(n, [x](int64_t j) { return load8_pd(x + j); },
+                    [x](int64_t j) { return value_of(x + j); }) /
+           double(n);
+  const __m512d mv = _mm512_set1_pd(r.mean);
+  r.sum_sq = fold_sum(
+      n,
+      [&](int64_t j) {
+        const __m512d d = _mm512_sub_pd(load8_pd(x + j), mv);
+        return _mm512_mul_pd(d, d);
+      },
+      [&](int64_t j) {
+        const double d = value_of(x + j) - r.mean;
+        return d * d;
+      });
   return r;
+}
+
+// The terms of the normalisation's backward (corr_cpu.cpp's normalized_rows_backward): g . c, and
+// dL/dc_j = inv * g_j - coef * c_j (corr_math.h's row_norm_grad_c), with c_j = x_j - mean.
+template <typename T>
+double centred_dot(const float* g, const T* x, int64_t n, double mean) {
+  const __m512d mv = _mm512_set1_pd(mean);
+  return fold_sum(
+      n, [&](int64_t j) { return _mm512_mul_pd(load8_pd(g + j), _mm512_sub_pd(load8_pd(x + j), mv)); },
+      [&](int64_t j) { return double(g[j]) * (value_of(x + j) - mean); });
+}
+
+template <typename T>
+void grad_through_norm(float* g, const T* x, int64_t n, double mean, double inv, double coef,
+                       bool centred) {
+  const __m512d mv = _mm512_set1_pd(mean), iv = _mm512_set1_pd(inv), cv = _mm512_set1_pd(coef);
+  const auto dc8 = [&](int64_t j) {
+    return _mm512_sub_pd(_mm512_mul_pd(iv, load8_pd(g + j)),
+                         _mm512_mul_pd(cv, _mm512_sub_pd(load8_pd(x + j), mv)));
+  };
+  const auto dc1 = [&](int64_t j) { return inv * double(g[j]) - coef * (value_of(x + j) - mean); };
+  const double dc_mean = centred ? fold_sum(n, dc8, dc1) / double(n) : 0.0;
+  const __m512d dm = _mm512_set1_pd(dc_mean);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(g + j, _mm512_cvtpd_ps(_mm512_sub_pd(dc8(j), dm)));
+  for (; j < n; ++j) g[j] = float(dc1(j) - dc_mean);
 }
 
 template <typename T>
@@ -373,6 +396,20 @@ void normalize_row(const float* x, int64_t n, double mean, double inv, float* ou
 }
 void normalize_row(const uint16_t* x, int64_t n, double mean, double inv, float* out) {
   normalize(x, n, mean, inv, out);
+}
+double centred_dot(const float* g, const float* x, int64_t n, double mean) {
+  return centred_dot<float>(g, x, n, mean);
+}
+double centred_dot(const float* g, const uint16_t* x, int64_t n, double mean) {
+  return centred_dot<uint16_t>(g, x, n, mean);
+}
+void grad_through_norm(float* g, const float* x, int64_t n, double mean, double inv, double coef,
+                       bool centred) {
+  grad_through_norm<float>(g, x, n, mean, inv, coef, centred);
+}
+void grad_through_norm(float* g, const uint16_t* x, int64_t n, double mean, double inv,
+                       double coef, bool centred) {
+  grad_through_norm<uint16_t>(g, x, n, mean, inv, coef, centred);
 }
 
 void probs_from_lse_cols(float* s, int64_t rows, int64_t cols, int64_t ld, const float* lse_hi,
@@ -440,6 +477,10 @@ RowMoments row_moments(const float*, int64_t) { return {}; }
 RowMoments row_moments(const uint16_t*, int64_t) { return {}; }
 void normalize_row(const float*, int64_t, double, double, float*) {}
 void normalize_row(const uint16_t*, int64_t, double, double, float*) {}
+double centred_dot(const float*, const float*, int64_t, double) { return 0.0; }
+double centred_dot(const float*, const uint16_t*, int64_t, double) { return 0.0; }
+void grad_through_norm(float*, const float*, int64_t, double, double, double, bool) {}
+void grad_through_norm(float*, const uint16_t*, int64_t, double, double, double, bool) {}
 void scale_row(float*, int64_t, float) {}
 void probs_from_lse_cols(float*, int64_t, int64_t, int64_t, const float*, const float*) {}
 void col_dots(const float*, const float*, int64_t, int64_t, int64_t, float*) {}

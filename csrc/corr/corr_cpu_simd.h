@@ -73,6 +73,17 @@ RowMoments row_moments(const uint16_t* bf16_bits, int64_t n);
 void normalize_row(const float* x, int64_t n, double mean, double inv, float* out);
 void normalize_row(const uint16_t* bf16_bits, int64_t n, double mean, double inv, float* out);
 
+// The normalisation's backward for one row, bit for bit as corr_cpu.cpp's portable loop (the same
+// fold): centred_dot = sum of g[j] (x[j] - mean); grad_through_norm turns g = dL/dx^ into dL/dx in
+// place, dc_j = inv g_j - coef (x_j - mean) less their mean when `centred` (corr_math.h's
+// row_norm_grad_c), each in double, rounded to float at the end.
+double centred_dot(const float* g, const float* x, int64_t n, double mean);
+double centred_dot(const float* g, const uint16_t* bf16_bits, int64_t n, double mean);
+void grad_through_norm(float* g, const float* x, int64_t n, double mean, double inv, double coef,
+                       bool centred);
+void grad_through_norm(float* g, const uint16_t* bf16_bits, int64_t n, double mean, double inv,
+                       double coef, bool centred);
+
 // Column passes over a (rows x cols) tile of row stride ld whose columns are softmax rows (the
 // backward's transposed tiles, keys down and queries across):
 //   probs_from_lse_cols: s[i][j] = exp(score_minus_lse(s[i][j], {lse_hi[j], lse_lo[j]}));

@@ -1,10 +1,12 @@
 // Unit tests of the AVX-512 kernels of the CPU corr_warp (csrc/corr/corr_cpu_simd.h) against
 // double-precision loops: the GEMM in every operand layout the kernels use and at sizes that are
-// not multiples of its register tile, the packing, and the softmax row passes. Torch-free, so it
+// not multiples of its register tile, the packing, the softmax row passes, and the normalisation
+// rows (forward and backward) bit for bit against the portable fold. Torch-free, so it
 // also runs under AddressSanitizer and UBSan. Skips (passes) on a CPU without AVX-512F.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -184,6 +186,96 @@ TEST_CASE(exp_handles_the_ends_of_the_range) {
   std::vector<float> nan = {std::numeric_limits<float>::quiet_NaN()};
   simd::exp_shifted_sum(nan.data(), 1, 0.0f);
   CHECK(std::isnan(nan[0]));
+}
+
+namespace {
+
+// The fold the row statistics and the normalisation's backward are defined by (corr_cpu.cpp's
+// fold_of): eight partial sums, partial r taking the j = r (mod 8) below the last multiple of 8,
+// partial 0 the rest in order, combined ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)).
+template <typename Term>
+double fold8(int64_t n, const Term& term) {
+  double p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int r = 0; r < 8; ++r) p[r] = p[r] + term(j + r);
+  for (; j < n; ++j) p[0] = p[0] + term(j);
+  return ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+}
+
+uint64_t bits(double x) {
+  uint64_t u;
+  std::memcpy(&u, &x, 8);
+  return u;
+}
+
+}  // namespace
+
+TEST_CASE(normalisation_forward_and_backward_are_the_portable_fold_bit_for_bit) {
+  // row_moments, normalize_row, centred_dot and grad_through_norm against the portable fold and
+  // corr_math.h's formulas, in double, bit for bit: the AVX-512 rows must give the results the
+  // portable path gives (a change of summation order shows here as a differing last bit). Rows of
+  // fp32 values and of bf16 bits, lengths around the 8-lane width, a large common offset.
+  if (!simd::available()) return;
+  std::mt19937 rng(11);
+  int bad = 0;
+  for (const int64_t n : {1, 7, 8, 9, 40, 43, 256, 259}) {
+    std::vector<float> x = random_vector(rng, n), g = random_vector(rng, n);
+    for (float& v : x) v = v * 3.0f + 100.0f;
+    std::vector<uint16_t> xb(n);  // x rounded towards zero to bf16, as bits
+    for (int64_t j = 0; j < n; ++j) {
+      uint32_t u;
+      std::memcpy(&u, &x[j], 4);
+      xb[j] = uint16_t(u >> 16);
+    }
+    for (const bool as_bf16 : {false, true}) {
+      const auto value = [&](int64_t j) {
+        if (!as_bf16) return double(x[j]);
+        const uint32_t u = uint32_t(xb[j]) << 16;
+        float f;
+        std::memcpy(&f, &u, 4);
+        return double(f);
+      };
+      const double mean = fold8(n, value) / double(n);
+      const double sum_sq = fold8(n, [&](int64_t j) {
+        const double d = value(j) - mean;
+        return d * d;
+      });
+      const simd::RowMoments mo = as_bf16 ? simd::row_moments(xb.data(), n)
+                                          : simd::row_moments(x.data(), n);
+      bad += bits(mo.mean) != bits(mean) || bits(mo.sum_sq) != bits(sum_sq);
+      const double inv = 0.37 / (std::sqrt(sum_sq) + 1e-6), coef = -0.0123;
+      std::vector<float> out(n);
+      if (as_bf16)
+        simd::normalize_row(xb.data(), n, mean, inv, out.data());
+      else
+        simd::normalize_row(x.data(), n, mean, inv, out.data());
+      for (int64_t j = 0; j < n; ++j) bad += out[j] != float((value(j) - mean) * inv);
+      const double dot = fold8(n, [&](int64_t j) { return double(g[j]) * (value(j) - mean); });
+      bad += bits(as_bf16 ? simd::centred_dot(g.data(), xb.data(), n, mean)
+                          : simd::centred_dot(g.data(), x.data(), n, mean)) != bits(dot);
+      // g as drawn, and g nearly along c (its two terms then cancel to a few float ulps of g, so
+      // a change in their double rounding reaches the float result).
+      std::vector<float> g_along(n);
+      for (int64_t j = 0; j < n; ++j) g_along[j] = float(coef / inv * (value(j) - mean));
+      for (const std::vector<float>* gv : {&g, &g_along}) {
+        for (const bool centred : {false, true}) {
+          const RowNorm<double> st{mean, 1.0, inv, centred};
+          const auto dc = [&](int64_t j) {
+            return row_norm_grad_c(st, coef, double((*gv)[j]), value(j));
+          };
+          const double dc_mean = centred ? fold8(n, dc) / double(n) : 0.0;
+          std::vector<float> got = *gv;
+          if (as_bf16)
+            simd::grad_through_norm(got.data(), xb.data(), n, mean, inv, coef, centred);
+          else
+            simd::grad_through_norm(got.data(), x.data(), n, mean, inv, coef, centred);
+          for (int64_t j = 0; j < n; ++j) bad += got[j] != float(dc(j) - dc_mean);
+        }
+      }
+    }
+  }
+  CHECK(bad == 0);
 }
 
 int main() {
