@@ -843,14 +843,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
           acc_t* gv_tile = gvp + (b * Nk + k0) * Cv;
           const acc_t* pt = tile(p_base, kt);
           acc_t* dst = tile(dp_base, kt);
-          softmax_grad_cols(fast, pt, dst, nk, n_chunk, d_row.data());
           // dV += P^T dO and dK += dS^T q^ over the chunk's rows, and the chunk's dQ partial
           // dS k^ (A transposed: a_rs = 1, a_cs = n_chunk).
           if constexpr (std::is_same_v<acc_t, float>) {
             if (use_bf16) {
-              bf16::rows_to_pairs(pt, nk, n_chunk, n_chunk, p_rows.data(), pq);
-              bf16::rows_to_pairs(dst, nk, n_chunk, n_chunk, ds_rows.data(), pq);
-              bf16::cols_to_pairs(dst, nk, n_chunk, n_chunk, ds_cols.data(), n_chunk);
+              bf16::softmax_grad_pairs(pt, dst, nk, n_chunk, n_chunk, d_row.data(), p_rows.data(),
+                                       ds_rows.data(), pq, ds_cols.data(), n_chunk);
               bf16_tile_gemm(nk, Cv, pq, p_rows.data(), pq, 1, do_cols.data(), Cv, bf16::kPanel,
                              gv_tile, Cv, true);
               bf16_tile_gemm(nk, C, pq, ds_rows.data(), pq, 1, qs_cols.data(), C, bf16::kPanel,
@@ -861,6 +859,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
             }
           }
           if (!use_bf16) {
+            softmax_grad_cols(fast, pt, dst, nk, n_chunk, d_row.data());
             tile_gemm<acc_t>(fast, nk, Cv, n_chunk, pt, n_chunk, 1, dop_chunk, Cv, 1, nullptr,
                              gv_tile, Cv, true);
             tile_gemm<acc_t>(fast, nk, C, n_chunk, dst, n_chunk, 1, qp, C, 1, nullptr, gk_tile,

@@ -16,10 +16,11 @@ inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
 }
 
-// bf16::round_to_bf16 (corr_cpu_bf16.h) on 16 fp32 lanes, for the bf16 conversions and the bf16
-// path's fused exp pass. Each 32-bit lane's high half becomes the bf16 value (the low half is left over). Not
-// vcvtneps2bf16, which flushes denormal inputs to zero on some CPUs: this is the same integer
-// rounding as the portable statement (round to nearest even; a NaN stays a quiet NaN).
+// bf16::round_to_bf16 (corr_cpu_bf16.h) on 16 fp32 lanes, for the bf16 operand conversions. Each
+// 32-bit lane's high half becomes the bf16 value (the low half is left over). Not vcvtneps2bf16,
+// which flushes denormals to zero: this is the same integer rounding as the portable statement
+// (round to nearest even; a NaN stays a quiet NaN). Only the forward's exp pass uses the
+// instruction, where a probability below 2^-126 of the row's largest may as well be 0.
 inline __m512i round16(__m512 v) {
   const __m512i x = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));

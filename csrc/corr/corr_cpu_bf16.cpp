@@ -253,6 +253,51 @@ float exp_shifted_sum(const float* x, int64_t n, float m, uint16_t* out) {
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
+void softmax_grad_pairs(const float* p, const float* dp, int64_t rows, int64_t cols, int64_t ld,
+                        const float* d, uint32_t* p_rows, uint32_t* ds_rows, int64_t ld_rows,
+                        uint32_t* ds_cols, int64_t ld_cols) {
+  alignas(64) static const int16_t kOdd[32] = {1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21,
+                                               23, 25, 27, 29, 31, 33, 35, 37, 39, 41, 43,
+                                               45, 47, 49, 51, 53, 55, 57, 59, 61, 63};
+  const __m512i odd = _mm512_load_si512(kOdd), high = _mm512_set1_epi32(int(0xFFFF0000u));
+  const int64_t col_pairs = pairs(cols);
+  for (int64_t r0 = 0; r0 < rows; r0 += 2) {
+    const bool has_odd = r0 + 1 < rows;
+    for (int64_t j = 0; j < cols; j += 32) {
+      // Rounded P and dS of rows r0 and r0 + 1 (zero if absent), columns j .. j + 31.
+      __m512i rp[2][2], rds[2][2];
+      for (int h = 0; h < 2; ++h) {
+        const __mmask16 mask = tail_mask(cols - j - 16 * h);
+        const __m512 dv = _mm512_maskz_loadu_ps(mask, d + j + 16 * h);
+        for (int r = 0; r < 2; ++r) {
+          if (r == 1 && !has_odd) {
+            rp[r][h] = rds[r][h] = _mm512_setzero_si512();
+            continue;
+          }
+          const int64_t at = (r0 + r) * ld + j + 16 * h;
+          const __m512 pv = _mm512_maskz_loadu_ps(mask, p + at);
+          const __m512 ds = _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, dp + at), dv));
+          rp[r][h] = round16(pv);
+          rds[r][h] = round16(ds);
+        }
+        // Pairs of rows r0, r0 + 1 for these 16 columns: the even row's bf16 in the low half.
+        _mm512_mask_storeu_epi32(ds_cols + (r0 / 2) * ld_cols + j + 16 * h, mask,
+                                 _mm512_or_si512(_mm512_srli_epi32(rds[0][h], 16),
+                                                 _mm512_and_si512(rds[1][h], high)));
+      }
+      // Pairs of columns of each row: word 2w + 1 of the two rounded vectors taken together.
+      const __mmask16 pmask = tail_mask(col_pairs - j / 2);
+      for (int r = 0; r < (has_odd ? 2 : 1); ++r) {
+        const int64_t at = (r0 + r) * ld_rows + j / 2;
+        _mm512_mask_storeu_epi32(p_rows + at, pmask,
+                                 _mm512_permutex2var_epi16(rp[r][0], odd, rp[r][1]));
+        _mm512_mask_storeu_epi32(ds_rows + at, pmask,
+                                 _mm512_permutex2var_epi16(rds[r][0], odd, rds[r][1]));
+      }
+    }
+  }
+}
+
 void pack_transposed(const float* x, int64_t n, int64_t k, int64_t ldx, uint32_t* out) {
   const int64_t kp = pairs(k);
   thread_local std::vector<uint32_t> rows;
@@ -320,6 +365,8 @@ void cols_to_pairs(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) 
 void cols_to_pairs(const uint16_t*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {}
 void pack_transposed(const float*, int64_t, int64_t, int64_t, uint32_t*) {}
 float exp_shifted_sum(const float*, int64_t, float, uint16_t*) { return 0.0f; }
+void softmax_grad_pairs(const float*, const float*, int64_t, int64_t, int64_t, const float*,
+                        uint32_t*, uint32_t*, int64_t, uint32_t*, int64_t) {}
 void gemm_avx512(int64_t, int64_t, int64_t, const uint32_t*, int64_t, int64_t, const uint32_t*,
                  int64_t, int64_t, float*, int64_t, bool) {}
 

@@ -73,6 +73,16 @@ void cols_to_pairs(const uint16_t* x, int64_t rows, int64_t cols, int64_t ldx, u
 // exp (simd::exp_shifted_sum, 1 ulp) costs twice the instructions. Needs available().
 float exp_shifted_sum(const float* x, int64_t n, float m, uint16_t* out);
 
+// The bf16 backward's dS pass over one key tile (rows = keys, cols = the chunk's queries; P and
+// dP row-major with row stride ld): dS = P (dP - D) in fp32 (corr_math.h's softmax_grad, d[j] the
+// D of column j), and the three bf16 operands the dV, dK and dQ products read, each as
+// rows_to_pairs / cols_to_pairs would make them of the fp32 values: p_rows and ds_rows, pairs of
+// columns (row r at r * ld_rows), and ds_cols, pairs of rows (pair p at p * ld_cols). One pass
+// instead of four (the dS tile itself is never stored). Needs available().
+void softmax_grad_pairs(const float* p, const float* dp, int64_t rows, int64_t cols, int64_t ld,
+                        const float* d, uint32_t* p_rows, uint32_t* ds_rows, int64_t ld_rows,
+                        uint32_t* ds_cols, int64_t ld_cols);
+
 // Pairs of pack_transposed's output for a row-major (n x k) matrix.
 inline int64_t packed_size(int64_t n, int64_t k) {
   return (n + kPanel - 1) / kPanel * kPanel * pairs(k);

@@ -312,6 +312,38 @@ TEST_CASE(exp_pass_is_within_its_bound_of_exp_and_rounds_each_value_to_bf16) {
   CHECK(std::isnan(float_of(out[1])) && out[0] == rounded(1.0f));
 }
 
+TEST_CASE(fused_softmax_grad_pairs_equal_the_four_passes_bit_for_bit) {
+  // bf16::softmax_grad_pairs against what it replaced in the bf16 backward: dS by
+  // simd::softmax_grad_cols, then rows_to_pairs of P and dS and cols_to_pairs of dS; odd and
+  // ragged sizes, a row stride wider than the tile, special values in P and dP.
+  if (!bf16::available()) return;
+  std::mt19937 rng(6);
+  for (const int64_t rows : {1, 2, 7, 33}) {
+    for (const int64_t cols : {1, 16, 31, 33, 77}) {
+      const int64_t ld = cols + 3, pc = bf16::pairs(cols), pr = bf16::pairs(rows);
+      const std::vector<float> p = values(rng, size_t(rows * ld), true);
+      const std::vector<float> dp = values(rng, size_t(rows * ld), true);
+      const std::vector<float> d = values(rng, size_t(cols), false);
+      std::vector<float> ds = dp;
+      simd::softmax_grad_cols(p.data(), ds.data(), rows, cols, ld, d.data());
+      std::vector<uint32_t> p_rows(rows * pc), ds_rows(rows * pc), ds_cols(pr * cols);
+      bf16::rows_to_pairs(p.data(), rows, cols, ld, p_rows.data(), pc);
+      bf16::rows_to_pairs(ds.data(), rows, cols, ld, ds_rows.data(), pc);
+      bf16::cols_to_pairs(ds.data(), rows, cols, ld, ds_cols.data(), cols);
+      // Outputs with a guard word past each one's end: nothing may be written there.
+      std::vector<uint32_t> gp(rows * pc + 1, 0xDEADBEEFu), gds(rows * pc + 1, 0xDEADBEEFu),
+          gcols(pr * cols + 1, 0xDEADBEEFu);
+      bf16::softmax_grad_pairs(p.data(), dp.data(), rows, cols, ld, d.data(), gp.data(),
+                               gds.data(), pc, gcols.data(), cols);
+      CHECK(gp.back() == 0xDEADBEEFu && gds.back() == 0xDEADBEEFu && gcols.back() == 0xDEADBEEFu);
+      gp.pop_back(), gds.pop_back(), gcols.pop_back();
+      CHECK(gp == p_rows);
+      CHECK(gds == ds_rows);
+      CHECK(gcols == ds_cols);
+    }
+  }
+}
+
 TEST_CASE(output_conversion_is_c10s_bfloat16_rounding) {
   // simd::to_bf16 stores the bf16 forward's output rows: round to nearest even like
   // round_to_bf16, but every NaN as c10::BFloat16's 0x7FC0.
