@@ -322,8 +322,10 @@ void bf16_tile_gemm(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t
 // Cache-line aligned, as the AMX tile loads need to run at full speed (aligned_buffer.h).
 using Pairs = AlignedBuffer<uint32_t>;
 
-// rows_to_pairs of every row of a contiguous (R, C) fp32 matrix: R x pairs(C).
-Pairs rows_as_pairs(const float* x, int64_t R, int64_t C, bool serial = false) {
+// rows_to_pairs of every row of a contiguous (R, C) matrix of fp32 values or bf16 bits:
+// R x pairs(C).
+template <typename T>
+Pairs rows_as_pairs(const T* x, int64_t R, int64_t C, bool serial = false) {
   const int64_t kp = bf16::pairs(C);
   Pairs out(static_cast<size_t>(R * kp));
   at::parallel_for(0, R, serial ? std::max<int64_t>(R, 1) : 256, [&](int64_t begin, int64_t end) {
@@ -351,8 +353,10 @@ Pairs cols_as_pairs(const T* x, int64_t R, int64_t C, bool serial = false, int64
   return out;
 }
 
-// pack_transposed of a contiguous (R, C) fp32 matrix, one panel of kPanel rows per task.
-Pairs transposed_as_pairs(const float* x, int64_t R, int64_t C, bool serial = false) {
+// pack_transposed of a contiguous (R, C) matrix of fp32 values or bf16 bits, one panel of kPanel
+// rows per task.
+template <typename T>
+Pairs transposed_as_pairs(const T* x, int64_t R, int64_t C, bool serial = false) {
   const int64_t kp = bf16::pairs(C), panels = ceil_div(R, bf16::kPanel);
   Pairs out(static_cast<size_t>(bf16::packed_size(R, C)));
   at::parallel_for(0, panels, serial ? std::max<int64_t>(panels, 1) : 8,
@@ -402,6 +406,30 @@ Pairs normalized_transposed_pairs(const at::Tensor& x, stat_t scale, bool normal
       for (int64_t r = 0; r < nn; ++r)
         normalize_row_into(xp + (b * N + r0 + r) * C, C, scale, normalize, eps, rows.data() + r * C);
       bf16::pack_transposed(rows.data(), nn, C, C, out.data() + b * per + r0 * kp);
+    }
+  });
+  return out;
+}
+
+// x^ of every row of a contiguous (R, C) tensor both by rows (rows_as_pairs: R x pairs(C)) and by
+// pairs of rows (cols_as_pairs: pairs(R) x C), each row normalised once: the bf16 backward's k^.
+struct RowAndColPairs {
+  Pairs rows, cols;
+};
+template <typename scalar_t>
+RowAndColPairs normalized_row_and_col_pairs(const at::Tensor& x, stat_t scale, bool normalize,
+                                            stat_t eps) {
+  const int64_t C = x.size(-1), R = x.numel() / C, kp = bf16::pairs(C), rp = bf16::pairs(R);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  RowAndColPairs out{Pairs(static_cast<size_t>(R * kp)), Pairs(static_cast<size_t>(rp * C))};
+  at::parallel_for(0, rp, 32, [&](int64_t begin, int64_t end) {
+    std::vector<float> two(static_cast<size_t>(2 * C));
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n = std::min<int64_t>(2, R - 2 * p);
+      for (int64_t r = 0; r < n; ++r)
+        normalize_row_into(xp + (2 * p + r) * C, C, scale, normalize, eps, two.data() + r * C);
+      bf16::rows_to_pairs(two.data(), n, C, C, out.rows.data() + 2 * p * kp, kp);
+      bf16::cols_to_pairs(two.data(), n, C, C, out.cols.data() + p * C, C);
     }
   });
   return out;
@@ -706,8 +734,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
   const int64_t B = query.size(0), Nq = query.size(1), Nk = key.size(1);
   const int64_t C = query.size(2), Cv = value.size(2);
   const auto acc_opts = query.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const at::Tensor v = value.to(acc_opts.dtype());
-  const at::Tensor d_out = grad_out.to(acc_opts.dtype());
+  const path::Tiles tiles = choose_tiles<scalar_t>(C, Cv);
+  const bool fast = tiles != path::Tiles::kAten, use_bf16 = tiles == path::Tiles::kBf16;
+  const bool simd_products = tiles == path::Tiles::kSimd;
+  // The bf16 path (bf16 inputs only) makes its operands from the bits of v and dO and from k^'s
+  // rows as they are normalised: no fp32 copies of them (12 MiB at N = 4096, C = Cv = 256).
+  const at::Tensor v = use_bf16 ? at::Tensor() : value.to(acc_opts.dtype());
+  const at::Tensor d_out = use_bf16 ? at::Tensor() : grad_out.to(acc_opts.dtype());
+  const uint16_t* v_bits = nullptr;
+  const uint16_t* do_bits = nullptr;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    v_bits = reinterpret_cast<const uint16_t*>(value.const_data_ptr<scalar_t>());
+    do_bits = reinterpret_cast<const uint16_t*>(grad_out.const_data_ptr<scalar_t>());
+  }
 
   at::Tensor grad_qs = at::empty({B, Nq, C}, acc_opts);
   at::Tensor grad_kn = at::zeros({B, Nk, C}, acc_opts);
@@ -736,10 +775,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
     sum_parts_in_order(dq_part.const_data_ptr<acc_t>(), n_kt, chunk * C, C,
                        pending.n * task / n_kt, pending.n * (task + 1) / n_kt, dst);
   };
-  const path::Tiles tiles = choose_tiles<scalar_t>(C, Cv);
-  const bool fast = tiles != path::Tiles::kAten, use_bf16 = tiles == path::Tiles::kBf16;
-  const bool simd_products = tiles == path::Tiles::kSimd;
-  const acc_t* dop = d_out.const_data_ptr<acc_t>();
+  const acc_t* dop = use_bf16 ? nullptr : d_out.const_data_ptr<acc_t>();
   acc_t* gkp = grad_kn.mutable_data_ptr<acc_t>();
   acc_t* gvp = grad_v.mutable_data_ptr<acc_t>();
   acc_t* p_base = p_store.mutable_data_ptr<acc_t>();
@@ -750,40 +786,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
   for (int64_t b = 0; b < B; ++b) {
     // k^ of one batch entry and q^ of one chunk at a time: the backward's peak memory stays close
     // to its outputs.
-    const at::Tensor kn = normalized_rows<scalar_t, acc_t>(key[b], 1.0, normalize, eps);
-    const acc_t* kp = kn.const_data_ptr<acc_t>();
-    const acc_t* vp = v.const_data_ptr<acc_t>() + b * Nk * Cv;
+    const at::Tensor kn =
+        use_bf16 ? at::Tensor() : normalized_rows<scalar_t, acc_t>(key[b], 1.0, normalize, eps);
+    const acc_t* kp = use_bf16 ? nullptr : kn.const_data_ptr<acc_t>();
+    const acc_t* vp = use_bf16 ? nullptr : v.const_data_ptr<acc_t>() + b * Nk * Cv;
     // The bf16 path's operands of the batch entry: k^ and v by rows (A of P^T and dP^T), k^ by
     // pairs of keys (B of dQ).
-    Pairs kn_rows, kn_cols, v_rows;
-    if constexpr (std::is_same_v<acc_t, float>) {
+    RowAndColPairs kn_pairs;
+    Pairs v_rows;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (use_bf16) {
-        kn_rows = rows_as_pairs(kp, Nk, C);
-        kn_cols = cols_as_pairs(kp, Nk, C);
-        v_rows = rows_as_pairs(vp, Nk, Cv);
+        kn_pairs = normalized_row_and_col_pairs<scalar_t>(key[b], 1.0, normalize, eps);
+        v_rows = rows_as_pairs(v_bits + b * Nk * Cv, Nk, Cv);
       }
     }
+    const Pairs& kn_rows = kn_pairs.rows;
+    const Pairs& kn_cols = kn_pairs.cols;
     for (int64_t c0 = 0; c0 < Nq; c0 += chunk) {
       const int64_t n_chunk = std::min(chunk, Nq - c0);
       const at::Tensor qs = normalized_rows<scalar_t, acc_t>(
           query[b].narrow(0, c0, n_chunk), 1.0 / temperature, normalize, eps, /*serial=*/true);
       const acc_t* qp = qs.const_data_ptr<acc_t>();
-      const acc_t* dop_chunk = dop + (b * Nq + c0) * Cv;
+      const acc_t* dop_chunk = use_bf16 ? nullptr : dop + (b * Nq + c0) * Cv;
       // q^T and dO^T of the chunk as packed B operands (SIMD path only).
       const at::Tensor qs_packed = pack_rows_transposed<acc_t>(simd_products, qs);
-      const at::Tensor do_packed =
-          pack_rows_transposed<acc_t>(simd_products, d_out[b].narrow(0, c0, n_chunk));
+      const at::Tensor do_packed = pack_rows_transposed<acc_t>(
+          simd_products, use_bf16 ? at::Tensor() : d_out[b].narrow(0, c0, n_chunk));
       // The bf16 path's operands of the chunk: q^T and dO^T packed (B of P^T and dP^T), q^ and dO
       // by pairs of queries (B of dK and dV). One parallel region for the four.
       Pairs qs_t, do_t, qs_cols, do_cols;
       if constexpr (std::is_same_v<acc_t, float>) {
         if (use_bf16) {
+          const uint16_t* do_chunk_bits = do_bits + (b * Nq + c0) * Cv;
           at::parallel_for(0, 4, 1, [&](int64_t begin, int64_t end) {
             for (int64_t job = begin; job < end; ++job) {
               if (job == 0) qs_t = transposed_as_pairs(qp, n_chunk, C, true);
-              if (job == 1) do_t = transposed_as_pairs(dop_chunk, n_chunk, Cv, true);
+              if (job == 1) do_t = transposed_as_pairs(do_chunk_bits, n_chunk, Cv, true);
               if (job == 2) qs_cols = cols_as_pairs(qp, n_chunk, C, true);
-              if (job == 3) do_cols = cols_as_pairs(dop_chunk, n_chunk, Cv, true);
+              if (job == 3) do_cols = cols_as_pairs(do_chunk_bits, n_chunk, Cv, true);
             }
           });
         }

@@ -161,6 +161,25 @@ void rows_to_pairs(const float* x, int64_t rows, int64_t cols, int64_t ldx, uint
   }
 }
 
+void rows_to_pairs(const uint16_t* x, int64_t rows, int64_t cols, int64_t ldx, uint32_t* out,
+                   int64_t ld_out) {
+  // A row's pairs are its bf16 values as they lie in memory, NaNs quieted, a zero past the end.
+  const int64_t kp = pairs(cols);
+  const __m512i magnitude = _mm512_set1_epi16(0x7FFF), inf = _mm512_set1_epi16(0x7F80),
+                quiet = _mm512_set1_epi16(0x40);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* xr = x + r * ldx;
+    uint32_t* o = out + r * ld_out;
+    for (int64_t c0 = 0; c0 < cols; c0 += 32) {
+      const int64_t n = std::min<int64_t>(32, cols - c0);
+      const __m512i w = _mm512_maskz_loadu_epi16(__mmask32(n >= 32 ? ~0u : (1u << n) - 1u), xr + c0);
+      const __mmask32 nan = _mm512_cmpgt_epu16_mask(_mm512_and_si512(w, magnitude), inf);
+      _mm512_mask_storeu_epi32(o + c0 / 2, tail_mask(kp - c0 / 2),
+                               _mm512_mask_mov_epi16(w, nan, _mm512_or_si512(w, quiet)));
+    }
+  }
+}
+
 namespace {
 
 // 16 bf16 values as the low halves of 32-bit lanes (the high halves zero): of fp32 values, rounded;
@@ -298,7 +317,10 @@ void softmax_grad_pairs(const float* p, const float* dp, int64_t rows, int64_t c
   }
 }
 
-void pack_transposed(const float* x, int64_t n, int64_t k, int64_t ldx, uint32_t* out) {
+namespace {
+
+template <typename T>
+void pack_transposed_of(const T* x, int64_t n, int64_t k, int64_t ldx, uint32_t* out) {
   const int64_t kp = pairs(k);
   thread_local std::vector<uint32_t> rows;
   rows.resize(static_cast<size_t>(kPanel * std::max<int64_t>(kp, 1)));
@@ -312,6 +334,16 @@ void pack_transposed(const float* x, int64_t n, int64_t k, int64_t ldx, uint32_t
       for (int64_t j = nn; j < kPanel; ++j) dst[j] = 0;
     }
   }
+}
+
+}  // namespace
+
+void pack_transposed(const float* x, int64_t n, int64_t k, int64_t ldx, uint32_t* out) {
+  pack_transposed_of(x, n, k, ldx, out);
+}
+
+void pack_transposed(const uint16_t* x, int64_t n, int64_t k, int64_t ldx, uint32_t* out) {
+  pack_transposed_of(x, n, k, ldx, out);
 }
 
 void gemm_avx512(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t a_rs, int64_t a_ps,
@@ -364,6 +396,8 @@ void rows_to_pairs(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) 
 void cols_to_pairs(const float*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {}
 void cols_to_pairs(const uint16_t*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {}
 void pack_transposed(const float*, int64_t, int64_t, int64_t, uint32_t*) {}
+void pack_transposed(const uint16_t*, int64_t, int64_t, int64_t, uint32_t*) {}
+void rows_to_pairs(const uint16_t*, int64_t, int64_t, int64_t, uint32_t*, int64_t) {}
 float exp_shifted_sum(const float*, int64_t, float, uint16_t*) { return 0.0f; }
 void softmax_grad_pairs(const float*, const float*, int64_t, int64_t, int64_t, const float*,
                         uint32_t*, uint32_t*, int64_t, uint32_t*, int64_t) {}

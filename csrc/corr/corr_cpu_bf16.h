@@ -52,6 +52,11 @@ inline uint16_t round_to_bf16(uint32_t bits) {
 void rows_to_pairs(const float* x, int64_t rows, int64_t cols, int64_t ldx, uint32_t* out,
                    int64_t ld_out);
 
+// rows_to_pairs of bf16 values given as their bits (exact; a NaN becomes a quiet NaN, as
+// round_to_bf16 makes it).
+void rows_to_pairs(const uint16_t* x, int64_t rows, int64_t cols, int64_t ldx, uint32_t* out,
+                   int64_t ld_out);
+
 // out[p * ld_out + j] = pair(x(2p, j), x(2p + 1, j)) for p < pairs(rows), j < cols, where
 // x(r, j) = x[r * ldx + j] (0 for r >= rows). B operands with ldb = ld_out and
 // b_panel_stride = kPanel, or transposed A operands (a_rs = 1, a_ps = ld_out).
@@ -92,6 +97,7 @@ inline int64_t packed_size(int64_t n, int64_t k) {
 // out[(j / kPanel) * pairs(k) * kPanel + p * kPanel + j % kPanel] = pair(X(j, 2p), X(j, 2p + 1)),
 // zero-padded to whole panels (ldb = kPanel, b_panel_stride = pairs(k) * kPanel).
 void pack_transposed(const float* x, int64_t n, int64_t k, int64_t ldx, uint32_t* out);
+void pack_transposed(const uint16_t* x, int64_t n, int64_t k, int64_t ldx, uint32_t* out);
 
 // C = A B (accumulate = false) or C = C + A B, C in fp32, over kp pairs of the reduction
 // dimension, where pair p of A's row i is a[i * a_rs + p * a_ps] (one of a_rs, a_ps is 1), pair p

@@ -118,6 +118,17 @@ TEST_CASE(conversions_match_the_portable_rounding_bit_for_bit) {
         for (int64_t p = 0; p < kp; ++p)
           bad += packed[(j / 32) * kp * 32 + p * 32 + j % 32] !=
                  pair_of(at(j, 2 * p), at(j, 2 * p + 1));
+      // rows_to_pairs and pack_transposed of the bf16 bits: the same pairs, NaNs included, and a
+      // signalling NaN quieted.
+      for (size_t i = 0; i < x.size(); ++i) xh[i] = rounded(x[i]);  // undo the NaNs set above
+      std::vector<uint32_t> outr(rows * ld_r, 0xDEADBEEFu), packed_h(packed.size(), 0xDEADBEEFu);
+      bf16::rows_to_pairs(xh.data(), rows, cols, ldx, outr.data(), ld_r);
+      bad += outr != out;
+      bf16::pack_transposed(xh.data(), rows, cols, ldx, packed_h.data());
+      bad += packed_h != packed;
+      xh[0] = 0x7F81;
+      bf16::rows_to_pairs(xh.data(), rows, cols, ldx, outr.data(), ld_r);
+      bad += (outr[0] & 0xFFFFu) != 0x7FC1u;
       if (bad) std::printf("  rows=%ld cols=%ld: %d bad\n", long(rows), long(cols), bad);
       CHECK(bad == 0);
     }
