@@ -323,13 +323,17 @@ void bf16_tile_gemm(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t
 using Pairs = AlignedBuffer<uint32_t>;
 
 // rows_to_pairs of every row of a contiguous (R, C) matrix of fp32 values or bf16 bits:
-// R x pairs(C).
+// R rows of ld_out >= pairs(C) pairs (the pairs from pairs(C) on zero).
 template <typename T>
-Pairs rows_as_pairs(const T* x, int64_t R, int64_t C, bool serial = false) {
+Pairs rows_as_pairs(const T* x, int64_t R, int64_t C, bool serial = false, int64_t ld_out = 0) {
   const int64_t kp = bf16::pairs(C);
-  Pairs out(static_cast<size_t>(R * kp));
+  if (ld_out == 0) ld_out = kp;
+  Pairs out(static_cast<size_t>(R * ld_out));
   at::parallel_for(0, R, serial ? std::max<int64_t>(R, 1) : 256, [&](int64_t begin, int64_t end) {
-    bf16::rows_to_pairs(x + begin * C, end - begin, C, C, out.data() + begin * kp, kp);
+    bf16::rows_to_pairs(x + begin * C, end - begin, C, C, out.data() + begin * ld_out, ld_out);
+    if (ld_out > kp)
+      for (int64_t r = begin; r < end; ++r)
+        std::fill(out.data() + r * ld_out + kp, out.data() + (r + 1) * ld_out, 0u);
   });
   return out;
 }
@@ -765,7 +769,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
 
   at::Tensor grad_qs = at::empty({B, Nq, C}, acc_opts);
   at::Tensor grad_kn = at::zeros({B, Nk, C}, acc_opts);
-  at::Tensor grad_v = at::zeros({B, Nk, Cv}, acc_opts);
+  // On the bf16 path, v's and dO's operands and the dV accumulator have rows of ld_v: Cv rounded
+  // up to whole 32-column blocks, zero past Cv, as in the forward: the dP^T and dV products then
+  // read and write them in place, aligned (Cv = 258 is the model's usual width).
+  const int64_t ld_v = use_bf16 ? ceil_div(Cv, 32) * 32 : Cv;
+  at::Tensor grad_v = at::zeros({B, Nk, ld_v}, acc_opts);
   const int64_t n_kt = ceil_div(Nk, kTileK);
   // Query rows per chunk: whole tiles, as many as the budget allows (from the sizes only).
   const int64_t per_row = 2 * Nk + n_kt * (C + 1);
@@ -812,7 +820,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       if (use_bf16) {
         kn_pairs = normalized_row_and_col_pairs<scalar_t>(key[b], 1.0, normalize, eps);
-        v_rows = rows_as_pairs(v_bits + b * Nk * Cv, Nk, Cv);
+        v_rows = rows_as_pairs(v_bits + b * Nk * Cv, Nk, Cv, /*serial=*/false, ld_v / 2);
       }
     }
     const Pairs& kn_rows = kn_pairs.rows;
@@ -832,13 +840,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
       Pairs qs_t, do_t, qs_cols, do_cols;
       if constexpr (std::is_same_v<acc_t, float>) {
         if (use_bf16) {
-          const uint16_t* do_chunk_bits = do_bits + (b * Nq + c0) * Cv;
+          // dO's rows of the chunk padded to ld_v (a small copy, 72 KiB at Cv = 258).
+          std::vector<uint16_t> do_pad(static_cast<size_t>(n_chunk * ld_v), 0);
+          for (int64_t i = 0; i < n_chunk; ++i)
+            std::copy_n(do_bits + (b * Nq + c0 + i) * Cv, Cv, do_pad.data() + i * ld_v);
+          const uint16_t* do_chunk_bits = do_pad.data();
           at::parallel_for(0, 4, 1, [&](int64_t begin, int64_t end) {
             for (int64_t job = begin; job < end; ++job) {
               if (job == 0) qs_t = transposed_as_pairs(qp, n_chunk, C, true);
-              if (job == 1) do_t = transposed_as_pairs(do_chunk_bits, n_chunk, Cv, true);
+              if (job == 1) do_t = transposed_as_pairs(do_chunk_bits, n_chunk, ld_v, true);
               if (job == 2) qs_cols = cols_as_pairs(qp, n_chunk, C, true);
-              if (job == 3) do_cols = cols_as_pairs(do_chunk_bits, n_chunk, Cv, true);
+              if (job == 3) do_cols = cols_as_pairs(do_chunk_bits, n_chunk, ld_v, true);
             }
           });
         }
@@ -877,7 +889,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
           acc_t* dpt = tile(dp_base, kt);
           tile_times_chunk_t(k0, nk, C, kp, kn_rows, qp, qs_packed, qs_t, pt);
           probs_from_lse_cols(fast, pt, nk, n_chunk, lse_hi.data(), lse_lo.data());
-          tile_times_chunk_t(k0, nk, Cv, vp, v_rows, dop_chunk, do_packed, do_t, dpt);
+          tile_times_chunk_t(k0, nk, ld_v, vp, v_rows, dop_chunk, do_packed, do_t, dpt);
           col_dots(fast, pt, dpt, nk, n_chunk, d_base + kt * chunk);
         }
       });
@@ -895,7 +907,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
         for (int64_t kt = begin; kt < end; ++kt) {
           const int64_t k0 = kt * kTileK, nk = std::min(kTileK, Nk - k0);
           acc_t* gk_tile = gkp + (b * Nk + k0) * C;
-          acc_t* gv_tile = gvp + (b * Nk + k0) * Cv;
+          acc_t* gv_tile = gvp + (b * Nk + k0) * ld_v;
           const acc_t* pt = tile(p_base, kt);
           acc_t* dst = tile(dp_base, kt);
           // dV += P^T dO and dK += dS^T q^ over the chunk's rows, and the chunk's dQ partial
@@ -904,8 +916,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
             if (use_bf16) {
               bf16::softmax_grad_pairs(pt, dst, nk, n_chunk, n_chunk, d_row.data(), p_rows.data(),
                                        ds_rows.data(), pq, ds_cols.data(), n_chunk);
-              bf16_tile_gemm(nk, Cv, pq, p_rows.data(), pq, 1, do_cols.data(), Cv, bf16::kPanel,
-                             gv_tile, Cv, true);
+              bf16_tile_gemm(nk, ld_v, pq, p_rows.data(), pq, 1, do_cols.data(), ld_v,
+                             bf16::kPanel, gv_tile, ld_v, true);
               bf16_tile_gemm(nk, C, pq, ds_rows.data(), pq, 1, qs_cols.data(), C, bf16::kPanel,
                              gk_tile, C, true);
               bf16_tile_gemm(n_chunk, C, bf16::pairs(nk), ds_cols.data(), 1, n_chunk,
@@ -934,7 +946,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
   normalized_rows_backward<scalar_t, acc_t>(grad_qs, query, 1.0 / temperature, normalize, eps);
   normalized_rows_backward<scalar_t, acc_t>(grad_kn, key, 1.0, normalize, eps);
   const auto dtype = query.scalar_type();
-  return {grad_qs.to(dtype), grad_kn.to(dtype), grad_v.to(dtype)};
+  return {grad_qs.to(dtype), grad_kn.to(dtype),
+          ld_v == Cv ? grad_v.to(dtype) : grad_v.narrow(-1, 0, Cv).to(dtype).contiguous()};
 }
 
 // corr_warp on CPU.
