@@ -322,6 +322,16 @@ void bf16_tile_gemm(int64_t m, int64_t n, int64_t kp, const uint32_t* a, int64_t
 // Cache-line aligned, as the AMX tile loads need to run at full speed (aligned_buffer.h).
 using Pairs = AlignedBuffer<uint32_t>;
 
+// The row width of v's operands and of the P V / dV accumulators: on the bf16 path, Cv rounded up
+// to whole panels of the bf16 kernels (zero columns past Cv), so that those products read and
+// write them in place on 64-byte-aligned rows. At Cv = 258 (the model's 256 features and two grid
+// channels) rows of 258 were unaligned for AMX tile loads and the last two columns went through
+// the kernels' ragged-block copies: forward 26% and forward+backward 14% slower than at 256. The
+// kernels compute whole 32-column blocks anyway, and each output's sum is the same either way.
+int64_t value_row_width(bool use_bf16, int64_t Cv) {
+  return use_bf16 ? ceil_div(Cv, bf16::kPanel) * bf16::kPanel : Cv;
+}
+
 // rows_to_pairs of every row of a contiguous (R, C) matrix of fp32 values or bf16 bits:
 // R rows of ld_out >= pairs(C) pairs (the pairs from pairs(C) on zero).
 template <typename T>
@@ -617,12 +627,7 @@ void corr_warp_forward_impl(const at::Tensor& query, const at::Tensor& key,
   // batch entry's block at a multiple of its size).
   at::Tensor qs, kn, kn_packed, v;
   const int64_t pc = bf16::pairs(C), kn_per = bf16::packed_size(Nk, C);
-  // On the bf16 path, v's pairs and the output accumulator have rows of ld_v: Cv rounded up to
-  // whole 32-column blocks of the bf16 kernels, zero columns past Cv, so that the P V product reads
-  // and writes them in place on 64-byte-aligned rows (at Cv = 258, the usual 256 features and the
-  // two grid channels, the ragged last block's copies and the rows' misalignment made the forward
-  // 26% slower than at 256). Each output element's sum is the same either way.
-  const int64_t ld_v = use_bf16 ? ceil_div(Cv, 32) * 32 : Cv;
+  const int64_t ld_v = value_row_width(use_bf16, Cv);  // v's pairs and the output accumulator
   const int64_t v_per = bf16::pairs(Nk) * ld_v;
   Pairs q_pairs, k_pairs, v_pairs;
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
@@ -769,10 +774,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
 
   at::Tensor grad_qs = at::empty({B, Nq, C}, acc_opts);
   at::Tensor grad_kn = at::zeros({B, Nk, C}, acc_opts);
-  // On the bf16 path, v's and dO's operands and the dV accumulator have rows of ld_v: Cv rounded
-  // up to whole 32-column blocks, zero past Cv, as in the forward: the dP^T and dV products then
-  // read and write them in place, aligned (Cv = 258 is the model's usual width).
-  const int64_t ld_v = use_bf16 ? ceil_div(Cv, 32) * 32 : Cv;
+  const int64_t ld_v = value_row_width(use_bf16, Cv);  // v's and dO's operands, dV's accumulator
   at::Tensor grad_v = at::zeros({B, Nk, ld_v}, acc_opts);
   const int64_t n_kt = ceil_div(Nk, kTileK);
   // Query rows per chunk: whole tiles, as many as the budget allows (from the sizes only).
