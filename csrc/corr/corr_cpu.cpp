@@ -842,17 +842,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
       Pairs qs_t, do_t, qs_cols, do_cols;
       if constexpr (std::is_same_v<acc_t, float>) {
         if (use_bf16) {
-          // dO's rows of the chunk padded to ld_v (a small copy, 72 KiB at Cv = 258).
-          std::vector<uint16_t> do_pad(static_cast<size_t>(n_chunk * ld_v), 0);
-          for (int64_t i = 0; i < n_chunk; ++i)
-            std::copy_n(do_bits + (b * Nq + c0 + i) * Cv, Cv, do_pad.data() + i * ld_v);
-          const uint16_t* do_chunk_bits = do_pad.data();
+          const uint16_t* do_chunk_bits = do_bits + (b * Nq + c0) * Cv;
+          // dO^T's reduction runs over ld_v channels, so pack_transposed reads the chunk's rows
+          // zero-padded to ld_v: a small copy (72 KiB at Cv = 258), only where Cv needs padding.
+          std::vector<uint16_t> do_padded;
+          if (ld_v != Cv) {
+            do_padded.assign(static_cast<size_t>(n_chunk * ld_v), 0);
+            for (int64_t i = 0; i < n_chunk; ++i)
+              std::copy_n(do_chunk_bits + i * Cv, Cv, do_padded.data() + i * ld_v);
+          }
+          const uint16_t* do_rows = ld_v != Cv ? do_padded.data() : do_chunk_bits;
           at::parallel_for(0, 4, 1, [&](int64_t begin, int64_t end) {
             for (int64_t job = begin; job < end; ++job) {
               if (job == 0) qs_t = transposed_as_pairs(qp, n_chunk, C, true);
-              if (job == 1) do_t = transposed_as_pairs(do_chunk_bits, n_chunk, ld_v, true);
+              if (job == 1) do_t = transposed_as_pairs(do_rows, n_chunk, ld_v, true);
               if (job == 2) qs_cols = cols_as_pairs(qp, n_chunk, C, true);
-              if (job == 3) do_cols = cols_as_pairs(do_chunk_bits, n_chunk, ld_v, true);
+              if (job == 3)
+                do_cols = cols_as_pairs(do_chunk_bits, n_chunk, Cv, true, /*batch=*/1, ld_v);
             }
           });
         }
@@ -948,8 +954,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> corr_warp_backward_impl(
   normalized_rows_backward<scalar_t, acc_t>(grad_qs, query, 1.0 / temperature, normalize, eps);
   normalized_rows_backward<scalar_t, acc_t>(grad_kn, key, 1.0, normalize, eps);
   const auto dtype = query.scalar_type();
-  return {grad_qs.to(dtype), grad_kn.to(dtype),
-          ld_v == Cv ? grad_v.to(dtype) : grad_v.narrow(-1, 0, Cv).to(dtype).contiguous()};
+  return {grad_qs.to(dtype), grad_kn.to(dtype), grad_v.narrow(-1, 0, Cv).to(dtype).contiguous()};
 }
 
 // corr_warp on CPU.

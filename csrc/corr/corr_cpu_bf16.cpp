@@ -229,8 +229,9 @@ namespace {
 // 2^t on 16 lanes for t <= 0 (or NaN): t = k + f with k an integer and |f| <= 1/2, a degree-5
 // minimax polynomial 1 + f q(f) for 2^f (relative error 8.6e-8; 1.7e-7 evaluated in fp32), scaled
 // by 2^k with scalef, which rounds gradual underflow. Its constant term is 1, so 2^0 is exactly 1
-// (a row's largest score gives P = 1, as exp does: one key's softmax must be exactly 1). Below -151 the result is 0 (the clamp keeps -inf from
-// making a NaN of t - k); max returns its second operand on NaN, so NaN propagates.
+// (a row's largest score gives P = 1, as exp does: one key's softmax must be exactly 1). Below
+// -151 the result is 0 (the clamp keeps -inf from making a NaN of t - k); max returns its second
+// operand on NaN, so NaN propagates.
 inline __m512 exp2_nonpositive(__m512 t) {
   t = _mm512_max_ps(_mm512_set1_ps(-151.0f), t);
   const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

@@ -73,9 +73,10 @@ void cols_to_pairs(const uint16_t* x, int64_t rows, int64_t cols, int64_t ldx, u
 // even; values below 2^-126 flush to zero, NaN stays a quiet NaN), out[n] = 0 when n is odd (the
 // zero that pads the last pair); returns the fp32 sum of the unrounded e_j in a fixed order.
 // e_j is 2^t, t = (x[j] - m) log2(e), by a degree-5 polynomial on the fraction of t: within
-// 2e-7 + |x[j] - m| 7e-8 of exp relative, exactly 1 at x[j] = m (the second term is t's rounding, and only large where
-// e_j is a small part of the row), where P needs 8 bits and its sum fp32's 24. The fp32 path's
-// exp (simd::exp_shifted_sum, 1 ulp) costs twice the instructions. Needs available().
+// 2e-7 + |x[j] - m| 7e-8 of exp relative (the second term is t's rounding, and only large where
+// e_j is a small part of the row), exactly 1 at x[j] = m; P needs 8 bits and its sum fp32's 24.
+// The fp32 path's exp (simd::exp_shifted_sum, 1 ulp) costs twice the instructions. Needs
+// available().
 float exp_shifted_sum(const float* x, int64_t n, float m, uint16_t* out);
 
 // The bf16 backward's dS pass over one key tile (rows = keys, cols = the chunk's queries; P and
